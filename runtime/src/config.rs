@@ -1,0 +1,378 @@
+//! The runtime's configuration file (`weir.toml`).
+//!
+//! Every table and key is documented in `config/weir.toml`, which is also the
+//! embedded default. Unknown keys are rejected, and every error names the file
+//! and the key so an operator knows what to fix.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors from reading a configuration or manifest file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the expected shape.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the key (and line) involved.
+        message: String,
+    },
+}
+
+/// Parses a TOML document into `T`, turning errors into messages that name
+/// the file, the key and the line.
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|err| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        message: describe_toml_error(text, &err),
+    })
+}
+
+fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
+    let message = err.message().trim_end().to_string();
+    match err.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
+        }
+        None => message,
+    }
+}
+
+/// Reads and parses a TOML file into `T`.
+pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_toml(path, &text)
+}
+
+/// The whole runtime configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where handlers live and where state is kept.
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+    /// Which broker to consume from. Absent: the embedded broker.
+    #[serde(default)]
+    pub source: SourceSection,
+    /// Runtime-wide defaults for handler sandbox limits.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// `[runtime]`: directories and lifecycle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSection {
+    /// Directory holding `<name>.wasm` + `<name>.toml` pairs. Relative paths
+    /// are resolved against the configuration file's directory.
+    #[serde(default = "default_handlers_dir")]
+    pub handlers_dir: PathBuf,
+    /// Directory for the runtime's own data. Relative paths are resolved
+    /// against the configuration file's directory.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// How long a graceful stop waits for in-flight work before giving up on
+    /// it (unfinished messages are redelivered on the next start).
+    #[serde(default = "default_shutdown_timeout", with = "duration")]
+    pub shutdown_timeout: Duration,
+}
+
+fn default_handlers_dir() -> PathBuf {
+    PathBuf::from("handlers")
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(".weir")
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        Self {
+            handlers_dir: default_handlers_dir(),
+            data_dir: default_data_dir(),
+            shutdown_timeout: default_shutdown_timeout(),
+        }
+    }
+}
+
+/// `[source]`: at most one of `kafka` or `embedded`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    /// A real Kafka cluster.
+    pub kafka: Option<KafkaSource>,
+    /// The in-process Kafka-protocol broker (the default).
+    pub embedded: Option<EmbeddedSource>,
+}
+
+/// `[source.kafka]`: a Kafka (or Kafka-protocol) cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSource {
+    /// `host:port[,host:port…]` of the cluster's brokers.
+    pub bootstrap_servers: String,
+    /// librdkafka properties passed through to every client as they are
+    /// (security settings, timeouts, …). Weir's own delivery settings
+    /// (offset storage, commits) cannot be overridden here.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// `[source.embedded]`: the in-process broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedSource {
+    /// Partitions for each topic the handlers subscribe to.
+    #[serde(default = "default_embedded_partitions")]
+    pub partitions: i32,
+}
+
+fn default_embedded_partitions() -> i32 {
+    3
+}
+
+impl Default for EmbeddedSource {
+    fn default() -> Self {
+        Self {
+            partitions: default_embedded_partitions(),
+        }
+    }
+}
+
+/// Which broker the runtime talks to, once the configuration is resolved.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A real cluster.
+    Kafka(KafkaSource),
+    /// The in-process broker.
+    Embedded(EmbeddedSource),
+}
+
+/// `[limits]`: defaults for every handler; a manifest's `[limits]` overrides
+/// them per handler.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Linear-memory cap per handler instance, e.g. `"64MiB"`.
+    #[serde(default = "default_memory", with = "byte_size")]
+    pub memory: u64,
+    /// Wall-clock limit for one `handle` call, e.g. `"5s"`.
+    #[serde(default = "default_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+fn default_memory() -> u64 {
+    64 << 20
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            memory: default_memory(),
+            timeout: default_timeout(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, resolving relative directories against its parent.
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be read, is not valid TOML, has an unknown key or
+    /// names both sources.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut config: Config = read_toml(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.runtime.handlers_dir = base.join(&config.runtime.handlers_dir);
+        config.runtime.data_dir = base.join(&config.runtime.data_dir);
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        if self.source.kafka.is_some() && self.source.embedded.is_some() {
+            return Err(invalid(
+                "[source]: set either [source.kafka] or [source.embedded], not both".into(),
+            ));
+        }
+        if let Some(kafka) = &self.source.kafka {
+            if kafka.bootstrap_servers.trim().is_empty() {
+                return Err(invalid(
+                    "[source.kafka] bootstrap_servers: must name at least one host:port".into(),
+                ));
+            }
+        }
+        if let Some(embedded) = &self.source.embedded {
+            if embedded.partitions < 1 {
+                return Err(invalid(
+                    "[source.embedded] partitions: must be at least 1".into(),
+                ));
+            }
+        }
+        if self.limits.memory < (1 << 20) {
+            return Err(invalid("[limits] memory: must be at least 1MiB".into()));
+        }
+        if self.limits.timeout.is_zero() {
+            return Err(invalid("[limits] timeout: must be greater than zero".into()));
+        }
+        Ok(())
+    }
+
+    /// The broker to use: `[source.kafka]` if set, else the embedded one.
+    pub fn source(&self) -> Source {
+        match (&self.source.kafka, &self.source.embedded) {
+            (Some(kafka), _) => Source::Kafka(kafka.clone()),
+            (None, embedded) => Source::Embedded(embedded.clone().unwrap_or_default()),
+        }
+    }
+}
+
+/// Serde helpers for durations written like `"250ms"`, `"5s"` or `"1m 30s"`.
+pub(crate) mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|err| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({err}); write it like \"250ms\", \"5s\" or \"2m\""
+            ))
+        })
+    }
+}
+
+/// Serde helpers for sizes written like `"64MiB"`, `"512KiB"` or `"1GiB"`.
+pub(crate) mod byte_size {
+    use serde::{Deserialize, Deserializer};
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid size {text:?}; write it like \"64MiB\", \"512KiB\" or \"1GiB\""
+            ))
+        })
+    }
+
+    /// Parses `<number><unit>` with units B, KiB, MiB, GiB (and KB/MB/GB as
+    /// powers of 1000).
+    pub(crate) fn parse(text: &str) -> Option<u64> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: u64 = number.parse().ok()?;
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            _ => return None,
+        };
+        number.checked_mul(scale)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = parse_toml(Path::new("weir.toml"), text)?;
+        config.validate(Path::new("weir.toml"))?;
+        Ok(config)
+    }
+
+    #[test]
+    fn empty_file_means_embedded_defaults() {
+        let config = parse("").expect("empty config is valid");
+        assert!(matches!(config.source(), Source::Embedded(e) if e.partitions == 3));
+        assert_eq!(config.limits.timeout, Duration::from_secs(5));
+        assert_eq!(config.limits.memory, 64 << 20);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = parse("[runtime]\nhandlers_dir = \"h\"\nhandler_dir = \"x\"\n")
+            .expect_err("unknown key must fail")
+            .to_string();
+        assert!(err.contains("handler_dir"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_says_how_to_write_one() {
+        let err = parse("[limits]\ntimeout = \"soon\"\n")
+            .expect_err("bad duration must fail")
+            .to_string();
+        assert!(err.contains("timeout") || err.contains("soon"), "{err}");
+        assert!(err.contains("\"5s\""), "{err}");
+    }
+
+    #[test]
+    fn both_sources_is_an_error() {
+        let err = parse(
+            "[source.kafka]\nbootstrap_servers = \"127.0.0.1:9092\"\n[source.embedded]\n",
+        )
+        .expect_err("two sources must fail")
+        .to_string();
+        assert!(err.contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn kafka_properties_pass_through() {
+        let config = parse(
+            "[source.kafka]\nbootstrap_servers = \"127.0.0.1:9092\"\n[source.kafka.properties]\n\"socket.timeout.ms\" = \"1000\"\n",
+        )
+        .expect("valid kafka config");
+        let Source::Kafka(kafka) = config.source() else {
+            panic!("expected kafka source");
+        };
+        assert_eq!(kafka.properties["socket.timeout.ms"], "1000");
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(byte_size::parse("64MiB"), Some(64 << 20));
+        assert_eq!(byte_size::parse("1GiB"), Some(1 << 30));
+        assert_eq!(byte_size::parse("10KB"), Some(10_000));
+        assert_eq!(byte_size::parse("12"), Some(12));
+        assert_eq!(byte_size::parse("12 apples"), None);
+        assert_eq!(byte_size::parse("MiB"), None);
+    }
+}

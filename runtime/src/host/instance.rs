@@ -1,0 +1,287 @@
+//! Compiled handlers and their instances.
+//!
+//! A [`CompiledHandler`] is one version of a handler, linked and ready to
+//! instantiate (`InstancePre`); a [`HandlerInstance`] is one live instance
+//! with its own store, reused across calls until it traps.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::EPOCH_TICK;
+use super::bindings::{Event, Handler, HandlerError, HandlerPre, Level, weir};
+use crate::registry::Limits;
+
+/// Longest log message or field value a guest can write; longer ones are cut.
+const MAX_LOG_TEXT: usize = 8 * 1024;
+
+/// Per-instance host state.
+pub struct StoreState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    handler: Arc<str>,
+    /// The event being handled, for tagging log records.
+    current: Option<(String, i32, i64)>,
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl weir::handler::types::Host for StoreState {}
+
+impl weir::handler::log::Host for StoreState {
+    fn log(&mut self, level: Level, message: String, fields: Vec<(String, String)>) {
+        let message = clip(message);
+        let fields = serde_json::Value::Object(
+            fields
+                .into_iter()
+                .map(|(k, v)| (clip(k), serde_json::Value::String(clip(v))))
+                .collect(),
+        )
+        .to_string();
+        let handler = &*self.handler;
+        let (topic, partition, offset) = match &self.current {
+            Some((t, p, o)) => (t.as_str(), *p, *o),
+            None => ("", -1, -1),
+        };
+        macro_rules! emit {
+            ($level:expr) => {
+                tracing::event!(target: "weir::guest", $level, handler, topic, partition, offset, fields = %fields, "{message}")
+            };
+        }
+        match level {
+            Level::Trace => emit!(tracing::Level::TRACE),
+            Level::Debug => emit!(tracing::Level::DEBUG),
+            Level::Info => emit!(tracing::Level::INFO),
+            Level::Warn => emit!(tracing::Level::WARN),
+            Level::Error => emit!(tracing::Level::ERROR),
+        }
+    }
+}
+
+fn clip(mut text: String) -> String {
+    if text.len() > MAX_LOG_TEXT {
+        let mut end = MAX_LOG_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+/// One version of a handler, compiled, linked and checked against the world.
+#[derive(Clone)]
+pub struct CompiledHandler {
+    engine: Engine,
+    pre: HandlerPre<StoreState>,
+    name: Arc<str>,
+    version: Arc<str>,
+    limits: Limits,
+}
+
+impl CompiledHandler {
+    pub(super) fn new(
+        engine: Engine,
+        pre: HandlerPre<StoreState>,
+        name: Arc<str>,
+        version: Arc<str>,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            engine,
+            pre,
+            name,
+            version,
+            limits,
+        }
+    }
+
+    /// The handler's name (its file stem).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The version: a short content hash of the `.wasm` file.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Names of the component's imports, for `weir check`.
+    pub fn imports(&self) -> Vec<String> {
+        let ty = self.pre.instance_pre().component().component_type();
+        ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect()
+    }
+
+    /// Names of the component's exports, for `weir check`.
+    pub fn exports(&self) -> Vec<String> {
+        let ty = self.pre.instance_pre().component().component_type();
+        ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect()
+    }
+
+    /// Creates a fresh instance with its own store: no preopened
+    /// directories, no environment, no network, empty stdin, stdout and
+    /// stderr discarded.
+    ///
+    /// # Errors
+    ///
+    /// When the guest's start function traps or a limit is hit while
+    /// instantiating.
+    pub fn instantiate(&self) -> Result<HandlerInstance, Failure> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(usize::try_from(self.limits.memory).unwrap_or(usize::MAX))
+            .trap_on_grow_failure(true)
+            .build();
+        let state = StoreState {
+            wasi: WasiCtx::builder().allow_blocking_current_thread(true).build(),
+            table: ResourceTable::new(),
+            limits,
+            handler: self.name.clone(),
+            current: None,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(deadline_ticks(self.limits.timeout));
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|err| Failure::from_trap(&err, self.limits, "instantiating"))?;
+        Ok(HandlerInstance {
+            store,
+            bindings,
+            limits: self.limits,
+        })
+    }
+}
+
+fn deadline_ticks(timeout: Duration) -> u64 {
+    (timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1
+}
+
+/// What became of one call to `handle`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// `handle` returned `ok`.
+    Handled,
+    /// `handle` returned an error, trapped, or hit a limit.
+    Failed(Failure),
+}
+
+/// Why a call failed, and whether retrying can help.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// Retry classification.
+    pub kind: FailureKind,
+    /// What happened, for logs and dead-letter headers.
+    pub message: String,
+    /// The instance is unusable afterwards (a trap or a limit) and must be
+    /// replaced.
+    pub poisoned: bool,
+}
+
+/// How a failure is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Retry with the handler's backoff policy.
+    Retryable,
+    /// Retry after this delay, as the handler asked.
+    RetryAfter(Duration),
+    /// Never retry: dead-letter now.
+    Permanent,
+}
+
+impl FailureKind {
+    /// The name used in logs and the `weir.error.kind` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Retryable => "retryable",
+            FailureKind::RetryAfter(_) => "retry-after",
+            FailureKind::Permanent => "permanent",
+        }
+    }
+}
+
+impl Failure {
+    fn from_handler_error(err: HandlerError) -> Self {
+        let (kind, message) = match err {
+            HandlerError::Retryable(m) => (FailureKind::Retryable, m),
+            HandlerError::RetryAfter(r) => (
+                FailureKind::RetryAfter(Duration::from_millis(r.delay_ms)),
+                r.reason,
+            ),
+            HandlerError::Permanent(m) => (FailureKind::Permanent, m),
+        };
+        Failure {
+            kind,
+            message,
+            poisoned: false,
+        }
+    }
+
+    /// Classifies an error raised by wasmtime while running the guest.
+    /// Traps and limits are retryable: the next attempt may succeed on a
+    /// fresh instance.
+    fn from_trap(err: &wasmtime::Error, limits: Limits, during: &str) -> Self {
+        let message = match err.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => format!(
+                "timeout: {during} ran longer than the limit of {}",
+                humantime::format_duration(limits.timeout)
+            ),
+            Some(Trap::StackOverflow) => format!("trap while {during}: stack overflow"),
+            _ if is_memory_limit(err) => format!(
+                "memory limit: {during} tried to grow linear memory past the limit of {} MiB",
+                limits.memory >> 20
+            ),
+            _ => format!("trap while {during}: {err:?}"),
+        };
+        Failure {
+            kind: FailureKind::Retryable,
+            message,
+            poisoned: true,
+        }
+    }
+}
+
+fn is_memory_limit(err: &wasmtime::Error) -> bool {
+    err.chain()
+        .any(|cause| cause.to_string().contains("forcing a memory growth failure"))
+}
+
+/// A live instance of a handler. Not thread-safe; one per worker.
+pub struct HandlerInstance {
+    store: Store<StoreState>,
+    bindings: Handler,
+    limits: Limits,
+}
+
+impl HandlerInstance {
+    /// Calls `handle` once. Blocks the calling thread for as long as the
+    /// guest runs (bounded by the handler's timeout): call it from a
+    /// blocking thread.
+    pub fn handle(&mut self, event: &Event) -> Outcome {
+        self.store.data_mut().current = Some((event.topic.clone(), event.partition, event.offset));
+        self.store
+            .set_epoch_deadline(deadline_ticks(self.limits.timeout));
+        let started = Instant::now();
+        let result = self.bindings.call_handle(&mut self.store, event);
+        self.store.data_mut().current = None;
+        tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "handle returned");
+        match result {
+            Ok(Ok(())) => Outcome::Handled,
+            Ok(Err(err)) => Outcome::Failed(Failure::from_handler_error(err)),
+            Err(err) => Outcome::Failed(Failure::from_trap(&err, self.limits, "handling the event")),
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The Wasm host: one wasmtime [`Engine`] for the process, the linker that
+//! grants handlers exactly the `handler` world (plus WASI with nothing
+//! preopened), compilation, and instances.
+//!
+//! The host knows nothing of Kafka: it turns a component into something that
+//! can be called with an [`Event`] and reports an [`Outcome`].
+
+mod bindings;
+mod check;
+mod instance;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+pub use bindings::{Event, HandlerError, Level, RetryAfter, WORLD_PACKAGE};
+pub use check::CheckError;
+pub use instance::{CompiledHandler, Failure, FailureKind, HandlerInstance, Outcome};
+
+use crate::registry::Limits;
+
+/// How often the engine's epoch advances; the granularity of timeouts.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Process-wide Wasm host settings.
+#[derive(Debug, Clone)]
+pub struct HostSettings {
+    /// Upper bound for any handler's memory limit; sizes the pooling
+    /// allocator's slots.
+    pub max_memory: u64,
+    /// Instances that may exist at once across all handlers.
+    pub max_instances: u32,
+}
+
+impl Default for HostSettings {
+    fn default() -> Self {
+        Self {
+            max_memory: 1 << 30,
+            max_instances: 256,
+        }
+    }
+}
+
+/// The process's Wasm engine and linker.
+///
+/// Cloning is cheap; all clones share one engine and one epoch ticker, which
+/// stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Host {
+    engine: Engine,
+    linker: Arc<Linker<instance::StoreState>>,
+    _ticker: Arc<EpochTicker>,
+}
+
+impl Host {
+    /// Creates the engine (pooling allocator, epoch interruption) and the
+    /// linker.
+    ///
+    /// # Errors
+    ///
+    /// When the engine cannot be created or the linker cannot be populated
+    /// (a bug, not a user error).
+    pub fn new(settings: &HostSettings) -> anyhow::Result<Self> {
+        let engine = match Engine::new(&engine_config(settings, true)) {
+            Ok(engine) => engine,
+            Err(err) => {
+                // The pooling allocator reserves address space up front; on
+                // hosts that restrict virtual memory fall back to on-demand
+                // allocation, which is slower to instantiate but works.
+                tracing::warn!(error = %err, "pooling allocator unavailable; using on-demand allocation");
+                Engine::new(&engine_config(settings, false))?
+            }
+        };
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        bindings::Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |state| state,
+        )?;
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+            _ticker: Arc::new(ticker),
+        })
+    }
+
+    /// Compiles `bytes` and checks them against the `handler` world.
+    ///
+    /// This is CPU-heavy (milliseconds to seconds): call it from a blocking
+    /// thread, not an async task.
+    ///
+    /// # Errors
+    ///
+    /// [`CheckError`] saying in words what is wrong: not Wasm, a core module
+    /// rather than a component, a compile error, an import this runtime does
+    /// not provide, or a missing or mistyped `handle` export.
+    pub fn compile(
+        &self,
+        name: &str,
+        version: &str,
+        bytes: &[u8],
+        limits: Limits,
+    ) -> Result<CompiledHandler, CheckError> {
+        check::sniff(bytes)?;
+        let component =
+            Component::new(&self.engine, bytes).map_err(|err| CheckError::Compile(format!("{err:#}")))?;
+        let pre = check::link(&self.linker, &component)?;
+        Ok(CompiledHandler::new(
+            self.engine.clone(),
+            pre,
+            name.into(),
+            version.into(),
+            limits,
+        ))
+    }
+}
+
+fn engine_config(settings: &HostSettings, pooling: bool) -> wasmtime::Config {
+    let mut config = wasmtime::Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    if pooling {
+        let mut pool = PoolingAllocationConfig::default();
+        let instances = settings.max_instances;
+        pool.total_component_instances(instances);
+        // A Rust or Python component holds a handful of core instances
+        // (the guest, the WASI adapter, shims); leave room for that.
+        pool.total_core_instances(instances.saturating_mul(8));
+        pool.total_memories(instances.saturating_mul(2));
+        pool.total_tables(instances.saturating_mul(4));
+        pool.total_stacks(instances);
+        pool.max_memory_size(usize::try_from(settings.max_memory).unwrap_or(usize::MAX));
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    config
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] so that running guests
+/// hit their deadlines.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("weir-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            });
+        if let Err(err) = spawned {
+            tracing::error!(error = %err, "cannot start the epoch thread; handler timeouts will not fire");
+        }
+        Self { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

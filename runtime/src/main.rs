@@ -1,0 +1,211 @@
+//! The `weir` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use weir::config::Config;
+use weir::host::{Host, HostSettings};
+use weir::registry::{self, content_version};
+use weir::runtime::{Runtime, connect, load_handlers};
+use weir::telemetry::{self, LogFormat};
+
+/// Weir runs event handlers written as WebAssembly components.
+///
+/// It consumes messages from Kafka (or its embedded broker), hands each one to
+/// the handler components in a directory, retries failures with backoff,
+/// dead-letters poison messages to `<topic>.dlq`, and commits a message's
+/// offset only once its outcome is durable.
+///
+/// A handler is `<name>.wasm` (a component of the `weir:handler` world) plus
+/// `<name>.toml` beside it, naming at least its topics: `topics = ["orders"]`.
+#[derive(Parser)]
+#[command(name = "weir", version, about, long_about, after_help = EXAMPLES)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "pretty", env = "WEIR_LOG_FORMAT")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  weir demo                              example handlers + embedded broker + generated events
+  weir run --config config/weir.toml     serve the handlers in [runtime] handlers_dir until Ctrl-C
+  weir check target/handlers/orders.wasm does this component fit the weir:handler world?
+
+Logs go to stderr; filter them with WEIR_LOG (e.g. WEIR_LOG=weir=debug to see every
+handled message, WEIR_LOG=weir::guest=off to silence handler logs).";
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve every handler in the handlers directory until Ctrl-C or SIGTERM.
+    ///
+    /// With no [source.kafka] in the configuration an embedded broker is
+    /// started on loopback and its address printed, so any Kafka client can
+    /// produce to it. On Ctrl-C/SIGTERM in-flight messages finish, offsets are
+    /// committed and the process exits 0.
+    Run {
+        /// Configuration file.
+        #[arg(long, short, default_value = "config/weir.toml", env = "WEIR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run the example handlers against the embedded broker with a generated
+    /// stream of order events, and print what was handled.
+    ///
+    /// Builds nothing: the handlers must already be in the configured
+    /// handlers directory (`bash .ci/build-handlers` puts the examples there).
+    Demo {
+        /// Configuration file (its [source] is ignored: the demo always uses
+        /// the embedded broker).
+        #[arg(long, short, default_value = "config/weir.toml", env = "WEIR_CONFIG")]
+        config: PathBuf,
+        /// How many events to generate.
+        #[arg(long, default_value_t = 600)]
+        events: usize,
+        /// Give up if the stream is not handled within this time.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        deadline: Duration,
+    },
+    /// Check that components fit the weir:handler world; say what is wrong if
+    /// not.
+    Check {
+        /// Component files (`.wasm`).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_filter = match cli.command {
+        Command::Demo { .. } => "error",
+        _ => "info",
+    };
+    telemetry::init(cli.log_format, default_filter);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run { config } => run(&config).await,
+            Command::Demo {
+                config,
+                events,
+                deadline,
+            } => {
+                let config = load_config(&config)?;
+                weir::demo::run(&config, events, deadline).await
+            }
+            Command::Check { files } => check(&files),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    Config::load(path).context("invalid configuration (see config/weir.toml for every key)")
+}
+
+async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
+    let config = load_config(config_path)?;
+    let host = Host::new(&HostSettings::default())?;
+    let dir = &config.runtime.handlers_dir;
+    let (handlers, failed) = load_handlers(&host, dir, &config.limits).await?;
+    for err in &failed {
+        tracing::error!(file = %err.file().display(), error = %err, "handler failed to load");
+    }
+    anyhow::ensure!(
+        !handlers.is_empty(),
+        "no handler to serve in {} ({} failed to load); put <name>.wasm and <name>.toml there",
+        dir.display(),
+        failed.len()
+    );
+    let mut topics: Vec<String> = Vec::new();
+    for handler in &handlers {
+        for topic in &handler.manifest.topics {
+            topics.push(topic.clone());
+            topics.push(format!("{topic}{}", handler.manifest.dlq.suffix));
+        }
+    }
+    topics.sort();
+    topics.dedup();
+    let (cluster, embedded) = connect(&config, &topics)?;
+    if embedded.is_some() {
+        tracing::info!(bootstrap = %cluster.bootstrap_servers, "embedded broker listening");
+        println!("embedded broker: {}", cluster.bootstrap_servers);
+    }
+    let runtime = Runtime::start(handlers, &cluster)?;
+    wait_for_stop_signal().await?;
+    tracing::info!("stopping: finishing in-flight messages and committing offsets");
+    runtime.stop(config.runtime.shutdown_timeout).await;
+    drop(embedded);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("cannot listen for Ctrl-C")?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+fn check(files: &[PathBuf]) -> anyhow::Result<()> {
+    let host = Host::new(&HostSettings::default())?;
+    let mut bad = 0;
+    for file in files {
+        let bytes = match std::fs::read(file) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                println!("{}: cannot read: {err}", file.display());
+                bad += 1;
+                continue;
+            }
+        };
+        let name = file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("handler");
+        let version = content_version(&bytes);
+        let limits = weir::config::LimitsSection::default();
+        let limits = registry::ManifestLimits::default().resolve(&limits);
+        match host.compile(name, &version, &bytes, limits) {
+            Ok(compiled) => {
+                println!(
+                    "{}: ok — fits {}/handler (version {version}, {} KiB)",
+                    file.display(),
+                    weir::host::WORLD_PACKAGE,
+                    bytes.len() / 1024
+                );
+                println!("  imports: {}", compiled.imports().join(", "));
+                println!("  exports: {}", compiled.exports().join(", "));
+            }
+            Err(err) => {
+                println!("{}: does not fit: {err}", file.display());
+                bad += 1;
+            }
+        }
+    }
+    anyhow::ensure!(bad == 0, "{bad} of {} file(s) do not fit the world", files.len());
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! Dead letters: the original message, plus headers saying who gave up on it,
+//! why, and where it came from.
+
+use std::time::SystemTime;
+
+use crate::host::{Event, Failure};
+
+/// The headers added to a dead letter, after the original ones.
+pub fn headers(handler: &str, event: &Event, failure: &Failure, attempts: u32) -> Vec<(String, Vec<u8>)> {
+    let failed_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    let mut headers = event.headers.clone();
+    for (name, value) in [
+        ("weir.handler", handler.to_string()),
+        ("weir.error", failure.message.clone()),
+        ("weir.error.kind", failure.kind.as_str().to_string()),
+        ("weir.attempts", attempts.to_string()),
+        ("weir.origin.topic", event.topic.clone()),
+        ("weir.origin.partition", event.partition.to_string()),
+        ("weir.origin.offset", event.offset.to_string()),
+        ("weir.event-id", event.id.clone()),
+        ("weir.failed-at", failed_at),
+    ] {
+        headers.push((name.to_string(), value.into_bytes()));
+    }
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::FailureKind;
+
+    #[test]
+    fn keeps_original_headers_and_names_the_origin() {
+        let event = Event {
+            id: "e1".into(),
+            topic: "orders".into(),
+            key: None,
+            payload: vec![],
+            headers: vec![("trace".into(), b"abc".to_vec())],
+            partition: 1,
+            offset: 99,
+            timestamp_ms: None,
+            attempt: 3,
+        };
+        let failure = Failure {
+            kind: FailureKind::Permanent,
+            message: "bad json".into(),
+            poisoned: false,
+        };
+        let h = headers("orders", &event, &failure, 3);
+        let get = |n: &str| {
+            h.iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(h[0], ("trace".to_string(), b"abc".to_vec()));
+        assert_eq!(get("weir.handler").as_deref(), Some("orders"));
+        assert_eq!(get("weir.error").as_deref(), Some("bad json"));
+        assert_eq!(get("weir.error.kind").as_deref(), Some("permanent"));
+        assert_eq!(get("weir.attempts").as_deref(), Some("3"));
+        assert_eq!(get("weir.origin.topic").as_deref(), Some("orders"));
+        assert_eq!(get("weir.origin.partition").as_deref(), Some("1"));
+        assert_eq!(get("weir.origin.offset").as_deref(), Some("99"));
+        assert!(get("weir.failed-at").is_some_and(|t| t.ends_with('Z')));
+    }
+}

@@ -1,0 +1,302 @@
+//! The handler manifest: `<name>.toml` beside `<name>.wasm`.
+//!
+//! ```toml
+//! topics = ["orders"]          # required
+//! group = "weir.orders"        # consumer group; default weir.<name>
+//! start = "earliest"           # where a new group starts: earliest | latest
+//!
+//! [retry]
+//! max_attempts = 5
+//! initial_delay = "1s"
+//! multiplier = 2.0
+//! max_delay = "60s"
+//! jitter = 0.2
+//!
+//! [limits]
+//! memory = "64MiB"
+//! timeout = "5s"
+//!
+//! [dlq]
+//! suffix = ".dlq"
+//!
+//! [config]
+//! greeting = "hello"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{ConfigError, LimitsSection, byte_size, duration, read_toml};
+
+/// A handler's manifest, as written by its author.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Topics the handler consumes.
+    pub topics: Vec<String>,
+    /// Consumer group; each handler has its own so that one slow handler
+    /// never holds back another. Default: `weir.<name>`.
+    pub group: Option<String>,
+    /// Where a consumer group without committed offsets starts.
+    #[serde(default)]
+    pub start: StartFrom,
+    /// Retry policy for failed events.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Sandbox limits; unset values take the runtime's `[limits]`.
+    #[serde(default)]
+    pub limits: ManifestLimits,
+    /// Dead-letter settings.
+    #[serde(default)]
+    pub dlq: DlqSettings,
+    /// Values the handler can read (through the `config` import).
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+/// Where a new consumer group starts reading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    /// The oldest retained message: nothing produced before the handler was
+    /// deployed is skipped.
+    #[default]
+    Earliest,
+    /// Only messages produced after the group first joins.
+    Latest,
+}
+
+impl StartFrom {
+    /// The librdkafka `auto.offset.reset` value.
+    pub fn as_offset_reset(self) -> &'static str {
+        match self {
+            StartFrom::Earliest => "earliest",
+            StartFrom::Latest => "latest",
+        }
+    }
+}
+
+/// `[retry]`: exponential backoff with jitter.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Total attempts including the first; after the last the event is
+    /// dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before the second attempt.
+    #[serde(with = "duration")]
+    pub initial_delay: Duration,
+    /// Each further delay is the previous one times this.
+    pub multiplier: f64,
+    /// Upper bound for any delay.
+    #[serde(with = "duration")]
+    pub max_delay: Duration,
+    /// Random spread, as a fraction of the delay (0.2 = ±20 %).
+    pub jitter: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_delay: Duration::from_secs(1),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(60),
+            jitter: 0.2,
+        }
+    }
+}
+
+/// `[limits]` in a manifest.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestLimits {
+    /// Linear-memory cap, e.g. `"64MiB"`.
+    #[serde(default, deserialize_with = "optional_byte_size")]
+    pub memory: Option<u64>,
+    /// Wall-clock limit for one call, e.g. `"5s"`.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub timeout: Option<Duration>,
+}
+
+fn optional_byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    byte_size::deserialize(d).map(Some)
+}
+
+fn optional_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    duration::deserialize(d).map(Some)
+}
+
+/// Limits in force for one handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Linear-memory cap in bytes.
+    pub memory: u64,
+    /// Wall-clock limit for one call.
+    pub timeout: Duration,
+}
+
+impl ManifestLimits {
+    /// This handler's limits, falling back to the runtime defaults.
+    pub fn resolve(&self, defaults: &LimitsSection) -> Limits {
+        Limits {
+            memory: self.memory.unwrap_or(defaults.memory),
+            timeout: self.timeout.unwrap_or(defaults.timeout),
+        }
+    }
+}
+
+/// `[dlq]`: where poison messages go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DlqSettings {
+    /// Dead letters of topic `t` go to `t` + suffix.
+    pub suffix: String,
+}
+
+impl Default for DlqSettings {
+    fn default() -> Self {
+        Self {
+            suffix: ".dlq".into(),
+        }
+    }
+}
+
+impl Manifest {
+    /// Reads and validates a manifest file.
+    ///
+    /// # Errors
+    ///
+    /// When the file is missing, not valid TOML, has unknown keys or values
+    /// out of range; the message names the file and the key.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let manifest: Manifest = read_toml(path)?;
+        manifest.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(manifest)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.topics.is_empty() {
+            return Err("topics: list at least one topic to consume".into());
+        }
+        if let Some(topic) = self.topics.iter().find(|t| !valid_topic(t)) {
+            return Err(format!(
+                "topics: {topic:?} is not a valid topic name (1-249 of [a-zA-Z0-9._-])"
+            ));
+        }
+        if self.group.as_deref().is_some_and(|g| g.trim().is_empty()) {
+            return Err("group: must not be empty".into());
+        }
+        let retry = &self.retry;
+        if retry.max_attempts == 0 {
+            return Err("retry.max_attempts: must be at least 1".into());
+        }
+        if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
+            return Err("retry.multiplier: must be a number >= 1.0".into());
+        }
+        if !(0.0..=1.0).contains(&retry.jitter) {
+            return Err("retry.jitter: must be between 0.0 and 1.0".into());
+        }
+        if retry.max_delay < retry.initial_delay {
+            return Err("retry.max_delay: must not be less than retry.initial_delay".into());
+        }
+        if self.limits.memory.is_some_and(|m| m < (1 << 20)) {
+            return Err("limits.memory: must be at least 1MiB".into());
+        }
+        if self.limits.timeout.is_some_and(|t| t.is_zero()) {
+            return Err("limits.timeout: must be greater than zero".into());
+        }
+        if self.dlq.suffix.is_empty() {
+            return Err("dlq.suffix: must not be empty (it would dead-letter into the source topic)".into());
+        }
+        Ok(())
+    }
+
+    /// The consumer group for a handler called `name`.
+    pub fn group_for(&self, name: &str) -> String {
+        self.group.clone().unwrap_or_else(|| format!("weir.{name}"))
+    }
+}
+
+fn valid_topic(topic: &str) -> bool {
+    (1..=249).contains(&topic.len())
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_toml;
+
+    fn parse(text: &str) -> Result<Manifest, String> {
+        let manifest: Manifest =
+            parse_toml(Path::new("h.toml"), text).map_err(|e| e.to_string())?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    #[test]
+    fn minimal_manifest_takes_defaults() {
+        let m = parse("topics = [\"orders\"]").expect("valid");
+        assert_eq!(m.group_for("orders"), "weir.orders");
+        assert_eq!(m.start, StartFrom::Earliest);
+        assert_eq!(m.retry, RetryPolicy::default());
+        assert_eq!(m.dlq.suffix, ".dlq");
+    }
+
+    #[test]
+    fn full_manifest() {
+        let m = parse(
+            r#"
+            topics = ["a", "b"]
+            group = "g"
+            start = "latest"
+            [retry]
+            max_attempts = 3
+            initial_delay = "100ms"
+            [limits]
+            memory = "32MiB"
+            [dlq]
+            suffix = ".dead"
+            [config]
+            k = "v"
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(m.group_for("x"), "g");
+        assert_eq!(m.retry.max_attempts, 3);
+        assert_eq!(m.retry.initial_delay, Duration::from_millis(100));
+        assert_eq!(m.retry.multiplier, 2.0);
+        let limits = m.limits.resolve(&LimitsSection::default());
+        assert_eq!(limits.memory, 32 << 20);
+        assert_eq!(limits.timeout, Duration::from_secs(5));
+        assert_eq!(m.config["k"], "v");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        for (text, key) in [
+            ("", "topics"),
+            ("topics = []", "topics"),
+            ("topics = [\"a b\"]", "topics"),
+            ("topics = [\"a\"]\nordering = \"key\"", "ordering"),
+            ("topics = [\"a\"]\n[retry]\nmax_attempts = 0", "retry.max_attempts"),
+            ("topics = [\"a\"]\n[retry]\njitter = 2.0", "retry.jitter"),
+            ("topics = [\"a\"]\nstart = \"middle\"", "middle"),
+            ("topics = [\"a\"]\n[limits]\ntimeout = \"0s\"", "limits.timeout"),
+        ] {
+            let err = parse(text).expect_err(text);
+            assert!(err.contains(key), "{text:?} -> {err}");
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Putting it together: load every handler in the directory, give each its
+//! own consumer group and worker, and stop them all gracefully.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{Config, LimitsSection};
+use crate::host::Host;
+use crate::pipeline::{HandlerStats, Worker};
+use crate::registry::{self, LoadError, LoadedHandler};
+use crate::source::kafka::{Cluster, KafkaConsumer, KafkaProducer};
+
+/// A handler being served, with its live counters.
+pub struct RunningHandler {
+    /// The loaded handler.
+    pub handler: LoadedHandler,
+    /// Its counters.
+    pub stats: Arc<HandlerStats>,
+}
+
+/// The running set of workers.
+pub struct Runtime {
+    running: Vec<RunningHandler>,
+    workers: JoinSet<()>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Loads every `<name>.wasm` in `dir`, compiling on blocking threads.
+/// Handlers that fail are returned separately; one bad file never stops the
+/// others.
+///
+/// # Errors
+///
+/// When the directory itself cannot be read.
+pub async fn load_handlers(
+    host: &Host,
+    dir: &Path,
+    defaults: &LimitsSection,
+) -> anyhow::Result<(Vec<LoadedHandler>, Vec<LoadError>)> {
+    let files = registry::discover(dir).map_err(|err| {
+        anyhow::anyhow!(
+            "[runtime] handlers_dir {}: cannot read the directory: {err}",
+            dir.display()
+        )
+    })?;
+    let mut tasks = JoinSet::new();
+    for file in files {
+        let host = host.clone();
+        let defaults = defaults.clone();
+        tasks.spawn_blocking(move || registry::load(&host, &file, &defaults));
+    }
+    let (mut loaded, mut failed) = (Vec::new(), Vec::new());
+    while let Some(joined) = tasks.join_next().await {
+        match joined? {
+            Ok(handler) => loaded.push(handler),
+            Err(err) => failed.push(err),
+        }
+    }
+    loaded.sort_by(|a, b| a.name.cmp(&b.name));
+    failed.sort_by_key(LoadError::file);
+    Ok((loaded, failed))
+}
+
+impl Runtime {
+    /// Starts one worker per handler against `cluster`.
+    ///
+    /// # Errors
+    ///
+    /// When a consumer or the dead-letter producer cannot be created.
+    pub fn start(handlers: Vec<LoadedHandler>, cluster: &Cluster) -> anyhow::Result<Self> {
+        let (shutdown, watcher) = watch::channel(false);
+        let producer = KafkaProducer::new(cluster, "weir-dlq")?;
+        let mut workers = JoinSet::new();
+        let mut running = Vec::new();
+        for handler in handlers {
+            let group = handler.group();
+            let consumer = KafkaConsumer::new(
+                cluster,
+                &format!("weir-{}", handler.name),
+                &group,
+                &handler.manifest.topics,
+                handler.manifest.start,
+            )?;
+            tracing::info!(handler = %handler.name, version = %handler.compiled.version(), group = %group,
+                topics = %handler.manifest.topics.join(","), "serving");
+            let stats = Arc::new(HandlerStats::default());
+            let worker = Worker::new(
+                handler.clone(),
+                consumer,
+                producer.clone(),
+                stats.clone(),
+                watcher.clone(),
+            );
+            workers.spawn(worker.run());
+            running.push(RunningHandler { handler, stats });
+        }
+        Ok(Self {
+            running,
+            workers,
+            shutdown,
+        })
+    }
+
+    /// The handlers being served.
+    pub fn handlers(&self) -> &[RunningHandler] {
+        &self.running
+    }
+
+    /// Stops consuming, lets in-flight calls finish, commits acknowledged
+    /// offsets and leaves the consumer groups. Workers still busy after
+    /// `timeout` are abandoned; their unacknowledged messages are redelivered
+    /// on the next start.
+    pub async fn stop(mut self, timeout: Duration) {
+        // Receivers outlive this call only inside the workers.
+        let _ = self.shutdown.send(true);
+        let drained = tokio::time::timeout(timeout, async {
+            while let Some(joined) = self.workers.join_next().await {
+                if let Err(err) = joined {
+                    tracing::error!(error = %err, "a worker ended abnormally");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                timeout = %humantime::format_duration(timeout),
+                "workers did not stop in time; their unacknowledged messages will be redelivered"
+            );
+            self.workers.abort_all();
+        }
+    }
+}
+
+/// Resolves the configured cluster, starting the embedded broker if no
+/// `[source.kafka]` is configured. The broker lives as long as the returned
+/// guard.
+///
+/// # Errors
+///
+/// When the embedded broker cannot start or a topic cannot be created.
+pub fn connect(
+    config: &Config,
+    topics: &[String],
+) -> anyhow::Result<(Cluster, Option<crate::source::embedded::EmbeddedBroker>)> {
+    match config.source() {
+        crate::config::Source::Kafka(kafka) => {
+            let cluster = Cluster {
+                bootstrap_servers: kafka.bootstrap_servers,
+                properties: kafka.properties,
+            };
+            cluster.validate()?;
+            Ok((cluster, None))
+        }
+        crate::config::Source::Embedded(embedded) => {
+            let broker = crate::source::embedded::EmbeddedBroker::start(embedded.partitions)?;
+            for topic in topics {
+                broker.create_topic(topic)?;
+            }
+            let cluster = Cluster {
+                bootstrap_servers: broker.bootstrap_servers(),
+                properties: Default::default(),
+            };
+            Ok((cluster, Some(broker)))
+        }
+    }
+}
