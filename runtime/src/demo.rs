@@ -167,8 +167,8 @@ async fn produce(cluster: &Cluster, topics: &[String], events: usize) -> anyhow:
 fn order_event(i: usize) -> String {
     let event_type = EVENT_TYPES[i % EVENT_TYPES.len()];
     match i % 20 {
-        7 => format!("{{\"event_id\": \"demo-{i}\", \"event_type\": \"{event_type}\""),
-        17 => format!(
+        6 => format!("{{\"event_id\": \"demo-{i}\", \"event_type\": \"{event_type}\""),
+        16 => format!(
             "{{\"event_id\": \"demo-{i}\", \"event_type\": \"{event_type}\", \"timestamp\": \"2026-11-23T10:00:00Z\", \"data\": {{}}, \"metadata\": {{\"correlation_id\": \"c-{i}\"}}}}"
         ),
         _ => format!(

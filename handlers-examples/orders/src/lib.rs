@@ -1,0 +1,114 @@
+//! Validates order events in the seed envelope and logs the accepted ones.
+//!
+//! Malformed events (bad JSON, missing fields, unknown `event_type`) are
+//! rejected as permanent errors, so Weir dead-letters them at once.
+
+use serde::Deserialize;
+use weir_sdk::{Event, Handler, HandlerError, export_handler, log};
+
+/// The envelope every order event travels in.
+#[derive(Debug, Deserialize, PartialEq)]
+pub struct Envelope {
+    /// Producer-assigned unique id.
+    pub event_id: String,
+    /// What happened.
+    pub event_type: String,
+    /// The order this event belongs to.
+    pub aggregate_id: String,
+    /// When it happened (RFC 3339).
+    pub timestamp: String,
+    /// Event-specific data.
+    pub data: serde_json::Value,
+    /// Tracing metadata.
+    pub metadata: Metadata,
+}
+
+/// Envelope metadata.
+#[derive(Debug, Deserialize, PartialEq)]
+pub struct Metadata {
+    /// Ties together the events of one business flow.
+    pub correlation_id: String,
+}
+
+/// Event types this handler understands.
+pub const KNOWN_TYPES: &[&str] = &["OrderPlaced", "OrderPaid", "OrderShipped", "OrderCancelled"];
+
+/// Parses and validates one order event.
+///
+/// # Errors
+///
+/// A permanent error saying what is wrong with the event.
+pub fn parse(event: &Event) -> Result<Envelope, HandlerError> {
+    let envelope: Envelope = event.json()?;
+    if !KNOWN_TYPES.contains(&envelope.event_type.as_str()) {
+        return Err(HandlerError::permanent(format!(
+            "unknown event_type {:?}; expected one of {}",
+            envelope.event_type,
+            KNOWN_TYPES.join(", ")
+        )));
+    }
+    if envelope.aggregate_id.trim().is_empty() {
+        return Err(HandlerError::permanent("aggregate_id is empty"));
+    }
+    Ok(envelope)
+}
+
+/// The order validator.
+pub struct Orders;
+
+impl Handler for Orders {
+    fn handle(event: Event) -> Result<(), HandlerError> {
+        let order = parse(&event)?;
+        log::info(
+            "order event accepted",
+            &[
+                ("event_id", &order.event_id),
+                ("event_type", &order.event_type),
+                ("aggregate_id", &order.aggregate_id),
+                ("correlation_id", &order.metadata.correlation_id),
+            ],
+        );
+        Ok(())
+    }
+}
+
+export_handler!(Orders);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(payload: &str) -> Event {
+        Event::new("orders", payload.as_bytes().to_vec())
+    }
+
+    const GOOD: &str = r#"{"event_id":"e1","event_type":"OrderPlaced","aggregate_id":"order-1",
+        "timestamp":"2026-11-23T10:00:00Z","data":{"amount_cents":1200},
+        "metadata":{"correlation_id":"c1"}}"#;
+
+    #[test]
+    fn accepts_a_well_formed_order() {
+        let order = parse(&event(GOOD)).expect("valid order");
+        assert_eq!(order.aggregate_id, "order-1");
+        assert_eq!(order.metadata.correlation_id, "c1");
+    }
+
+    #[test]
+    fn malformed_orders_are_permanent_errors_saying_why() {
+        let cases = [
+            ("{", "JSON"),
+            (r#"{"event_id":"e1"}"#, "event_type"),
+            (&GOOD.replace("OrderPlaced", "OrderTeleported"), "unknown event_type"),
+            (&GOOD.replace("\"order-1\"", "\"  \""), "aggregate_id"),
+            (&GOOD.replace(r#""metadata":{"correlation_id":"c1"}"#, r#""metadata":{}"#), "correlation_id"),
+        ];
+        for (payload, needle) in cases {
+            match parse(&event(payload)) {
+                Err(HandlerError::Permanent(message)) => {
+                    assert!(message.contains(needle), "{payload}: {message}")
+                }
+                other => panic!("{payload}: expected a permanent error, got {other:?}"),
+            }
+        }
+    }
+}
