@@ -17,7 +17,7 @@ use crate::source::kafka::{Cluster, KafkaProducer};
 const EVENT_TYPES: &[&str] = &["OrderPlaced", "OrderPaid", "OrderShipped", "OrderCancelled"];
 
 /// Runs the demo: `events` generated messages spread over the handlers'
-/// topics; every 20th is malformed on purpose so dead-lettering shows.
+/// topics; one in ten is malformed on purpose so dead-lettering shows.
 ///
 /// # Errors
 ///
@@ -163,7 +163,7 @@ async fn produce(cluster: &Cluster, topics: &[String], events: usize) -> anyhow:
     Ok(counts)
 }
 
-/// A seed-format order event; every 20th one is malformed.
+/// A seed-format order event; one in ten is malformed.
 fn order_event(i: usize) -> String {
     let event_type = EVENT_TYPES[i % EVENT_TYPES.len()];
     match i % 20 {

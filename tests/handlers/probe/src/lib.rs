@@ -1,7 +1,8 @@
 //! A handler for integration tests.
 //!
 //! Every call logs one record, message `probe`, with fields `id`, `topic`,
-//! `partition`, `offset`, `attempt`, `key_hex` (or `none`), `payload_hex`,
+//! `partition`, `offset`, `attempt`, `key_hex` (or `none`), `payload_len`,
+//! `payload_fnv` (FNV-1a 64), `payload_hex` (the first 2 KiB),
 //! `headers` (a JSON array of `[name, hex]`) and `outcome`.
 //!
 //! The `probe.fail` header asks for a failure:
@@ -14,6 +15,14 @@ use weir_sdk::{Event, Handler, HandlerError, export_handler, log};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// FNV-1a 64: a fingerprint of payloads too large to log whole.
+fn fnv1a(bytes: &[u8]) -> String {
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
 }
 
 /// The test probe.
@@ -61,7 +70,9 @@ impl Handler for Probe {
                 ("offset", &event.offset().to_string()),
                 ("attempt", &attempt.to_string()),
                 ("key_hex", &event.key().map(hex).unwrap_or_else(|| "none".into())),
-                ("payload_hex", &hex(event.payload())),
+                ("payload_len", &event.payload().len().to_string()),
+                ("payload_fnv", &fnv1a(event.payload())),
+                ("payload_hex", &hex(&event.payload()[..event.payload().len().min(2048)])),
                 ("headers", &headers),
                 ("outcome", outcome),
             ],

@@ -1,0 +1,126 @@
+"""An independent Kafka client for Weir's integration tests (kafka-python).
+
+Subcommands print one JSON document on stdout:
+  create-topic --bootstrap B --topic T --partitions N
+  produce      --bootstrap B --topic T     (JSON lines on stdin:
+               {"partition": int|null, "key_hex": str|null, "value_hex": str,
+                "headers": [[name, value_hex], ...]})  -> [[partition, offset], ...]
+  committed    --bootstrap B --group G --topic T -> {"<partition>": offset or null}
+  consume      --bootstrap B --topic T --max N --timeout-ms MS -> [record, ...]
+"""
+
+import argparse
+import json
+import sys
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+
+def unhex(value):
+    return None if value is None else bytes.fromhex(value)
+
+
+def partitions_of(consumer, topic):
+    parts = consumer.partitions_for_topic(topic) or set()
+    return [TopicPartition(topic, p) for p in sorted(parts)]
+
+
+def create_topic(args):
+    admin = KafkaAdminClient(bootstrap_servers=args.bootstrap, client_id="weir-tests")
+    try:
+        admin.create_topics([NewTopic(args.topic, args.partitions, 1)])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        admin.close()
+    return {"topic": args.topic, "partitions": args.partitions}
+
+
+def produce(args):
+    producer = KafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=5,
+                             max_request_size=16 * 1024 * 1024)
+    futures = []
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        record = json.loads(line)
+        headers = [(name, bytes.fromhex(value)) for name, value in record.get("headers") or []]
+        futures.append(producer.send(
+            args.topic,
+            value=bytes.fromhex(record["value_hex"]),
+            key=unhex(record.get("key_hex")),
+            headers=headers,
+            partition=record.get("partition"),
+        ))
+    producer.flush()
+    result = []
+    for future in futures:
+        meta = future.get(timeout=30)
+        result.append([meta.partition, meta.offset])
+    producer.close()
+    return result
+
+
+def committed(args):
+    # Reads the group's committed offsets (OffsetFetch) without joining it.
+    consumer = KafkaConsumer(bootstrap_servers=args.bootstrap, group_id=args.group,
+                             enable_auto_commit=False)
+    try:
+        return {str(tp.partition): consumer.committed(tp)
+                for tp in partitions_of(consumer, args.topic)}
+    finally:
+        consumer.close()
+
+
+def consume(args):
+    consumer = KafkaConsumer(bootstrap_servers=args.bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="earliest", consumer_timeout_ms=args.timeout_ms)
+    parts = partitions_of(consumer, args.topic)
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    records = []
+    for message in consumer:
+        records.append({
+            "partition": message.partition,
+            "offset": message.offset,
+            "key_hex": None if message.key is None else message.key.hex(),
+            "value_hex": (message.value or b"").hex(),
+            "headers": [[name, (value or b"").hex()] for name, value in message.headers],
+        })
+        if len(records) >= args.max:
+            break
+    consumer.close()
+    return records
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ["create-topic", "produce", "committed", "consume"]:
+        p = sub.add_parser(name)
+        p.add_argument("--bootstrap", required=True)
+        p.add_argument("--topic", required=True)
+        if name == "create-topic":
+            p.add_argument("--partitions", type=int, required=True)
+        if name == "committed":
+            p.add_argument("--group", required=True)
+        if name == "consume":
+            p.add_argument("--max", type=int, default=1_000_000)
+            p.add_argument("--timeout-ms", type=int, default=5000)
+    args = parser.parse_args()
+    handler = {
+        "create-topic": create_topic,
+        "produce": produce,
+        "committed": committed,
+        "consume": consume,
+    }[args.command]
+    json.dump(handler(args), sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
