@@ -224,25 +224,27 @@ impl Config {
                 "[source]: set either [source.kafka] or [source.embedded], not both".into(),
             ));
         }
-        if let Some(kafka) = &self.source.kafka {
-            if kafka.bootstrap_servers.trim().is_empty() {
-                return Err(invalid(
-                    "[source.kafka] bootstrap_servers: must name at least one host:port".into(),
-                ));
-            }
+        if let Some(kafka) = &self.source.kafka
+            && kafka.bootstrap_servers.trim().is_empty()
+        {
+            return Err(invalid(
+                "[source.kafka] bootstrap_servers: must name at least one host:port".into(),
+            ));
         }
-        if let Some(embedded) = &self.source.embedded {
-            if embedded.partitions < 1 {
-                return Err(invalid(
-                    "[source.embedded] partitions: must be at least 1".into(),
-                ));
-            }
+        if let Some(embedded) = &self.source.embedded
+            && embedded.partitions < 1
+        {
+            return Err(invalid(
+                "[source.embedded] partitions: must be at least 1".into(),
+            ));
         }
         if self.limits.memory < (1 << 20) {
             return Err(invalid("[limits] memory: must be at least 1MiB".into()));
         }
         if self.limits.timeout.is_zero() {
-            return Err(invalid("[limits] timeout: must be greater than zero".into()));
+            return Err(invalid(
+                "[limits] timeout: must be greater than zero".into(),
+            ));
         }
         Ok(())
     }
@@ -346,11 +348,10 @@ mod tests {
 
     #[test]
     fn both_sources_is_an_error() {
-        let err = parse(
-            "[source.kafka]\nbootstrap_servers = \"127.0.0.1:9092\"\n[source.embedded]\n",
-        )
-        .expect_err("two sources must fail")
-        .to_string();
+        let err =
+            parse("[source.kafka]\nbootstrap_servers = \"127.0.0.1:9092\"\n[source.embedded]\n")
+                .expect_err("two sources must fail")
+                .to_string();
         assert!(err.contains("not both"), "{err}");
     }
 

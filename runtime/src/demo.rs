@@ -57,7 +57,10 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
         bootstrap_servers: broker.bootstrap_servers(),
         properties: Default::default(),
     };
-    println!("embedded broker on {} ({partitions} partitions per topic)", cluster.bootstrap_servers);
+    println!(
+        "embedded broker on {} ({partitions} partitions per topic)",
+        cluster.bootstrap_servers
+    );
     for handler in &handlers {
         println!(
             "loaded   {} {} ← {}",
@@ -81,12 +84,23 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
     let expected: Vec<u64> = runtime
         .handlers()
         .iter()
-        .map(|r| r.handler.manifest.topics.iter().map(|t| produced.get(t).copied().unwrap_or(0)).sum())
+        .map(|r| {
+            r.handler
+                .manifest
+                .topics
+                .iter()
+                .map(|t| produced.get(t).copied().unwrap_or(0))
+                .sum()
+        })
         .collect();
     let wait_started = Instant::now();
     let mut last_report = Instant::now();
     loop {
-        let finished: Vec<u64> = runtime.handlers().iter().map(|r| r.stats.finished()).collect();
+        let finished: Vec<u64> = runtime
+            .handlers()
+            .iter()
+            .map(|r| r.stats.finished())
+            .collect();
         if finished.iter().zip(&expected).all(|(f, e)| f >= e) {
             break;
         }
@@ -140,7 +154,11 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
 
 /// Produces `events` order events round-robin over `topics`, concurrently,
 /// and returns how many went to each topic.
-async fn produce(cluster: &Cluster, topics: &[String], events: usize) -> anyhow::Result<BTreeMap<String, u64>> {
+async fn produce(
+    cluster: &Cluster,
+    topics: &[String],
+    events: usize,
+) -> anyhow::Result<BTreeMap<String, u64>> {
     let producer = KafkaProducer::new(cluster, "weir-demo")?;
     let mut sends = tokio::task::JoinSet::new();
     let mut counts = BTreeMap::new();
@@ -153,7 +171,12 @@ async fn produce(cluster: &Cluster, topics: &[String], events: usize) -> anyhow:
         sends.spawn(async move {
             let headers = [("event_id".to_string(), format!("demo-{i}").into_bytes())];
             producer
-                .send(&topic, Some(customer.as_bytes()), payload.as_bytes(), &headers)
+                .send(
+                    &topic,
+                    Some(customer.as_bytes()),
+                    payload.as_bytes(),
+                    &headers,
+                )
                 .await
         });
     }

@@ -26,7 +26,13 @@ use weir::telemetry::{self, LogFormat};
 #[command(name = "weir", version, about, long_about, after_help = EXAMPLES)]
 struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "pretty", env = "WEIR_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "pretty",
+        env = "WEIR_LOG_FORMAT"
+    )]
     log_format: LogFormat,
 
     #[command(subcommand)]
@@ -88,7 +94,10 @@ fn main() -> ExitCode {
         _ => "info",
     };
     telemetry::init(cli.log_format, default_filter);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -205,6 +214,10 @@ fn check(files: &[PathBuf]) -> anyhow::Result<()> {
             }
         }
     }
-    anyhow::ensure!(bad == 0, "{bad} of {} file(s) do not fit the world", files.len());
+    anyhow::ensure!(
+        bad == 0,
+        "{bad} of {} file(s) do not fit the world",
+        files.len()
+    );
     Ok(())
 }

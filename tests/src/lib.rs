@@ -97,7 +97,13 @@ impl Broker {
         let log = dir.join("tansu.log");
         let out = std::fs::File::create(&log)?;
         let child = Command::new(&tansu)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -223,14 +229,23 @@ impl KafkaTool {
         poll_until(
             Duration::from_secs(20),
             "topic creation",
-            || match self.call(&["create-topic", "--topic", topic, "--partitions", &partitions], None) {
+            || match self.call(
+                &[
+                    "create-topic",
+                    "--topic",
+                    topic,
+                    "--partitions",
+                    &partitions,
+                ],
+                None,
+            ) {
                 Ok(_) => Ok(Some(())),
                 Err(err) => {
                     last = err.to_string();
                     Ok(None)
                 }
             },
-            || String::new(),
+            String::new,
         )
         .with_context(|| last.clone())
     }
@@ -290,7 +305,9 @@ impl KafkaTool {
 }
 
 fn parse_partition_map(value: Value) -> Result<BTreeMap<i32, Option<i64>>> {
-    let object = value.as_object().ok_or_else(|| anyhow!("expected an object: {value}"))?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| anyhow!("expected an object: {value}"))?;
     object
         .iter()
         .map(|(p, o)| Ok((p.parse()?, o.as_i64())))
@@ -352,7 +369,10 @@ impl Deployment {
     ///
     /// When the binary is missing or cannot start.
     pub fn start(&self, label: &str) -> Result<WeirProcess> {
-        WeirProcess::spawn(&self.dir.path().join("weir.toml"), &self.dir.path().join(format!("{label}.log")))
+        WeirProcess::spawn(
+            &self.dir.path().join("weir.toml"),
+            &self.dir.path().join(format!("{label}.log")),
+        )
     }
 }
 
@@ -395,8 +415,14 @@ impl WeirProcess {
             .context("cannot start weir")?;
         let lines = Arc::new(Mutex::new(Vec::new()));
         let file = Arc::new(Mutex::new(std::fs::File::create(log)?));
-        let stdout = child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
-        let stderr = child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
+        let stdout = child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
+        let stderr = child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
         for stream in [stdout, stderr].into_iter().flatten() {
             let lines = lines.clone();
             let file = file.clone();
@@ -436,8 +462,14 @@ impl WeirProcess {
     pub fn guest_records(&self, handler: &str, message: &str) -> Vec<Value> {
         self.records()
             .into_iter()
-            .filter(|r| r["target"] == "weir::guest" && r["handler"] == handler && r["message"] == message)
-            .filter_map(|r| r["fields"].as_str().and_then(|f| serde_json::from_str(f).ok()))
+            .filter(|r| {
+                r["target"] == "weir::guest" && r["handler"] == handler && r["message"] == message
+            })
+            .filter_map(|r| {
+                r["fields"]
+                    .as_str()
+                    .and_then(|f| serde_json::from_str(f).ok())
+            })
             .collect()
     }
 

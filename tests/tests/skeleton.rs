@@ -53,13 +53,23 @@ fn wait_handled(weir: &WeirProcess, count: usize) -> Result<()> {
         WAIT,
         &format!("{count} messages to be handled"),
         || Ok((handled(weir).len() >= count).then_some(())),
-        || format!("{} handled; log: {}", handled(weir).len(), weir.log.display()),
+        || {
+            format!(
+                "{} handled; log: {}",
+                handled(weir).len(),
+                weir.log.display()
+            )
+        },
     )
 }
 
 fn stop(weir: &mut WeirProcess) -> Result<()> {
     let status = weir.terminate(Duration::from_secs(30))?;
-    ensure!(status.success(), "weir exited with {status}; log: {}", weir.log.display());
+    ensure!(
+        status.success(),
+        "weir exited with {status}; log: {}",
+        weir.log.display()
+    );
     Ok(())
 }
 
@@ -80,7 +90,10 @@ fn assert_committed_at_end(kafka: &KafkaTool, produced: &[(i32, i64)]) -> Result
     let ends = end_offsets(produced);
     let committed = kafka.committed(GROUP, TOPIC)?;
     let expected: BTreeMap<i32, Option<i64>> = ends.iter().map(|(p, o)| (*p, Some(*o))).collect();
-    ensure!(committed == expected, "committed {committed:?} != end offsets {ends:?}");
+    ensure!(
+        committed == expected,
+        "committed {committed:?} != end offsets {ends:?}"
+    );
     Ok(())
 }
 
@@ -97,10 +110,22 @@ fn every_message_is_handled_exactly_once_and_committed() -> Result<()> {
 
     let seen = handled(&weir);
     let distinct: BTreeSet<_> = seen.iter().copied().collect();
-    ensure!(seen.len() == 300, "handled {} times, expected 300", seen.len());
-    ensure!(distinct.len() == 300, "only {} distinct messages", distinct.len());
+    ensure!(
+        seen.len() == 300,
+        "handled {} times, expected 300",
+        seen.len()
+    );
+    ensure!(
+        distinct.len() == 300,
+        "only {} distinct messages",
+        distinct.len()
+    );
     for partition in 0..3 {
-        let offsets: Vec<i64> = seen.iter().filter(|(p, _)| *p == partition).map(|(_, o)| *o).collect();
+        let offsets: Vec<i64> = seen
+            .iter()
+            .filter(|(p, _)| *p == partition)
+            .map(|(_, o)| *o)
+            .collect();
         ensure!(
             offsets == (0..100).collect::<Vec<_>>(),
             "partition {partition} handled out of order or incompletely: {offsets:?}"
@@ -161,7 +186,10 @@ fn binary_payloads_and_non_utf8_keys_pass_through_untouched() -> Result<()> {
             partition: Some(0),
             key: Some(vec![0xff, 0xfe, 0x00, 0x80]),
             value: (0..=255u8).collect(),
-            headers: vec![("bin".into(), vec![0x00, 0xff, 0x80]), ("text".into(), b"hello".to_vec())],
+            headers: vec![
+                ("bin".into(), vec![0x00, 0xff, 0x80]),
+                ("text".into(), b"hello".to_vec()),
+            ],
         },
         Record {
             partition: Some(1),
@@ -186,18 +214,45 @@ fn binary_payloads_and_non_utf8_keys_pass_through_untouched() -> Result<()> {
     for (record, (partition, offset)) in sent.iter().zip(positions) {
         let call = calls
             .iter()
-            .find(|c| field(c, "partition") == Some(i64::from(partition)) && field(c, "offset") == Some(offset))
+            .find(|c| {
+                field(c, "partition") == Some(i64::from(partition))
+                    && field(c, "offset") == Some(offset)
+            })
             .ok_or_else(|| anyhow::anyhow!("no call for {partition}/{offset}"))?;
-        let key = record.key.as_deref().map(hex).unwrap_or_else(|| "none".into());
-        ensure!(call["key_hex"] == key.as_str(), "key: {} != {key}", call["key_hex"]);
-        ensure!(call["payload_len"] == record.value.len().to_string().as_str(), "length differs at {partition}/{offset}");
-        ensure!(call["payload_fnv"] == fnv1a(&record.value).as_str(), "payload differs at {partition}/{offset}");
+        let key = record
+            .key
+            .as_deref()
+            .map(hex)
+            .unwrap_or_else(|| "none".into());
+        ensure!(
+            call["key_hex"] == key.as_str(),
+            "key: {} != {key}",
+            call["key_hex"]
+        );
+        ensure!(
+            call["payload_len"] == record.value.len().to_string().as_str(),
+            "length differs at {partition}/{offset}"
+        );
+        ensure!(
+            call["payload_fnv"] == fnv1a(&record.value).as_str(),
+            "payload differs at {partition}/{offset}"
+        );
         if record.value.len() <= 2048 {
-            ensure!(call["payload_hex"] == hex(&record.value).as_str(), "payload differs at {partition}/{offset}");
+            ensure!(
+                call["payload_hex"] == hex(&record.value).as_str(),
+                "payload differs at {partition}/{offset}"
+            );
         }
         let headers: Value = serde_json::from_str(call["headers"].as_str().unwrap_or("null"))?;
-        let expected: Vec<[String; 2]> = record.headers.iter().map(|(n, v)| [n.clone(), hex(v)]).collect();
-        ensure!(headers == serde_json::json!(expected), "headers {headers} != {expected:?}");
+        let expected: Vec<[String; 2]> = record
+            .headers
+            .iter()
+            .map(|(n, v)| [n.clone(), hex(v)])
+            .collect();
+        ensure!(
+            headers == serde_json::json!(expected),
+            "headers {headers} != {expected:?}"
+        );
     }
     Ok(())
 }
@@ -207,7 +262,10 @@ fn a_bad_component_is_reported_and_the_others_keep_running() -> Result<()> {
     let _serial = serial();
     let (_broker, kafka, deployment) = setup()?;
     deployment.add_handler("probe", "probe", PROBE)?;
-    std::fs::write(deployment.handlers().join("broken.wasm"), b"\x7fELF not wasm at all")?;
+    std::fs::write(
+        deployment.handlers().join("broken.wasm"),
+        b"\x7fELF not wasm at all",
+    )?;
     std::fs::write(deployment.handlers().join("broken.toml"), PROBE)?;
     std::fs::write(deployment.handlers().join("core.wasm"), b"\0asm\x01\0\0\0")?;
     std::fs::write(deployment.handlers().join("core.toml"), PROBE)?;
@@ -228,9 +286,19 @@ fn a_bad_component_is_reported_and_the_others_keep_running() -> Result<()> {
                 && r["error"].as_str().is_some_and(|e| e.contains(needle))
         })
     };
-    ensure!(about("broken.wasm", "not a WebAssembly file"), "broken.wasm not reported: {failures:?}");
-    ensure!(about("core.wasm", "core WebAssembly module, not a component"), "core.wasm not reported: {failures:?}");
-    ensure!(handled(&weir).len() == 30, "probe handled {} of 30", handled(&weir).len());
+    ensure!(
+        about("broken.wasm", "not a WebAssembly file"),
+        "broken.wasm not reported: {failures:?}"
+    );
+    ensure!(
+        about("core.wasm", "core WebAssembly module, not a component"),
+        "core.wasm not reported: {failures:?}"
+    );
+    ensure!(
+        handled(&weir).len() == 30,
+        "probe handled {} of 30",
+        handled(&weir).len()
+    );
     Ok(())
 }
 
@@ -247,7 +315,12 @@ fn failures_are_retried_then_dead_lettered_with_their_origin() -> Result<()> {
         value: format!("v{i}").into_bytes(),
         headers: vec![("probe.fail".into(), how.as_bytes().to_vec())],
     };
-    let sent = vec![fail("retryable:2", 0), fail("permanent", 1), fail("retryable:99", 2), fail("", 3)];
+    let sent = vec![
+        fail("retryable:2", 0),
+        fail("permanent", 1),
+        fail("retryable:99", 2),
+        fail("", 3),
+    ];
     kafka.produce(TOPIC, &sent)?;
 
     let mut weir = deployment.start("run")?;
@@ -264,38 +337,81 @@ fn failures_are_retried_then_dead_lettered_with_their_origin() -> Result<()> {
     poll_until(
         WAIT,
         "offsets committed past the dead letters",
-        || Ok(kafka.committed(GROUP, TOPIC)?.get(&0).copied().flatten().filter(|o| *o == 4)),
+        || {
+            Ok(kafka
+                .committed(GROUP, TOPIC)?
+                .get(&0)
+                .copied()
+                .flatten()
+                .filter(|o| *o == 4))
+        },
         || format!("{:?}", kafka.committed(GROUP, TOPIC).ok()),
     )?;
     stop(&mut weir)?;
 
     let calls = weir.guest_records("probe", "probe");
-    let attempts = |offset: i64| calls.iter().filter(|c| field(c, "offset") == Some(offset)).count();
-    ensure!(attempts(0) == 3, "retryable:2 took {} calls, expected 3", attempts(0));
-    ensure!(attempts(1) == 1, "permanent took {} calls, expected 1", attempts(1));
-    ensure!(attempts(2) == 3, "exhausted message took {} calls, expected 3", attempts(2));
-    ensure!(attempts(3) == 1, "healthy message took {} calls", attempts(3));
+    let attempts = |offset: i64| {
+        calls
+            .iter()
+            .filter(|c| field(c, "offset") == Some(offset))
+            .count()
+    };
+    ensure!(
+        attempts(0) == 3,
+        "retryable:2 took {} calls, expected 3",
+        attempts(0)
+    );
+    ensure!(
+        attempts(1) == 1,
+        "permanent took {} calls, expected 1",
+        attempts(1)
+    );
+    ensure!(
+        attempts(2) == 3,
+        "exhausted message took {} calls, expected 3",
+        attempts(2)
+    );
+    ensure!(
+        attempts(3) == 1,
+        "healthy message took {} calls",
+        attempts(3)
+    );
 
     let header = |record: &Value, name: &str| -> Option<String> {
-        record["headers"].as_array()?.iter().find(|h| h[0] == name).and_then(|h| {
-            let bytes: Vec<u8> = (0..h[1].as_str()?.len())
-                .step_by(2)
-                .filter_map(|i| u8::from_str_radix(h[1].as_str()?.get(i..i + 2)?, 16).ok())
-                .collect();
-            String::from_utf8(bytes).ok()
-        })
+        record["headers"]
+            .as_array()?
+            .iter()
+            .find(|h| h[0] == name)
+            .and_then(|h| {
+                let bytes: Vec<u8> = (0..h[1].as_str()?.len())
+                    .step_by(2)
+                    .filter_map(|i| u8::from_str_radix(h[1].as_str()?.get(i..i + 2)?, 16).ok())
+                    .collect();
+                String::from_utf8(bytes).ok()
+            })
     };
-    let by_offset = |offset: &str| dead.iter().find(|r| header(r, "weir.origin.offset").as_deref() == Some(offset));
-    let permanent = by_offset("1").ok_or_else(|| anyhow::anyhow!("no dead letter for offset 1: {dead:?}"))?;
-    ensure!(permanent["key_hex"] == hex(b"k1").as_str() && permanent["value_hex"] == hex(b"v1").as_str());
-    ensure!(header(permanent, "probe.fail").as_deref() == Some("permanent"), "original headers kept");
+    let by_offset = |offset: &str| {
+        dead.iter()
+            .find(|r| header(r, "weir.origin.offset").as_deref() == Some(offset))
+    };
+    let permanent =
+        by_offset("1").ok_or_else(|| anyhow::anyhow!("no dead letter for offset 1: {dead:?}"))?;
+    ensure!(
+        permanent["key_hex"] == hex(b"k1").as_str()
+            && permanent["value_hex"] == hex(b"v1").as_str()
+    );
+    ensure!(
+        header(permanent, "probe.fail").as_deref() == Some("permanent"),
+        "original headers kept"
+    );
     ensure!(header(permanent, "weir.handler").as_deref() == Some("probe"));
     ensure!(header(permanent, "weir.error.kind").as_deref() == Some("permanent"));
     ensure!(header(permanent, "weir.attempts").as_deref() == Some("1"));
     ensure!(header(permanent, "weir.origin.topic").as_deref() == Some("events"));
     ensure!(header(permanent, "weir.origin.partition").as_deref() == Some("0"));
     ensure!(header(permanent, "weir.failed-at").is_some_and(|t| t.ends_with('Z')));
-    let exhausted = by_offset("2").ok_or_else(|| anyhow::anyhow!("no dead letter for offset 2: {dead:?}"))?;
+    let exhausted =
+        by_offset("2").ok_or_else(|| anyhow::anyhow!("no dead letter for offset 2: {dead:?}"))?;
     ensure!(header(exhausted, "weir.attempts").as_deref() == Some("3"));
     ensure!(header(exhausted, "weir.error.kind").as_deref() == Some("retryable"));
     ensure!(header(exhausted, "weir.error").is_some_and(|e| e.contains("probe asked to fail")));

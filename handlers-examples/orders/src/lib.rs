@@ -98,9 +98,15 @@ mod tests {
         let cases = [
             ("{", "JSON"),
             (r#"{"event_id":"e1"}"#, "event_type"),
-            (&GOOD.replace("OrderPlaced", "OrderTeleported"), "unknown event_type"),
+            (
+                &GOOD.replace("OrderPlaced", "OrderTeleported"),
+                "unknown event_type",
+            ),
             (&GOOD.replace("\"order-1\"", "\"  \""), "aggregate_id"),
-            (&GOOD.replace(r#""metadata":{"correlation_id":"c1"}"#, r#""metadata":{}"#), "correlation_id"),
+            (
+                &GOOD.replace(r#""metadata":{"correlation_id":"c1"}"#, r#""metadata":{}"#),
+                "correlation_id",
+            ),
         ];
         for (payload, needle) in cases {
             match parse(&event(payload)) {

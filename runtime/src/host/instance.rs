@@ -121,13 +121,17 @@ impl CompiledHandler {
     /// Names of the component's imports, for `weir check`.
     pub fn imports(&self) -> Vec<String> {
         let ty = self.pre.instance_pre().component().component_type();
-        ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect()
+        ty.imports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect()
     }
 
     /// Names of the component's exports, for `weir check`.
     pub fn exports(&self) -> Vec<String> {
         let ty = self.pre.instance_pre().component().component_type();
-        ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect()
+        ty.exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect()
     }
 
     /// Creates a fresh instance with its own store: no preopened
@@ -144,7 +148,9 @@ impl CompiledHandler {
             .trap_on_grow_failure(true)
             .build();
         let state = StoreState {
-            wasi: WasiCtx::builder().allow_blocking_current_thread(true).build(),
+            wasi: WasiCtx::builder()
+                .allow_blocking_current_thread(true)
+                .build(),
             table: ResourceTable::new(),
             limits,
             handler: self.name.clone(),
@@ -255,8 +261,11 @@ impl Failure {
 }
 
 fn is_memory_limit(err: &wasmtime::Error) -> bool {
-    err.chain()
-        .any(|cause| cause.to_string().contains("forcing a memory growth failure"))
+    err.chain().any(|cause| {
+        cause
+            .to_string()
+            .contains("forcing a memory growth failure")
+    })
 }
 
 /// A live instance of a handler. Not thread-safe; one per worker.
@@ -277,11 +286,16 @@ impl HandlerInstance {
         let started = Instant::now();
         let result = self.bindings.call_handle(&mut self.store, event);
         self.store.data_mut().current = None;
-        tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "handle returned");
+        tracing::trace!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "handle returned"
+        );
         match result {
             Ok(Ok(())) => Outcome::Handled,
             Ok(Err(err)) => Outcome::Failed(Failure::from_handler_error(err)),
-            Err(err) => Outcome::Failed(Failure::from_trap(&err, self.limits, "handling the event")),
+            Err(err) => {
+                Outcome::Failed(Failure::from_trap(&err, self.limits, "handling the event"))
+            }
         }
     }
 }

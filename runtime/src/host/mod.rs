@@ -106,8 +106,8 @@ impl Host {
         limits: Limits,
     ) -> Result<CompiledHandler, CheckError> {
         check::sniff(bytes)?;
-        let component =
-            Component::new(&self.engine, bytes).map_err(|err| CheckError::Compile(format!("{err:#}")))?;
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|err| CheckError::Compile(format!("{err:#}")))?;
         let pre = check::link(&self.linker, &component)?;
         Ok(CompiledHandler::new(
             self.engine.clone(),

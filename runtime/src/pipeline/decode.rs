@@ -57,14 +57,20 @@ mod tests {
 
     #[test]
     fn id_prefers_ce_id_then_event_id_then_position() {
-        assert_eq!(event_id(&message(vec![("event_id", b"e"), ("ce_id", b"c")])), "c");
+        assert_eq!(
+            event_id(&message(vec![("event_id", b"e"), ("ce_id", b"c")])),
+            "c"
+        );
         assert_eq!(event_id(&message(vec![("event_id", b"e")])), "e");
         assert_eq!(event_id(&message(vec![])), "orders/2/41");
     }
 
     #[test]
     fn unusable_id_headers_fall_through() {
-        assert_eq!(event_id(&message(vec![("ce_id", b"\xff\xfe"), ("event_id", b"e")])), "e");
+        assert_eq!(
+            event_id(&message(vec![("ce_id", b"\xff\xfe"), ("event_id", b"e")])),
+            "e"
+        );
         assert_eq!(event_id(&message(vec![("ce_id", b"  ")])), "orders/2/41");
     }
 

@@ -6,7 +6,12 @@ use std::time::SystemTime;
 use crate::host::{Event, Failure};
 
 /// The headers added to a dead letter, after the original ones.
-pub fn headers(handler: &str, event: &Event, failure: &Failure, attempts: u32) -> Vec<(String, Vec<u8>)> {
+pub fn headers(
+    handler: &str,
+    event: &Event,
+    failure: &Failure,
+    attempts: u32,
+) -> Vec<(String, Vec<u8>)> {
     let failed_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
     let mut headers = event.headers.clone();
     for (name, value) in [

@@ -107,7 +107,8 @@ impl Worker {
                     break;
                 }
             };
-            let (topic, partition, offset) = (message.topic.clone(), message.partition, message.offset);
+            let (topic, partition, offset) =
+                (message.topic.clone(), message.partition, message.offset);
             match self.deliver(message).await {
                 Delivery::Done => self.consumer.ack(&topic, partition, offset + 1),
                 Delivery::Abandoned => break,
@@ -126,7 +127,9 @@ impl Worker {
             let outcome = self.invoke(event.clone()).await;
             let latency_us = started.elapsed().as_micros() as u64;
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
-            self.stats.busy_micros.fetch_add(latency_us, Ordering::Relaxed);
+            self.stats
+                .busy_micros
+                .fetch_add(latency_us, Ordering::Relaxed);
             let failure = match outcome {
                 Outcome::Handled => {
                     self.stats.handled.fetch_add(1, Ordering::Relaxed);

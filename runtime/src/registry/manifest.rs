@@ -126,9 +126,7 @@ fn optional_byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u
     byte_size::deserialize(d).map(Some)
 }
 
-fn optional_duration<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Duration>, D::Error> {
+fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration::deserialize(d).map(Some)
 }
 
@@ -176,10 +174,12 @@ impl Manifest {
     /// out of range; the message names the file and the key.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let manifest: Manifest = read_toml(path)?;
-        manifest.validate().map_err(|message| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        })?;
+        manifest
+            .validate()
+            .map_err(|message| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message,
+            })?;
         Ok(manifest)
     }
 
@@ -215,7 +215,9 @@ impl Manifest {
             return Err("limits.timeout: must be greater than zero".into());
         }
         if self.dlq.suffix.is_empty() {
-            return Err("dlq.suffix: must not be empty (it would dead-letter into the source topic)".into());
+            return Err(
+                "dlq.suffix: must not be empty (it would dead-letter into the source topic)".into(),
+            );
         }
         Ok(())
     }
@@ -290,10 +292,16 @@ mod tests {
             ("topics = []", "topics"),
             ("topics = [\"a b\"]", "topics"),
             ("topics = [\"a\"]\nordering = \"key\"", "ordering"),
-            ("topics = [\"a\"]\n[retry]\nmax_attempts = 0", "retry.max_attempts"),
+            (
+                "topics = [\"a\"]\n[retry]\nmax_attempts = 0",
+                "retry.max_attempts",
+            ),
             ("topics = [\"a\"]\n[retry]\njitter = 2.0", "retry.jitter"),
             ("topics = [\"a\"]\nstart = \"middle\"", "middle"),
-            ("topics = [\"a\"]\n[limits]\ntimeout = \"0s\"", "limits.timeout"),
+            (
+                "topics = [\"a\"]\n[limits]\ntimeout = \"0s\"",
+                "limits.timeout",
+            ),
         ] {
             let err = parse(text).expect_err(text);
             assert!(err.contains(key), "{text:?} -> {err}");

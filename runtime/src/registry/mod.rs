@@ -114,7 +114,11 @@ pub fn content_version(bytes: &[u8]) -> String {
 /// # Errors
 ///
 /// [`LoadError`], naming the file and what is wrong with it.
-pub fn load(host: &Host, wasm_path: &Path, defaults: &LimitsSection) -> Result<LoadedHandler, LoadError> {
+pub fn load(
+    host: &Host,
+    wasm_path: &Path,
+    defaults: &LimitsSection,
+) -> Result<LoadedHandler, LoadError> {
     let name = handler_name(wasm_path).ok_or_else(|| LoadError::BadName {
         path: wasm_path.to_path_buf(),
     })?;
@@ -161,8 +165,14 @@ mod tests {
 
     #[test]
     fn names_come_from_file_stems() {
-        assert_eq!(handler_name(Path::new("/h/orders.wasm")).as_deref(), Some("orders"));
-        assert_eq!(handler_name(Path::new("log-events.wasm")).as_deref(), Some("log-events"));
+        assert_eq!(
+            handler_name(Path::new("/h/orders.wasm")).as_deref(),
+            Some("orders")
+        );
+        assert_eq!(
+            handler_name(Path::new("log-events.wasm")).as_deref(),
+            Some("log-events")
+        );
         assert_eq!(handler_name(Path::new("bad name.wasm")), None);
         assert_eq!(handler_name(Path::new(".wasm")), None);
     }
@@ -183,7 +193,10 @@ mod tests {
             .err()
             .expect("must fail")
             .to_string();
-        assert!(err.contains("lonely.wasm") && err.contains("lonely.toml"), "{err}");
+        assert!(
+            err.contains("lonely.wasm") && err.contains("lonely.toml"),
+            "{err}"
+        );
     }
 
     #[test]

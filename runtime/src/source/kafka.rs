@@ -54,7 +54,11 @@ impl Cluster {
     ///
     /// Names the offending property.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if let Some(key) = self.properties.keys().find(|k| RESERVED.contains(&k.as_str())) {
+        if let Some(key) = self
+            .properties
+            .keys()
+            .find(|k| RESERVED.contains(&k.as_str()))
+        {
             anyhow::bail!(
                 "[source.kafka.properties] {key:?}: Weir sets this itself to keep its delivery \
                  guarantees; remove it (consumer groups are set per handler with `group` in the manifest)"
@@ -103,7 +107,9 @@ impl ConsumerContext for WeirContext {
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         match result {
-            Ok(()) => tracing::trace!(group = %self.group, offsets = %describe(offsets), "offsets committed"),
+            Ok(()) => {
+                tracing::trace!(group = %self.group, offsets = %describe(offsets), "offsets committed")
+            }
             // Nothing stored since the last commit: not a problem.
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(err) => {
@@ -162,11 +168,13 @@ impl KafkaConsumer {
             .create_with_context(WeirContext {
                 group: group.to_string(),
             })
-            .map_err(|err| anyhow::anyhow!("cannot create a consumer for group {group:?}: {err}"))?;
+            .map_err(|err| {
+                anyhow::anyhow!("cannot create a consumer for group {group:?}: {err}")
+            })?;
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&topics)
-            .map_err(|err| anyhow::anyhow!("cannot subscribe group {group:?} to {topics:?}: {err}"))?;
+        consumer.subscribe(&topics).map_err(|err| {
+            anyhow::anyhow!("cannot subscribe group {group:?} to {topics:?}: {err}")
+        })?;
         Ok(Self {
             consumer,
             group: group.to_string(),
@@ -187,7 +195,12 @@ impl KafkaConsumer {
             .headers()
             .map(|hs| {
                 hs.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -226,7 +239,9 @@ impl KafkaConsumer {
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => tracing::debug!(group = %self.group, "final offsets committed"),
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(err) => tracing::warn!(group = %self.group, error = %err, "final offset commit failed"),
+            Err(err) => {
+                tracing::warn!(group = %self.group, error = %err, "final offset commit failed")
+            }
         }
         self.consumer.unsubscribe();
     }

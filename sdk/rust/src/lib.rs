@@ -55,7 +55,7 @@ use std::time::Duration;
 #[doc(hidden)]
 pub mod bindings {
     //! Generated from `wit/handler.wit`. Use the types at the crate root.
-    #![allow(missing_docs, unsafe_code)]
+    #![allow(missing_docs, unsafe_code, clippy::too_many_arguments)]
 
     wit_bindgen::generate!({
         path: "../../wit",
@@ -157,8 +157,9 @@ impl Event {
     /// when the payload is not valid JSON for `T`: such an event can never
     /// succeed, so it is dead-lettered without retries.
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, HandlerError> {
-        serde_json::from_slice(self.payload())
-            .map_err(|e| HandlerError::permanent(format!("payload is not valid JSON for this event: {e}")))
+        serde_json::from_slice(self.payload()).map_err(|e| {
+            HandlerError::permanent(format!("payload is not valid JSON for this event: {e}"))
+        })
     }
 
     /// All headers in broker order; names may repeat.
@@ -288,8 +289,10 @@ macro_rules! export_handler {
         impl $crate::bindings::Guest for __WeirExport {
             fn handle(
                 event: $crate::bindings::weir::handler::types::Event,
-            ) -> ::core::result::Result<(), $crate::bindings::weir::handler::types::HandlerError> {
-                <$handler as $crate::Handler>::handle($crate::Event::from(event)).map_err(::core::convert::Into::into)
+            ) -> ::core::result::Result<(), $crate::bindings::weir::handler::types::HandlerError>
+            {
+                <$handler as $crate::Handler>::handle($crate::Event::from(event))
+                    .map_err(::core::convert::Into::into)
             }
         }
 
@@ -350,9 +353,13 @@ mod tests {
         let ok = Event::new("orders", br#"{"id": 7}"#.to_vec());
         assert_eq!(ok.json::<Order>(), Ok(Order { id: 7 }));
         let bad = Event::new("orders", b"{".to_vec());
-        assert!(matches!(bad.json::<Order>(), Err(HandlerError::Permanent(m)) if m.contains("JSON")));
+        assert!(
+            matches!(bad.json::<Order>(), Err(HandlerError::Permanent(m)) if m.contains("JSON"))
+        );
         let missing = Event::new("orders", b"{}".to_vec());
-        assert!(matches!(missing.json::<Order>(), Err(HandlerError::Permanent(m)) if m.contains("id")));
+        assert!(
+            matches!(missing.json::<Order>(), Err(HandlerError::Permanent(m)) if m.contains("id"))
+        );
     }
 
     #[test]
@@ -372,7 +379,10 @@ mod tests {
         let e = Event::new("t", Vec::new()).with_key(vec![0xff, 0x00]);
         assert_eq!(e.key(), Some(&[0xff, 0x00][..]));
         assert_eq!(e.key_str(), None);
-        assert_eq!(Event::new("t", Vec::new()).with_key("k").key_str(), Some("k"));
+        assert_eq!(
+            Event::new("t", Vec::new()).with_key("k").key_str(),
+            Some("k")
+        );
     }
 
     #[test]

@@ -38,7 +38,9 @@ impl Handler for Probe {
             "retryable" if attempt <= number => Err(HandlerError::retryable(format!(
                 "probe asked to fail attempt {attempt} of the first {number}"
             ))),
-            "permanent" => Err(HandlerError::permanent("probe asked for a permanent failure")),
+            "permanent" => Err(HandlerError::permanent(
+                "probe asked for a permanent failure",
+            )),
             "retry-after" if attempt == 1 => Err(HandlerError::retry_after(
                 Duration::from_millis(number),
                 "probe asked to retry later",
@@ -69,10 +71,16 @@ impl Handler for Probe {
                 ("partition", &event.partition().to_string()),
                 ("offset", &event.offset().to_string()),
                 ("attempt", &attempt.to_string()),
-                ("key_hex", &event.key().map(hex).unwrap_or_else(|| "none".into())),
+                (
+                    "key_hex",
+                    &event.key().map(hex).unwrap_or_else(|| "none".into()),
+                ),
                 ("payload_len", &event.payload().len().to_string()),
                 ("payload_fnv", &fnv1a(event.payload())),
-                ("payload_hex", &hex(&event.payload()[..event.payload().len().min(2048)])),
+                (
+                    "payload_hex",
+                    &hex(&event.payload()[..event.payload().len().min(2048)]),
+                ),
                 ("headers", &headers),
                 ("outcome", outcome),
             ],
