@@ -169,3 +169,63 @@ impl Drop for EpochTicker {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(wat: &str) -> Result<CompiledHandler, CheckError> {
+        let host = Host::new(&HostSettings::default()).expect("host");
+        let bytes = wat::parse_str(wat).expect("valid WAT");
+        let limits = Limits {
+            memory: 16 << 20,
+            timeout: Duration::from_secs(1),
+        };
+        host.compile("t", "v", &bytes, limits)
+    }
+
+    fn error(wat: &str) -> String {
+        compile(wat).err().expect("must not fit").to_string()
+    }
+
+    #[test]
+    fn missing_handle_export_lists_what_is_exported() {
+        let err = error(
+            r#"(component
+                 (core module $m (func (export "f")))
+                 (core instance $i (instantiate $m))
+                 (func $run (canon lift (core func $i "f")))
+                 (export "run" (func $run)))"#,
+        );
+        assert!(err.contains("does not export a function `handle`"), "{err}");
+        assert!(err.contains("it exports: run"), "{err}");
+    }
+
+    #[test]
+    fn wrongly_typed_handle_says_what_it_must_be() {
+        let err = error(
+            r#"(component
+                 (core module $m (func (export "f") (param i32) (result i32) local.get 0))
+                 (core instance $i (instantiate $m))
+                 (func $handle (param "x" u32) (result u32) (canon lift (core func $i "f")))
+                 (export "handle" (func $handle)))"#,
+        );
+        assert!(err.contains("`handle` export has the wrong type"), "{err}");
+        assert!(err.contains("result<_, handler-error>"), "{err}");
+    }
+
+    #[test]
+    fn unknown_import_is_named() {
+        let err =
+            error(r#"(component (import "acme:db/query@1.0.0" (instance (export "run" (func)))))"#);
+        assert!(err.contains("acme:db/query@1.0.0"), "{err}");
+        assert!(err.contains("may import only"), "{err}");
+    }
+
+    #[test]
+    fn contract_version_skew_is_explained() {
+        let err = error(r#"(component (import "weir:handler/log@0.2.0" (instance)))"#);
+        assert!(err.contains("version 0.2.0"), "{err}");
+        assert!(err.contains(WORLD_PACKAGE), "{err}");
+    }
+}
