@@ -179,6 +179,15 @@ impl KafkaTool {
     ///
     /// When the test venv is missing.
     pub fn new(broker: &Broker) -> Result<Self> {
+        Self::for_bootstrap(&broker.bootstrap)
+    }
+
+    /// A client for the broker at `bootstrap`.
+    ///
+    /// # Errors
+    ///
+    /// When the test venv is missing.
+    pub fn for_bootstrap(bootstrap: &str) -> Result<Self> {
         let python = match std::env::var_os("WEIR_TEST_PYTHON") {
             Some(p) => PathBuf::from(p),
             None => require(
@@ -190,7 +199,7 @@ impl KafkaTool {
         Ok(Self {
             python,
             script: workspace().join("tests/clients/kafka_tool.py"),
-            bootstrap: broker.bootstrap.clone(),
+            bootstrap: bootstrap.to_string(),
         })
     }
 
@@ -337,6 +346,21 @@ impl Deployment {
                 "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\nshutdown_timeout = \"20s\"\n\n[source.kafka]\nbootstrap_servers = \"{}\"\n",
                 broker.bootstrap
             ),
+        )?;
+        Ok(Self { dir })
+    }
+
+    /// A configuration with no `[source]`: the embedded broker.
+    ///
+    /// # Errors
+    ///
+    /// When files cannot be written.
+    pub fn embedded() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("weir-it-").tempdir()?;
+        std::fs::create_dir_all(dir.path().join("handlers"))?;
+        std::fs::write(
+            dir.path().join("weir.toml"),
+            "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\n\n[source.embedded]\npartitions = 3\n",
         )?;
         Ok(Self { dir })
     }

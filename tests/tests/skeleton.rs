@@ -417,3 +417,32 @@ fn failures_are_retried_then_dead_lettered_with_their_origin() -> Result<()> {
     ensure!(header(exhausted, "weir.error").is_some_and(|e| e.contains("probe asked to fail")));
     Ok(())
 }
+
+#[test]
+fn the_embedded_broker_prints_an_address_any_client_can_produce_to() -> Result<()> {
+    let _serial = serial();
+    let deployment = Deployment::embedded()?;
+    deployment.add_handler("probe", "probe", PROBE)?;
+    let mut weir = deployment.start("embedded")?;
+    let bootstrap = poll_until(
+        WAIT,
+        "the embedded broker's address on stdout",
+        || {
+            Ok(weir
+                .lines()
+                .iter()
+                .find_map(|l| l.strip_prefix("embedded broker: ").map(str::to_string)))
+        },
+        || weir.log.display().to_string(),
+    )?;
+    ensure!(
+        bootstrap.starts_with("127.0.0.1:"),
+        "not on loopback: {bootstrap}"
+    );
+    let kafka = KafkaTool::for_bootstrap(&bootstrap)?;
+    kafka.produce(TOPIC, &records(0..20))?;
+    wait_handled(&weir, 20)?;
+    stop(&mut weir)?;
+    ensure!(handled(&weir).len() == 20, "handled {:?}", handled(&weir));
+    Ok(())
+}
