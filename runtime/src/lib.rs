@@ -21,4 +21,5 @@ pub mod pipeline;
 pub mod registry;
 pub mod runtime;
 pub mod source;
+pub mod store;
 pub mod telemetry;

@@ -94,6 +94,36 @@ mod tests {
     }
 
     #[test]
+    fn every_known_type_is_accepted() {
+        for kind in KNOWN_TYPES {
+            let payload = GOOD.replace("OrderPlaced", kind);
+            assert_eq!(
+                parse(&event(&payload)).map(|o| o.event_type),
+                Ok(kind.to_string())
+            );
+        }
+    }
+
+    #[test]
+    fn handle_logs_accepted_orders_and_rejects_bad_ones() {
+        let _ = log::take_records();
+        assert_eq!(Orders::handle(event(GOOD)), Ok(()));
+        let records = log::take_records();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].level, log::Level::Info);
+        assert_eq!(records[0].field("aggregate_id"), Some("order-1"));
+        assert_eq!(records[0].field("event_type"), Some("OrderPlaced"));
+        assert_eq!(records[0].field("correlation_id"), Some("c1"));
+
+        let rejected = Orders::handle(event("not json"));
+        assert!(
+            matches!(rejected, Err(HandlerError::Permanent(_))),
+            "{rejected:?}"
+        );
+        assert!(log::take_records().is_empty());
+    }
+
+    #[test]
     fn malformed_orders_are_permanent_errors_saying_why() {
         let cases = [
             ("{", "JSON"),
@@ -107,6 +137,17 @@ mod tests {
                 &GOOD.replace(r#""metadata":{"correlation_id":"c1"}"#, r#""metadata":{}"#),
                 "correlation_id",
             ),
+            (
+                &GOOD.replace(r#""data":{"amount_cents":1200},"#, ""),
+                "missing field `data`",
+            ),
+            (
+                &GOOD.replace(r#""timestamp":"2026-11-23T10:00:00Z","#, ""),
+                "missing field `timestamp`",
+            ),
+            (&GOOD.replace(r#""e1""#, "17"), "event_id"),
+            ("[]", "JSON"),
+            ("", "JSON"),
         ];
         for (payload, needle) in cases {
             match parse(&event(payload)) {

@@ -4,6 +4,21 @@
 //! `wasm32-wasip2`, put the `.wasm` beside a manifest naming its topics, and
 //! Weir calls it once per message.
 //!
+//! ```toml
+//! # Cargo.toml
+//! [package]
+//! name = "orders"
+//! version = "0.1.0"
+//! edition = "2024"
+//!
+//! [lib]
+//! crate-type = ["cdylib", "rlib"]  # cdylib: the component; rlib: native unit tests
+//!
+//! [dependencies]
+//! weir-sdk = "0.1"
+//! serde = { version = "1", features = ["derive"] }
+//! ```
+//!
 //! ```no_run
 //! use serde::Deserialize;
 //! use weir_sdk::{Event, Handler, HandlerError, export_handler, log};
@@ -23,9 +38,14 @@
 //!         if order.amount_cents == 0 {
 //!             return Err(HandlerError::permanent("an order must have a positive amount"));
 //!         }
-//!         log::info(
-//!             "order accepted",
-//!             &[("order_id", &order.order_id), ("attempt", &event.attempt().to_string())],
+//!         // Fields as &str pairs …
+//!         log::info("order accepted", &[("order_id", &order.order_id)]);
+//!         // … or any Display value through the macros.
+//!         weir_sdk::debug!(
+//!             "order details";
+//!             "order_id" => order.order_id,
+//!             "amount_cents" => order.amount_cents,
+//!             "attempt" => event.attempt(),
 //!         );
 //!         Ok(())
 //!     }
@@ -34,11 +54,14 @@
 //! export_handler!(Orders);
 //! ```
 //!
-//! Build and check it:
+//! Build and check it, then deploy the component with its manifest
+//! (`orders.toml`: `topics = ["orders"]`, plus optional retry, limits and
+//! dead-letter settings):
 //!
 //! ```text
 //! cargo build --release --target wasm32-wasip2
 //! weir check target/wasm32-wasip2/release/orders.wasm
+//! cp target/wasm32-wasip2/release/orders.wasm orders.toml /path/to/handlers/
 //! ```
 //!
 //! # Errors and retries
@@ -47,7 +70,31 @@
 //! manifest's backoff, dead-lettered after the last attempt),
 //! [`HandlerError::retry_after`] to choose the delay yourself, and
 //! [`HandlerError::permanent`] for events that can never succeed
-//! (dead-lettered at once). A panic is treated like a retryable error.
+//! (dead-lettered at once). A panic traps the component, which Weir treats
+//! like a retryable error.
+//!
+//! # Testing natively
+//!
+//! The crate also builds for the host, so `cargo test` can call a handler
+//! directly. [`Event::new`] and its `with_*` builders make events, and
+//! [`log::take_records`] returns what the handler logged on this thread:
+//!
+//! ```
+//! use weir_sdk::{Event, Handler, HandlerError, log};
+//!
+//! struct Echo;
+//! impl Handler for Echo {
+//!     fn handle(event: Event) -> Result<(), HandlerError> {
+//!         weir_sdk::info!("seen"; "key" => event.key_str().unwrap_or("-"));
+//!         Ok(())
+//!     }
+//! }
+//!
+//! assert_eq!(Echo::handle(Event::new("t", b"x".to_vec()).with_key("k1")), Ok(()));
+//! let records = log::take_records();
+//! assert_eq!(records[0].message, "seen");
+//! assert_eq!(records[0].field("key"), Some("k1"));
+//! ```
 
 use std::fmt;
 use std::time::Duration;
@@ -67,7 +114,6 @@ pub mod bindings {
     });
 }
 
-use bindings::weir::handler::log as wit_log;
 use bindings::weir::handler::types as wit;
 
 /// One message from the broker. Bytes are passed through untouched.
@@ -77,7 +123,21 @@ pub struct Event {
 }
 
 impl Event {
-    /// Builds an event, e.g. for unit-testing a handler natively.
+    /// Builds an event, e.g. for unit-testing a handler natively: no key, no
+    /// headers, partition 0, offset 0, attempt 1, no timestamp, and the id
+    /// Weir gives events without an id header, `<topic>/0/0`.
+    ///
+    /// ```
+    /// use weir_sdk::Event;
+    ///
+    /// let event = Event::new("orders", br#"{"id": 1}"#.to_vec())
+    ///     .with_key("customer-7")
+    ///     .with_header("ce_type", "OrderPlaced")
+    ///     .with_position(3, 42)
+    ///     .with_attempt(2);
+    /// assert_eq!(event.id(), "orders/3/42");
+    /// assert_eq!(event.header_str("ce_type"), Some("OrderPlaced"));
+    /// ```
     pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
         let topic = topic.into();
         Self {
@@ -110,6 +170,29 @@ impl Event {
     /// Sets the attempt number (builder style, for tests).
     pub fn with_attempt(mut self, attempt: u32) -> Self {
         self.inner.attempt = attempt;
+        self
+    }
+
+    /// Sets partition and offset (builder style, for tests), and the id to
+    /// `<topic>/<partition>/<offset>` as Weir does without an id header; call
+    /// [`with_id`](Self::with_id) afterwards to choose another id.
+    pub fn with_position(mut self, partition: i32, offset: i64) -> Self {
+        self.inner.partition = partition;
+        self.inner.offset = offset;
+        self.inner.id = format!("{}/{partition}/{offset}", self.inner.topic);
+        self
+    }
+
+    /// Sets the event id (builder style, for tests).
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.inner.id = id.into();
+        self
+    }
+
+    /// Sets the timestamp in milliseconds since the Unix epoch (builder
+    /// style, for tests).
+    pub fn with_timestamp_ms(mut self, timestamp_ms: i64) -> Self {
+        self.inner.timestamp_ms = Some(timestamp_ms);
         self
     }
 
@@ -147,6 +230,11 @@ impl Event {
     pub fn text(&self) -> Result<&str, HandlerError> {
         std::str::from_utf8(self.payload())
             .map_err(|e| HandlerError::permanent(format!("payload is not UTF-8: {e}")))
+    }
+
+    /// Takes the payload out of the event without copying it.
+    pub fn into_payload(self) -> Vec<u8> {
+        self.inner.payload
     }
 
     /// Parses the payload as JSON into `T`.
@@ -275,10 +363,22 @@ pub trait Handler {
 
 /// Exports a [`Handler`] as the component's `handle` function.
 ///
-/// ```ignore
-/// struct MyHandler;
-/// impl weir_sdk::Handler for MyHandler { /* … */ }
-/// weir_sdk::export_handler!(MyHandler);
+/// Use it once per crate, at module level, in a crate built as a `cdylib`
+/// for `wasm32-wasip2`. It also compiles natively, where it does nothing
+/// useful, so handler crates can be unit-tested with `cargo test`.
+///
+/// ```no_run
+/// use weir_sdk::{Event, Handler, HandlerError};
+///
+/// struct Accept;
+///
+/// impl Handler for Accept {
+///     fn handle(_event: Event) -> Result<(), HandlerError> {
+///         Ok(())
+///     }
+/// }
+///
+/// weir_sdk::export_handler!(Accept);
 /// ```
 #[macro_export]
 macro_rules! export_handler {
@@ -302,41 +402,247 @@ macro_rules! export_handler {
 
 /// Structured logging into Weir's log, tagged with the handler's name and
 /// the event being handled.
+///
+/// Each record has a level, a message and `key = value` fields, which Weir
+/// writes as structured fields (JSON) or `key=value` (human-readable):
+///
+/// ```
+/// use weir_sdk::log;
+///
+/// log::info("order accepted", &[("order_id", "o-17"), ("amount_cents", "1200")]);
+/// ```
+///
+/// The macros [`trace!`](crate::trace), [`debug!`](crate::debug),
+/// [`info!`](crate::info), [`warn!`](crate::warn) and [`error!`](crate::error)
+/// take any [`Display`](std::fmt::Display) value and do the `to_string` for
+/// you:
+///
+/// ```
+/// let amount_cents = 1200;
+/// weir_sdk::info!("order accepted"; "order_id" => "o-17", "amount_cents" => amount_cents);
+/// ```
+///
+/// # Outside Wasm
+///
+/// Built for the host (unit tests), records are not sent anywhere: they are
+/// printed to stderr (which the test harness captures) and kept per thread,
+/// so a test can check what a handler logged with [`take_records`].
 pub mod log {
-    use super::wit_log;
+    /// Severity of a log record.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub enum Level {
+        /// Very detailed tracing.
+        Trace,
+        /// Diagnostic detail.
+        Debug,
+        /// Normal operation.
+        Info,
+        /// Something unexpected that the handler coped with.
+        Warn,
+        /// A failure.
+        Error,
+    }
 
-    fn write(level: wit_log::Level, message: &str, fields: &[(&str, &str)]) {
+    impl Level {
+        /// The lowercase name: `trace`, `debug`, `info`, `warn` or `error`.
+        pub fn as_str(self) -> &'static str {
+            match self {
+                Level::Trace => "trace",
+                Level::Debug => "debug",
+                Level::Info => "info",
+                Level::Warn => "warn",
+                Level::Error => "error",
+            }
+        }
+    }
+
+    impl std::fmt::Display for Level {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.as_str())
+        }
+    }
+
+    /// Writes one record at `level`. The level functions below and the
+    /// logging macros call this.
+    pub fn write(level: Level, message: &str, fields: &[(&str, &str)]) {
         let fields: Vec<(String, String)> = fields
             .iter()
             .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
             .collect();
-        wit_log::log(level, message, &fields);
+        sink::write(level, message, fields);
     }
 
     /// Logs at trace level.
     pub fn trace(message: &str, fields: &[(&str, &str)]) {
-        write(wit_log::Level::Trace, message, fields);
+        write(Level::Trace, message, fields);
     }
 
     /// Logs at debug level.
     pub fn debug(message: &str, fields: &[(&str, &str)]) {
-        write(wit_log::Level::Debug, message, fields);
+        write(Level::Debug, message, fields);
     }
 
     /// Logs at info level.
     pub fn info(message: &str, fields: &[(&str, &str)]) {
-        write(wit_log::Level::Info, message, fields);
+        write(Level::Info, message, fields);
     }
 
     /// Logs at warn level.
     pub fn warn(message: &str, fields: &[(&str, &str)]) {
-        write(wit_log::Level::Warn, message, fields);
+        write(Level::Warn, message, fields);
     }
 
     /// Logs at error level.
     pub fn error(message: &str, fields: &[(&str, &str)]) {
-        write(wit_log::Level::Error, message, fields);
+        write(Level::Error, message, fields);
     }
+
+    /// One log record, as kept by native (non-Wasm) builds.
+    #[cfg(not(target_arch = "wasm32"))]
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Record {
+        /// Severity.
+        pub level: Level,
+        /// The message.
+        pub message: String,
+        /// Fields in the order they were given.
+        pub fields: Vec<(String, String)>,
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    impl Record {
+        /// The value of the first field called `key`.
+        pub fn field(&self, key: &str) -> Option<&str> {
+            self.fields
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// Takes the records logged so far on this thread (native builds only,
+    /// for unit tests; in a component, records go to Weir).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn take_records() -> Vec<Record> {
+        sink::RECORDS.with(|records| std::mem::take(&mut *records.borrow_mut()))
+    }
+
+    #[cfg(target_arch = "wasm32")]
+    mod sink {
+        use super::Level;
+        use crate::bindings::weir::handler::log as wit_log;
+
+        pub(super) fn write(level: Level, message: &str, fields: Vec<(String, String)>) {
+            let level = match level {
+                Level::Trace => wit_log::Level::Trace,
+                Level::Debug => wit_log::Level::Debug,
+                Level::Info => wit_log::Level::Info,
+                Level::Warn => wit_log::Level::Warn,
+                Level::Error => wit_log::Level::Error,
+            };
+            wit_log::log(level, message, &fields);
+        }
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    mod sink {
+        use std::cell::RefCell;
+
+        use super::{Level, Record};
+
+        thread_local! {
+            pub(super) static RECORDS: RefCell<Vec<Record>> = const { RefCell::new(Vec::new()) };
+        }
+
+        pub(super) fn write(level: Level, message: &str, fields: Vec<(String, String)>) {
+            let rendered: String = fields.iter().map(|(k, v)| format!(" {k}={v:?}")).collect();
+            eprintln!("{level:>5} {message}{rendered}");
+            RECORDS.with(|records| {
+                records.borrow_mut().push(Record {
+                    level,
+                    message: message.to_string(),
+                    fields,
+                });
+            });
+        }
+    }
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __log {
+    ($level:ident, $message:expr $(,)?) => {
+        $crate::log::write(
+            $crate::log::Level::$level,
+            ::core::convert::AsRef::<str>::as_ref(&$message),
+            &[],
+        )
+    };
+    ($level:ident, $message:expr; $($key:expr => $value:expr),+ $(,)?) => {
+        $crate::log::write(
+            $crate::log::Level::$level,
+            ::core::convert::AsRef::<str>::as_ref(&$message),
+            &[$((
+                ::core::convert::AsRef::<str>::as_ref(&$key),
+                ::std::string::ToString::to_string(&$value).as_str(),
+            )),+],
+        )
+    };
+}
+
+/// Logs at trace level: `trace!("message"; "key" => value, …)`.
+///
+/// Values are anything that implements [`Display`](std::fmt::Display). See
+/// [`info!`](crate::info) for the full syntax.
+#[macro_export]
+macro_rules! trace {
+    ($($body:tt)+) => { $crate::__log!(Trace, $($body)+) };
+}
+
+/// Logs at debug level: `debug!("message"; "key" => value, …)`.
+///
+/// See [`info!`](crate::info) for the full syntax.
+#[macro_export]
+macro_rules! debug {
+    ($($body:tt)+) => { $crate::__log!(Debug, $($body)+) };
+}
+
+/// Logs at info level: `info!("message"; "key" => value, …)`.
+///
+/// The message is a `&str` or `String` expression (use `format!` for a
+/// computed one, though a fixed message with fields is easier to search).
+/// Field keys are `&str`/`String`; values are anything that implements
+/// [`Display`](std::fmt::Display). The fields (and the `;`) are optional.
+///
+/// ```
+/// # let event = weir_sdk::Event::new("orders", b"{}".to_vec());
+/// weir_sdk::info!("started");
+/// weir_sdk::info!(
+///     "event received";
+///     "topic" => event.topic(),
+///     "offset" => event.offset(),
+///     "attempt" => event.attempt(),
+/// );
+/// ```
+#[macro_export]
+macro_rules! info {
+    ($($body:tt)+) => { $crate::__log!(Info, $($body)+) };
+}
+
+/// Logs at warn level: `warn!("message"; "key" => value, …)`.
+///
+/// See [`info!`](crate::info) for the full syntax.
+#[macro_export]
+macro_rules! warn {
+    ($($body:tt)+) => { $crate::__log!(Warn, $($body)+) };
+}
+
+/// Logs at error level: `error!("message"; "key" => value, …)`.
+///
+/// See [`info!`](crate::info) for the full syntax.
+#[macro_export]
+macro_rules! error {
+    ($($body:tt)+) => { $crate::__log!(Error, $($body)+) };
 }
 
 #[cfg(test)]
@@ -383,6 +689,62 @@ mod tests {
             Event::new("t", Vec::new()).with_key("k").key_str(),
             Some("k")
         );
+    }
+
+    #[test]
+    fn builders_set_every_field() {
+        let e = Event::new("orders", b"x".to_vec())
+            .with_position(2, 40)
+            .with_timestamp_ms(1_700_000_000_000)
+            .with_attempt(3);
+        assert_eq!(e.id(), "orders/2/40");
+        assert_eq!((e.partition(), e.offset()), (2, 40));
+        assert_eq!(e.timestamp_ms(), Some(1_700_000_000_000));
+        assert_eq!(e.attempt(), 3);
+        assert_eq!(e.headers(), &[]);
+        assert_eq!(e.key(), None);
+        let e = e.with_id("ce-1");
+        assert_eq!(e.id(), "ce-1");
+        assert_eq!(e.text(), Ok("x"));
+        assert_eq!(e.into_payload(), b"x".to_vec());
+        let binary = Event::new("t", vec![0xff]);
+        assert!(matches!(binary.text(), Err(HandlerError::Permanent(m)) if m.contains("UTF-8")));
+    }
+
+    #[test]
+    fn log_functions_and_macros_record_natively() {
+        let _ = log::take_records();
+        log::warn("plain", &[("k", "v")]);
+        crate::info!("no fields");
+        let offset: i64 = 42;
+        let owned_key = String::from("owned");
+        crate::error!(format!("computed {}", 1); "offset" => offset, owned_key => 'c',);
+        crate::debug!("trailing"; "a" => 1.5);
+        crate::trace!("last",);
+        let records = log::take_records();
+        let summary: Vec<(log::Level, &str, Vec<(&str, &str)>)> = records
+            .iter()
+            .map(|r| {
+                let fields = r.fields.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                (r.level, r.message.as_str(), fields.collect())
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (log::Level::Warn, "plain", vec![("k", "v")]),
+                (log::Level::Info, "no fields", vec![]),
+                (
+                    log::Level::Error,
+                    "computed 1",
+                    vec![("offset", "42"), ("owned", "c")]
+                ),
+                (log::Level::Debug, "trailing", vec![("a", "1.5")]),
+                (log::Level::Trace, "last", vec![]),
+            ]
+        );
+        assert_eq!(records[2].field("offset"), Some("42"));
+        assert!(log::take_records().is_empty());
     }
 
     #[test]
