@@ -12,6 +12,7 @@ use crate::host::{Host, HostSettings};
 use crate::runtime::{Runtime, load_handlers};
 use crate::source::embedded::EmbeddedBroker;
 use crate::source::kafka::{Cluster, KafkaProducer};
+use crate::store::Store;
 
 /// Event types in the generated stream.
 const EVENT_TYPES: &[&str] = &["OrderPlaced", "OrderPaid", "OrderShipped", "OrderCancelled"];
@@ -70,7 +71,10 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
         );
     }
 
-    let runtime = Runtime::start(handlers, &cluster)?;
+    // The demo keeps nothing: a fresh database each run.
+    let data = tempfile_dir()?;
+    let store = Store::open(&data.join("weir.redb"))?;
+    let runtime = Runtime::start(handlers, &cluster, &store)?;
     let produced = produce(&cluster, &topics, events).await?;
     println!(
         "produced {events} events: {}",
@@ -149,7 +153,15 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
     );
     println!("next: `weir run` serves the same handlers until Ctrl-C; see README.md");
     drop(broker);
+    let _ = std::fs::remove_dir_all(&data);
     Ok(())
+}
+
+/// A fresh directory for the demo's database.
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("weir-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
 }
 
 /// Produces `events` order events round-robin over `topics`, concurrently,

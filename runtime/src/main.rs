@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use weir::config::Config;
 use weir::host::{Host, HostSettings};
 use weir::registry::{self, content_version};
-use weir::runtime::{Runtime, connect, load_handlers};
+use weir::runtime::{Runtime, connect, load_handlers, open_store};
 use weir::telemetry::{self, LogFormat};
 
 /// Weir runs event handlers written as WebAssembly components.
@@ -159,7 +159,8 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
         tracing::info!(bootstrap = %cluster.bootstrap_servers, "embedded broker listening");
         println!("embedded broker: {}", cluster.bootstrap_servers);
     }
-    let runtime = Runtime::start(handlers, &cluster)?;
+    let store = open_store(&config)?;
+    let runtime = Runtime::start(handlers, &cluster, &store)?;
     wait_for_stop_signal().await?;
     tracing::info!("stopping: finishing in-flight messages and committing offsets");
     runtime.stop(config.runtime.shutdown_timeout).await;

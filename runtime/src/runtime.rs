@@ -10,9 +10,11 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, LimitsSection};
 use crate::host::Host;
+use crate::pipeline::offsets::Ledger;
 use crate::pipeline::{HandlerStats, Worker};
 use crate::registry::{self, LoadError, LoadedHandler};
 use crate::source::kafka::{Cluster, KafkaConsumer, KafkaProducer};
+use crate::store::Store;
 
 /// A handler being served, with its live counters.
 pub struct RunningHandler {
@@ -66,31 +68,42 @@ pub async fn load_handlers(
 }
 
 impl Runtime {
-    /// Starts one worker per handler against `cluster`.
+    /// Starts one worker per handler against `cluster`, recording outcomes
+    /// in `store`.
     ///
     /// # Errors
     ///
     /// When a consumer or the dead-letter producer cannot be created.
-    pub fn start(handlers: Vec<LoadedHandler>, cluster: &Cluster) -> anyhow::Result<Self> {
+    pub fn start(
+        handlers: Vec<LoadedHandler>,
+        cluster: &Cluster,
+        store: &Store,
+    ) -> anyhow::Result<Self> {
         let (shutdown, watcher) = watch::channel(false);
         let producer = KafkaProducer::new(cluster, "weir-dlq")?;
         let mut workers = JoinSet::new();
         let mut running = Vec::new();
         for handler in handlers {
             let group = handler.group();
+            let ledger = Arc::new(Ledger::default());
             let consumer = KafkaConsumer::new(
                 cluster,
                 &format!("weir-{}", handler.name),
                 &group,
                 &handler.manifest.topics,
                 handler.manifest.start,
+                ledger.clone(),
             )?;
             tracing::info!(handler = %handler.name, version = %handler.compiled.version(), group = %group,
                 topics = %handler.manifest.topics.join(","), "serving");
             let stats = Arc::new(HandlerStats::default());
             let worker = Worker::new(
-                handler.clone(),
+                handler.name.clone(),
+                handler.manifest.clone(),
+                handler.compiled.clone(),
                 consumer,
+                ledger,
+                store.clone(),
                 producer.clone(),
                 stats.clone(),
                 watcher.clone(),
@@ -133,6 +146,16 @@ impl Runtime {
             self.workers.abort_all();
         }
     }
+}
+
+/// Opens the runtime's database under `[runtime] data_dir`.
+///
+/// # Errors
+///
+/// When the database cannot be opened (naming the file and the key).
+pub fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let path = config.runtime.data_dir.join("weir.redb");
+    Store::open(&path).map_err(|err| anyhow::anyhow!("[runtime] data_dir: {err}"))
 }
 
 /// Resolves the configured cluster, starting the embedded broker if no

@@ -39,8 +39,11 @@ def create_topic(args):
 
 
 def produce(args):
-    producer = KafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=5,
-                             max_request_size=16 * 1024 * 1024)
+    # One record per batch: tansu 0.6 (in-memory storage) cannot fetch from
+    # an offset inside a multi-record batch, which a consumer resuming from
+    # a committed offset or after a pause needs.
+    producer = KafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=0,
+                             batch_size=0, max_request_size=16 * 1024 * 1024)
     futures = []
     for line in sys.stdin:
         line = line.strip()

@@ -323,6 +323,16 @@ fn parse_partition_map(value: Value) -> Result<BTreeMap<i32, Option<i64>>> {
         .collect()
 }
 
+/// A temporary directory, kept after the test when `WEIR_KEEP_TEST_DIRS`
+/// is set (to read the logs of a failure).
+fn scratch_dir() -> Result<tempfile::TempDir> {
+    let mut dir = tempfile::Builder::new().prefix("weir-it-").tempdir()?;
+    if std::env::var_os("WEIR_KEEP_TEST_DIRS").is_some() {
+        dir.disable_cleanup(true);
+    }
+    Ok(dir)
+}
+
 /// A directory with a weir configuration and handlers, for one test.
 pub struct Deployment {
     /// The temporary directory (kept on failure for inspection: see
@@ -338,7 +348,7 @@ impl Deployment {
     ///
     /// When files cannot be written.
     pub fn new(broker: &Broker) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("weir-it-").tempdir()?;
+        let dir = scratch_dir()?;
         std::fs::create_dir_all(dir.path().join("handlers"))?;
         std::fs::write(
             dir.path().join("weir.toml"),
@@ -356,7 +366,7 @@ impl Deployment {
     ///
     /// When files cannot be written.
     pub fn embedded() -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("weir-it-").tempdir()?;
+        let dir = scratch_dir()?;
         std::fs::create_dir_all(dir.path().join("handlers"))?;
         std::fs::write(
             dir.path().join("weir.toml"),

@@ -145,7 +145,7 @@ mod tests {
                 &GOOD.replace(r#""timestamp":"2026-11-23T10:00:00Z","#, ""),
                 "missing field `timestamp`",
             ),
-            (&GOOD.replace(r#""e1""#, "17"), "event_id"),
+            (&GOOD.replace(r#""e1""#, "17"), "expected a string"),
             ("[]", "JSON"),
             ("", "JSON"),
         ];

@@ -4,6 +4,12 @@
 //! topics = ["orders"]          # required
 //! group = "weir.orders"        # consumer group; default weir.<name>
 //! start = "earliest"           # where a new group starts: earliest | latest
+//! ordering = "key"             # key | partition | none
+//! max_in_flight = 64           # messages held at once (running + waiting)
+//!
+//! [dedup]
+//! id = ["header:ce_id", "header:event_id"]   # or "json:/pointer"; then topic/partition/offset
+//! ttl = "7d"
 //!
 //! [retry]
 //! max_attempts = 5
@@ -43,6 +49,16 @@ pub struct Manifest {
     /// Where a consumer group without committed offsets starts.
     #[serde(default)]
     pub start: StartFrom,
+    /// Which messages must be handled one after another.
+    #[serde(default)]
+    pub ordering: Ordering,
+    /// Messages held at once (running, waiting for a retry, or queued
+    /// behind their key); at the bound the partition is paused.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Deduplication by event id.
+    #[serde(default)]
+    pub dedup: DedupSettings,
     /// Retry policy for failed events.
     #[serde(default)]
     pub retry: RetryPolicy,
@@ -55,6 +71,75 @@ pub struct Manifest {
     /// Values the handler can read (through the `config` import).
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+}
+
+fn default_max_in_flight() -> usize {
+    64
+}
+
+/// Which messages are handled strictly one after another.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    /// Same key (within a partition) in offset order; different keys in
+    /// parallel. Messages without a key are ordered per partition.
+    #[default]
+    Key,
+    /// One message at a time per partition.
+    Partition,
+    /// No ordering: every message may run in parallel.
+    None,
+}
+
+/// Where an event's id comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdSource {
+    /// A header's value, if it is non-empty UTF-8.
+    Header(String),
+    /// A string or number at this JSON pointer in the payload.
+    JsonPointer(String),
+}
+
+impl<'de> Deserialize<'de> for IdSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if let Some(name) = text.strip_prefix("header:").filter(|n| !n.is_empty()) {
+            Ok(IdSource::Header(name.to_string()))
+        } else if let Some(pointer) = text.strip_prefix("json:").filter(|p| p.starts_with('/')) {
+            Ok(IdSource::JsonPointer(pointer.to_string()))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "invalid id source {text:?}; write \"header:<name>\" or \"json:/pointer/into/payload\""
+            )))
+        }
+    }
+}
+
+/// `[dedup]`: drop events already handled.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupSettings {
+    /// Turn deduplication off (every delivery reaches the handler).
+    pub enabled: bool,
+    /// Sources of the event id, tried in order; when none yields one the id
+    /// is `<topic>/<partition>/<offset>`.
+    pub id: Vec<IdSource>,
+    /// How long an event id is remembered.
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+}
+
+impl Default for DedupSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            id: vec![
+                IdSource::Header("ce_id".into()),
+                IdSource::Header("event_id".into()),
+            ],
+            ttl: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
 }
 
 /// Where a new consumer group starts reading.
@@ -214,6 +299,12 @@ impl Manifest {
         if self.limits.timeout.is_some_and(|t| t.is_zero()) {
             return Err("limits.timeout: must be greater than zero".into());
         }
+        if self.max_in_flight == 0 {
+            return Err("max_in_flight: must be at least 1".into());
+        }
+        if self.dedup.ttl.is_zero() {
+            return Err("dedup.ttl: must be greater than zero (set dedup.enabled = false to turn deduplication off)".into());
+        }
         if self.dlq.suffix.is_empty() {
             return Err(
                 "dlq.suffix: must not be empty (it would dead-letter into the source topic)".into(),
@@ -254,6 +345,27 @@ mod tests {
         assert_eq!(m.start, StartFrom::Earliest);
         assert_eq!(m.retry, RetryPolicy::default());
         assert_eq!(m.dlq.suffix, ".dlq");
+        assert_eq!(m.ordering, Ordering::Key);
+        assert_eq!(m.max_in_flight, 64);
+        assert_eq!(m.dedup, DedupSettings::default());
+    }
+
+    #[test]
+    fn dedup_id_sources() {
+        let m = parse(
+            "topics = [\"a\"]\n[dedup]\nid = [\"json:/event_id\", \"header:x\"]\nttl = \"1h\"",
+        )
+        .expect("valid");
+        assert_eq!(
+            m.dedup.id,
+            vec![
+                IdSource::JsonPointer("/event_id".into()),
+                IdSource::Header("x".into())
+            ]
+        );
+        assert_eq!(m.dedup.ttl, Duration::from_secs(3600));
+        let err = parse("topics = [\"a\"]\n[dedup]\nid = [\"payload\"]").expect_err("bad source");
+        assert!(err.contains("header:<name>"), "{err}");
     }
 
     #[test]
@@ -291,7 +403,9 @@ mod tests {
             ("", "topics"),
             ("topics = []", "topics"),
             ("topics = [\"a b\"]", "topics"),
-            ("topics = [\"a\"]\nordering = \"key\"", "ordering"),
+            ("topics = [\"a\"]\nordering = \"random\"", "random"),
+            ("topics = [\"a\"]\nmax_in_flight = 0", "max_in_flight"),
+            ("topics = [\"a\"]\n[dedup]\nttl = \"0s\"", "dedup.ttl"),
             (
                 "topics = [\"a\"]\n[retry]\nmax_attempts = 0",
                 "retry.max_attempts",

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-pub use manifest::{DlqSettings, Limits, Manifest, ManifestLimits, RetryPolicy, StartFrom};
+pub use manifest::{
+    DedupSettings, DlqSettings, IdSource, Limits, Manifest, ManifestLimits, Ordering, RetryPolicy,
+    StartFrom,
+};
 
 use crate::config::{ConfigError, LimitsSection};
 use crate::host::{CheckError, CompiledHandler, Host};

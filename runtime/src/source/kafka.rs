@@ -24,7 +24,10 @@ use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::Message;
+use std::sync::Arc;
+
+use super::{Message, Source};
+use crate::pipeline::offsets::Ledger;
 use crate::registry::StartFrom;
 
 /// Properties Weir sets itself because its delivery guarantees depend on
@@ -78,30 +81,55 @@ impl Cluster {
     }
 }
 
-/// Logs rebalances and commit failures; everything else is librdkafka's
-/// default behaviour.
+/// Keeps the ledger in step with partition ownership and logs rebalances
+/// and commit failures.
 pub struct WeirContext {
     group: String,
+    ledger: Arc<Ledger>,
 }
 
 impl ClientContext for WeirContext {}
 
 impl ConsumerContext for WeirContext {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    /// Runs inside `recv` (on the worker's task), before librdkafka applies
+    /// the change.
+    ///
+    /// On revoke: the ledger stops accepting completions for the partitions,
+    /// and their final watermark is stored and committed synchronously
+    /// before they are released. In-flight work for them is abandoned: its
+    /// results are never acknowledged, and the new owner redelivers it.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
+            Rebalance::Assign(tpl) => {
+                for element in tpl.elements() {
+                    self.ledger.assign(element.topic(), element.partition());
+                }
+                tracing::info!(group = %self.group, partitions = %describe(tpl), "partitions assigned");
+            }
             Rebalance::Revoke(tpl) => {
-                tracing::info!(group = %self.group, partitions = %describe(tpl), "partitions revoked")
+                let mut commit = TopicPartitionList::new();
+                for element in tpl.elements() {
+                    if let Some(next) = self.ledger.revoke(element.topic(), element.partition()) {
+                        let _ = commit.add_partition_offset(
+                            element.topic(),
+                            element.partition(),
+                            Offset::Offset(next),
+                        );
+                    }
+                }
+                if commit.count() > 0 {
+                    if let Err(err) = consumer.store_offsets(&commit) {
+                        tracing::warn!(group = %self.group, error = %err, "cannot store final offsets of revoked partitions");
+                    }
+                    if let Err(err) = consumer.commit(&commit, CommitMode::Sync) {
+                        tracing::warn!(group = %self.group, error = %err, "cannot commit final offsets of revoked partitions");
+                    }
+                }
+                tracing::info!(group = %self.group, partitions = %describe(tpl), committed = %describe(&commit), "partitions revoked");
             }
             Rebalance::Error(err) => {
                 tracing::warn!(group = %self.group, error = %err, "rebalance error")
             }
-            Rebalance::Assign(_) => {}
-        }
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            tracing::info!(group = %self.group, partitions = %describe(tpl), "partitions assigned");
         }
     }
 
@@ -154,6 +182,7 @@ impl KafkaConsumer {
         group: &str,
         topics: &[String],
         start: StartFrom,
+        ledger: Arc<Ledger>,
     ) -> anyhow::Result<Self> {
         let mut config = cluster.client_config(client_id);
         config
@@ -167,6 +196,7 @@ impl KafkaConsumer {
         let consumer: StreamConsumer<WeirContext> = config
             .create_with_context(WeirContext {
                 group: group.to_string(),
+                ledger,
             })
             .map_err(|err| {
                 anyhow::anyhow!("cannot create a consumer for group {group:?}: {err}")
@@ -181,16 +211,19 @@ impl KafkaConsumer {
         })
     }
 
-    /// Waits for the next message.
-    ///
-    /// Cancel-safe: dropping the future before it completes loses nothing.
-    ///
-    /// # Errors
-    ///
-    /// A consumer error reported by librdkafka (the broker being down shows
-    /// up as repeated transport errors; librdkafka keeps reconnecting).
-    pub async fn recv(&self) -> KafkaResult<Message> {
-        let borrowed = self.consumer.recv().await?;
+    fn partition_list(&self, topic: &str, partition: i32) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::with_capacity(1);
+        tpl.add_partition(topic, partition);
+        tpl
+    }
+}
+
+impl Source for KafkaConsumer {
+    /// Waits for the next message. A consumer error (the broker being down
+    /// shows up as transport errors; librdkafka keeps reconnecting) is
+    /// returned as text.
+    async fn recv(&self) -> Result<Message, String> {
+        let borrowed = self.consumer.recv().await.map_err(|e| e.to_string())?;
         let headers = borrowed
             .headers()
             .map(|hs| {
@@ -221,7 +254,7 @@ impl KafkaConsumer {
     /// Invariant: call only once every message below `next_offset` has a
     /// durable outcome. If the partition was revoked meanwhile, librdkafka
     /// refuses the store and the position is left to the new owner.
-    pub fn ack(&self, topic: &str, partition: i32, next_offset: i64) {
+    fn ack(&self, topic: &str, partition: i32, next_offset: i64) {
         let mut tpl = TopicPartitionList::with_capacity(1);
         if let Err(err) = tpl.add_partition_offset(topic, partition, Offset::Offset(next_offset)) {
             tracing::error!(topic, partition, error = %err, "cannot build offset list");
@@ -233,9 +266,21 @@ impl KafkaConsumer {
         }
     }
 
+    fn pause(&self, topic: &str, partition: i32) {
+        if let Err(err) = self.consumer.pause(&self.partition_list(topic, partition)) {
+            tracing::warn!(group = %self.group, topic, partition, error = %err, "cannot pause partition");
+        }
+    }
+
+    fn resume(&self, topic: &str, partition: i32) {
+        if let Err(err) = self.consumer.resume(&self.partition_list(topic, partition)) {
+            tracing::warn!(group = %self.group, topic, partition, error = %err, "cannot resume partition");
+        }
+    }
+
     /// Commits every acknowledged offset synchronously, then leaves the
     /// group.
-    pub fn close(self) {
+    fn close(self) {
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => tracing::debug!(group = %self.group, "final offsets committed"),
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}

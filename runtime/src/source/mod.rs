@@ -5,6 +5,27 @@
 pub mod embedded;
 pub mod kafka;
 
+use std::future::Future;
+
+/// What the pipeline needs from a broker consumer.
+///
+/// Ownership of partitions is reported to the [`Ledger`](crate::pipeline::offsets::Ledger)
+/// the source was created with: `assign` before any message of a partition
+/// is returned, `revoke` (committing the returned watermark) before the
+/// partition is released.
+pub trait Source: Send + Sync + 'static {
+    /// The next message. Cancel-safe: dropping the future loses nothing.
+    fn recv(&self) -> impl Future<Output = Result<Message, String>> + Send;
+    /// Everything of `topic`/`partition` below `next_offset` is finished.
+    fn ack(&self, topic: &str, partition: i32, next_offset: i64);
+    /// Stop delivering messages of this partition (backpressure).
+    fn pause(&self, topic: &str, partition: i32);
+    /// Deliver messages of this partition again.
+    fn resume(&self, topic: &str, partition: i32);
+    /// Commit what was acknowledged and leave.
+    fn close(self);
+}
+
 /// One consumed message, owned, with bytes untouched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {

@@ -426,7 +426,7 @@ macro_rules! export_handler {
 ///
 /// Built for the host (unit tests), records are not sent anywhere: they are
 /// printed to stderr (which the test harness captures) and kept per thread,
-/// so a test can check what a handler logged with [`take_records`].
+/// so a test can check what a handler logged with [`take_records`](crate::log::take_records).
 pub mod log {
     /// Severity of a log record.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -497,8 +497,8 @@ pub mod log {
         write(Level::Error, message, fields);
     }
 
-    /// One log record, as kept by native (non-Wasm) builds.
-    #[cfg(not(target_arch = "wasm32"))]
+    /// One log record, as kept by native (non-Wasm) builds for
+    /// [`take_records`].
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub struct Record {
         /// Severity.
@@ -509,7 +509,6 @@ pub mod log {
         pub fields: Vec<(String, String)>,
     }
 
-    #[cfg(not(target_arch = "wasm32"))]
     impl Record {
         /// The value of the first field called `key`.
         pub fn field(&self, key: &str) -> Option<&str> {
@@ -520,11 +519,11 @@ pub mod log {
         }
     }
 
-    /// Takes the records logged so far on this thread (native builds only,
-    /// for unit tests; in a component, records go to Weir).
-    #[cfg(not(target_arch = "wasm32"))]
+    /// Takes the records logged so far on this thread, for unit tests of
+    /// native (non-Wasm) builds. In a component records go to Weir, and this
+    /// always returns nothing.
     pub fn take_records() -> Vec<Record> {
-        sink::RECORDS.with(|records| std::mem::take(&mut *records.borrow_mut()))
+        sink::take()
     }
 
     #[cfg(target_arch = "wasm32")]
@@ -542,6 +541,10 @@ pub mod log {
             };
             wit_log::log(level, message, &fields);
         }
+
+        pub(super) fn take() -> Vec<super::Record> {
+            Vec::new()
+        }
     }
 
     #[cfg(not(target_arch = "wasm32"))]
@@ -551,7 +554,7 @@ pub mod log {
         use super::{Level, Record};
 
         thread_local! {
-            pub(super) static RECORDS: RefCell<Vec<Record>> = const { RefCell::new(Vec::new()) };
+            static RECORDS: RefCell<Vec<Record>> = const { RefCell::new(Vec::new()) };
         }
 
         pub(super) fn write(level: Level, message: &str, fields: Vec<(String, String)>) {
@@ -564,6 +567,10 @@ pub mod log {
                     fields,
                 });
             });
+        }
+
+        pub(super) fn take() -> Vec<Record> {
+            RECORDS.with(|records| std::mem::take(&mut *records.borrow_mut()))
         }
     }
 }
@@ -722,25 +729,26 @@ mod tests {
         crate::debug!("trailing"; "a" => 1.5);
         crate::trace!("last",);
         let records = log::take_records();
-        let summary: Vec<(log::Level, &str, Vec<(&str, &str)>)> = records
-            .iter()
-            .map(|r| {
-                let fields = r.fields.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-                (r.level, r.message.as_str(), fields.collect())
-            })
-            .collect();
+        let record = |level, message: &str, fields: &[(&str, &str)]| log::Record {
+            level,
+            message: message.to_string(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+        };
         assert_eq!(
-            summary,
-            vec![
-                (log::Level::Warn, "plain", vec![("k", "v")]),
-                (log::Level::Info, "no fields", vec![]),
-                (
+            records,
+            [
+                record(log::Level::Warn, "plain", &[("k", "v")]),
+                record(log::Level::Info, "no fields", &[]),
+                record(
                     log::Level::Error,
                     "computed 1",
-                    vec![("offset", "42"), ("owned", "c")]
+                    &[("offset", "42"), ("owned", "c")]
                 ),
-                (log::Level::Debug, "trailing", vec![("a", "1.5")]),
-                (log::Level::Trace, "last", vec![]),
+                record(log::Level::Debug, "trailing", &[("a", "1.5")]),
+                record(log::Level::Trace, "last", &[]),
             ]
         );
         assert_eq!(records[2].field("offset"), Some("42"));
