@@ -397,6 +397,23 @@ impl Deployment {
         Ok(())
     }
 
+    /// Starts a second `weir run` on the same handlers with its own data
+    /// directory (each process has its own database), as another member of
+    /// the same consumer groups.
+    ///
+    /// # Errors
+    ///
+    /// When the binary is missing or cannot start.
+    pub fn start_another(&self, label: &str) -> Result<WeirProcess> {
+        let config = std::fs::read_to_string(self.dir.path().join("weir.toml"))?.replace(
+            "data_dir = \"data\"",
+            &format!("data_dir = \"data-{label}\""),
+        );
+        let path = self.dir.path().join(format!("weir-{label}.toml"));
+        std::fs::write(&path, config)?;
+        WeirProcess::spawn(&path, &self.dir.path().join(format!("{label}.log")))
+    }
+
     /// Starts `weir run` on this deployment.
     ///
     /// # Errors
@@ -524,6 +541,19 @@ impl WeirProcess {
             || Ok(self.child.try_wait()?),
             || format!("still running; see {}", log.display()),
         )
+    }
+}
+
+impl WeirProcess {
+    /// SIGKILL: no chance to finish, commit or clean up.
+    ///
+    /// # Errors
+    ///
+    /// When the process cannot be killed.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 }
 

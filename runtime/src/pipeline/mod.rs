@@ -380,10 +380,6 @@ async fn deliver<F: HandlerFactory, D: DeadLetters>(
         let Next::RetryIn(delay) = next else {
             return dead_letter(shared, &event, &failure, generation).await;
         };
-        tracing::warn!(handler = name, version = %shared.factory.version(), topic = %event.topic,
-            partition = event.partition, offset = event.offset, event_id = %event.id, attempt = event.attempt,
-            kind = failure.kind.as_str(), error = %failure.message, retry_in_ms = delay.as_millis() as u64,
-            "attempt failed; will retry");
         shared.stats.retries.fetch_add(1, AtomicOrdering::Relaxed);
         // The attempt count is durable before the retry is scheduled, so a
         // crash during the backoff does not reset it.
@@ -396,6 +392,11 @@ async fn deliver<F: HandlerFactory, D: DeadLetters>(
             tracing::error!(handler = name, error = %err, "cannot record the attempt; message left for redelivery");
             return Ending::Abandoned;
         }
+        tracing::warn!(handler = name, version = %shared.factory.version(), topic = %event.topic,
+            partition = event.partition, offset = event.offset, event_id = %event.id, attempt = event.attempt,
+            kind = failure.kind.as_str(), error = %failure.message, retry_in_ms = delay.as_millis() as u64,
+            "attempt failed; will retry");
+
         if !pause(shared.shutdown.clone(), delay).await
             || !shared
                 .ledger

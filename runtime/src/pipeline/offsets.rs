@@ -79,11 +79,11 @@ impl Ledger {
         generation
     }
 
-    /// The partition is no longer owned. Returns the final watermark to
-    /// commit, if it advanced since the last one handed out.
+    /// The partition is no longer owned. Returns its final watermark, to
+    /// commit before it is released (`None` if nothing was received).
     pub fn revoke(&self, topic: &str, partition: i32) -> Option<i64> {
         let mut ledger = self.lock().remove(&(topic.to_string(), partition))?;
-        ledger.advanced()
+        ledger.advanced().or(ledger.acked)
     }
 
     /// A message was received. Returns the generation to complete it with,
@@ -175,7 +175,7 @@ mod tests {
         ledger.track("t", 0, 2);
         assert_eq!(ledger.complete("t", 0, g, 1), Some(2));
         // Revoked with 2 in flight: the final watermark stays at 2.
-        assert_eq!(ledger.revoke("t", 0), None);
+        assert_eq!(ledger.revoke("t", 0), Some(2));
         assert_eq!(ledger.complete("t", 0, g, 2), None);
         assert_eq!(ledger.track("t", 0, 3), None);
         // Assigned again: a new generation; the old one stays refused.
@@ -194,7 +194,11 @@ mod tests {
         ledger.track("t", 0, 0);
         ledger.track("t", 0, 1);
         assert_eq!(ledger.complete("t", 0, g, 0), Some(1));
-        assert_eq!(ledger.revoke("t", 0), None, "already handed out");
+        assert_eq!(
+            ledger.revoke("t", 0),
+            Some(1),
+            "committed again before release"
+        );
         let g = ledger.assign("t", 0);
         ledger.track("t", 0, 1);
         assert_eq!(

@@ -18,6 +18,9 @@
 //! | `retry-after:MS` | retry-after MS milliseconds on attempt 1, then `ok` |
 //! | `trap`           | logs (outcome `trap`), then panics: `probe trap`  |
 //!
+//! A `probe.sleep-ms` header makes the call take that long first (to keep
+//! messages in flight in tests).
+//!
 //! Any other value (or a header that is not UTF-8) is a permanent error
 //! saying so, so that a typo in a test shows up as a dead letter rather
 //! than as a silent success.
@@ -100,6 +103,12 @@ pub struct Probe;
 
 impl Handler for Probe {
     fn handle(event: Event) -> Result<(), HandlerError> {
+        if let Some(ms) = event
+            .header_str("probe.sleep-ms")
+            .and_then(|v| v.parse().ok())
+        {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let plan = plan(event.header(FAIL_HEADER), event.attempt());
         let outcome = match &plan {
             Plan::Trap => "trap",

@@ -1,0 +1,365 @@
+//! Delivery guarantees against a real broker process: deduplication across
+//! restarts, per-key ordering with parallelism, attempt counts that survive
+//! SIGKILL, and two processes sharing one consumer group.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use serde_json::Value;
+use weir_tests::{Broker, Deployment, KafkaTool, Record, WeirProcess, poll_until, serial};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn setup(topic: &str, partitions: i32) -> Result<(Broker, KafkaTool, Deployment)> {
+    let broker = Broker::start(&tempfile::tempdir()?.keep())?;
+    let kafka = KafkaTool::new(&broker)?;
+    kafka.create_topic(topic, partitions)?;
+    let deployment = Deployment::new(&broker)?;
+    Ok((broker, kafka, deployment))
+}
+
+fn field(record: &Value, name: &str) -> Option<i64> {
+    record[name].as_str()?.parse().ok()
+}
+
+fn record(partition: i32, key: &str, headers: &[(&str, &str)]) -> Record {
+    Record {
+        partition: Some(partition),
+        key: Some(key.as_bytes().to_vec()),
+        value: format!("value of {key}").into_bytes(),
+        headers: headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+    }
+}
+
+/// Probe calls that succeeded, in log order.
+fn oks(weir: &WeirProcess) -> Vec<Value> {
+    weir.guest_records("probe", "probe")
+        .into_iter()
+        .filter(|r| r["outcome"] == "ok")
+        .collect()
+}
+
+fn wait_oks(weir: &WeirProcess, count: usize) -> Result<()> {
+    poll_until(
+        WAIT,
+        &format!("{count} successful calls"),
+        || Ok((oks(weir).len() >= count).then_some(())),
+        || format!("{} so far; log: {}", oks(weir).len(), weir.log.display()),
+    )
+}
+
+fn stop(weir: &mut WeirProcess) -> Result<()> {
+    let status = weir.terminate(Duration::from_secs(30))?;
+    ensure!(
+        status.success(),
+        "weir exited with {status}; log: {}",
+        weir.log.display()
+    );
+    Ok(())
+}
+
+#[test]
+fn duplicate_event_ids_reach_the_handler_once_even_across_restarts() -> Result<()> {
+    let _serial = serial();
+    let (_broker, kafka, deployment) = setup("orders", 2)?;
+    deployment.add_handler("probe", "probe", "topics = [\"orders\"]\n")?;
+    // 20 events, each produced twice (as a retrying producer would: same
+    // key, same id, new offset).
+    let batch = |ids: std::ops::Range<usize>| -> Vec<Record> {
+        ids.flat_map(|i| {
+            let key = format!("order-{i}");
+            let id = format!("evt-{i}");
+            let one = record((i % 2) as i32, &key, &[("ce_id", &id)]);
+            [one.clone(), one]
+        })
+        .collect()
+    };
+    kafka.produce("orders", &batch(0..20))?;
+    let mut first = deployment.start("first")?;
+    wait_oks(&first, 20)?;
+    stop(&mut first)?;
+    let ids = |weir: &WeirProcess| -> Vec<String> {
+        oks(weir)
+            .iter()
+            .filter_map(|r| r["id"].as_str().map(str::to_string))
+            .collect()
+    };
+    let first_ids = ids(&first);
+    ensure!(first_ids.len() == 20, "first run handled {first_ids:?}");
+    ensure!(
+        first_ids.iter().collect::<BTreeSet<_>>().len() == 20,
+        "a duplicate reached the handler: {first_ids:?}"
+    );
+    let duplicates = first
+        .records()
+        .iter()
+        .filter(|r| r["message"] == "duplicate; skipped")
+        .count();
+    ensure!(
+        duplicates == 0 || duplicates == 20,
+        "debug logging is off, so no duplicate lines are expected"
+    );
+
+    // After a restart: the old ids again, at new offsets, plus 5 new ones.
+    kafka.produce("orders", &batch(15..25))?;
+    let mut second = deployment.start("second")?;
+    wait_oks(&second, 5)?;
+    // Everything produced is consumed and committed before we look.
+    poll_until(
+        WAIT,
+        "the group to commit everything",
+        || {
+            let committed = kafka.committed("weir.probe", "orders")?;
+            Ok((committed.values().flatten().sum::<i64>() == 60).then_some(()))
+        },
+        || format!("{:?}", kafka.committed("weir.probe", "orders").ok()),
+    )?;
+    stop(&mut second)?;
+    let second_ids: BTreeSet<String> = ids(&second).into_iter().collect();
+    let expected: BTreeSet<String> = (20..25).map(|i| format!("evt-{i}")).collect();
+    ensure!(
+        second_ids == expected,
+        "second run handled {second_ids:?}, expected only {expected:?}"
+    );
+    ensure!(
+        ids(&second).len() == 5,
+        "a new id was handled twice: {:?}",
+        ids(&second)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_failing_key_holds_only_its_own_later_messages() -> Result<()> {
+    let _serial = serial();
+    let (_broker, kafka, deployment) = setup("events", 1)?;
+    let manifest = "topics = [\"events\"]\n[retry]\nmax_attempts = 5\ninitial_delay = \"400ms\"\nmultiplier = 2.0\nmax_delay = \"2s\"\njitter = 0.0\n";
+    deployment.add_handler("probe", "probe", manifest)?;
+    // One partition: "slow" fails twice then succeeds; its later messages
+    // must wait for it, while the other keys' messages flow past.
+    let mut sent = vec![record(0, "slow", &[("probe.fail", "retryable:2")])];
+    for i in 0..20 {
+        sent.push(record(0, &format!("fast-{}", i % 4), &[]));
+        if i % 5 == 0 {
+            sent.push(record(0, "slow", &[]));
+        }
+    }
+    kafka.produce("events", &sent)?;
+    let mut weir = deployment.start("run")?;
+    wait_oks(&weir, sent.len())?;
+    stop(&mut weir)?;
+
+    let calls = weir.guest_records("probe", "probe");
+    let key_of = |r: &Value| {
+        r["key_hex"].as_str().map(|h| {
+            let bytes: Vec<u8> = (0..h.len())
+                .step_by(2)
+                .filter_map(|i| u8::from_str_radix(&h[i..i + 2], 16).ok())
+                .collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let slow_ok = calls
+        .iter()
+        .position(|r| {
+            key_of(r).as_deref() == Some("slow")
+                && field(r, "offset") == Some(0)
+                && r["outcome"] == "ok"
+        })
+        .ok_or_else(|| anyhow::anyhow!("the slow key never succeeded"))?;
+    let slow_attempts: Vec<i64> = calls
+        .iter()
+        .filter(|r| field(r, "offset") == Some(0))
+        .filter_map(|r| field(r, "attempt"))
+        .collect();
+    ensure!(
+        slow_attempts == vec![1, 2, 3],
+        "slow key attempts {slow_attempts:?}"
+    );
+    // Every other key finished while "slow" was waiting for its retries.
+    let last_fast = calls
+        .iter()
+        .rposition(|r| key_of(r).is_some_and(|k| k.starts_with("fast-")))
+        .unwrap_or(0);
+    ensure!(
+        last_fast < slow_ok,
+        "other keys were held back by the failing key"
+    );
+    // The slow key's later messages came after its first one succeeded,
+    // in offset order.
+    let mut later: Vec<(usize, i64)> = calls
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| key_of(r).as_deref() == Some("slow") && field(r, "offset") != Some(0))
+        .filter_map(|(i, r)| Some((i, field(r, "offset")?)))
+        .collect();
+    ensure!(later.len() == 4, "slow key's later messages: {later:?}");
+    ensure!(
+        later.iter().all(|(i, _)| *i > slow_ok),
+        "a later message of the failing key ran before it succeeded"
+    );
+    let offsets: Vec<i64> = later.drain(..).map(|(_, o)| o).collect();
+    ensure!(
+        offsets.windows(2).all(|w| w[0] < w[1]),
+        "slow key out of order: {offsets:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn attempt_counts_survive_sigkill_during_a_backoff() -> Result<()> {
+    let _serial = serial();
+    let (_broker, kafka, deployment) = setup("events", 1)?;
+    let manifest = "topics = [\"events\"]\n[retry]\nmax_attempts = 6\ninitial_delay = \"300ms\"\nmultiplier = 1.0\nmax_delay = \"300ms\"\njitter = 0.0\n";
+    deployment.add_handler("probe", "probe", manifest)?;
+    // Attempts 1-3 fail; a fresh count would need three more failures.
+    kafka.produce(
+        "events",
+        &[record(0, "k", &[("probe.fail", "retryable:3")])],
+    )?;
+
+    let mut first = deployment.start("first")?;
+    // The warning is logged after attempt 2's failure is durable; kill the
+    // process during the backoff that follows.
+    poll_until(
+        WAIT,
+        "the second failed attempt to be recorded",
+        || {
+            Ok(first
+                .records()
+                .iter()
+                .any(|r| r["message"] == "attempt failed; will retry" && r["attempt"] == 2)
+                .then_some(()))
+        },
+        || first.log.display().to_string(),
+    )?;
+    first.kill()?;
+
+    let mut second = deployment.start("second")?;
+    wait_oks(&second, 1)?;
+    stop(&mut second)?;
+    let attempts: Vec<i64> = second
+        .guest_records("probe", "probe")
+        .iter()
+        .filter_map(|r| field(r, "attempt"))
+        .collect();
+    // Attempt 3 may have started before the kill; either way the count goes
+    // on from the persisted value and never restarts at 1.
+    ensure!(
+        attempts == vec![3, 4] || attempts == vec![4],
+        "after SIGKILL the attempts were {attempts:?}, expected to continue at 3 (or 4)"
+    );
+    Ok(())
+}
+
+#[test]
+fn two_processes_share_a_group_and_lose_nothing_when_one_stops() -> Result<()> {
+    let _serial = serial();
+    let (_broker, kafka, deployment) = setup("events", 4)?;
+    deployment.add_handler(
+        "probe",
+        "probe",
+        "topics = [\"events\"]\nmax_in_flight = 8\n",
+    )?;
+    let batch = |range: std::ops::Range<usize>| -> Vec<Record> {
+        range
+            .map(|i| {
+                record(
+                    (i % 4) as i32,
+                    &format!("k{}", i % 10),
+                    &[("probe.sleep-ms", "15")],
+                )
+            })
+            .collect()
+    };
+    // About 300 × 30 ms of work, two at a time: several seconds for A alone.
+    let produced = kafka.produce("events", &batch(0..300))?;
+
+    let mut a = deployment.start("a")?;
+    wait_oks(&a, 10)?;
+    let b = deployment.start_another("b")?;
+    // B has taken over some partitions once it handles messages itself.
+    wait_oks(&b, 5)?;
+    ensure!(
+        oks(&a).len() < 300,
+        "A finished everything before B joined; make the work longer"
+    );
+    // Stop A mid-stream: it finishes in-flight work, commits what it owns
+    // and leaves; B takes over its partitions.
+    stop(&mut a)?;
+
+    let expected: BTreeSet<(i64, i64)> = produced.iter().map(|&(p, o)| (i64::from(p), o)).collect();
+    let handled = |w: &WeirProcess| -> BTreeSet<(i64, i64)> {
+        oks(w)
+            .iter()
+            .filter_map(|r| Some((field(r, "partition")?, field(r, "offset")?)))
+            .collect()
+    };
+    let a_handled = handled(&a);
+    poll_until(
+        WAIT,
+        "every message to be handled by A or B",
+        || {
+            Ok(a_handled
+                .union(&handled(&b))
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .eq(&expected)
+                .then_some(()))
+        },
+        || {
+            format!(
+                "missing {:?}",
+                expected
+                    .difference(&a_handled.union(&handled(&b)).cloned().collect())
+                    .take(10)
+                    .collect::<Vec<_>>()
+            )
+        },
+    )?;
+    let mut ends: BTreeMap<i32, Option<i64>> = BTreeMap::new();
+    for &(p, o) in &produced {
+        let end = ends.entry(p).or_insert(Some(0));
+        *end = Some(end.unwrap_or(0).max(o + 1));
+    }
+    poll_until(
+        WAIT,
+        "the group's committed offsets to reach the end",
+        || Ok((kafka.committed("weir.probe", "events")? == ends).then_some(())),
+        || {
+            format!(
+                "{:?} vs {ends:?}",
+                kafka.committed("weir.probe", "events").ok()
+            )
+        },
+    )?;
+    let mut b = b;
+    stop(&mut b)?;
+    ensure!(
+        !a_handled.is_empty() && !handled(&b).is_empty(),
+        "both processes must have handled messages"
+    );
+    // A never tried to acknowledge anything for partitions it had lost.
+    let refused = a
+        .records()
+        .iter()
+        .filter(|r| {
+            r["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("offset not stored"))
+        })
+        .count();
+    ensure!(
+        refused == 0,
+        "A stored offsets for partitions it no longer owned ({refused} times)"
+    );
+    // Messages handled by both are only ones A had in flight when it
+    // stopped or lost a partition.
+    let both = a_handled.intersection(&handled(&b)).count();
+    ensure!(both <= 4, "{both} messages were handled by both processes");
+    Ok(())
+}
