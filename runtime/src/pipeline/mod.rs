@@ -23,6 +23,9 @@ pub mod decode;
 pub mod dlq;
 pub mod offsets;
 pub mod retry;
+pub mod synthetic;
+#[cfg(test)]
+mod tests;
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet, VecDeque};

@@ -1,0 +1,267 @@
+//! The pipeline alone: synthetic source, native handler, real store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::synthetic::{MemoryDeadLetters, NativeHandler, SyntheticSource, message};
+use super::*;
+use crate::registry::Manifest;
+
+struct Harness {
+    source: SyntheticSource,
+    dead: MemoryDeadLetters,
+    stats: Arc<HandlerStats>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+fn manifest(extra: &str) -> Manifest {
+    let text = format!("topics = [\"t\"]\n{extra}");
+    crate::config::parse_toml(std::path::Path::new("test.toml"), &text).expect("valid manifest")
+}
+
+fn start<F>(manifest: Manifest, handler: F) -> Harness
+where
+    F: Fn(&Event) -> Outcome + Send + Sync + 'static,
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("weir.redb")).expect("store");
+    let ledger = Arc::new(Ledger::default());
+    let source = SyntheticSource::new(ledger.clone());
+    let dead = MemoryDeadLetters::default();
+    let stats = Arc::new(HandlerStats::default());
+    let (stop, shutdown) = watch::channel(false);
+    let worker = Worker::new(
+        "h".into(),
+        manifest,
+        NativeHandler::new(handler),
+        source.clone(),
+        ledger,
+        store,
+        dead.clone(),
+        stats.clone(),
+        shutdown,
+    );
+    let task = tokio::spawn(worker.run());
+    Harness {
+        source,
+        dead,
+        stats,
+        stop,
+        task,
+        _dir: dir,
+    }
+}
+
+impl Harness {
+    async fn wait_finished(&self, count: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.stats.finished() < count {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {count} finished",
+                self.stats.finished()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn stop(self) -> SyntheticSource {
+        let _ = self.stop.send(true);
+        self.task.await.expect("worker");
+        assert!(self.source.closed());
+        self.source
+    }
+}
+
+fn ok() -> Outcome {
+    Outcome::Handled
+}
+
+fn retryable(message: &str) -> Outcome {
+    Outcome::Failed(Failure {
+        kind: FailureKind::Retryable,
+        message: message.into(),
+        poisoned: false,
+    })
+}
+
+fn key_of(event: &Event) -> String {
+    String::from_utf8_lossy(event.key.as_deref().unwrap_or_default()).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_run_in_parallel_in_order_and_the_watermark_reaches_the_end() {
+    let seen: Arc<Mutex<Vec<(i32, String, i64)>>> = Arc::default();
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (s, r, p) = (seen.clone(), running.clone(), peak.clone());
+    let h = start(manifest("max_in_flight = 32"), move |event| {
+        let now = r.fetch_add(1, AtomicOrdering::SeqCst) + 1;
+        p.fetch_max(now, AtomicOrdering::SeqCst);
+        std::thread::sleep(Duration::from_micros(200 + (event.offset as u64 % 7) * 100));
+        s.lock()
+            .expect("lock")
+            .push((event.partition, key_of(event), event.offset));
+        r.fetch_sub(1, AtomicOrdering::SeqCst);
+        ok()
+    });
+    h.source
+        .push((0..3).flat_map(|p| {
+            (0..200).map(move |o| message("t", p, o, &format!("k{}", o % 10), None))
+        }));
+    h.wait_finished(600).await;
+    let source = h.stop().await;
+
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 600);
+    let mut lanes: HashMap<(i32, String), Vec<i64>> = HashMap::new();
+    for (p, k, o) in seen {
+        lanes.entry((p, k)).or_default().push(o);
+    }
+    for (lane, offsets) in lanes {
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "{lane:?} out of order: {offsets:?}"
+        );
+    }
+    assert!(
+        peak.load(AtomicOrdering::SeqCst) > 1,
+        "different keys never ran in parallel"
+    );
+    let expected: BTreeMap<(String, i32), i64> =
+        (0..3).map(|p| (("t".to_string(), p), 200)).collect();
+    assert_eq!(source.acked(), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_waiting_for_a_retry_holds_only_its_own_messages() {
+    let order: Arc<Mutex<Vec<(String, i64, u32, bool)>>> = Arc::default();
+    let o = order.clone();
+    let policy = "[retry]\nmax_attempts = 5\ninitial_delay = \"100ms\"\nmultiplier = 1.0\nmax_delay = \"100ms\"\njitter = 0.0";
+    let h = start(manifest(policy), move |event| {
+        let fail = key_of(event) == "slow" && event.offset == 0 && event.attempt <= 2;
+        o.lock()
+            .expect("lock")
+            .push((key_of(event), event.offset, event.attempt, !fail));
+        if fail { retryable("not yet") } else { ok() }
+    });
+    let mut batch = vec![
+        message("t", 0, 0, "slow", None),
+        message("t", 0, 1, "slow", None),
+    ];
+    batch.extend((2..30).map(|o| message("t", 0, o, &format!("fast{}", o % 3), None)));
+    h.source.push(batch);
+    h.wait_finished(30).await;
+    // While "slow" waits, the watermark cannot pass offset 0.
+    let source = h.stop().await;
+    assert_eq!(source.acked()[&("t".to_string(), 0)], 30);
+
+    let order = order.lock().expect("lock").clone();
+    let slow_success = order
+        .iter()
+        .position(|(k, o, _, ok)| k == "slow" && *o == 0 && *ok)
+        .expect("slow succeeded");
+    let last_fast = order
+        .iter()
+        .rposition(|(k, ..)| k.starts_with("fast"))
+        .expect("fast ran");
+    assert!(
+        last_fast < slow_success,
+        "fast keys waited for the slow one: {order:?}"
+    );
+    let slow_later = order
+        .iter()
+        .position(|(k, o, ..)| k == "slow" && *o == 1)
+        .expect("slow 1 ran");
+    assert!(
+        slow_later > slow_success,
+        "the slow key's next message overtook it"
+    );
+    let attempts: Vec<u32> = order
+        .iter()
+        .filter(|(k, o, ..)| k == "slow" && *o == 0)
+        .map(|(_, _, a, _)| *a)
+        .collect();
+    assert_eq!(attempts, vec![1, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_skipped_and_still_acknowledged() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let h = start(manifest(""), move |_| {
+        c.fetch_add(1, AtomicOrdering::SeqCst);
+        ok()
+    });
+    h.source.push([
+        message("t", 0, 0, "a", Some("e1")),
+        message("t", 0, 1, "a", Some("e2")),
+        message("t", 0, 2, "a", Some("e1")),
+        message("t", 0, 3, "a", None),
+    ]);
+    h.wait_finished(4).await;
+    assert_eq!(calls.load(AtomicOrdering::SeqCst), 3);
+    assert_eq!(h.stats.duplicates.load(AtomicOrdering::SeqCst), 1);
+    let source = h.stop().await;
+    assert_eq!(source.acked()[&("t".to_string(), 0)], 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pipeline_pauses_the_partition_instead_of_buffering() {
+    let h = start(manifest("max_in_flight = 4\nordering = \"none\""), |_| {
+        std::thread::sleep(Duration::from_millis(2));
+        ok()
+    });
+    h.source
+        .push((0..100).map(|o| message("t", 0, o, "k", None)));
+    h.wait_finished(100).await;
+    let pauses = h.source.pauses();
+    let source = h.stop().await;
+    assert!(pauses > 0, "the partition was never paused");
+    assert_eq!(source.acked()[&("t".to_string(), 0)], 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_and_permanent_failures_are_dead_lettered_then_acknowledged() {
+    let policy =
+        "[retry]\nmax_attempts = 3\ninitial_delay = \"10ms\"\njitter = 0.0\nmax_delay = \"10ms\"";
+    let h = start(manifest(policy), |event| match key_of(event).as_str() {
+        "poison" => retryable("always"),
+        "bad" => Outcome::Failed(Failure {
+            kind: FailureKind::Permanent,
+            message: "malformed".into(),
+            poisoned: false,
+        }),
+        _ => ok(),
+    });
+    h.source.push([
+        message("t", 0, 0, "poison", None),
+        message("t", 0, 1, "bad", None),
+        message("t", 0, 2, "good", None),
+    ]);
+    h.wait_finished(3).await;
+    let dead = h.dead.written.lock().expect("lock").clone();
+    let source = h.stop().await;
+    assert_eq!(source.acked()[&("t".to_string(), 0)], 3);
+    assert_eq!(dead.len(), 2);
+    let header = |headers: &[(String, Vec<u8>)], name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    for (topic, headers) in &dead {
+        assert_eq!(topic, "t.dlq");
+        match header(headers, "weir.origin.offset").as_deref() {
+            Some("0") => assert_eq!(header(headers, "weir.attempts").as_deref(), Some("3")),
+            Some("1") => assert_eq!(header(headers, "weir.attempts").as_deref(), Some("1")),
+            other => panic!("unexpected dead letter for offset {other:?}"),
+        }
+    }
+}
