@@ -122,11 +122,14 @@ impl Source for SyntheticSource {
     }
 }
 
-/// Dead letters kept in memory: (dead-letter topic, event id, headers).
+/// A dead letter as written: its topic and headers.
+pub type DeadLetter = (String, Vec<(String, Vec<u8>)>);
+
+/// Dead letters kept in memory.
 #[derive(Clone, Default)]
 pub struct MemoryDeadLetters {
     /// What was written.
-    pub written: Arc<Mutex<Vec<(String, Vec<(String, Vec<u8>)>)>>>,
+    pub written: Arc<Mutex<Vec<DeadLetter>>>,
 }
 
 impl DeadLetters for MemoryDeadLetters {

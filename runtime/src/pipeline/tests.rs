@@ -141,7 +141,9 @@ async fn keys_run_in_parallel_in_order_and_the_watermark_reaches_the_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_waiting_for_a_retry_holds_only_its_own_messages() {
-    let order: Arc<Mutex<Vec<(String, i64, u32, bool)>>> = Arc::default();
+    // (key, offset, attempt, succeeded) in call order.
+    type Call = (String, i64, u32, bool);
+    let order: Arc<Mutex<Vec<Call>>> = Arc::default();
     let o = order.clone();
     let policy = "[retry]\nmax_attempts = 5\ninitial_delay = \"100ms\"\nmultiplier = 1.0\nmax_delay = \"100ms\"\njitter = 0.0";
     let h = start(manifest(policy), move |event| {
