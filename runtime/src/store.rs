@@ -21,6 +21,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -98,12 +99,22 @@ struct Request {
     reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
+/// Group-commit counters.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    /// Write transactions committed.
+    pub commits: AtomicU64,
+    /// Writes applied (over all transactions).
+    pub writes: AtomicU64,
+}
+
 /// Handle to the database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
     path: Arc<PathBuf>,
     writer: mpsc::Sender<Request>,
+    stats: Arc<CommitStats>,
 }
 
 impl Store {
@@ -137,12 +148,23 @@ impl Store {
         let db = Arc::new(db);
         let path = Arc::new(path.to_path_buf());
         let (writer, requests) = mpsc::channel();
-        let (thread_db, thread_path) = (db.clone(), path.clone());
+        let stats = Arc::new(CommitStats::default());
+        let (thread_db, thread_path, thread_stats) = (db.clone(), path.clone(), stats.clone());
         std::thread::Builder::new()
             .name("weir-store".into())
-            .spawn(move || write_loop(&thread_db, &thread_path, &requests))
+            .spawn(move || write_loop(&thread_db, &thread_path, &requests, &thread_stats))
             .map_err(|e| open_error(e.to_string()))?;
-        Ok(Self { db, path, writer })
+        Ok(Self {
+            db,
+            path,
+            writer,
+            stats,
+        })
+    }
+
+    /// How many transactions carried how many writes so far.
+    pub fn commit_stats(&self) -> &CommitStats {
+        &self.stats
     }
 
     fn io(&self, err: impl std::fmt::Display) -> StoreError {
@@ -200,7 +222,7 @@ fn now_ms() -> u64 {
 }
 
 /// The writer thread: one transaction, one fsync, per batch of requests.
-fn write_loop(db: &Database, path: &Path, requests: &mpsc::Receiver<Request>) {
+fn write_loop(db: &Database, path: &Path, requests: &mpsc::Receiver<Request>, stats: &CommitStats) {
     while let Ok(first) = requests.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -216,6 +238,10 @@ fn write_loop(db: &Database, path: &Path, requests: &mpsc::Receiver<Request>) {
         if let Err(err) = &result {
             tracing::error!(error = %err, writes = batch.len(), "database write failed");
         } else {
+            stats.commits.fetch_add(1, Ordering::Relaxed);
+            stats
+                .writes
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
             tracing::trace!(writes = batch.len(), "group commit");
         }
         for request in batch {
@@ -417,6 +443,16 @@ mod tests {
         while let Some(result) = tasks.join_next().await {
             result.expect("join").expect("write");
         }
+        let stats = store.commit_stats();
+        let (commits, writes) = (
+            stats.commits.load(Ordering::Relaxed),
+            stats.writes.load(Ordering::Relaxed),
+        );
+        assert_eq!(writes, 200);
+        assert!(
+            commits < 200,
+            "200 concurrent writes took {commits} transactions"
+        );
         for i in 0..200 {
             assert!(store.seen("h", &format!("e{i}")).expect("read").done);
         }

@@ -413,11 +413,15 @@ async fn deliver<F: HandlerFactory, D: DeadLetters>(
     }
 }
 
-/// Marks the event done (dedup mark, attempts cleared) durably.
+/// Marks the event done (dedup mark, attempts cleared) durably. Without
+/// deduplication there is nothing to record unless attempts were persisted.
 async fn record_finished<F: HandlerFactory, D: DeadLetters>(
     shared: &Shared<F, D>,
     event: &Event,
 ) -> Ending {
+    if !shared.manifest.dedup.enabled && event.attempt == 1 {
+        return Ending::Finished;
+    }
     let write = Write::Finished {
         handler: shared.name.clone(),
         id: event.id.clone(),
