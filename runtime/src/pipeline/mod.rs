@@ -207,7 +207,10 @@ impl<S: Source, F: HandlerFactory, D: DeadLetters> Worker<S, F, D> {
         let shared = self.shared.clone();
         let source = self.source;
         let max_in_flight = shared.manifest.max_in_flight;
-        let low_water = max_in_flight / 2;
+        // Resume paused partitions once a quarter of the room is free: each
+        // pause drops librdkafka's prefetched messages, so resuming too eagerly
+        // refetches over and over.
+        let low_water = max_in_flight - max_in_flight.div_ceil(4);
         // Lanes with a message running; each holds the messages queued
         // behind it.
         let mut lanes: HashMap<Lane, VecDeque<(Message, u64)>> = HashMap::new();

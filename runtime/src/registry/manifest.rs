@@ -5,7 +5,7 @@
 //! group = "weir.orders"        # consumer group; default weir.<name>
 //! start = "earliest"           # where a new group starts: earliest | latest
 //! ordering = "key"             # key | partition | none
-//! max_in_flight = 64           # messages held at once (running + waiting)
+//! max_in_flight = 256          # messages held at once (running + waiting)
 //!
 //! [dedup]
 //! id = ["header:ce_id", "header:event_id"]   # or "json:/pointer"; then topic/partition/offset
@@ -74,7 +74,7 @@ pub struct Manifest {
 }
 
 fn default_max_in_flight() -> usize {
-    64
+    256
 }
 
 /// Which messages are handled strictly one after another.
@@ -346,7 +346,7 @@ mod tests {
         assert_eq!(m.retry, RetryPolicy::default());
         assert_eq!(m.dlq.suffix, ".dlq");
         assert_eq!(m.ordering, Ordering::Key);
-        assert_eq!(m.max_in_flight, 64);
+        assert_eq!(m.max_in_flight, 256);
         assert_eq!(m.dedup, DedupSettings::default());
     }
 
