@@ -333,6 +333,14 @@ async fn deliver<F: HandlerFactory, D: DeadLetters>(
 ) -> Ending {
     let manifest = &shared.manifest;
     let name = shared.name.as_str();
+    // A message queued behind its key may outlive its partition's
+    // ownership: leave it to the new owner rather than handle it twice.
+    if !shared
+        .ledger
+        .owns(&message.topic, message.partition, generation)
+    {
+        return Ending::Abandoned;
+    }
     let dedup = manifest.dedup.enabled;
     let id = decode::event_id(&message, &manifest.dedup.id);
     let seen = match shared.store.seen(name, &id) {

@@ -58,6 +58,14 @@ impl SyntheticSource {
         self.wake.notify_one();
     }
 
+    /// Takes `topic`/`partition` away, as a rebalance would: the ledger
+    /// stops accepting its completions and its undelivered messages are
+    /// dropped. Returns the final watermark the source would commit.
+    pub fn revoke(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.lock().queues.remove(&(topic.to_string(), partition));
+        self.ledger.revoke(topic, partition)
+    }
+
     /// The acknowledged position of every partition.
     pub fn acked(&self) -> BTreeMap<(String, i32), i64> {
         self.lock().acked.clone()

@@ -267,3 +267,55 @@ async fn exhausted_and_permanent_failures_are_dead_lettered_then_acknowledged() 
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_handled_or_acknowledged_for_a_revoked_partition() {
+    let calls: Arc<Mutex<Vec<(i32, i64)>>> = Arc::default();
+    let c = calls.clone();
+    let h = start(manifest(""), move |event| {
+        if event.partition == 0 && event.offset == 1 {
+            // Still running when the partition is revoked.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        c.lock()
+            .expect("lock")
+            .push((event.partition, event.offset));
+        ok()
+    });
+    // Partition 0: offset 0 finishes, 1 is slow, 2 and 3 queue behind it
+    // (same key). Partition 1 keeps flowing.
+    h.source
+        .push((0..4).map(|o| message("t", 0, o, "same", None)));
+    h.source.push([message("t", 1, 0, "x", None)]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !calls.lock().expect("lock").contains(&(0, 0)) {
+        assert!(Instant::now() < deadline, "offset 0 never handled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Revoked while offset 1 runs: the final watermark is 1.
+    assert_eq!(h.source.revoke("t", 0), Some(1));
+    h.source.push([message("t", 1, 1, "x", None)]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !calls.lock().expect("lock").contains(&(1, 1)) {
+        assert!(Instant::now() < deadline, "partition 1 stopped flowing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The slow call finishes after the revocation; stopping drains it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !calls.lock().expect("lock").contains(&(0, 1)) {
+        assert!(Instant::now() < deadline, "the slow call never finished");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let source = h.stop().await;
+    let calls = calls.lock().expect("lock").clone();
+    assert!(
+        !calls.contains(&(0, 2)) && !calls.contains(&(0, 3)),
+        "queued messages of a revoked partition ran: {calls:?}"
+    );
+    assert_eq!(
+        source.acked().get(&("t".to_string(), 0)),
+        Some(&1),
+        "acknowledged past the revocation"
+    );
+    assert_eq!(source.acked().get(&("t".to_string(), 1)), Some(&2));
+}
