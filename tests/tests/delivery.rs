@@ -276,7 +276,7 @@ fn two_processes_share_a_group_and_lose_nothing_when_one_stops() -> Result<()> {
             })
             .collect()
     };
-    // About 300 × 30 ms of work, two at a time: several seconds for A alone.
+    // About 300 × 50 ms of work, two at a time: several seconds for A alone.
     let produced = kafka.produce("events", &batch(0..300))?;
 
     let mut a = deployment.start("a")?;
