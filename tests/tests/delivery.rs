@@ -263,7 +263,7 @@ fn two_processes_share_a_group_and_lose_nothing_when_one_stops() -> Result<()> {
     deployment.add_handler(
         "probe",
         "probe",
-        "topics = [\"events\"]\nmax_in_flight = 8\n",
+        "topics = [\"events\"]\nmax_in_flight = 2\n",
     )?;
     let batch = |range: std::ops::Range<usize>| -> Vec<Record> {
         range
@@ -271,7 +271,7 @@ fn two_processes_share_a_group_and_lose_nothing_when_one_stops() -> Result<()> {
                 record(
                     (i % 4) as i32,
                     &format!("k{}", i % 10),
-                    &[("probe.sleep-ms", "15")],
+                    &[("probe.sleep-ms", "50")],
                 )
             })
             .collect()
