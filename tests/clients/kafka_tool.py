@@ -1,5 +1,9 @@
 """An independent Kafka client for Weir's integration tests (kafka-python).
 
+Tested with kafka-python 2.3.3 (Python 3.11-3.13) against tansu 0.6.0 and
+librdkafka's mock cluster (weir's embedded broker). 2.0.2 cannot be imported
+on Python >= 3.12; 3.x cannot bootstrap from the mock cluster.
+
 Subcommands print one JSON document on stdout:
   create-topic --bootstrap B --topic T --partitions N
   produce      --bootstrap B --topic T     (JSON lines on stdin:

@@ -7,7 +7,7 @@
 //! logs are.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -21,6 +21,27 @@ use serde_json::Value;
 pub fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The start of every integration test: the [`serial`] lock, or `None`
+/// (said on stderr) when `WEIR_SKIP_BROKER_TESTS=1` asks to skip the tests
+/// that need tansu, kafka-python and the built binaries. Without that
+/// variable a missing tool fails the test with instructions; nothing is
+/// skipped silently.
+///
+/// ```ignore
+/// let Some(_serial) = weir_tests::broker_test() else { return Ok(()) };
+/// ```
+pub fn broker_test() -> Option<MutexGuard<'static, ()>> {
+    if std::env::var_os("WEIR_SKIP_BROKER_TESTS").is_some_and(|v| v == "1") {
+        let current = std::thread::current();
+        eprintln!(
+            "skipping {}: WEIR_SKIP_BROKER_TESTS=1",
+            current.name().unwrap_or("a broker test")
+        );
+        return None;
+    }
+    Some(serial())
 }
 
 /// The workspace root.
@@ -57,8 +78,13 @@ pub fn poll_until<T>(
             return Ok(value);
         }
         if Instant::now() > deadline {
+            let hint = if std::env::var_os("WEIR_KEEP_TEST_DIRS").is_some() {
+                ""
+            } else {
+                " (logs are removed with the test's directory: rerun with WEIR_KEEP_TEST_DIRS=1 to keep them)"
+            };
             bail!(
-                "timed out after {timeout:?} waiting for {what}; last state: {}",
+                "timed out after {timeout:?} waiting for {what}; last state: {}{hint}",
                 describe()
             );
         }
@@ -75,26 +101,32 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A tansu broker process with in-memory storage. Killed on drop.
+/// A tansu broker process with in-memory storage, in its own temporary
+/// directory (kept with `WEIR_KEEP_TEST_DIRS`). Killed on drop.
 pub struct Broker {
     child: Child,
     /// `127.0.0.1:<port>`.
     pub bootstrap: String,
     /// The broker's log file.
     pub log: PathBuf,
+    // Dropped after `child` is killed (fields drop after `Drop::drop`).
+    _dir: tempfile::TempDir,
 }
 
 impl Broker {
-    /// Starts tansu on a free loopback port and waits until it answers.
+    /// Starts tansu on a free loopback port and waits until it accepts
+    /// connections. (Clients retry until it also answers requests: see
+    /// [`KafkaTool::create_topic`].)
     ///
     /// # Errors
     ///
     /// When tansu is not installed or does not become ready in time.
-    pub fn start(dir: &Path) -> Result<Self> {
+    pub fn start() -> Result<Self> {
         let tansu = tansu_binary()?;
+        let dir = scratch_dir("weir-broker-")?;
         let port = free_port()?;
         let url = format!("tcp://127.0.0.1:{port}");
-        let log = dir.join("tansu.log");
+        let log = dir.path().join("tansu.log");
         let out = std::fs::File::create(&log)?;
         let child = Command::new(&tansu)
             .args([
@@ -105,20 +137,36 @@ impl Broker {
                 &url,
             ])
             .args(["--storage-engine", "memory://tansu/"])
+            // tansu reads these from the environment too: a developer's
+            // settings must not change the broker under test.
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("SCHEMA_REGISTRY")
+            .env_remove("CLUSTER_ID")
+            .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
             .with_context(|| format!("cannot start {}", tansu.display()))?;
-        let broker = Broker {
+        let mut broker = Broker {
             child,
             bootstrap: format!("127.0.0.1:{port}"),
             log,
+            _dir: dir,
         };
+        let log = broker.log.clone();
         poll_until(
             Duration::from_secs(20),
             "the broker to accept connections",
-            || Ok(TcpStream::connect(&broker.bootstrap).ok().map(|_| ())),
-            || format!("see {}", broker.log.display()),
+            || {
+                if let Some(status) = broker.child.try_wait()? {
+                    bail!(
+                        "tansu exited with {status} before accepting connections; see {}",
+                        log.display()
+                    );
+                }
+                Ok(TcpStream::connect(&broker.bootstrap).ok().map(|_| ()))
+            },
+            || format!("see {}", log.display()),
         )?;
         Ok(broker)
     }
@@ -131,9 +179,21 @@ impl Drop for Broker {
     }
 }
 
+/// tansu from `$TANSU_BIN`, else the `PATH`, else `$CARGO_HOME/bin` (where
+/// `.ci/install-test-tools` puts it).
 fn tansu_binary() -> Result<PathBuf> {
+    const HOW: &str = "install it with `bash .ci/install-test-tools` (or set TANSU_BIN), \
+                       or set WEIR_SKIP_BROKER_TESTS=1 to skip the broker tests";
     if let Some(path) = std::env::var_os("TANSU_BIN") {
-        return Ok(PathBuf::from(path));
+        return require(PathBuf::from(path), "the tansu broker ($TANSU_BIN)", HOW);
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("tansu"))
+            .find(|candidate| candidate.is_file())
+    });
+    if let Some(path) = on_path {
+        return Ok(path);
     }
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
@@ -141,8 +201,8 @@ fn tansu_binary() -> Result<PathBuf> {
         .unwrap_or_default();
     require(
         home.join("bin/tansu"),
-        "the tansu broker",
-        "install it with `bash .ci/install-test-tools`",
+        "the tansu broker (neither $TANSU_BIN nor the PATH has one)",
+        HOW,
     )
 }
 
@@ -158,6 +218,9 @@ pub struct Record {
     /// Headers.
     pub headers: Vec<(String, Vec<u8>)>,
 }
+
+/// How long one kafka client command may take.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
@@ -193,7 +256,8 @@ impl KafkaTool {
             None => require(
                 workspace().join("target/test-venv/bin/python"),
                 "the test venv (kafka-python)",
-                "create it with `bash .ci/install-test-tools`",
+                "create it with `bash .ci/install-test-tools` (or set WEIR_TEST_PYTHON \
+                 to a python with kafka-python), or set WEIR_SKIP_BROKER_TESTS=1",
             )?,
         };
         Ok(Self {
@@ -203,6 +267,8 @@ impl KafkaTool {
         })
     }
 
+    /// Runs one subcommand; a client that hangs (a broker that stopped
+    /// answering) is killed after [`CLIENT_TIMEOUT`].
     fn call(&self, args: &[&str], stdin: Option<String>) -> Result<Value> {
         let mut child = Command::new(&self.python)
             .arg(&self.script)
@@ -213,18 +279,64 @@ impl KafkaTool {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .context("cannot run the kafka client")?;
-        if let Some(mut pipe) = child.stdin.take() {
-            pipe.write_all(stdin.unwrap_or_default().as_bytes())?;
+            .with_context(|| format!("cannot run the kafka client {}", self.python.display()))?;
+        let input = child.stdin.take().map(|mut pipe| {
+            let text = stdin.unwrap_or_default();
+            std::thread::spawn(move || pipe.write_all(text.as_bytes()))
+        });
+        let read = |stream: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut stream) = stream {
+                    let _ = stream.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        };
+        let stdout = read(
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        );
+        let stderr = read(
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        );
+        let waited = poll_until(
+            CLIENT_TIMEOUT,
+            &format!("the kafka client {args:?}"),
+            || Ok(child.try_wait()?),
+            || format!("still running against {}", self.bootstrap),
+        );
+        let status = match waited {
+            Ok(status) => status,
+            Err(err) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(err);
+            }
+        };
+        if let Some(input) = input {
+            // A client that failed early may not have read its input.
+            let _ = input.join();
         }
-        let output = child.wait_with_output()?;
-        if !output.status.success() {
+        let stdout = stdout.join().unwrap_or_default();
+        let stderr = stderr.join().unwrap_or_default();
+        if !status.success() {
             bail!(
-                "kafka client {args:?} failed: {}",
-                String::from_utf8_lossy(&output.stderr)
+                "kafka client {args:?} failed ({status}): {}",
+                String::from_utf8_lossy(&stderr)
             );
         }
-        serde_json::from_slice(&output.stdout).context("kafka client printed no JSON")
+        serde_json::from_slice(&stdout).with_context(|| {
+            format!(
+                "kafka client {args:?} printed no JSON: {}",
+                String::from_utf8_lossy(&stdout)
+            )
+        })
     }
 
     /// Creates `topic` (retrying until the broker is ready for it).
@@ -325,8 +437,8 @@ fn parse_partition_map(value: Value) -> Result<BTreeMap<i32, Option<i64>>> {
 
 /// A temporary directory, kept after the test when `WEIR_KEEP_TEST_DIRS`
 /// is set (to read the logs of a failure).
-fn scratch_dir() -> Result<tempfile::TempDir> {
-    let mut dir = tempfile::Builder::new().prefix("weir-it-").tempdir()?;
+fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir> {
+    let mut dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
     if std::env::var_os("WEIR_KEEP_TEST_DIRS").is_some() {
         dir.disable_cleanup(true);
     }
@@ -335,8 +447,8 @@ fn scratch_dir() -> Result<tempfile::TempDir> {
 
 /// A directory with a weir configuration and handlers, for one test.
 pub struct Deployment {
-    /// The temporary directory (kept on failure for inspection: see
-    /// `keep()`).
+    /// The temporary directory (kept after the test when
+    /// `WEIR_KEEP_TEST_DIRS` is set).
     pub dir: tempfile::TempDir,
 }
 
@@ -348,7 +460,7 @@ impl Deployment {
     ///
     /// When files cannot be written.
     pub fn new(broker: &Broker) -> Result<Self> {
-        let dir = scratch_dir()?;
+        let dir = scratch_dir("weir-it-")?;
         std::fs::create_dir_all(dir.path().join("handlers"))?;
         std::fs::write(
             dir.path().join("weir.toml"),
@@ -366,7 +478,7 @@ impl Deployment {
     ///
     /// When files cannot be written.
     pub fn embedded() -> Result<Self> {
-        let dir = scratch_dir()?;
+        let dir = scratch_dir("weir-it-")?;
         std::fs::create_dir_all(dir.path().join("handlers"))?;
         std::fs::write(
             dir.path().join("weir.toml"),
@@ -390,7 +502,7 @@ impl Deployment {
         let built = require(
             workspace().join(format!("target/test-handlers/{component}.wasm")),
             "a test handler component",
-            "build it with `bash .ci/build-handlers`",
+            "build it with `bash .ci/build-handlers` (or set WEIR_SKIP_BROKER_TESTS=1)",
         )?;
         std::fs::copy(built, self.handlers().join(format!("{name}.wasm")))?;
         std::fs::write(self.handlers().join(format!("{name}.toml")), manifest)?;
@@ -435,21 +547,31 @@ pub struct WeirProcess {
     pub log: PathBuf,
 }
 
+/// `weir` from `$WEIR_BIN`, else the one built beside this test executable
+/// (`cargo test --release --workspace` builds both), else
+/// `target/release/weir` in the workspace.
 fn weir_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("WEIR_BIN") {
-        return Ok(PathBuf::from(path));
+        return require(
+            PathBuf::from(path),
+            "the weir binary ($WEIR_BIN)",
+            "fix WEIR_BIN",
+        );
     }
-    // The test executable lives in target/<profile>/deps; the binary built
-    // by the same cargo invocation is in target/<profile>.
+    // The test executable lives in <target>/<profile>/deps.
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
+    let beside = exe
         .parent()
         .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
+        .map(|profile_dir| profile_dir.join("weir"));
+    if let Some(path) = beside.filter(|p| p.is_file()) {
+        return Ok(path);
+    }
     require(
-        profile_dir.join("weir"),
-        "the weir binary",
-        "build it with `cargo build --release -p weir`",
+        workspace().join("target/release/weir"),
+        "the weir binary (nor beside the test executable)",
+        "build it with `cargo build --release -p weir` (or set WEIR_BIN), \
+         or set WEIR_SKIP_BROKER_TESTS=1 to skip the broker tests",
     )
 }
 

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use serde_json::Value;
-use weir_tests::{Broker, Deployment, KafkaTool, Record, WeirProcess, poll_until, serial};
+use weir_tests::{Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, poll_until};
 
 const WAIT: Duration = Duration::from_secs(90);
 
 fn setup(topic: &str, partitions: i32) -> Result<(Broker, KafkaTool, Deployment)> {
-    let broker = Broker::start(&tempfile::tempdir()?.keep())?;
+    let broker = Broker::start()?;
     let kafka = KafkaTool::new(&broker)?;
     kafka.create_topic(topic, partitions)?;
     let deployment = Deployment::new(&broker)?;
@@ -64,7 +64,9 @@ fn stop(weir: &mut WeirProcess) -> Result<()> {
 
 #[test]
 fn duplicate_event_ids_reach_the_handler_once_even_across_restarts() -> Result<()> {
-    let _serial = serial();
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
     let (_broker, kafka, deployment) = setup("orders", 2)?;
     deployment.add_handler("probe", "probe", "topics = [\"orders\"]\n")?;
     // 20 events, each produced twice (as a retrying producer would: same
@@ -135,7 +137,9 @@ fn duplicate_event_ids_reach_the_handler_once_even_across_restarts() -> Result<(
 
 #[test]
 fn a_failing_key_holds_only_its_own_later_messages() -> Result<()> {
-    let _serial = serial();
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
     let (_broker, kafka, deployment) = setup("events", 1)?;
     let manifest = "topics = [\"events\"]\n[retry]\nmax_attempts = 5\ninitial_delay = \"400ms\"\nmultiplier = 2.0\nmax_delay = \"2s\"\njitter = 0.0\n";
     deployment.add_handler("probe", "probe", manifest)?;
@@ -212,7 +216,9 @@ fn a_failing_key_holds_only_its_own_later_messages() -> Result<()> {
 
 #[test]
 fn attempt_counts_survive_sigkill_during_a_backoff() -> Result<()> {
-    let _serial = serial();
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
     let (_broker, kafka, deployment) = setup("events", 1)?;
     let manifest = "topics = [\"events\"]\n[retry]\nmax_attempts = 6\ninitial_delay = \"300ms\"\nmultiplier = 1.0\nmax_delay = \"300ms\"\njitter = 0.0\n";
     deployment.add_handler("probe", "probe", manifest)?;
@@ -258,7 +264,9 @@ fn attempt_counts_survive_sigkill_during_a_backoff() -> Result<()> {
 
 #[test]
 fn two_processes_share_a_group_and_lose_nothing_when_one_stops() -> Result<()> {
-    let _serial = serial();
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
     let (_broker, kafka, deployment) = setup("events", 4)?;
     deployment.add_handler(
         "probe",
