@@ -685,3 +685,23 @@ impl Drop for WeirProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A numeric field of a probe record (its fields are strings).
+pub fn field(record: &Value, name: &str) -> Option<i64> {
+    record[name].as_str()?.parse().ok()
+}
+
+/// Stops `weir` with SIGTERM and checks that it exited 0.
+///
+/// # Errors
+///
+/// When it does not exit within 30 s or exits with a failure.
+pub fn stop(weir: &mut WeirProcess) -> Result<()> {
+    let status = weir.terminate(Duration::from_secs(30))?;
+    anyhow::ensure!(
+        status.success(),
+        "weir exited with {status}; log: {}",
+        weir.log.display()
+    );
+    Ok(())
+}

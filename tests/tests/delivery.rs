@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use serde_json::Value;
-use weir_tests::{Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, poll_until};
+use weir_tests::{
+    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, field, poll_until, stop,
+};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -17,10 +19,6 @@ fn setup(topic: &str, partitions: i32) -> Result<(Broker, KafkaTool, Deployment)
     kafka.create_topic(topic, partitions)?;
     let deployment = Deployment::new(&broker)?;
     Ok((broker, kafka, deployment))
-}
-
-fn field(record: &Value, name: &str) -> Option<i64> {
-    record[name].as_str()?.parse().ok()
 }
 
 fn record(partition: i32, key: &str, headers: &[(&str, &str)]) -> Record {
@@ -50,16 +48,6 @@ fn wait_oks(weir: &WeirProcess, count: usize) -> Result<()> {
         || Ok((oks(weir).len() >= count).then_some(())),
         || format!("{} so far; log: {}", oks(weir).len(), weir.log.display()),
     )
-}
-
-fn stop(weir: &mut WeirProcess) -> Result<()> {
-    let status = weir.terminate(Duration::from_secs(30))?;
-    ensure!(
-        status.success(),
-        "weir exited with {status}; log: {}",
-        weir.log.display()
-    );
-    Ok(())
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use serde_json::Value;
 use weir_tests::{
-    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, hex, poll_until,
+    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, field, hex, poll_until, stop,
 };
 
 const TOPIC: &str = "events";
@@ -45,10 +45,6 @@ fn handled(weir: &WeirProcess) -> Vec<(i64, i64)> {
         .collect()
 }
 
-fn field(record: &Value, name: &str) -> Option<i64> {
-    record[name].as_str()?.parse().ok()
-}
-
 fn wait_handled(weir: &WeirProcess, count: usize) -> Result<()> {
     poll_until(
         WAIT,
@@ -62,16 +58,6 @@ fn wait_handled(weir: &WeirProcess, count: usize) -> Result<()> {
             )
         },
     )
-}
-
-fn stop(weir: &mut WeirProcess) -> Result<()> {
-    let status = weir.terminate(Duration::from_secs(30))?;
-    ensure!(
-        status.success(),
-        "weir exited with {status}; log: {}",
-        weir.log.display()
-    );
-    Ok(())
 }
 
 /// The end offset of each partition, from the broker's acknowledgements of
