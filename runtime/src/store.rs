@@ -284,10 +284,11 @@ fn apply(db: &Database, batch: &[Request]) -> Result<(), String> {
                 }
             }
         }
-        // Expire marks through the index: only entries already due are
+        // Expire marks through the index (due at or before `now`, matching
+        // `seen`, which treats them as gone): only entries already due are
         // visited, never the whole table.
         let due: Vec<(u64, String, String)> = expiry
-            .range(..(now, "", ""))
+            .range(..(now.saturating_add(1), "", ""))
             .map_err(|e| e.to_string())?
             .take(MAX_EXPIRED_PER_BATCH)
             .filter_map(Result::ok)
