@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use weir::host::Outcome;
 use weir::pipeline::offsets::Ledger;
-use weir::pipeline::synthetic::{MemoryDeadLetters, NativeHandler, SyntheticSource, message};
+use weir::pipeline::synthetic::{MemoryPublisher, NativeHandler, SyntheticSource, message};
 use weir::pipeline::{HandlerStats, Worker};
 use weir::registry::Manifest;
 use weir::store::Store;
@@ -36,11 +36,11 @@ async fn run(count: u64, manifest_text: &str) -> Run {
     let worker = Worker::new(
         "bench".into(),
         manifest,
-        NativeHandler::new(|_| Outcome::Handled),
+        NativeHandler::new(|_| Outcome::Handled(Default::default())),
         source.clone(),
         ledger,
         store.clone(),
-        MemoryDeadLetters::default(),
+        MemoryPublisher::default(),
         stats.clone(),
         shutdown,
     );

@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod fault;
 pub mod host;
 pub mod pipeline;
 pub mod registry;

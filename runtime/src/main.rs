@@ -44,6 +44,8 @@ Examples:
   weir demo                              example handlers + embedded broker + generated events
   weir run --config config/weir.toml     serve the handlers in [runtime] handlers_dir until Ctrl-C
   weir check target/handlers/orders.wasm does this component fit the weir:handler world?
+  weir state list projection --prefix customer/
+                                         what a handler keeps in its state (weir stopped)
 
 Logs go to stderr; filter them with WEIR_LOG (e.g. WEIR_LOG=weir=debug to see every
 handled message, WEIR_LOG=weir::guest=off to silence handler logs).";
@@ -85,6 +87,45 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Read a handler's state, and see how many emitted events wait in the
+    /// outbox.
+    ///
+    /// Reads the database in [runtime] data_dir. A running weir holds it
+    /// locked: stop it first (Ctrl-C commits everything in flight).
+    State {
+        /// Configuration file naming the data directory.
+        #[arg(long, short, default_value = "config/weir.toml", env = "WEIR_CONFIG")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: StateAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateAction {
+    /// Print one value (UTF-8 as text, anything else as hex). Exits 1 if the
+    /// key is absent.
+    Get {
+        /// Handler name (its file stem).
+        handler: String,
+        /// The key.
+        key: String,
+    },
+    /// List entries whose key starts with a prefix, in key order.
+    List {
+        /// Handler name (its file stem).
+        handler: String,
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line: key, value (text, or null when not
+        /// UTF-8), value_hex, version.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -116,6 +157,7 @@ fn main() -> ExitCode {
                 weir::demo::run(&config, events, deadline).await
             }
             Command::Check { files } => check(&files),
+            Command::State { config, action } => state(&load_config(&config)?, action),
         }
     });
     match result {
@@ -133,6 +175,7 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
 
 async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
+    weir::fault::init().map_err(anyhow::Error::msg)?;
     let host = Host::new(&HostSettings::default())?;
     let dir = &config.runtime.handlers_dir;
     let (handlers, failed) = load_handlers(&host, dir, &config.limits).await?;
@@ -177,6 +220,61 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
         _ = terminate.recv() => {}
     }
     Ok(())
+}
+
+fn state(config: &Config, action: StateAction) -> anyhow::Result<()> {
+    let store = open_store(config).context(
+        "cannot read the state (is weir running on this data_dir? stop it first)",
+    )?;
+    let view = store.state_view()?;
+    let show = |value: &[u8]| match std::str::from_utf8(value) {
+        Ok(text) => text.to_string(),
+        Err(_) => format!("0x{}", hex(value)),
+    };
+    match action {
+        StateAction::Get { handler, key } => match view.get(&handler, &key)? {
+            Some((_, value)) => println!("{}", show(&value)),
+            None => anyhow::bail!("handler {handler:?} has no key {key:?}"),
+        },
+        StateAction::List {
+            handler,
+            prefix,
+            limit,
+            json,
+        } => {
+            let entries = view.scan(&handler, &prefix, None, limit)?;
+            for (key, version, value) in &entries {
+                if json {
+                    let text = std::str::from_utf8(value).ok();
+                    let line = serde_json::json!({
+                        "key": key,
+                        "value": text,
+                        "value_hex": hex(value),
+                        "version": version,
+                    });
+                    println!("{line}");
+                } else {
+                    println!("{key} = {}", show(value));
+                }
+            }
+            eprintln!(
+                "{} entr{} of {handler:?}{}; {} emitted event(s) waiting in the outbox",
+                entries.len(),
+                if entries.len() == 1 { "y" } else { "ies" },
+                if prefix.is_empty() {
+                    String::new()
+                } else {
+                    format!(" starting with {prefix:?}")
+                },
+                store.outbox_len()?
+            );
+        }
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn check(files: &[PathBuf]) -> anyhow::Result<()> {

@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use crate::config::{Config, LimitsSection};
 use crate::host::Host;
 use crate::pipeline::offsets::Ledger;
+use crate::pipeline::outbox::{Relay, RelayStats};
 use crate::pipeline::{HandlerStats, Worker};
 use crate::registry::{self, LoadError, LoadedHandler};
 use crate::source::kafka::{Cluster, KafkaConsumer, KafkaProducer};
@@ -29,6 +30,9 @@ pub struct Runtime {
     running: Vec<RunningHandler>,
     workers: JoinSet<()>,
     shutdown: watch::Sender<bool>,
+    relay: tokio::task::JoinHandle<()>,
+    relay_stop: watch::Sender<bool>,
+    relay_stats: Arc<RelayStats>,
 }
 
 /// Loads every `<name>.wasm` in `dir`, compiling on blocking threads.
@@ -73,14 +77,20 @@ impl Runtime {
     ///
     /// # Errors
     ///
-    /// When a consumer or the dead-letter producer cannot be created.
+    /// When a consumer or the producer (for dead letters and emitted
+    /// events) cannot be created.
     pub fn start(
         handlers: Vec<LoadedHandler>,
         cluster: &Cluster,
         store: &Store,
     ) -> anyhow::Result<Self> {
         let (shutdown, watcher) = watch::channel(false);
-        let producer = KafkaProducer::new(cluster, "weir-dlq")?;
+        let producer = KafkaProducer::new(cluster, "weir-producer")?;
+        let relay_stats = Arc::new(RelayStats::default());
+        let (relay_stop, relay_watch) = watch::channel(false);
+        let relay = tokio::spawn(
+            Relay::new(store.clone(), producer.clone(), relay_stats.clone()).run(relay_watch),
+        );
         let mut workers = JoinSet::new();
         let mut running = Vec::new();
         for handler in handlers {
@@ -100,7 +110,7 @@ impl Runtime {
             let worker = Worker::new(
                 handler.name.clone(),
                 handler.manifest.clone(),
-                handler.compiled.clone(),
+                handler.compiled.clone().with_store(store.clone()),
                 consumer,
                 ledger,
                 store.clone(),
@@ -115,7 +125,15 @@ impl Runtime {
             running,
             workers,
             shutdown,
+            relay,
+            relay_stop,
+            relay_stats,
         })
+    }
+
+    /// Counters of the outbox relay.
+    pub fn relay_stats(&self) -> &RelayStats {
+        &self.relay_stats
     }
 
     /// The handlers being served.
@@ -124,13 +142,15 @@ impl Runtime {
     }
 
     /// Stops consuming, lets in-flight calls finish, commits acknowledged
-    /// offsets and leaves the consumer groups. Workers still busy after
-    /// `timeout` are abandoned; their unacknowledged messages are redelivered
-    /// on the next start.
+    /// offsets and leaves the consumer groups, then publishes what the
+    /// outbox still holds. Work still going on after `timeout` is abandoned;
+    /// unacknowledged messages are redelivered and unpublished events
+    /// published on the next start.
     pub async fn stop(mut self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
         // Receivers outlive this call only inside the workers.
         let _ = self.shutdown.send(true);
-        let drained = tokio::time::timeout(timeout, async {
+        let drained = tokio::time::timeout_at(deadline, async {
             while let Some(joined) = self.workers.join_next().await {
                 if let Err(err) = joined {
                     tracing::error!(error = %err, "a worker ended abnormally");
@@ -144,6 +164,16 @@ impl Runtime {
                 "workers did not stop in time; their unacknowledged messages will be redelivered"
             );
             self.workers.abort_all();
+        }
+        // The workers' last outcomes may have added outbox rows: stop the
+        // relay only now, after its final pass.
+        let _ = self.relay_stop.send(true);
+        if tokio::time::timeout_at(deadline, &mut self.relay)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the outbox relay did not finish in time; remaining events are published on the next start");
+            self.relay.abort();
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The runtime's one redb database: dedup marks and attempt counts (state and
-//! outbox tables come next).
+//! The runtime's one redb database: dedup marks, attempt counts, handler
+//! state and the outbox of emitted events.
 //!
 //! # Tables
 //!
@@ -8,6 +8,9 @@
 //! | `dedup` | (handler, event id) | expiry, ms since epoch | the event's outcome is final |
 //! | `dedup_expiry` | (expiry, handler, event id) | () | index for expiring marks without a scan |
 //! | `attempts` | (handler, event id) | attempts so far | failed attempts of an unfinished event |
+//! | `state` | (handler, key) | (version, value) | a handler's key-value state |
+//! | `outbox` | sequence | encoded [`OutboxRecord`] | emitted events not yet acknowledged by the broker |
+//! | `meta` | name | u64 | counters: the last state version and outbox sequence |
 //!
 //! # Group commit
 //!
@@ -18,19 +21,53 @@
 //! only after that, so a crash at any point either keeps the mark and the
 //! offset, or the message is redelivered and either found done (skipped) or
 //! handled again with its persisted attempt count.
+//!
+//! # One transaction per outcome
+//!
+//! A [`Write::Finished`] carries the handler's [`Effects`]: its state writes
+//! and emitted events. They are applied in the same transaction as the dedup
+//! mark, or not at all. Invariants:
+//!
+//! - **No effect twice.** An outcome whose event already has a live dedup
+//!   mark is rejected whole ([`Applied::Duplicate`]), so two deliveries of
+//!   one event (a redelivery after a crash, or the same id on two keys
+//!   running at once) apply their effects once.
+//! - **Serializable state.** Every state value carries the version of the
+//!   transaction that wrote it. An outcome records the versions it read (and
+//!   the result of every prefix listing); if any changed before its commit,
+//!   it is rejected whole ([`Applied::Conflict`]) and the caller runs the
+//!   handler again on the new state. Validation and apply happen inside the
+//!   single write transaction, so they are atomic.
+//! - **Outbox rows are effects.** They are inserted with the mark and
+//!   removed ([`Write::Published`]) only after the broker acknowledged them.
 
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::oneshot;
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
+use tokio::sync::{Notify, oneshot};
+
+use crate::fault;
 
 const DEDUP: TableDefinition<(&str, &str), u64> = TableDefinition::new("dedup");
 const DEDUP_EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("dedup_expiry");
 const ATTEMPTS: TableDefinition<(&str, &str), u32> = TableDefinition::new("attempts");
+const STATE: TableDefinition<(&str, &str), (u64, &[u8])> = TableDefinition::new("state");
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// `meta` key: the version given to the last transaction that wrote state.
+const META_STATE_VERSION: &str = "state_version";
+/// `meta` key: the last outbox sequence number handed out.
+const META_OUTBOX_SEQ: &str = "outbox_seq";
 
 /// Most writes applied in one transaction.
 const MAX_BATCH: usize = 4096;
@@ -61,11 +98,153 @@ pub enum StoreError {
     Closed,
 }
 
+/// One event a handler emitted, as stored in the outbox and published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRecord {
+    /// Destination topic.
+    pub topic: String,
+    /// Message key.
+    pub key: Option<Vec<u8>>,
+    /// Message value.
+    pub payload: Vec<u8>,
+    /// Headers, including the derived `event_id`.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Format tag of an encoded [`OutboxRecord`].
+const OUTBOX_FORMAT: u8 = 1;
+
+impl OutboxRecord {
+    /// The stored form: a format byte, then length-prefixed fields.
+    pub fn encode(&self) -> Vec<u8> {
+        fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            out.extend_from_slice(bytes);
+        }
+        let mut out = Vec::with_capacity(
+            32 + self.topic.len()
+                + self.payload.len()
+                + self.key.as_ref().map_or(0, Vec::len)
+                + self
+                    .headers
+                    .iter()
+                    .map(|(n, v)| 8 + n.len() + v.len())
+                    .sum::<usize>(),
+        );
+        out.push(OUTBOX_FORMAT);
+        put(&mut out, self.topic.as_bytes());
+        match &self.key {
+            Some(key) => {
+                out.push(1);
+                put(&mut out, key);
+            }
+            None => out.push(0),
+        }
+        put(&mut out, &self.payload);
+        out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
+        for (name, value) in &self.headers {
+            put(&mut out, name.as_bytes());
+            put(&mut out, value);
+        }
+        out
+    }
+
+    /// Parses the stored form.
+    ///
+    /// # Errors
+    ///
+    /// When the bytes are not a record this version wrote.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        struct Reader<'a>(&'a [u8]);
+        impl<'a> Reader<'a> {
+            fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+                if self.0.len() < n {
+                    return Err("truncated outbox record".into());
+                }
+                let (head, rest) = self.0.split_at(n);
+                self.0 = rest;
+                Ok(head)
+            }
+            fn u32(&mut self) -> Result<u32, String> {
+                let b = self.take(4)?;
+                Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            }
+            fn bytes(&mut self) -> Result<Vec<u8>, String> {
+                let n = self.u32()? as usize;
+                Ok(self.take(n)?.to_vec())
+            }
+            fn string(&mut self) -> Result<String, String> {
+                String::from_utf8(self.bytes()?).map_err(|_| "outbox record: bad UTF-8".into())
+            }
+        }
+        let mut r = Reader(bytes);
+        let format = r.take(1)?[0];
+        if format != OUTBOX_FORMAT {
+            return Err(format!("unknown outbox record format {format}"));
+        }
+        let topic = r.string()?;
+        let key = match r.take(1)?[0] {
+            0 => None,
+            _ => Some(r.bytes()?),
+        };
+        let payload = r.bytes()?;
+        let count = r.u32()?;
+        let mut headers = Vec::new();
+        for _ in 0..count {
+            headers.push((r.string()?, r.bytes()?));
+        }
+        if !r.0.is_empty() {
+            return Err("outbox record: trailing bytes".into());
+        }
+        Ok(Self {
+            topic,
+            key,
+            payload,
+            headers,
+        })
+    }
+}
+
+/// A prefix listing a handler read, kept so that its result can be checked
+/// again at commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scan {
+    /// Keys starting with this.
+    pub prefix: String,
+    /// Keys after this one, if given.
+    pub start_after: Option<String>,
+    /// How many committed entries were fetched at most.
+    pub fetched: usize,
+    /// What was found: each key with its version.
+    pub seen: Vec<(String, u64)>,
+}
+
+/// What one successful `handle` call wants to change, applied atomically with
+/// its dedup mark.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Committed keys read, with the version seen (`None`: absent).
+    pub reads: BTreeMap<String, Option<u64>>,
+    /// Prefix listings read.
+    pub scans: Vec<Scan>,
+    /// State changes by key: a new value, or `None` to delete.
+    pub writes: BTreeMap<String, Option<Vec<u8>>>,
+    /// Events to publish, in emit order.
+    pub emits: Vec<OutboxRecord>,
+}
+
+impl Effects {
+    /// Nothing to write or publish (reads alone need no commit).
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.emits.is_empty()
+    }
+}
+
 /// One change, applied durably by the writer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
     /// The event's outcome is final (handled or dead-lettered): mark it done
-    /// until `ttl` from now and forget its attempts.
+    /// until `ttl` from now, forget its attempts, and apply `effects`.
     Finished {
         /// Handler name.
         handler: String,
@@ -73,6 +252,10 @@ pub enum Write {
         id: String,
         /// How long the mark is kept.
         ttl: Duration,
+        /// Reject the outcome if the event is already marked done.
+        dedup: bool,
+        /// The handler's state writes and emitted events.
+        effects: Option<Box<Effects>>,
     },
     /// The event failed `attempts` times so far and will be retried.
     Attempted {
@@ -83,6 +266,22 @@ pub enum Write {
         /// Failed attempts so far.
         attempts: u32,
     },
+    /// These outbox rows were acknowledged by the broker: remove them.
+    Published {
+        /// Their sequence numbers.
+        seqs: Vec<u64>,
+    },
+}
+
+/// What became of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied and durable.
+    Done,
+    /// Not applied: the event was already marked done.
+    Duplicate,
+    /// Not applied: state the handler read has changed since; run it again.
+    Conflict,
 }
 
 /// What the store knows about one event.
@@ -96,7 +295,7 @@ pub struct Seen {
 
 struct Request {
     write: Write,
-    reply: oneshot::Sender<Result<(), StoreError>>,
+    reply: oneshot::Sender<Result<Applied, StoreError>>,
 }
 
 /// Group-commit counters.
@@ -106,6 +305,8 @@ pub struct CommitStats {
     pub commits: AtomicU64,
     /// Writes applied (over all transactions).
     pub writes: AtomicU64,
+    /// Outcomes rejected because state they read had changed.
+    pub conflicts: AtomicU64,
 }
 
 /// Handle to the database; cheap to clone.
@@ -115,6 +316,7 @@ pub struct Store {
     path: Arc<PathBuf>,
     writer: mpsc::Sender<Request>,
     stats: Arc<CommitStats>,
+    outbox_ready: Arc<Notify>,
 }
 
 impl Store {
@@ -143,22 +345,35 @@ impl Store {
                 .map_err(|e| open_error(e.to_string()))?;
             txn.open_table(ATTEMPTS)
                 .map_err(|e| open_error(e.to_string()))?;
+            txn.open_table(STATE)
+                .map_err(|e| open_error(e.to_string()))?;
+            txn.open_table(OUTBOX)
+                .map_err(|e| open_error(e.to_string()))?;
+            txn.open_table(META)
+                .map_err(|e| open_error(e.to_string()))?;
         }
         txn.commit().map_err(|e| open_error(e.to_string()))?;
         let db = Arc::new(db);
         let path = Arc::new(path.to_path_buf());
         let (writer, requests) = mpsc::channel();
         let stats = Arc::new(CommitStats::default());
-        let (thread_db, thread_path, thread_stats) = (db.clone(), path.clone(), stats.clone());
+        let outbox_ready = Arc::new(Notify::new());
+        let writer_state = WriterState {
+            db: db.clone(),
+            path: path.clone(),
+            stats: stats.clone(),
+            outbox_ready: outbox_ready.clone(),
+        };
         std::thread::Builder::new()
             .name("weir-store".into())
-            .spawn(move || write_loop(&thread_db, &thread_path, &requests, &thread_stats))
+            .spawn(move || writer_state.run(&requests))
             .map_err(|e| open_error(e.to_string()))?;
         Ok(Self {
             db,
             path,
             writer,
             stats,
+            outbox_ready,
         })
     }
 
@@ -168,10 +383,7 @@ impl Store {
     }
 
     fn io(&self, err: impl std::fmt::Display) -> StoreError {
-        StoreError::Io {
-            path: self.path.to_path_buf(),
-            message: err.to_string(),
-        }
+        io_error(&self.path, err)
     }
 
     /// Looks an event up. A read transaction: never blocks on writers.
@@ -195,8 +407,66 @@ impl Store {
         Ok(Seen { done, attempts })
     }
 
+    /// A consistent snapshot of all handlers' state, as committed now.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be read.
+    pub fn state_view(&self) -> Result<StateView, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        Ok(StateView {
+            txn,
+            path: self.path.clone(),
+        })
+    }
+
+    /// Up to `limit` outbox rows with a sequence number above `after`, oldest
+    /// first. A row that cannot be decoded comes back as an error message.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be read.
+    pub fn outbox_batch(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Result<OutboxRecord, String>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let outbox = txn.open_table(OUTBOX).map_err(|e| self.io(e))?;
+        let start = match after {
+            Some(seq) => Bound::Excluded(seq),
+            None => Bound::Unbounded,
+        };
+        let mut rows = Vec::new();
+        for entry in outbox
+            .range::<u64>((start, Bound::Unbounded))
+            .map_err(|e| self.io(e))?
+            .take(limit)
+        {
+            let (seq, bytes) = entry.map_err(|e| self.io(e))?;
+            rows.push((seq.value(), OutboxRecord::decode(bytes.value())));
+        }
+        Ok(rows)
+    }
+
+    /// Emitted events not yet acknowledged by the broker.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be read.
+    pub fn outbox_len(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let outbox = txn.open_table(OUTBOX).map_err(|e| self.io(e))?;
+        outbox.len().map_err(|e| self.io(e))
+    }
+
+    /// Woken whenever a commit added outbox rows.
+    pub fn outbox_ready(&self) -> Arc<Notify> {
+        self.outbox_ready.clone()
+    }
+
     /// Applies `write` durably, together with whatever else is queued.
-    /// Returns once it is on disk.
+    /// Returns once it is on disk (or was rejected, see [`Applied`]).
     ///
     /// Cancel-safe in the sense that matters: if the future is dropped, the
     /// write may or may not be applied, exactly as if the process had
@@ -205,13 +475,102 @@ impl Store {
     /// # Errors
     ///
     /// When the transaction fails or the writer has stopped.
-    pub async fn write(&self, write: Write) -> Result<(), StoreError> {
+    pub async fn write(&self, write: Write) -> Result<Applied, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writer
             .send(Request { write, reply })
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
+}
+
+fn io_error(path: &Path, err: impl std::fmt::Display) -> StoreError {
+    StoreError::Io {
+        path: path.to_path_buf(),
+        message: err.to_string(),
+    }
+}
+
+/// A read-only snapshot of handler state (see [`Store::state_view`]).
+pub struct StateView {
+    txn: ReadTransaction,
+    path: Arc<PathBuf>,
+}
+
+/// A state entry: key, version, value.
+pub type StateEntry = (String, u64, Vec<u8>);
+
+impl StateView {
+    /// The value of `key` in `handler`'s namespace, with its version.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be read.
+    pub fn get(&self, handler: &str, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let table = self
+            .txn
+            .open_table(STATE)
+            .map_err(|e| io_error(&self.path, e))?;
+        let found = table
+            .get((handler, key))
+            .map_err(|e| io_error(&self.path, e))?;
+        Ok(found.map(|v| {
+            let (version, bytes) = v.value();
+            (version, bytes.to_vec())
+        }))
+    }
+
+    /// Up to `count` entries of `handler` whose key starts with `prefix` and
+    /// comes after `start_after`, in key order.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be read.
+    pub fn scan(
+        &self,
+        handler: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<StateEntry>, StoreError> {
+        let table = self
+            .txn
+            .open_table(STATE)
+            .map_err(|e| io_error(&self.path, e))?;
+        scan(&table, handler, prefix, start_after, count).map_err(|e| io_error(&self.path, e))
+    }
+}
+
+/// The entries a prefix listing sees; shared by reads and commit-time
+/// validation so both see exactly the same thing.
+fn scan<T>(
+    table: &T,
+    handler: &str,
+    prefix: &str,
+    start_after: Option<&str>,
+    count: usize,
+) -> Result<Vec<StateEntry>, redb::StorageError>
+where
+    T: ReadableTable<(&'static str, &'static str), (u64, &'static [u8])>,
+{
+    let start = match start_after {
+        Some(after) if after >= prefix => Bound::Excluded((handler, after)),
+        _ => Bound::Included((handler, prefix)),
+    };
+    let mut entries = Vec::new();
+    for entry in table.range::<(&str, &str)>((start, Bound::Unbounded))? {
+        if entries.len() >= count {
+            break;
+        }
+        let (key, value) = entry?;
+        let (owner, name) = key.value();
+        if owner != handler || !name.starts_with(prefix) {
+            break;
+        }
+        let (version, bytes) = value.value();
+        entries.push((name.to_string(), version, bytes.to_vec()));
+    }
+    Ok(entries)
 }
 
 fn now_ms() -> u64 {
@@ -221,57 +580,151 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The writer thread: one transaction, one fsync, per batch of requests.
-fn write_loop(db: &Database, path: &Path, requests: &mpsc::Receiver<Request>, stats: &CommitStats) {
-    while let Ok(first) = requests.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match requests.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
+/// The writer thread's handles.
+struct WriterState {
+    db: Arc<Database>,
+    path: Arc<PathBuf>,
+    stats: Arc<CommitStats>,
+    outbox_ready: Arc<Notify>,
+}
+
+impl WriterState {
+    /// One transaction, one fsync, per batch of requests.
+    fn run(&self, requests: &mpsc::Receiver<Request>) {
+        while let Ok(first) = requests.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
             }
-        }
-        let result = apply(db, &batch).map_err(|message| StoreError::Io {
-            path: path.to_path_buf(),
-            message,
-        });
-        if let Err(err) = &result {
-            tracing::error!(error = %err, writes = batch.len(), "database write failed");
-        } else {
-            stats.commits.fetch_add(1, Ordering::Relaxed);
-            stats
-                .writes
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            tracing::trace!(writes = batch.len(), "group commit");
-        }
-        for request in batch {
-            let _ = request.reply.send(result.clone());
+            let writes: Vec<&Write> = batch.iter().map(|r| &r.write).collect();
+            let result = apply(&self.db, &writes).map_err(|message| StoreError::Io {
+                path: self.path.to_path_buf(),
+                message,
+            });
+            match &result {
+                Err(err) => {
+                    tracing::error!(error = %err, writes = batch.len(), "database write failed");
+                }
+                Ok(outcome) => {
+                    // Fault point: the transaction is durable, nobody has been
+                    // told, so no offset has been stored for it.
+                    fault::point("after-commit");
+                    self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .writes
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    let conflicts = outcome
+                        .applied
+                        .iter()
+                        .filter(|a| **a == Applied::Conflict)
+                        .count();
+                    self.stats
+                        .conflicts
+                        .fetch_add(conflicts as u64, Ordering::Relaxed);
+                    if outcome.outbox_rows > 0 {
+                        self.outbox_ready.notify_one();
+                    }
+                    tracing::trace!(writes = batch.len(), "group commit");
+                }
+            }
+            for (i, request) in batch.into_iter().enumerate() {
+                let reply = match &result {
+                    Ok(outcome) => Ok(outcome.applied[i]),
+                    Err(err) => Err(err.clone()),
+                };
+                let _ = request.reply.send(reply);
+            }
         }
     }
 }
 
-fn apply(db: &Database, batch: &[Request]) -> Result<(), String> {
+/// What one batch did.
+struct BatchOutcome {
+    /// Per write, in order.
+    applied: Vec<Applied>,
+    /// Outbox rows inserted.
+    outbox_rows: usize,
+}
+
+fn apply(db: &Database, batch: &[&Write]) -> Result<BatchOutcome, String> {
+    let err = |e: redb::StorageError| e.to_string();
     let txn = db.begin_write().map_err(|e| e.to_string())?;
+    let mut applied = Vec::with_capacity(batch.len());
+    let mut outbox_rows = 0;
     {
         let mut dedup = txn.open_table(DEDUP).map_err(|e| e.to_string())?;
         let mut expiry = txn.open_table(DEDUP_EXPIRY).map_err(|e| e.to_string())?;
         let mut attempts = txn.open_table(ATTEMPTS).map_err(|e| e.to_string())?;
+        let mut state = txn.open_table(STATE).map_err(|e| e.to_string())?;
+        let mut outbox = txn.open_table(OUTBOX).map_err(|e| e.to_string())?;
+        let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+        let counter = |meta: &redb::Table<&str, u64>, name: &str| -> Result<u64, String> {
+            Ok(meta.get(name).map_err(err)?.map(|v| v.value()).unwrap_or(0))
+        };
+        // Every state value written by this transaction gets this version;
+        // versions only grow, so a changed key never looks unchanged.
+        let version = counter(&meta, META_STATE_VERSION)? + 1;
+        let mut wrote_state = false;
+        let mut outbox_seq = counter(&meta, META_OUTBOX_SEQ)?;
         let now = now_ms();
-        for request in batch {
-            match &request.write {
-                Write::Finished { handler, id, ttl } => {
-                    let expires = now.saturating_add(ttl.as_millis() as u64);
+        for write in batch {
+            match write {
+                Write::Finished {
+                    handler,
+                    id,
+                    ttl,
+                    dedup: check,
+                    effects,
+                } => {
                     let key = (handler.as_str(), id.as_str());
-                    if let Some(old) = dedup.insert(key, expires).map_err(|e| e.to_string())? {
-                        let old = old.value();
-                        expiry
-                            .remove((old, key.0, key.1))
-                            .map_err(|e| e.to_string())?;
+                    if *check {
+                        let live = dedup
+                            .get(key)
+                            .map_err(err)?
+                            .is_some_and(|expires| expires.value() > now);
+                        if live {
+                            applied.push(Applied::Duplicate);
+                            continue;
+                        }
                     }
-                    expiry
-                        .insert((expires, key.0, key.1), ())
-                        .map_err(|e| e.to_string())?;
-                    attempts.remove(key).map_err(|e| e.to_string())?;
+                    if let Some(effects) = effects.as_deref().filter(|e| !e.is_empty()) {
+                        if !still_valid(&state, handler, effects).map_err(err)? {
+                            applied.push(Applied::Conflict);
+                            continue;
+                        }
+                        for (name, value) in &effects.writes {
+                            let key = (handler.as_str(), name.as_str());
+                            match value {
+                                Some(bytes) => {
+                                    state
+                                        .insert(key, (version, bytes.as_slice()))
+                                        .map_err(err)?;
+                                }
+                                None => {
+                                    state.remove(key).map_err(err)?;
+                                }
+                            }
+                            wrote_state = true;
+                        }
+                        for record in &effects.emits {
+                            outbox_seq += 1;
+                            outbox
+                                .insert(outbox_seq, record.encode().as_slice())
+                                .map_err(err)?;
+                            outbox_rows += 1;
+                        }
+                    }
+                    let expires = now.saturating_add(ttl.as_millis() as u64);
+                    if let Some(old) = dedup.insert(key, expires).map_err(err)? {
+                        let old = old.value();
+                        expiry.remove((old, key.0, key.1)).map_err(err)?;
+                    }
+                    expiry.insert((expires, key.0, key.1), ()).map_err(err)?;
+                    attempts.remove(key).map_err(err)?;
+                    applied.push(Applied::Done);
                 }
                 Write::Attempted {
                     handler,
@@ -280,16 +733,29 @@ fn apply(db: &Database, batch: &[Request]) -> Result<(), String> {
                 } => {
                     attempts
                         .insert((handler.as_str(), id.as_str()), *count)
-                        .map_err(|e| e.to_string())?;
+                        .map_err(err)?;
+                    applied.push(Applied::Done);
+                }
+                Write::Published { seqs } => {
+                    for seq in seqs {
+                        outbox.remove(*seq).map_err(err)?;
+                    }
+                    applied.push(Applied::Done);
                 }
             }
+        }
+        if wrote_state {
+            meta.insert(META_STATE_VERSION, version).map_err(err)?;
+        }
+        if outbox_rows > 0 {
+            meta.insert(META_OUTBOX_SEQ, outbox_seq).map_err(err)?;
         }
         // Expire marks through the index (due at or before `now`, matching
         // `seen`, which treats them as gone): only entries already due are
         // visited, never the whole table.
         let due: Vec<(u64, String, String)> = expiry
             .range(..(now.saturating_add(1), "", ""))
-            .map_err(|e| e.to_string())?
+            .map_err(err)?
             .take(MAX_EXPIRED_PER_BATCH)
             .filter_map(Result::ok)
             .map(|(k, _)| {
@@ -300,19 +766,56 @@ fn apply(db: &Database, batch: &[Request]) -> Result<(), String> {
         for (at, handler, id) in &due {
             expiry
                 .remove((*at, handler.as_str(), id.as_str()))
-                .map_err(|e| e.to_string())?;
+                .map_err(err)?;
             dedup
                 .remove((handler.as_str(), id.as_str()))
-                .map_err(|e| e.to_string())?;
+                .map_err(err)?;
         }
     }
-    txn.commit().map_err(|e| e.to_string())
+    // Fault point: everything is staged but nothing is durable.
+    fault::point("before-commit");
+    txn.commit().map_err(|e| e.to_string())?;
+    Ok(BatchOutcome {
+        applied,
+        outbox_rows,
+    })
+}
+
+/// Whether everything `effects` read is still as it was: each key's
+/// version, and each listing's result.
+fn still_valid(
+    state: &redb::Table<(&str, &str), (u64, &[u8])>,
+    handler: &str,
+    effects: &Effects,
+) -> Result<bool, redb::StorageError> {
+    for (key, seen) in &effects.reads {
+        let now = state.get((handler, key.as_str()))?.map(|v| v.value().0);
+        if now != *seen {
+            return Ok(false);
+        }
+    }
+    for listing in &effects.scans {
+        let now = scan(
+            state,
+            handler,
+            &listing.prefix,
+            listing.start_after.as_deref(),
+            listing.fetched,
+        )?;
+        let unchanged = now.len() == listing.seen.len()
+            && now
+                .iter()
+                .zip(&listing.seen)
+                .all(|((k, v, _), (sk, sv))| k == sk && v == sv);
+        if !unchanged {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
 mod tests {
-    use redb::ReadableTableMetadata;
-
     use super::*;
 
     fn finished(id: &str, ttl: Duration) -> Write {
@@ -320,6 +823,8 @@ mod tests {
             handler: "h".into(),
             id: id.into(),
             ttl,
+            dedup: false,
+            effects: None,
         }
     }
 

@@ -9,7 +9,9 @@ wasmtime::component::bindgen!({
     world: "weir:handler/handler",
 });
 
+pub use weir::handler::emit::EmitError;
 pub use weir::handler::log::Level;
+pub use weir::handler::state::StateError;
 pub use weir::handler::types::RetryAfter;
 
 /// The package and version of the contract this runtime implements.

@@ -4,6 +4,7 @@
 //! instantiate (`InstancePre`); a [`HandlerInstance`] is one live instance
 //! with its own store, reused across calls until it traps.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,8 +13,12 @@ use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::EPOCH_TICK;
-use super::bindings::{Event, Handler, HandlerError, HandlerPre, Level, weir};
+use super::bindings::{
+    EmitError, Event, Handler, HandlerError, HandlerPre, Level, StateError, weir,
+};
+use super::transaction::{EmitFailure, StateFailure, Transaction};
 use crate::registry::Limits;
+use crate::store::{Effects, Store as StateStore};
 
 /// Longest log message or field value a guest can write; longer ones are cut.
 const MAX_LOG_TEXT: usize = 8 * 1024;
@@ -26,6 +31,96 @@ pub struct StoreState {
     handler: Arc<str>,
     /// The event being handled, for tagging log records.
     current: Option<(String, i32, i64)>,
+    /// Where state is read from.
+    store: Option<StateStore>,
+    /// The effects of the call in progress.
+    txn: Option<Transaction>,
+    /// The manifest's `[config]`.
+    config: Arc<BTreeMap<String, String>>,
+}
+
+impl StoreState {
+    /// The transaction of the call in progress. Outside a call (while the
+    /// component starts) there is none; state is then read-only and
+    /// nothing can be emitted, so a throwaway one serves.
+    fn txn(&mut self) -> &mut Transaction {
+        let (store, handler) = (self.store.clone(), self.handler.clone());
+        self.txn
+            .get_or_insert_with(|| Transaction::new(store, handler))
+    }
+}
+
+impl From<StateFailure> for StateError {
+    fn from(failure: StateFailure) -> Self {
+        match failure {
+            StateFailure::KeyTooLong(n) => StateError::KeyTooLong(n),
+            StateFailure::ValueTooLarge(n) => StateError::ValueTooLarge(n),
+            StateFailure::TooManyWrites(n) => StateError::TooManyWrites(n),
+            StateFailure::TransactionTooLarge(n) => StateError::TransactionTooLarge(n),
+            StateFailure::Unavailable(m) => StateError::Unavailable(m),
+        }
+    }
+}
+
+impl From<EmitFailure> for EmitError {
+    fn from(failure: EmitFailure) -> Self {
+        match failure {
+            EmitFailure::InvalidTopic(m) => EmitError::InvalidTopic(m),
+            EmitFailure::TooLarge(n) => EmitError::TooLarge(n),
+            EmitFailure::TooMany(n) => EmitError::TooMany(n),
+            EmitFailure::TransactionTooLarge(n) => EmitError::TransactionTooLarge(n),
+        }
+    }
+}
+
+impl weir::handler::state::Host for StoreState {
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.txn().get(&key)?)
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), StateError> {
+        Ok(self.txn().set(&key, value)?)
+    }
+
+    fn delete(&mut self, key: String) -> Result<(), StateError> {
+        Ok(self.txn().delete(&key)?)
+    }
+
+    fn list_prefix(
+        &mut self,
+        prefix: String,
+        start_after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        Ok(self
+            .txn()
+            .list_prefix(&prefix, start_after.as_deref(), limit)?)
+    }
+}
+
+impl weir::handler::emit::Host for StoreState {
+    fn send(
+        &mut self,
+        topic: String,
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        headers: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), EmitError> {
+        Ok(self.txn().emit(topic, key, payload, headers)?)
+    }
+}
+
+impl weir::handler::config::Host for StoreState {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.config.get(&key).cloned()
+    }
+
+    fn get_all(&mut self) -> Vec<(String, String)> {
+        self.config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
 }
 
 impl WasiView for StoreState {
@@ -89,6 +184,8 @@ pub struct CompiledHandler {
     name: Arc<str>,
     version: Arc<str>,
     limits: Limits,
+    store: Option<StateStore>,
+    config: Arc<BTreeMap<String, String>>,
 }
 
 impl CompiledHandler {
@@ -105,7 +202,22 @@ impl CompiledHandler {
             name,
             version,
             limits,
+            store: None,
+            config: Arc::default(),
         }
+    }
+
+    /// Serves state reads from `store`. Without one (as in `weir check`)
+    /// state calls fail as unavailable.
+    pub fn with_store(mut self, store: StateStore) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The values the `config` import returns.
+    pub fn with_config(mut self, config: BTreeMap<String, String>) -> Self {
+        self.config = Arc::new(config);
+        self
     }
 
     /// The handler's name (its file stem).
@@ -155,6 +267,9 @@ impl CompiledHandler {
             limits,
             handler: self.name.clone(),
             current: None,
+            store: self.store.clone(),
+            txn: None,
+            config: self.config.clone(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
@@ -179,8 +294,9 @@ fn deadline_ticks(timeout: Duration) -> u64 {
 /// What became of one call to `handle`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// `handle` returned `ok`.
-    Handled,
+    /// `handle` returned `ok`; these are its state writes and emitted
+    /// events, to be committed with the outcome.
+    Handled(Effects),
     /// `handle` returned an error, trapped, or hit a limit.
     Failed(Failure),
 }
@@ -280,18 +396,23 @@ impl HandlerInstance {
     /// guest runs (bounded by the handler's timeout): call it from a
     /// blocking thread.
     pub fn handle(&mut self, event: &Event) -> Outcome {
-        self.store.data_mut().current = Some((event.topic.clone(), event.partition, event.offset));
+        let state = self.store.data_mut();
+        state.current = Some((event.topic.clone(), event.partition, event.offset));
+        state.txn = Some(Transaction::new(state.store.clone(), state.handler.clone()));
         self.store
             .set_epoch_deadline(deadline_ticks(self.limits.timeout));
         let started = Instant::now();
         let result = self.bindings.call_handle(&mut self.store, event);
-        self.store.data_mut().current = None;
+        let state = self.store.data_mut();
+        state.current = None;
+        // Effects of a failed call are dropped here, never committed.
+        let txn = state.txn.take();
         tracing::trace!(
             elapsed_us = started.elapsed().as_micros() as u64,
             "handle returned"
         );
         match result {
-            Ok(Ok(())) => Outcome::Handled,
+            Ok(Ok(())) => Outcome::Handled(txn.map(Transaction::finish).unwrap_or_default()),
             Ok(Err(err)) => Outcome::Failed(Failure::from_handler_error(err)),
             Err(err) => {
                 Outcome::Failed(Failure::from_trap(&err, self.limits, "handling the event"))

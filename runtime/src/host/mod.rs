@@ -8,6 +8,7 @@
 mod bindings;
 mod check;
 mod instance;
+pub mod transaction;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,37 +1,9 @@
 //! Dead letters: the original message, plus headers saying who gave up on it,
 //! why, and where it came from.
 
-use std::future::Future;
 use std::time::SystemTime;
 
 use crate::host::{Event, Failure};
-use crate::source::kafka::KafkaProducer;
-
-/// Where dead letters are written.
-pub trait DeadLetters: Send + Sync + 'static {
-    /// Writes one record and returns once the broker acknowledged it.
-    fn send(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        headers: &[(String, Vec<u8>)],
-    ) -> impl Future<Output = anyhow::Result<()>> + Send;
-}
-
-impl DeadLetters for KafkaProducer {
-    async fn send(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        headers: &[(String, Vec<u8>)],
-    ) -> anyhow::Result<()> {
-        KafkaProducer::send(self, topic, key, payload, headers)
-            .await
-            .map(|_| ())
-    }
-}
 
 /// The headers added to a dead letter, after the original ones.
 pub fn headers(

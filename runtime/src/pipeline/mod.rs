@@ -12,16 +12,20 @@
 //! The invariant every path below keeps:
 //!
 //! > A message's offset is acknowledged to the source only after its outcome
-//! > is durable in the store — handled, dead-lettered (the broker
-//! > acknowledged the dead letter), or found to be a duplicate — and only as
-//! > part of a contiguous watermark (see [`offsets`]). Attempt counts are
-//! > durable before a retry is scheduled. A message abandoned at shutdown
-//! > or after its partition was revoked is never acknowledged and is
-//! > redelivered.
+//! > is durable in the store — handled (with the handler's state writes and
+//! > emitted events, in the same transaction as the dedup mark),
+//! > dead-lettered (the broker acknowledged the dead letter), or found to be
+//! > a duplicate — and only as part of a contiguous watermark (see
+//! > [`offsets`]). Attempt counts are durable before a retry is scheduled.
+//! > The effects of a failed call are never committed. A message abandoned
+//! > at shutdown or after its partition was revoked is never acknowledged
+//! > and is redelivered.
 
 pub mod decode;
 pub mod dlq;
 pub mod offsets;
+pub mod outbox;
+pub mod publish;
 pub mod retry;
 pub mod synthetic;
 #[cfg(test)]
@@ -40,9 +44,9 @@ use tokio::task::JoinSet;
 use crate::host::{CompiledHandler, Event, Failure, FailureKind, HandlerInstance, Outcome};
 use crate::registry::{Manifest, Ordering};
 use crate::source::{Message, Source};
-use crate::store::{Store, Write};
-use dlq::DeadLetters;
+use crate::store::{Applied, Effects, Store, Write};
 use offsets::Ledger;
+use publish::Publisher;
 use retry::Next;
 
 /// Creates handler instances; implemented by compiled Wasm handlers and, in
@@ -91,6 +95,8 @@ pub struct HandlerStats {
     pub dead_lettered: AtomicU64,
     /// Messages skipped because their event id was already done.
     pub duplicates: AtomicU64,
+    /// Calls run again because state they read changed before their commit.
+    pub conflicts: AtomicU64,
     /// Failed attempts that were retried.
     pub retries: AtomicU64,
     /// Time spent inside `handle`, in microseconds, over all attempts.
@@ -149,7 +155,7 @@ struct Done {
 }
 
 /// Everything a message task needs, shared by all tasks of one worker.
-struct Shared<F: HandlerFactory, D: DeadLetters> {
+struct Shared<F: HandlerFactory, D: Publisher> {
     name: String,
     manifest: Manifest,
     factory: F,
@@ -162,12 +168,12 @@ struct Shared<F: HandlerFactory, D: DeadLetters> {
 }
 
 /// Serves one handler.
-pub struct Worker<S: Source, F: HandlerFactory, D: DeadLetters> {
+pub struct Worker<S: Source, F: HandlerFactory, D: Publisher> {
     source: S,
     shared: Arc<Shared<F, D>>,
 }
 
-impl<S: Source, F: HandlerFactory, D: DeadLetters> Worker<S, F, D> {
+impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
     /// A worker for handler `name`: consuming from `source` (which reports
     /// partition ownership to `ledger`), calling instances of `factory`,
     /// recording outcomes in `store`, dead-lettering to `dead_letters`, and
@@ -308,7 +314,7 @@ fn finish<S: Source>(source: &S, ledger: &Ledger, done: &Done) {
 }
 
 /// One message from dedup to durable outcome.
-async fn process<F: HandlerFactory, D: DeadLetters>(
+async fn process<F: HandlerFactory, D: Publisher>(
     shared: Arc<Shared<F, D>>,
     lane: Lane,
     message: Message,
@@ -326,7 +332,7 @@ async fn process<F: HandlerFactory, D: DeadLetters>(
     }
 }
 
-async fn deliver<F: HandlerFactory, D: DeadLetters>(
+async fn deliver<F: HandlerFactory, D: Publisher>(
     shared: &Arc<Shared<F, D>>,
     message: Message,
     generation: u64,
@@ -360,6 +366,8 @@ async fn deliver<F: HandlerFactory, D: DeadLetters>(
         return Ending::Finished;
     }
     let mut event = Arc::new(decode::to_event(message, id, seen.attempts + 1));
+    // Runs of this attempt rejected because state they read had changed.
+    let mut conflicts = 0u64;
     loop {
         if event.attempt > manifest.retry.max_attempts {
             // The attempts were used up before a restart.
@@ -373,12 +381,47 @@ async fn deliver<F: HandlerFactory, D: DeadLetters>(
             };
             return dead_letter(shared, &event, &failure, generation).await;
         }
-        let outcome = invoke(shared, event.clone()).await;
-        let failure = match outcome {
-            Outcome::Handled => {
-                shared.stats.handled.fetch_add(1, AtomicOrdering::Relaxed);
-                return record_finished(shared, &event).await;
-            }
+        let failure = match invoke(shared, event.clone()).await {
+            Outcome::Handled(effects) => match commit(shared, &event, effects).await {
+                Committed::Yes => {
+                    shared.stats.handled.fetch_add(1, AtomicOrdering::Relaxed);
+                    return Ending::Finished;
+                }
+                Committed::Duplicate => {
+                    // Another delivery of this event committed first; its
+                    // effects stand, this one's are dropped.
+                    shared
+                        .stats
+                        .duplicates
+                        .fetch_add(1, AtomicOrdering::Relaxed);
+                    tracing::debug!(handler = name, event_id = %event.id, "duplicate found at commit; its effects were dropped");
+                    return Ending::Finished;
+                }
+                Committed::Conflict => {
+                    conflicts += 1;
+                    shared.stats.conflicts.fetch_add(1, AtomicOrdering::Relaxed);
+                    if conflicts < MAX_CONFLICTS {
+                        // Run again at once on the new state; back off a
+                        // little when it keeps colliding.
+                        if conflicts > 2 {
+                            let delay = Duration::from_millis(fastrand::u64(1..=conflicts.min(50)));
+                            if !pause(shared.shutdown.clone(), delay).await {
+                                return Ending::Abandoned;
+                            }
+                        }
+                        continue;
+                    }
+                    conflicts = 0;
+                    Failure {
+                        kind: FailureKind::Retryable,
+                        message: format!(
+                            "state conflict: {MAX_CONFLICTS} runs in a row read state that another event changed before they could commit"
+                        ),
+                        poisoned: false,
+                    }
+                }
+                Committed::No => return Ending::Abandoned,
+            },
             Outcome::Failed(failure) => failure,
         };
         let requested = match failure.kind {
@@ -424,32 +467,69 @@ async fn deliver<F: HandlerFactory, D: DeadLetters>(
     }
 }
 
-/// Marks the event done (dedup mark, attempts cleared) durably. Without
-/// deduplication there is nothing to record unless attempts were persisted.
-async fn record_finished<F: HandlerFactory, D: DeadLetters>(
+/// Most runs of one attempt rejected for conflicts before the attempt
+/// counts as failed.
+const MAX_CONFLICTS: u64 = 100;
+
+/// What became of committing a handled event.
+enum Committed {
+    /// Durable with its effects.
+    Yes,
+    /// The event was already done; nothing applied.
+    Duplicate,
+    /// State it read changed meanwhile; nothing applied, run it again.
+    Conflict,
+    /// The store failed; leave the message for redelivery.
+    No,
+}
+
+/// Commits a handled event: its dedup mark, cleared attempts, state writes
+/// and emitted events, in one transaction. Without deduplication and
+/// without effects there is nothing to record unless attempts were
+/// persisted.
+async fn commit<F: HandlerFactory, D: Publisher>(
     shared: &Shared<F, D>,
     event: &Event,
-) -> Ending {
-    if !shared.manifest.dedup.enabled && event.attempt == 1 {
-        return Ending::Finished;
+    mut effects: Effects,
+) -> Committed {
+    let dedup = shared.manifest.dedup.enabled;
+    if !dedup && event.attempt == 1 && effects.is_empty() {
+        return Committed::Yes;
     }
+    outbox::stamp(&shared.name, &event.id, &mut effects.emits);
     let write = Write::Finished {
         handler: shared.name.clone(),
         id: event.id.clone(),
         ttl: shared.manifest.dedup.ttl,
+        dedup,
+        effects: (!effects.is_empty()).then(|| Box::new(effects)),
     };
     match shared.store.write(write).await {
-        Ok(()) => Ending::Finished,
+        Ok(Applied::Done) => Committed::Yes,
+        Ok(Applied::Duplicate) => Committed::Duplicate,
+        Ok(Applied::Conflict) => Committed::Conflict,
         Err(err) => {
             tracing::error!(handler = %shared.name, error = %err, "cannot record the outcome; message left for redelivery");
-            Ending::Abandoned
+            Committed::No
         }
+    }
+}
+
+/// Marks a dead-lettered event done (dedup mark, attempts cleared).
+async fn record_dead_letter<F: HandlerFactory, D: Publisher>(
+    shared: &Shared<F, D>,
+    event: &Event,
+) -> Ending {
+    match commit(shared, event, Effects::default()).await {
+        // A duplicate here means another delivery finished first: done.
+        Committed::Yes | Committed::Duplicate => Ending::Finished,
+        Committed::Conflict | Committed::No => Ending::Abandoned,
     }
 }
 
 /// Calls the handler on a blocking thread with a pooled instance (or a new
 /// one), returning the instance to the pool unless the call poisoned it.
-async fn invoke<F: HandlerFactory, D: DeadLetters>(
+async fn invoke<F: HandlerFactory, D: Publisher>(
     shared: &Arc<Shared<F, D>>,
     event: Arc<Event>,
 ) -> Outcome {
@@ -498,7 +578,7 @@ async fn invoke<F: HandlerFactory, D: DeadLetters>(
 /// Produces the dead letter, waits for the broker's acknowledgement
 /// (retrying the produce until it succeeds, shutdown, or revocation), then
 /// records the outcome.
-async fn dead_letter<F: HandlerFactory, D: DeadLetters>(
+async fn dead_letter<F: HandlerFactory, D: Publisher>(
     shared: &Arc<Shared<F, D>>,
     event: &Event,
     failure: &Failure,
@@ -534,7 +614,7 @@ async fn dead_letter<F: HandlerFactory, D: DeadLetters>(
                 tracing::warn!(handler = name, topic = %event.topic, partition = event.partition,
                     offset = event.offset, event_id = %event.id, attempts = event.attempt,
                     kind = failure.kind.as_str(), error = %failure.message, dlq = %topic, "dead-lettered");
-                return record_finished(shared, event).await;
+                return record_dead_letter(shared, event).await;
             }
             Err(err) => {
                 tracing::error!(handler = name, dlq = %topic, error = %err, retry_in_ms = backoff.as_millis() as u64,

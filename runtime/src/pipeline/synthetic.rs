@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use super::dlq::DeadLetters;
+use super::publish::Publisher;
 use super::offsets::Ledger;
 use super::{HandlerCall, HandlerFactory};
 use crate::host::{Event, Failure, Outcome};
@@ -130,28 +130,58 @@ impl Source for SyntheticSource {
     }
 }
 
-/// A dead letter as written: its topic and headers.
-pub type DeadLetter = (String, Vec<(String, Vec<u8>)>);
-
-/// Dead letters kept in memory.
-#[derive(Clone, Default)]
-pub struct MemoryDeadLetters {
-    /// What was written.
-    pub written: Arc<Mutex<Vec<DeadLetter>>>,
+/// A record as published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// Destination topic.
+    pub topic: String,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Value.
+    pub payload: Vec<u8>,
+    /// Headers.
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
-impl DeadLetters for MemoryDeadLetters {
-    async fn send(
-        &self,
-        topic: &str,
-        _key: Option<&[u8]>,
-        _payload: &[u8],
-        headers: &[(String, Vec<u8>)],
-    ) -> anyhow::Result<()> {
+/// A publisher that keeps records in memory; it can be told to fail.
+#[derive(Clone, Default)]
+pub struct MemoryPublisher {
+    /// What was published, in order.
+    pub written: Arc<Mutex<Vec<Published>>>,
+    /// While set, every send fails.
+    pub failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MemoryPublisher {
+    /// A copy of what was published.
+    pub fn records(&self) -> Vec<Published> {
         self.written
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((topic.to_string(), headers.to_vec()));
+            .clone()
+    }
+}
+
+impl Publisher for MemoryPublisher {
+    async fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: &[(String, Vec<u8>)],
+    ) -> anyhow::Result<()> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            anyhow::bail!("broker unavailable (simulated)");
+        }
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Published {
+                topic: topic.to_string(),
+                key: key.map(<[u8]>::to_vec),
+                payload: payload.to_vec(),
+                headers: headers.to_vec(),
+            });
         Ok(())
     }
 }

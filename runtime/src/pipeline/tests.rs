@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::synthetic::{MemoryDeadLetters, NativeHandler, SyntheticSource, message};
+use super::synthetic::{MemoryPublisher, NativeHandler, SyntheticSource, message};
 use super::*;
 use crate::registry::Manifest;
 
 struct Harness {
     source: SyntheticSource,
-    dead: MemoryDeadLetters,
+    dead: MemoryPublisher,
     stats: Arc<HandlerStats>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -33,7 +33,7 @@ where
     let store = Store::open(&dir.path().join("weir.redb")).expect("store");
     let ledger = Arc::new(Ledger::default());
     let source = SyntheticSource::new(ledger.clone());
-    let dead = MemoryDeadLetters::default();
+    let dead = MemoryPublisher::default();
     let stats = Arc::new(HandlerStats::default());
     let (stop, shutdown) = watch::channel(false);
     let worker = Worker::new(
@@ -80,7 +80,7 @@ impl Harness {
 }
 
 fn ok() -> Outcome {
-    Outcome::Handled
+    Outcome::Handled(Effects::default())
 }
 
 fn retryable(message: &str) -> Outcome {
@@ -248,7 +248,7 @@ async fn exhausted_and_permanent_failures_are_dead_lettered_then_acknowledged() 
         message("t", 0, 2, "good", None),
     ]);
     h.wait_finished(3).await;
-    let dead = h.dead.written.lock().expect("lock").clone();
+    let dead = h.dead.records();
     let source = h.stop().await;
     assert_eq!(source.acked()[&("t".to_string(), 0)], 3);
     assert_eq!(dead.len(), 2);
@@ -258,8 +258,9 @@ async fn exhausted_and_permanent_failures_are_dead_lettered_then_acknowledged() 
             .find(|(n, _)| n == name)
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     };
-    for (topic, headers) in &dead {
-        assert_eq!(topic, "t.dlq");
+    for record in &dead {
+        let headers = &record.headers;
+        assert_eq!(record.topic, "t.dlq");
         match header(headers, "weir.origin.offset").as_deref() {
             Some("0") => assert_eq!(header(headers, "weir.attempts").as_deref(), Some("3")),
             Some("1") => assert_eq!(header(headers, "weir.attempts").as_deref(), Some("1")),

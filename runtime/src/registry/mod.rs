@@ -144,7 +144,16 @@ pub fn load(
         .map_err(|source| LoadError::Check {
             path: wasm_path.to_path_buf(),
             source,
-        })?;
+        })?
+        .with_config(manifest.config.clone());
+    let has_effects = compiled.imports().iter().any(|import| {
+        import.starts_with("weir:handler/state@") || import.starts_with("weir:handler/emit@")
+    });
+    if has_effects && !manifest.dedup.enabled {
+        tracing::warn!(handler = %name, manifest = %manifest_path.display(),
+            "the handler uses state or emit but [dedup] enabled = false: a message redelivered \
+             after a crash applies its state writes and emits again. Enable dedup for exactly-once effects");
+    }
     Ok(LoadedHandler {
         name,
         wasm_path: wasm_path.to_path_buf(),
