@@ -223,9 +223,8 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
 }
 
 fn state(config: &Config, action: StateAction) -> anyhow::Result<()> {
-    let store = open_store(config).context(
-        "cannot read the state (is weir running on this data_dir? stop it first)",
-    )?;
+    let store = open_store(config)
+        .context("cannot read the state (is weir running on this data_dir? stop it first)")?;
     let view = store.state_view()?;
     let show = |value: &[u8]| match std::str::from_utf8(value) {
         Ok(text) => text.to_string(),

@@ -172,7 +172,9 @@ impl Runtime {
             .await
             .is_err()
         {
-            tracing::warn!("the outbox relay did not finish in time; remaining events are published on the next start");
+            tracing::warn!(
+                "the outbox relay did not finish in time; remaining events are published on the next start"
+            );
             self.relay.abort();
         }
     }

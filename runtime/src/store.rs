@@ -430,7 +430,7 @@ impl Store {
         &self,
         after: Option<u64>,
         limit: usize,
-    ) -> Result<Vec<(u64, Result<OutboxRecord, String>)>, StoreError> {
+    ) -> Result<Vec<OutboxRow>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.io(e))?;
         let outbox = txn.open_table(OUTBOX).map_err(|e| self.io(e))?;
         let start = match after {
@@ -496,6 +496,10 @@ pub struct StateView {
     txn: ReadTransaction,
     path: Arc<PathBuf>,
 }
+
+/// An outbox row: its sequence number and its record (or why it cannot be
+/// decoded).
+pub type OutboxRow = (u64, Result<OutboxRecord, String>);
 
 /// A state entry: key, version, value.
 pub type StateEntry = (String, u64, Vec<u8>);
@@ -767,9 +771,7 @@ fn apply(db: &Database, batch: &[&Write]) -> Result<BatchOutcome, String> {
             expiry
                 .remove((*at, handler.as_str(), id.as_str()))
                 .map_err(err)?;
-            dedup
-                .remove((handler.as_str(), id.as_str()))
-                .map_err(err)?;
+            dedup.remove((handler.as_str(), id.as_str())).map_err(err)?;
         }
     }
     // Fault point: everything is staged but nothing is durable.

@@ -361,8 +361,15 @@ mod tests {
             .expect("emit");
         assert_eq!(commit(&store, "e1", first).await, Applied::Done);
         assert_eq!(commit(&store, "e2", second).await, Applied::Conflict);
-        assert_eq!(store.outbox_len().expect("len"), 0, "the loser emitted nothing");
-        assert!(!store.seen("h", "e2").expect("seen").done, "nor was it marked");
+        assert_eq!(
+            store.outbox_len().expect("len"),
+            0,
+            "the loser emitted nothing"
+        );
+        assert!(
+            !store.seen("h", "e2").expect("seen").done,
+            "nor was it marked"
+        );
         // Run again on the new state: it commits.
         let mut again = txn(&store);
         assert_eq!(again.get("n").expect("get"), Some(b"1".to_vec()));
@@ -484,7 +491,9 @@ mod tests {
         }
         assert_eq!(
             result,
-            Err(StateFailure::TransactionTooLarge(MAX_TRANSACTION_BYTES as u32))
+            Err(StateFailure::TransactionTooLarge(
+                MAX_TRANSACTION_BYTES as u32
+            ))
         );
     }
 }

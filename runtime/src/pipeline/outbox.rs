@@ -14,10 +14,13 @@
 //!   consumer that deduplicates by it (as Weir does by default) sees each
 //!   emitted event once.
 //! - Rows are published in the order they were committed, through an
-//!   idempotent producer, so events for one partition keep their order
-//!   unless a publish fails and is retried later.
+//!   idempotent producer. When a publish to a topic fails, that topic's
+//!   rows wait (with backoff) and are retried from the oldest, so a topic's
+//!   events keep their order; other topics go on. (Rows of the failing
+//!   topic that were already in flight in the same round and succeeded are
+//!   the exception: they may land before the one that failed.)
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -94,8 +97,11 @@ pub struct Relay<P: Publisher> {
     store: Store,
     publisher: P,
     stats: Arc<RelayStats>,
-    /// Rows that failed: when to try again, and the delay after that.
-    retry: HashMap<u64, (Instant, Duration)>,
+    /// Topics whose last publish failed: when to try again, and the delay
+    /// after that.
+    blocked: HashMap<String, (Instant, Duration)>,
+    /// Rows this version cannot decode; left in place, never published.
+    unreadable: HashSet<u64>,
 }
 
 impl<P: Publisher> Relay<P> {
@@ -105,7 +111,8 @@ impl<P: Publisher> Relay<P> {
             store,
             publisher,
             stats,
-            retry: HashMap::new(),
+            blocked: HashMap::new(),
+            unreadable: HashSet::new(),
         }
     }
 
@@ -116,7 +123,10 @@ impl<P: Publisher> Relay<P> {
         match self.store.outbox_len() {
             Ok(0) => {}
             Ok(pending) => {
-                tracing::info!(pending, "publishing emitted events left from before the restart")
+                tracing::info!(
+                    pending,
+                    "publishing emitted events left from before the restart"
+                )
             }
             Err(err) => tracing::error!(error = %err, "cannot read the outbox"),
         }
@@ -136,7 +146,7 @@ impl<P: Publisher> Relay<P> {
                 }
             }
         }
-        self.retry.clear();
+        self.blocked.clear();
         self.round().await;
         match self.store.outbox_len() {
             Ok(0) => tracing::debug!("outbox empty"),
@@ -151,36 +161,18 @@ impl<P: Publisher> Relay<P> {
     /// Publishes what is due. Returns how long to wait for more (`None`:
     /// go again at once, there may be more).
     async fn round(&mut self) -> Option<Duration> {
-        let rows = match self.store.outbox_batch(None, BATCH) {
-            Ok(rows) => rows,
+        let now = Instant::now();
+        let (due, more) = match self.due(now) {
+            Ok(found) => found,
             Err(err) => {
                 tracing::error!(error = %err, "cannot read the outbox");
                 return Some(FIRST_BACKOFF);
             }
         };
-        let full = rows.len() == BATCH;
-        let now = Instant::now();
-        let mut due = Vec::new();
-        let mut next_retry: Option<Instant> = None;
-        for (seq, row) in rows {
-            if let Some((at, _)) = self.retry.get(&seq)
-                && *at > now
-            {
-                next_retry = Some(next_retry.map_or(*at, |n| n.min(*at)));
-                continue;
-            }
-            match row {
-                Ok(record) => due.push((seq, record)),
-                Err(err) => {
-                    // Not publishable by this version; kept, never dropped.
-                    tracing::error!(seq, error = %err, "unreadable outbox row left in place");
-                    self.retry.insert(seq, (now + MAX_BACKOFF, MAX_BACKOFF));
-                }
-            }
-        }
         if due.is_empty() {
             let idle = Duration::from_secs(1);
-            return Some(next_retry.map_or(idle, |at| at.saturating_duration_since(now).min(idle)));
+            let next = self.blocked.values().map(|(at, _)| *at).min();
+            return Some(next.map_or(idle, |at| at.saturating_duration_since(now).min(idle)));
         }
         // Hand every record to the producer in commit order, then wait for
         // all acknowledgements.
@@ -190,22 +182,28 @@ impl<P: Publisher> Relay<P> {
         }))
         .await;
         let mut published = Vec::new();
+        let mut failed: HashSet<&str> = HashSet::new();
         for ((seq, record), result) in due.iter().zip(results) {
             match result {
-                Ok(()) => {
-                    published.push(*seq);
-                    self.retry.remove(seq);
-                }
+                Ok(()) => published.push(*seq),
                 Err(err) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    let backoff = self
-                        .retry
-                        .get(seq)
-                        .map_or(FIRST_BACKOFF, |(_, b)| (*b * 2).min(MAX_BACKOFF));
-                    tracing::error!(topic = %record.topic, seq, error = %err, retry_in_ms = backoff.as_millis() as u64,
-                        "cannot publish an emitted event; it stays in the outbox");
-                    self.retry.insert(*seq, (Instant::now() + backoff, backoff));
+                    if failed.insert(&record.topic) {
+                        let backoff = self
+                            .blocked
+                            .get(&record.topic)
+                            .map_or(FIRST_BACKOFF, |(_, b)| (*b * 2).min(MAX_BACKOFF));
+                        tracing::error!(topic = %record.topic, seq, error = %err, retry_in_ms = backoff.as_millis() as u64,
+                            "cannot publish an emitted event; it and the later ones for its topic stay in the outbox");
+                        self.blocked
+                            .insert(record.topic.clone(), (Instant::now() + backoff, backoff));
+                    }
                 }
+            }
+        }
+        for (_, record) in &due {
+            if !failed.contains(record.topic.as_str()) {
+                self.blocked.remove(&record.topic);
             }
         }
         if published.is_empty() {
@@ -221,13 +219,121 @@ impl<P: Publisher> Relay<P> {
             return Some(FIRST_BACKOFF);
         }
         self.stats.published.fetch_add(count, Ordering::Relaxed);
-        (!full && self.retry.is_empty()).then_some(Duration::from_secs(1))
+        (!more).then_some(Duration::from_secs(1))
+    }
+
+    /// Up to [`BATCH`] rows to publish now, oldest first, skipping blocked
+    /// topics and unreadable rows; and whether more rows may be waiting.
+    fn due(
+        &mut self,
+        now: Instant,
+    ) -> Result<(Vec<(u64, OutboxRecord)>, bool), crate::store::StoreError> {
+        let mut due = Vec::new();
+        let mut after = None;
+        loop {
+            let rows = self.store.outbox_batch(after, BATCH)?;
+            let exhausted = rows.len() < BATCH;
+            for (seq, row) in rows {
+                after = Some(seq);
+                if self.unreadable.contains(&seq) {
+                    continue;
+                }
+                match row {
+                    Ok(record) => {
+                        let blocked = self
+                            .blocked
+                            .get(&record.topic)
+                            .is_some_and(|(at, _)| *at > now);
+                        if !blocked {
+                            due.push((seq, record));
+                            if due.len() == BATCH {
+                                return Ok((due, true));
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        tracing::error!(seq, error = %err, "unreadable outbox row left in place");
+                        self.unreadable.insert(seq);
+                    }
+                }
+            }
+            if exhausted {
+                return Ok((due, false));
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::synthetic::MemoryPublisher;
+    use crate::store::Effects;
+
+    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_are_published_in_order_and_removed_only_once_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("weir.redb")).expect("open");
+        let publisher = MemoryPublisher::default();
+        publisher.failing.store(true, Ordering::Relaxed);
+        let stats = Arc::new(RelayStats::default());
+        let (stop, stopped) = watch::channel(false);
+        let relay =
+            tokio::spawn(Relay::new(store.clone(), publisher.clone(), stats.clone()).run(stopped));
+        for i in 0..20u32 {
+            let mut emits = vec![OutboxRecord {
+                topic: "out".into(),
+                key: Some(b"k".to_vec()),
+                payload: i.to_string().into_bytes(),
+                headers: vec![],
+            }];
+            stamp("h", &format!("e{i}"), &mut emits);
+            let write = Write::Finished {
+                handler: "h".into(),
+                id: format!("e{i}"),
+                ttl: Duration::from_secs(60),
+                dedup: true,
+                effects: Some(Box::new(Effects {
+                    emits,
+                    ..Effects::default()
+                })),
+            };
+            store.write(write).await.expect("write");
+        }
+        // The broker refuses: nothing is removed.
+        wait_for("a failed publish", || {
+            stats.failures.load(Ordering::Relaxed) > 0
+        })
+        .await;
+        assert_eq!(store.outbox_len().expect("len"), 20);
+        // It recovers: everything goes out, in commit order, then the rows go.
+        publisher.failing.store(false, Ordering::Relaxed);
+        wait_for("an empty outbox", || store.outbox_len().ok() == Some(0)).await;
+        let _ = stop.send(true);
+        relay.await.expect("relay");
+        let records = publisher.records();
+        let payloads: Vec<String> = records
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+            .collect();
+        let expected: Vec<String> = (0..20).map(|i: u32| i.to_string()).collect();
+        assert_eq!(payloads, expected);
+        assert_eq!(stats.published.load(Ordering::Relaxed), 20);
+        let first_id = records[0]
+            .headers
+            .iter()
+            .find(|(n, _)| n == EVENT_ID_HEADER)
+            .map(|(_, v)| v.clone());
+        assert_eq!(first_id, Some(emitted_event_id("h", "e0", 0).into_bytes()));
+    }
 
     #[test]
     fn ids_are_deterministic_and_distinct() {
@@ -238,7 +344,10 @@ mod tests {
         assert_ne!(a, emitted_event_id("h2", "e1", 0));
         assert_ne!(a, emitted_event_id("h", "e2", 0));
         // Length-prefixed, so the parts cannot slide into each other.
-        assert_ne!(emitted_event_id("ab", "c", 0), emitted_event_id("a", "bc", 0));
+        assert_ne!(
+            emitted_event_id("ab", "c", 0),
+            emitted_event_id("a", "bc", 0)
+        );
     }
 
     #[test]
@@ -260,7 +369,10 @@ mod tests {
                 .find(|(n, _)| n == EVENT_ID_HEADER)
                 .map(|(_, v)| v.clone())
         };
-        assert_eq!(id(&emits[0]), Some(emitted_event_id("h", "src", 0).into_bytes()));
+        assert_eq!(
+            id(&emits[0]),
+            Some(emitted_event_id("h", "src", 0).into_bytes())
+        );
         assert_eq!(id(&emits[1]), Some(b"mine".to_vec()));
         assert!(
             emits[0]

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use super::publish::Publisher;
 use super::offsets::Ledger;
+use super::publish::Publisher;
 use super::{HandlerCall, HandlerFactory};
 use crate::host::{Event, Failure, Outcome};
 use crate::source::{Message, Source};

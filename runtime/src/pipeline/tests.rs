@@ -9,10 +9,12 @@ use tokio::sync::watch;
 
 use super::synthetic::{MemoryPublisher, NativeHandler, SyntheticSource, message};
 use super::*;
+use crate::host::transaction::Transaction;
 use crate::registry::Manifest;
 
 struct Harness {
     source: SyntheticSource,
+    store: Store,
     dead: MemoryPublisher,
     stats: Arc<HandlerStats>,
     stop: watch::Sender<bool>,
@@ -29,8 +31,25 @@ fn start<F>(manifest: Manifest, handler: F) -> Harness
 where
     F: Fn(&Event) -> Outcome + Send + Sync + 'static,
 {
+    start_with_state(manifest, move |event, _| handler(event))
+}
+
+/// Like [`start`], for handlers that use state: they get a fresh
+/// transaction per call and return its effects.
+fn start_with_state<F>(manifest: Manifest, handler: F) -> Harness
+where
+    F: Fn(&Event, &mut Transaction) -> Outcome + Send + Sync + 'static,
+{
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("weir.redb")).expect("store");
+    let state = store.clone();
+    let handler = move |event: &Event| {
+        let mut txn = Transaction::new(Some(state.clone()), "h".into());
+        match handler(event, &mut txn) {
+            Outcome::Handled(_) => Outcome::Handled(txn.finish()),
+            failed => failed,
+        }
+    };
     let ledger = Arc::new(Ledger::default());
     let source = SyntheticSource::new(ledger.clone());
     let dead = MemoryPublisher::default();
@@ -42,7 +61,7 @@ where
         NativeHandler::new(handler),
         source.clone(),
         ledger,
-        store,
+        store.clone(),
         dead.clone(),
         stats.clone(),
         shutdown,
@@ -50,6 +69,7 @@ where
     let task = tokio::spawn(worker.run());
     Harness {
         source,
+        store,
         dead,
         stats,
         stop,
@@ -319,4 +339,95 @@ async fn nothing_is_handled_or_acknowledged_for_a_revoked_partition() {
         "acknowledged past the revocation"
     );
     assert_eq!(source.acked().get(&("t".to_string(), 1)), Some(&2));
+}
+
+fn counter(txn: &mut Transaction, key: &str) -> u64 {
+    txn.get(key)
+        .expect("get")
+        .map(|v| String::from_utf8_lossy(&v).parse().expect("number"))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn effects_of_a_failed_call_are_dropped_and_of_a_successful_one_kept() {
+    let h = start_with_state(
+        manifest("[retry]\ninitial_delay = \"1ms\"\njitter = 0.0"),
+        |event, txn| {
+            let n = counter(txn, "n") + 1;
+            txn.set("n", n.to_string().into_bytes()).expect("set");
+            txn.emit("out".into(), None, n.to_string().into_bytes(), vec![])
+                .expect("emit");
+            // Every event fails its first attempt after writing.
+            if event.attempt == 1 {
+                retryable("first attempt fails")
+            } else {
+                ok()
+            }
+        },
+    );
+    h.source.push((0..5).map(|o| message("t", 0, o, "k", None)));
+    h.wait_finished(5).await;
+    let store = h.store.clone();
+    h.stop().await;
+    let view = store.state_view().expect("view");
+    let (_, n) = view.get("h", "n").expect("get").expect("present");
+    assert_eq!(n, b"5", "only the successful attempts counted");
+    let rows = store.outbox_batch(None, 100).expect("outbox");
+    let payloads: Vec<Vec<u8>> = rows
+        .into_iter()
+        .map(|(_, r)| r.expect("decodes").payload)
+        .collect();
+    let expected: Vec<Vec<u8>> = (1..=5).map(|n: i32| n.to_string().into_bytes()).collect();
+    assert_eq!(payloads, expected, "one emitted event per event, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_read_modify_writes_of_one_key_lose_no_update() {
+    // Every message has its own lane, so all of them race on "total".
+    let h = start_with_state(
+        manifest("ordering = \"none\"\nmax_in_flight = 64"),
+        |_, txn| {
+            let n = counter(txn, "total") + 1;
+            // Widen the window between read and commit.
+            std::thread::sleep(Duration::from_micros(300));
+            txn.set("total", n.to_string().into_bytes()).expect("set");
+            ok()
+        },
+    );
+    h.source
+        .push((0..200).map(|o| message("t", (o % 2) as i32, o / 2, &format!("k{o}"), None)));
+    h.wait_finished(200).await;
+    let conflicts = h.stats.conflicts.load(AtomicOrdering::Relaxed);
+    let store = h.store.clone();
+    h.stop().await;
+    let view = store.state_view().expect("view");
+    let (_, total) = view.get("h", "total").expect("get").expect("present");
+    assert_eq!(total, b"200");
+    assert!(conflicts > 0, "the test never raced; it shows nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_event_applies_its_effects_once() {
+    let h = start_with_state(manifest(""), |_, txn| {
+        let n = counter(txn, "n") + 1;
+        txn.set("n", n.to_string().into_bytes()).expect("set");
+        ok()
+    });
+    // The same event id on two keys: they may run at once, and the commit
+    // decides.
+    h.source.push([
+        message("t", 0, 0, "a", Some("same")),
+        message("t", 0, 1, "b", Some("same")),
+        message("t", 0, 2, "c", Some("other")),
+    ]);
+    h.wait_finished(3).await;
+    let store = h.store.clone();
+    h.stop().await;
+    let (_, n) = store
+        .state_view()
+        .expect("view")
+        .get("h", "n")
+        .expect("get")
+        .expect("present");
+    assert_eq!(n, b"2");
 }
