@@ -94,7 +94,13 @@ enum Command {
     /// locked: stop it first (Ctrl-C commits everything in flight).
     State {
         /// Configuration file naming the data directory.
-        #[arg(long, short, default_value = "config/weir.toml", env = "WEIR_CONFIG")]
+        #[arg(
+            long,
+            short,
+            global = true,
+            default_value = "config/weir.toml",
+            env = "WEIR_CONFIG"
+        )]
         config: PathBuf,
         #[command(subcommand)]
         action: StateAction,

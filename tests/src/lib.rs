@@ -14,7 +14,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::Value;
 
 /// Integration tests share two cores: run them one at a time.
@@ -523,7 +523,7 @@ impl Deployment {
         );
         let path = self.dir.path().join(format!("weir-{label}.toml"));
         std::fs::write(&path, config)?;
-        WeirProcess::spawn(&path, &self.dir.path().join(format!("{label}.log")))
+        WeirProcess::spawn(&path, &self.dir.path().join(format!("{label}.log")), &[])
     }
 
     /// Starts `weir run` on this deployment.
@@ -532,10 +532,59 @@ impl Deployment {
     ///
     /// When the binary is missing or cannot start.
     pub fn start(&self, label: &str) -> Result<WeirProcess> {
+        self.start_with_env(label, &[])
+    }
+
+    /// Starts `weir run` with extra environment variables (e.g.
+    /// `WEIR_FAULT`).
+    ///
+    /// # Errors
+    ///
+    /// When the binary is missing or cannot start.
+    pub fn start_with_env(&self, label: &str, env: &[(&str, &str)]) -> Result<WeirProcess> {
         WeirProcess::spawn(
             &self.dir.path().join("weir.toml"),
             &self.dir.path().join(format!("{label}.log")),
+            env,
         )
+    }
+
+    /// Appends `text` to the configuration file (e.g. a
+    /// `[source.kafka.properties]` table).
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be written.
+    pub fn append_config(&self, text: &str) -> Result<()> {
+        let path = self.dir.path().join("weir.toml");
+        let mut config = std::fs::read_to_string(&path)?;
+        config.push_str(text);
+        std::fs::write(path, config)?;
+        Ok(())
+    }
+
+    /// Runs `weir <args> --config <this deployment's config>` to completion
+    /// and returns its standard output.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot run or exits with a failure (its stderr is included).
+    pub fn weir(&self, args: &[&str]) -> Result<String> {
+        let output = Command::new(weir_binary()?)
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("weir.toml"))
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run weir")?;
+        ensure!(
+            output.status.success(),
+            "weir {} exited with {}: {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 }
 
@@ -576,11 +625,12 @@ fn weir_binary() -> Result<PathBuf> {
 }
 
 impl WeirProcess {
-    fn spawn(config: &Path, log: &Path) -> Result<Self> {
+    fn spawn(config: &Path, log: &Path, env: &[(&str, &str)]) -> Result<Self> {
         let mut child = Command::new(weir_binary()?)
             .args(["--log-format", "json", "run", "--config"])
             .arg(config)
             .env("WEIR_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -667,6 +717,25 @@ impl WeirProcess {
 }
 
 impl WeirProcess {
+    /// Waits up to `timeout` for the process to exit on its own; `None` if
+    /// it is still running.
+    ///
+    /// # Errors
+    ///
+    /// When its status cannot be read.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: no chance to finish, commit or clean up.
     ///
     /// # Errors
