@@ -144,8 +144,20 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
             stats.busy_micros.load(Ordering::Relaxed) / calls,
         );
     }
+    let conflicts: u64 = runtime
+        .handlers()
+        .iter()
+        .map(|r| r.stats.conflicts.load(Ordering::Relaxed))
+        .sum();
+    let relay = runtime.relay_stats();
     runtime.stop(config.runtime.shutdown_timeout).await;
     println!();
+    println!(
+        "{} events emitted by handlers were published through the outbox; \
+         {conflicts} calls re-ran because state they read changed first; \
+         read the state with `weir state list <handler>` after `weir run`",
+        relay.published.load(Ordering::Relaxed)
+    );
     println!(
         "all events handled in {:.2} s (total run {:.2} s); dead letters are in <topic>.dlq",
         handled_in.as_secs_f64(),

@@ -132,8 +132,8 @@ impl Runtime {
     }
 
     /// Counters of the outbox relay.
-    pub fn relay_stats(&self) -> &RelayStats {
-        &self.relay_stats
+    pub fn relay_stats(&self) -> Arc<RelayStats> {
+        self.relay_stats.clone()
     }
 
     /// The handlers being served.

@@ -99,6 +99,10 @@
 use std::fmt;
 use std::time::Duration;
 
+pub mod config;
+pub mod emit;
+pub mod state;
+
 #[doc(hidden)]
 pub mod bindings {
     //! Generated from `wit/handler.wit`. Use the types at the crate root.

@@ -20,14 +20,9 @@
 
 use std::time::Duration;
 
-use weir_sdk::bindings::weir::handler::{config, emit, state};
-use weir_sdk::{Event, Handler, HandlerError, export_handler, log};
+use weir_sdk::{Event, Handler, HandlerError, config, emit, export_handler, log, state};
 
 struct Counter;
-
-fn state_error(err: state::StateError) -> HandlerError {
-    HandlerError::retryable(format!("state: {err:?}"))
-}
 
 impl Handler for Counter {
     fn handle(event: Event) -> Result<(), HandlerError> {
@@ -37,14 +32,14 @@ impl Handler for Counter {
             |k| String::from_utf8_lossy(k).into_owned(),
         );
         let state_key = format!("count/{key}");
-        let count = match state::get(&state_key).map_err(state_error)? {
+        let count = match state::get(&state_key)? {
             Some(bytes) => std::str::from_utf8(&bytes)
                 .ok()
                 .and_then(|s| s.parse::<u64>().ok())
                 .ok_or_else(|| HandlerError::permanent(format!("{state_key} is not a number")))?,
             None => 0,
         } + 1;
-        state::set(&state_key, count.to_string().as_bytes()).map_err(state_error)?;
+        state::set(&state_key, count.to_string().as_bytes())?;
 
         let topic = config::get("output_topic").unwrap_or_else(|| "counts".to_string());
         let payload = serde_json::json!({
@@ -53,8 +48,7 @@ impl Handler for Counter {
             "count": count,
         })
         .to_string();
-        emit::send(&topic, key_bytes.as_deref(), payload.as_bytes(), &[])
-            .map_err(|err| HandlerError::permanent(format!("emit: {err:?}")))?;
+        emit::send(&topic, key_bytes.as_deref(), payload.as_bytes(), &[])?;
 
         if let Some(ms) = config::get("work_ms").and_then(|v| v.parse::<u64>().ok()) {
             std::thread::sleep(Duration::from_millis(ms));
