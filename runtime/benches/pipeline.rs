@@ -1,8 +1,9 @@
 //! Pipeline throughput without a broker or Wasm: a synthetic source and a
-//! native no-op handler, with the real store on disk. Shows what
-//! deduplication (a redb read before, and a group-committed durable write
-//! after, every message) costs per message, and how many outcomes share
-//! one commit.
+//! native handler, with the real store on disk. Shows what deduplication (a
+//! redb read before, and a group-committed durable write after, every
+//! message) costs per message, how many outcomes share one commit, and what
+//! transactional effects add: a per-key counter in state (read, write,
+//! validated at commit) and one emitted event (an outbox row) per message.
 //!
 //! Run: `cargo bench -p weir --bench pipeline` (optionally `-- 50000` for
 //! the message count).
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use weir::host::Outcome;
+use weir::host::transaction::Transaction;
 use weir::pipeline::offsets::Ledger;
 use weir::pipeline::synthetic::{MemoryPublisher, NativeHandler, SyntheticSource, message};
 use weir::pipeline::{HandlerStats, Worker};
@@ -25,9 +27,35 @@ struct Run {
     writes: u64,
 }
 
-async fn run(count: u64, manifest_text: &str) -> Run {
+async fn run(count: u64, manifest_text: &str, effects: bool) -> Run {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("weir.redb")).expect("store");
+    let state = store.clone();
+    let handler = move |event: &weir::host::Event| {
+        if !effects {
+            return Outcome::Handled(Default::default());
+        }
+        let mut txn = Transaction::new(Some(state.clone()), "bench".into());
+        let key = format!(
+            "count/{}",
+            String::from_utf8_lossy(event.key.as_deref().unwrap_or_default())
+        );
+        let n = txn
+            .get(&key)
+            .ok()
+            .flatten()
+            .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let value = (n + 1).to_string().into_bytes();
+        if txn.set(&key, value.clone()).is_err()
+            || txn
+                .emit("out".into(), event.key.clone(), value, vec![])
+                .is_err()
+        {
+            return Outcome::Handled(Default::default());
+        }
+        Outcome::Handled(txn.finish())
+    };
     let manifest: Manifest = toml::from_str(manifest_text).expect("manifest");
     let ledger = Arc::new(Ledger::default());
     let source = SyntheticSource::new(ledger.clone());
@@ -36,7 +64,7 @@ async fn run(count: u64, manifest_text: &str) -> Run {
     let worker = Worker::new(
         "bench".into(),
         manifest,
-        NativeHandler::new(|_| Outcome::Handled(Default::default())),
+        NativeHandler::new(handler),
         source.clone(),
         ledger,
         store.clone(),
@@ -82,19 +110,28 @@ fn main() {
         .build()
         .expect("runtime");
     let base = "topics = [\"t\"]\nmax_in_flight = 256\n";
-    let without = runtime.block_on(run(count, &format!("{base}[dedup]\nenabled = false\n")));
-    let with = runtime.block_on(run(count, base));
+    let without = runtime.block_on(run(
+        count,
+        &format!("{base}[dedup]\nenabled = false\n"),
+        false,
+    ));
+    let with = runtime.block_on(run(count, base, false));
+    let effects = runtime.block_on(run(count, base, true));
 
     let per_msg = |r: &Run| r.elapsed.as_secs_f64() * 1e6 / count as f64;
     let rate = |r: &Run| count as f64 / r.elapsed.as_secs_f64();
     println!(
-        "pipeline: {count} messages, 3 partitions, 100 keys, ordering = key, max_in_flight = 256, native no-op handler"
+        "pipeline: {count} messages, 3 partitions, 100 keys, ordering = key, max_in_flight = 256, native handler"
     );
     println!(
         "{:<22} {:>12} {:>10} {:>9} {:>14}",
         "", "messages/s", "µs/msg", "commits", "msgs/commit"
     );
-    for (name, r) in [("dedup off", &without), ("dedup on (durable)", &with)] {
+    for (name, r) in [
+        ("dedup off", &without),
+        ("dedup on (durable)", &with),
+        ("+ state and emit", &effects),
+    ] {
         let batch = if r.commits == 0 {
             0.0
         } else {
@@ -112,5 +149,10 @@ fn main() {
         "dedup costs {:.2} µs per message ({:.2}x the time of the run without it)",
         per_msg(&with) - per_msg(&without),
         per_msg(&with) / per_msg(&without)
+    );
+    println!(
+        "a state read-modify-write and an emitted event cost {:.2} µs more per message ({:.2}x dedup alone)",
+        per_msg(&effects) - per_msg(&with),
+        per_msg(&effects) / per_msg(&with)
     );
 }

@@ -965,4 +965,74 @@ mod tests {
             assert!(store.seen("h", &format!("e{i}")).expect("read").done);
         }
     }
+
+    fn emitting(id: &str, key: &str) -> Write {
+        let mut writes = BTreeMap::new();
+        writes.insert(key.to_string(), Some(id.as_bytes().to_vec()));
+        Write::Finished {
+            handler: "h".into(),
+            id: id.into(),
+            ttl: Duration::from_secs(60),
+            dedup: true,
+            effects: Some(Box::new(Effects {
+                writes,
+                emits: vec![OutboxRecord {
+                    topic: "out".into(),
+                    key: Some(vec![0, 255]),
+                    payload: id.as_bytes().to_vec(),
+                    headers: vec![("h".into(), vec![1, 2])],
+                }],
+                ..Effects::default()
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_and_outbox_sequence_keep_growing_across_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("weir.redb");
+        let (version, seq) = {
+            let store = Store::open(&path).expect("open");
+            assert_eq!(
+                store.write(emitting("e1", "k")).await.expect("write"),
+                Applied::Done
+            );
+            let view = store.state_view().expect("view");
+            let (version, _) = view.get("h", "k").expect("get").expect("present");
+            let rows = store.outbox_batch(None, 10).expect("outbox");
+            (version, rows[0].0)
+        };
+        let store = poll_open(&path);
+        assert_eq!(
+            store.write(emitting("e2", "k")).await.expect("write"),
+            Applied::Done
+        );
+        let (after, value) = store
+            .state_view()
+            .expect("view")
+            .get("h", "k")
+            .expect("get")
+            .expect("present");
+        assert!(
+            after > version,
+            "version {after} after reopening, was {version}"
+        );
+        assert_eq!(value, b"e2");
+        let rows = store.outbox_batch(None, 10).expect("outbox");
+        assert_eq!(rows.len(), 2);
+        assert!(rows[1].0 > seq, "outbox sequence reused after reopening");
+        let record = rows[0].1.clone().expect("decodes");
+        assert_eq!(record.key, Some(vec![0, 255]));
+        assert_eq!(record.payload, b"e1");
+        assert_eq!(OutboxRecord::decode(&record.encode()), Ok(record));
+        assert!(OutboxRecord::decode(&[9]).is_err());
+        assert!(OutboxRecord::decode(&[OUTBOX_FORMAT, 5, 0]).is_err());
+        store
+            .write(Write::Published {
+                seqs: rows.iter().map(|(s, _)| *s).collect(),
+            })
+            .await
+            .expect("write");
+        assert_eq!(store.outbox_len().expect("len"), 0);
+    }
 }

@@ -73,6 +73,36 @@
 //! (dead-lettered at once). A panic traps the component, which Weir treats
 //! like a retryable error.
 //!
+//! # State, emitted events and settings
+//!
+//! [`state`] is a key-value store private to the handler, [`emit`] sends
+//! events through an outbox, and [`config`] reads the manifest's `[config]`
+//! table. State writes and emitted events of one call are committed with the
+//! event's outcome in one transaction, only if `handle` returns `Ok`: a crash
+//! never leaves half of them, and a redelivered event never applies them
+//! twice.
+//!
+//! ```
+//! use weir_sdk::{Event, Handler, HandlerError, config, emit, state};
+//!
+//! struct Totals;
+//! impl Handler for Totals {
+//!     fn handle(event: Event) -> Result<(), HandlerError> {
+//!         let key = format!("total/{}", event.key_str().unwrap_or("-"));
+//!         let total: u64 = state::get_json(&key)?.unwrap_or(0) + 1;
+//!         state::set_json(&key, &total)?;
+//!         emit::to(config::get_or("topic", "totals"))
+//!             .json(&serde_json::json!({ "key": key, "total": total }))?
+//!             .send()?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! Totals::handle(Event::new("t", b"{}".to_vec()).with_key("a")).expect("ok");
+//! assert_eq!(state::get_json::<u64>("total/a").expect("state"), Some(1));
+//! assert_eq!(emit::take_sent()[0].topic, "totals");
+//! ```
+//!
 //! # Testing natively
 //!
 //! The crate also builds for the host, so `cargo test` can call a handler
