@@ -16,6 +16,7 @@ use super::EPOCH_TICK;
 use super::bindings::{
     EmitError, Event, Handler, HandlerError, HandlerPre, Level, StateError, weir,
 };
+use super::output::GuestOutput;
 use super::transaction::{EmitFailure, StateFailure, Transaction};
 use crate::registry::Limits;
 use crate::store::{Effects, Store as StateStore};
@@ -247,8 +248,8 @@ impl CompiledHandler {
     }
 
     /// Creates a fresh instance with its own store: no preopened
-    /// directories, no environment, no network, empty stdin, stdout and
-    /// stderr discarded.
+    /// directories, no environment, no network, empty stdin; stdout and
+    /// stderr go to the log, line by line.
     ///
     /// # Errors
     ///
@@ -259,9 +260,13 @@ impl CompiledHandler {
             .memory_size(usize::try_from(self.limits.memory).unwrap_or(usize::MAX))
             .trap_on_grow_failure(true)
             .build();
+        let stdout = GuestOutput::new(self.name.clone(), "stdout");
+        let stderr = GuestOutput::new(self.name.clone(), "stderr");
         let state = StoreState {
             wasi: WasiCtx::builder()
                 .allow_blocking_current_thread(true)
+                .stdout(stdout.clone())
+                .stderr(stderr.clone())
                 .build(),
             table: ResourceTable::new(),
             limits,
@@ -275,14 +280,21 @@ impl CompiledHandler {
         store.limiter(|state| &mut state.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(self.limits.timeout));
-        let bindings = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|err| Failure::from_trap(&err, self.limits, "instantiating"))?;
+        let outputs = [stdout, stderr];
+        let bindings = self.pre.instantiate(&mut store);
+        outputs.iter().for_each(GuestOutput::end);
+        let bindings = bindings.map_err(|err| {
+            let failure = Failure::from_trap(&err, self.limits, "instantiating");
+            log_trap(&self.name, &self.version, None, &failure, &err);
+            failure
+        })?;
         Ok(HandlerInstance {
+            name: self.name.clone(),
+            version: self.version.clone(),
             store,
             bindings,
             limits: self.limits,
+            outputs,
         })
     }
 }
@@ -366,7 +378,17 @@ impl Failure {
                 "memory limit: {during} tried to grow linear memory past the limit of {} MiB",
                 limits.memory >> 20
             ),
-            _ => format!("trap while {during}: {err:?}"),
+            _ => {
+                let cause = err.root_cause().to_string();
+                // Rust and C guests keep their own stack in linear memory;
+                // overflowing it usually shows up as an access out of bounds.
+                let hint = if cause.contains("out of bounds memory access") {
+                    " (often the guest's own stack, kept in linear memory, overflowing)"
+                } else {
+                    ""
+                };
+                format!("trap while {during}: {cause}{hint}")
+            }
         };
         Failure {
             kind: FailureKind::Retryable,
@@ -376,19 +398,44 @@ impl Failure {
     }
 }
 
+/// Logs a trap or limit with the handler's name and version and the guest's
+/// backtrace (function names when the component keeps its name section).
+fn log_trap(
+    handler: &str,
+    version: &str,
+    at: Option<(&str, i32, i64)>,
+    failure: &Failure,
+    err: &wasmtime::Error,
+) {
+    let backtrace = err
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .map(|bt| bt.to_string())
+        .unwrap_or_default();
+    let (topic, partition, offset) = at.unwrap_or(("", -1, -1));
+    tracing::warn!(handler, version, topic, partition, offset, error = %failure.message,
+        backtrace = %backtrace.trim_end(), "handler trapped");
+}
+
 fn is_memory_limit(err: &wasmtime::Error) -> bool {
     err.chain().any(|cause| {
         cause
             .to_string()
             .contains("forcing a memory growth failure")
+            || cause
+                .to_string()
+                .contains("forcing trap when growing memory")
     })
 }
 
 /// A live instance of a handler. Not thread-safe; one per worker.
 pub struct HandlerInstance {
+    name: Arc<str>,
+    version: Arc<str>,
     store: Store<StoreState>,
     bindings: Handler,
     limits: Limits,
+    /// The guest's stdout and stderr.
+    outputs: [GuestOutput; 2],
 }
 
 impl HandlerInstance {
@@ -396,13 +443,20 @@ impl HandlerInstance {
     /// guest runs (bounded by the handler's timeout): call it from a
     /// blocking thread.
     pub fn handle(&mut self, event: &Event) -> Outcome {
+        let current = Some((event.topic.clone(), event.partition, event.offset));
+        for output in &self.outputs {
+            output.begin(current.clone());
+        }
         let state = self.store.data_mut();
-        state.current = Some((event.topic.clone(), event.partition, event.offset));
+        state.current = current;
         state.txn = Some(Transaction::new(state.store.clone(), state.handler.clone()));
         self.store
             .set_epoch_deadline(deadline_ticks(self.limits.timeout));
         let started = Instant::now();
         let result = self.bindings.call_handle(&mut self.store, event);
+        for output in &self.outputs {
+            output.end();
+        }
         let state = self.store.data_mut();
         state.current = None;
         // Effects of a failed call are dropped here, never committed.
@@ -415,7 +469,10 @@ impl HandlerInstance {
             Ok(Ok(())) => Outcome::Handled(txn.map(Transaction::finish).unwrap_or_default()),
             Ok(Err(err)) => Outcome::Failed(Failure::from_handler_error(err)),
             Err(err) => {
-                Outcome::Failed(Failure::from_trap(&err, self.limits, "handling the event"))
+                let failure = Failure::from_trap(&err, self.limits, "handling the event");
+                let at = (event.topic.as_str(), event.partition, event.offset);
+                log_trap(&self.name, &self.version, Some(at), &failure, &err);
+                Outcome::Failed(failure)
             }
         }
     }

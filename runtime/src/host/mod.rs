@@ -8,6 +8,7 @@
 mod bindings;
 mod check;
 mod instance;
+mod output;
 pub mod transaction;
 
 use std::sync::Arc;

@@ -1,0 +1,176 @@
+//! Hostile handlers cannot hurt the runtime: each misbehaviour fails only
+//! its own invocation, with an error that names the limit, and goes through
+//! retry and dead-lettering, while another handler keeps processing.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use weir_tests::{Broker, Deployment, KafkaTool, Record, broker_test, poll_until, stop};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn header(record: &Value, name: &str) -> Option<String> {
+    record["headers"].as_array()?.iter().find_map(|h| {
+        (h[0].as_str()? == name).then(|| {
+            let hex = h[1].as_str().unwrap_or_default();
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .filter_map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+                .collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    })
+}
+
+#[test]
+fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let broker = Broker::start()?;
+    let kafka = KafkaTool::new(&broker)?;
+    kafka.create_topic("hostile", 1)?;
+    kafka.create_topic("steady", 1)?;
+    kafka.create_topic("hostile.dlq", 1)?;
+    let deployment = Deployment::new(&broker)?;
+    deployment.add_handler(
+        "hostile",
+        "hostile",
+        "topics = [\"hostile\"]\nordering = \"none\"\n[retry]\nmax_attempts = 2\ninitial_delay = \"50ms\"\njitter = 0.0\n[limits]\nmemory = \"32MiB\"\ntimeout = \"500ms\"\n",
+    )?;
+    deployment.add_handler("probe", "probe", "topics = [\"steady\"]\n")?;
+
+    let requests = [
+        "loop",
+        "alloc-4g",
+        "grow",
+        "stack-overflow",
+        "unreachable",
+        "open-file",
+        "read-env",
+        "print:hello sandbox",
+    ];
+    let hostile: Vec<Record> = requests
+        .iter()
+        .map(|r| Record {
+            partition: Some(0),
+            key: Some(r.as_bytes().to_vec()),
+            value: b"{}".to_vec(),
+            headers: vec![("hostile.do".to_string(), r.as_bytes().to_vec())],
+        })
+        .collect();
+    let steady = |range: std::ops::Range<usize>| -> Vec<Record> {
+        range
+            .map(|i| Record {
+                partition: Some(0),
+                key: Some(format!("s{i}").into_bytes()),
+                value: b"steady".to_vec(),
+                headers: vec![],
+            })
+            .collect()
+    };
+    kafka.produce("steady", &steady(0..10))?;
+    let mut weir = deployment.start("sandbox")?;
+    kafka.produce("hostile", &hostile)?;
+    kafka.produce("steady", &steady(10..20))?;
+
+    // Every misbehaving event is dead-lettered, one each.
+    let dead = poll_until(
+        WAIT,
+        "a dead letter for every misbehaving event",
+        || {
+            let records = kafka.consume("hostile.dlq", 100, Duration::from_secs(2))?;
+            Ok((records.len() >= requests.len() - 1).then_some(records))
+        },
+        || format!("log: {}", weir.log.display()),
+    )?;
+    let by_request: BTreeMap<String, (String, String)> = dead
+        .iter()
+        .filter_map(|r| {
+            Some((
+                header(r, "hostile.do")?,
+                (header(r, "weir.error")?, header(r, "weir.attempts")?),
+            ))
+        })
+        .collect();
+    let expect = |request: &str, needles: &[&str], attempts: &str| -> Result<()> {
+        let (error, tried) = by_request
+            .get(request)
+            .with_context(|| format!("no dead letter for {request}: {by_request:?}"))?;
+        for needle in needles {
+            ensure!(
+                error.contains(needle),
+                "{request}: error {error:?} does not mention {needle:?}"
+            );
+        }
+        ensure!(
+            tried == attempts,
+            "{request}: {tried} attempts, expected {attempts}"
+        );
+        Ok(())
+    };
+    expect("loop", &["timeout", "500ms"], "2")?;
+    expect("alloc-4g", &["memory limit", "32 MiB"], "2")?;
+    expect("grow", &["memory limit", "32 MiB"], "2")?;
+    expect("stack-overflow", &["stack overflow"], "2")?;
+    expect("unreachable", &["trap", "unreachable"], "2")?;
+    expect("open-file", &["open /etc/passwd denied"], "1")?;
+    expect("read-env", &["environment has 0 variables"], "1")?;
+    ensure!(
+        !by_request.contains_key("print:hello sandbox"),
+        "the well-behaved event was dead-lettered"
+    );
+
+    // The other handler kept going throughout.
+    poll_until(
+        WAIT,
+        "all 20 steady events",
+        || {
+            let oks = weir
+                .guest_records("probe", "probe")
+                .into_iter()
+                .filter(|r| r["outcome"] == "ok")
+                .count();
+            Ok((oks >= 20).then_some(()))
+        },
+        || format!("log: {}", weir.log.display()),
+    )?;
+    ensure!(
+        weir.wait_exit(Duration::ZERO)?.is_none(),
+        "weir died; log: {}",
+        weir.log.display()
+    );
+
+    // The guest's stdout and stderr reached the log, tagged.
+    let records = weir.records();
+    let printed = |stream: &str, text: &str| {
+        records.iter().any(|r| {
+            r["target"] == "weir::guest"
+                && r["handler"] == "hostile"
+                && r["stream"] == stream
+                && r["message"] == text
+        })
+    };
+    ensure!(
+        printed("stdout", "hello sandbox") && printed("stderr", "err: hello sandbox"),
+        "guest output not in the log: {}",
+        weir.log.display()
+    );
+    // Failed attempts are logged with the handler's name and version.
+    let trap = records
+        .iter()
+        .find(|r| {
+            r["message"] == "attempt failed; will retry"
+                && r["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("unreachable"))
+        })
+        .context("no log record for the trap")?;
+    ensure!(
+        trap["handler"] == "hostile" && trap["version"].as_str().is_some_and(|v| v.len() == 12),
+        "trap record lacks handler or version: {trap}"
+    );
+    stop(&mut weir)
+}
