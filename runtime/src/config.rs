@@ -180,6 +180,25 @@ pub struct LimitsSection {
     /// Wall-clock limit for one `handle` call, e.g. `"5s"`.
     #[serde(default = "default_timeout", with = "duration")]
     pub timeout: Duration,
+    /// Fuel (roughly, Wasm instructions) one call may use. Unset: fuel is
+    /// not metered at all (metering costs some speed), and manifests cannot
+    /// set it either.
+    #[serde(default)]
+    pub fuel: Option<u64>,
+    /// Most elements in any one table of an instance (function tables).
+    #[serde(default = "default_table_elements")]
+    pub table_elements: u32,
+    /// Most core instances a component may create (a Rust component needs a
+    /// few; an interpreter-based one more).
+    #[serde(default = "default_instances")]
+    pub instances: u32,
+}
+
+fn default_table_elements() -> u32 {
+    100_000
+}
+fn default_instances() -> u32 {
+    64
 }
 
 fn default_memory() -> u64 {
@@ -194,6 +213,9 @@ impl Default for LimitsSection {
         Self {
             memory: default_memory(),
             timeout: default_timeout(),
+            fuel: None,
+            table_elements: default_table_elements(),
+            instances: default_instances(),
         }
     }
 }

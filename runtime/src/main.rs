@@ -182,7 +182,10 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
 async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
     weir::fault::init().map_err(anyhow::Error::msg)?;
-    let host = Host::new(&HostSettings::default())?;
+    let host = Host::new(&HostSettings {
+        fuel: config.limits.fuel.is_some(),
+        ..HostSettings::default()
+    })?;
     let dir = &config.runtime.handlers_dir;
     let (handlers, failed) = load_handlers(&host, dir, &config.limits).await?;
     for err in &failed {

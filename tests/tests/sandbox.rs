@@ -34,7 +34,16 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     kafka.create_topic("hostile", 1)?;
     kafka.create_topic("steady", 1)?;
     kafka.create_topic("hostile.dlq", 1)?;
+    kafka.create_topic("metered", 1)?;
+    kafka.create_topic("metered.dlq", 1)?;
     let deployment = Deployment::new(&broker)?;
+    // Fuel metering on, with a default budget no call here gets near.
+    deployment.append_config("\n[limits]\nfuel = 1000000000000\n")?;
+    deployment.add_handler(
+        "hostile",
+        "metered",
+        "topics = [\"metered\"]\n[retry]\nmax_attempts = 1\n[limits]\nfuel = 1000000\ntimeout = \"30s\"\n",
+    )?;
     deployment.add_handler(
         "hostile",
         "hostile",
@@ -74,6 +83,7 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     kafka.produce("steady", &steady(0..10))?;
     let mut weir = deployment.start("sandbox")?;
     kafka.produce("hostile", &hostile)?;
+    kafka.produce("metered", &hostile[..1])?;
     kafka.produce("steady", &steady(10..20))?;
 
     // Every misbehaving event is dead-lettered, one each.
@@ -121,6 +131,22 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     ensure!(
         !by_request.contains_key("print:hello sandbox"),
         "the well-behaved event was dead-lettered"
+    );
+
+    // A fuel budget stops a loop long before its timeout.
+    let metered = poll_until(
+        WAIT,
+        "the metered loop to be dead-lettered",
+        || {
+            let records = kafka.consume("metered.dlq", 10, Duration::from_secs(2))?;
+            Ok((!records.is_empty()).then_some(records))
+        },
+        || format!("log: {}", weir.log.display()),
+    )?;
+    let error = header(&metered[0], "weir.error").unwrap_or_default();
+    ensure!(
+        error.contains("fuel limit") && error.contains("1000000 units"),
+        "metered loop: {error:?}"
     );
 
     // The other handler kept going throughout.

@@ -185,6 +185,8 @@ pub struct CompiledHandler {
     name: Arc<str>,
     version: Arc<str>,
     limits: Limits,
+    /// Whether the engine meters fuel.
+    metered: bool,
     store: Option<StateStore>,
     config: Arc<BTreeMap<String, String>>,
 }
@@ -196,6 +198,7 @@ impl CompiledHandler {
         name: Arc<str>,
         version: Arc<str>,
         limits: Limits,
+        metered: bool,
     ) -> Self {
         Self {
             engine,
@@ -203,6 +206,7 @@ impl CompiledHandler {
             name,
             version,
             limits,
+            metered,
             store: None,
             config: Arc::default(),
         }
@@ -258,6 +262,8 @@ impl CompiledHandler {
     pub fn instantiate(&self) -> Result<HandlerInstance, Failure> {
         let limits = StoreLimitsBuilder::new()
             .memory_size(usize::try_from(self.limits.memory).unwrap_or(usize::MAX))
+            .table_elements(self.limits.table_elements as usize)
+            .instances(self.limits.instances as usize)
             .trap_on_grow_failure(true)
             .build();
         let stdout = GuestOutput::new(self.name.clone(), "stdout");
@@ -280,6 +286,10 @@ impl CompiledHandler {
         store.limiter(|state| &mut state.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(self.limits.timeout));
+        if self.metered {
+            // Cannot fail: the engine meters fuel.
+            let _ = store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
+        }
         let outputs = [stdout, stderr];
         let bindings = self.pre.instantiate(&mut store);
         outputs.iter().for_each(GuestOutput::end);
@@ -289,6 +299,7 @@ impl CompiledHandler {
             failure
         })?;
         Ok(HandlerInstance {
+            metered: self.metered,
             name: self.name.clone(),
             version: self.version.clone(),
             store,
@@ -374,6 +385,14 @@ impl Failure {
                 humantime::format_duration(limits.timeout)
             ),
             Some(Trap::StackOverflow) => format!("trap while {during}: stack overflow"),
+            Some(Trap::OutOfFuel) => format!(
+                "fuel limit: {during} used more than the limit of {} units",
+                limits.fuel.unwrap_or(u64::MAX)
+            ),
+            _ if is_table_limit(err) => format!(
+                "table limit: {during} tried to grow a table past the limit of {} elements",
+                limits.table_elements
+            ),
             _ if is_memory_limit(err) => format!(
                 "memory limit: {during} tried to grow linear memory past the limit of {} MiB",
                 limits.memory >> 20
@@ -416,6 +435,14 @@ fn log_trap(
         backtrace = %backtrace.trim_end(), "handler trapped");
 }
 
+fn is_table_limit(err: &wasmtime::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .to_string()
+            .contains("forcing trap when growing table")
+    })
+}
+
 fn is_memory_limit(err: &wasmtime::Error) -> bool {
     err.chain().any(|cause| {
         cause
@@ -429,6 +456,7 @@ fn is_memory_limit(err: &wasmtime::Error) -> bool {
 
 /// A live instance of a handler. Not thread-safe; one per worker.
 pub struct HandlerInstance {
+    metered: bool,
     name: Arc<str>,
     version: Arc<str>,
     store: Store<StoreState>,
@@ -452,6 +480,10 @@ impl HandlerInstance {
         state.txn = Some(Transaction::new(state.store.clone(), state.handler.clone()));
         self.store
             .set_epoch_deadline(deadline_ticks(self.limits.timeout));
+        if self.metered {
+            // Each call gets the full budget. Cannot fail: the engine meters.
+            let _ = self.store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
+        }
         let started = Instant::now();
         let result = self.bindings.call_handle(&mut self.store, event);
         for output in &self.outputs {

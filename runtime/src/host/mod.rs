@@ -35,6 +35,8 @@ pub struct HostSettings {
     pub max_memory: u64,
     /// Instances that may exist at once across all handlers.
     pub max_instances: u32,
+    /// Meter fuel (needed for any handler's fuel limit; costs some speed).
+    pub fuel: bool,
 }
 
 impl Default for HostSettings {
@@ -42,6 +44,7 @@ impl Default for HostSettings {
         Self {
             max_memory: 1 << 30,
             max_instances: 256,
+            fuel: false,
         }
     }
 }
@@ -54,6 +57,7 @@ impl Default for HostSettings {
 pub struct Host {
     engine: Engine,
     linker: Arc<Linker<instance::StoreState>>,
+    fuel: bool,
     _ticker: Arc<EpochTicker>,
 }
 
@@ -86,8 +90,15 @@ impl Host {
         Ok(Self {
             engine,
             linker: Arc::new(linker),
+            fuel: settings.fuel,
             _ticker: Arc::new(ticker),
         })
+    }
+
+    /// Whether fuel is metered (`[limits] fuel` is set in the runtime
+    /// configuration).
+    pub fn meters_fuel(&self) -> bool {
+        self.fuel
     }
 
     /// Compiles `bytes` and checks them against the `handler` world.
@@ -117,6 +128,7 @@ impl Host {
             name.into(),
             version.into(),
             limits,
+            self.fuel,
         ))
     }
 }
@@ -125,6 +137,7 @@ fn engine_config(settings: &HostSettings, pooling: bool) -> wasmtime::Config {
     let mut config = wasmtime::Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
+    config.consume_fuel(settings.fuel);
     if pooling {
         let mut pool = PoolingAllocationConfig::default();
         let instances = settings.max_instances;
@@ -182,6 +195,9 @@ mod tests {
         let limits = Limits {
             memory: 16 << 20,
             timeout: Duration::from_secs(1),
+            fuel: None,
+            table_elements: 10_000,
+            instances: 16,
         };
         host.compile("t", "v", &bytes, limits)
     }

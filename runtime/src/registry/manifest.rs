@@ -205,6 +205,13 @@ pub struct ManifestLimits {
     /// Wall-clock limit for one call, e.g. `"5s"`.
     #[serde(default, deserialize_with = "optional_duration")]
     pub timeout: Option<Duration>,
+    /// Fuel one call may use (needs `[limits] fuel` in the runtime
+    /// configuration, which turns metering on).
+    pub fuel: Option<u64>,
+    /// Most elements in any one table.
+    pub table_elements: Option<u32>,
+    /// Most core instances the component may create.
+    pub instances: Option<u32>,
 }
 
 fn optional_byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -222,6 +229,12 @@ pub struct Limits {
     pub memory: u64,
     /// Wall-clock limit for one call.
     pub timeout: Duration,
+    /// Fuel per call, when metered.
+    pub fuel: Option<u64>,
+    /// Most elements in any one table.
+    pub table_elements: u32,
+    /// Most core instances.
+    pub instances: u32,
 }
 
 impl ManifestLimits {
@@ -230,6 +243,9 @@ impl ManifestLimits {
         Limits {
             memory: self.memory.unwrap_or(defaults.memory),
             timeout: self.timeout.unwrap_or(defaults.timeout),
+            fuel: self.fuel.or(defaults.fuel),
+            table_elements: self.table_elements.unwrap_or(defaults.table_elements),
+            instances: self.instances.unwrap_or(defaults.instances),
         }
     }
 }
@@ -295,6 +311,9 @@ impl Manifest {
         }
         if self.limits.memory.is_some_and(|m| m < (1 << 20)) {
             return Err("limits.memory: must be at least 1MiB".into());
+        }
+        if self.limits.fuel == Some(0) {
+            return Err("limits.fuel: must be greater than zero".into());
         }
         if self.limits.timeout.is_some_and(|t| t.is_zero()) {
             return Err("limits.timeout: must be greater than zero".into());

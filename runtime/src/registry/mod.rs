@@ -64,6 +64,12 @@ pub enum LoadError {
     /// The manifest is invalid.
     #[error(transparent)]
     Manifest(#[from] ConfigError),
+    /// The manifest sets a fuel limit but the runtime does not meter fuel.
+    #[error("{}: limits.fuel needs fuel metering, which is off: set [limits] fuel in the runtime configuration to turn it on", path.display())]
+    FuelNotMetered {
+        /// The manifest.
+        path: PathBuf,
+    },
     /// The component does not fit the world.
     #[error("{}: {source}", path.display())]
     Check {
@@ -80,6 +86,7 @@ impl LoadError {
         match self {
             LoadError::Read { path, .. }
             | LoadError::BadName { path }
+            | LoadError::FuelNotMetered { path }
             | LoadError::Check { path, .. } => path.clone(),
             LoadError::MissingManifest { wasm, .. } => wasm.clone(),
             LoadError::Manifest(ConfigError::Read { path, .. })
@@ -138,6 +145,11 @@ pub fn load(
         source,
     })?;
     let version = content_version(&bytes);
+    if manifest.limits.fuel.is_some() && !host.meters_fuel() {
+        return Err(LoadError::FuelNotMetered {
+            path: manifest_path,
+        });
+    }
     let limits = manifest.limits.resolve(defaults);
     let compiled = host
         .compile(&name, &version, &bytes, limits)
