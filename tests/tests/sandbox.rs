@@ -36,6 +36,8 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     kafka.create_topic("hostile.dlq", 1)?;
     kafka.create_topic("metered", 1)?;
     kafka.create_topic("metered.dlq", 1)?;
+    kafka.create_topic("granted", 1)?;
+    kafka.create_topic("granted.dlq", 1)?;
     let deployment = Deployment::new(&broker)?;
     // Fuel metering on, with a default budget no call here gets near.
     deployment.append_config("\n[limits]\nfuel = 1000000000000\n")?;
@@ -50,6 +52,12 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
         "topics = [\"hostile\"]\nordering = \"none\"\n[retry]\nmax_attempts = 2\ninitial_delay = \"50ms\"\njitter = 0.0\n[limits]\nmemory = \"32MiB\"\ntimeout = \"500ms\"\n",
     )?;
     deployment.add_handler("probe", "probe", "topics = [\"steady\"]\n")?;
+    // Only what the manifest grants, never the host's environment.
+    deployment.add_handler(
+        "hostile",
+        "granted",
+        "topics = [\"granted\"]\n[sandbox]\nenv = { GREETING = \"hi\" }\n",
+    )?;
 
     let requests = [
         "loop",
@@ -84,6 +92,12 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     let mut weir = deployment.start("sandbox")?;
     kafka.produce("hostile", &hostile)?;
     kafka.produce("metered", &hostile[..1])?;
+    let read_env = hostile
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(&b"read-env"[..]))
+        .cloned()
+        .collect::<Vec<_>>();
+    kafka.produce("granted", &read_env)?;
     kafka.produce("steady", &steady(10..20))?;
 
     // Every misbehaving event is dead-lettered, one each.
@@ -147,6 +161,21 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     ensure!(
         error.contains("fuel limit") && error.contains("1000000 units"),
         "metered loop: {error:?}"
+    );
+
+    let granted = poll_until(
+        WAIT,
+        "the granted handler's report",
+        || {
+            let records = kafka.consume("granted.dlq", 10, Duration::from_secs(2))?;
+            Ok((!records.is_empty()).then_some(records))
+        },
+        || format!("log: {}", weir.log.display()),
+    )?;
+    let error = header(&granted[0], "weir.error").unwrap_or_default();
+    ensure!(
+        error.contains("environment has 1 variables: [GREETING]"),
+        "granted environment: {error:?}"
     );
 
     // The other handler kept going throughout.

@@ -189,6 +189,7 @@ pub struct CompiledHandler {
     metered: bool,
     store: Option<StateStore>,
     config: Arc<BTreeMap<String, String>>,
+    env: Arc<Vec<(String, String)>>,
 }
 
 impl CompiledHandler {
@@ -209,7 +210,14 @@ impl CompiledHandler {
             metered,
             store: None,
             config: Arc::default(),
+            env: Arc::default(),
         }
+    }
+
+    /// Environment variables granted by the manifest's `[sandbox] env`.
+    pub fn with_env(mut self, env: &BTreeMap<String, String>) -> Self {
+        self.env = Arc::new(env.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        self
     }
 
     /// Serves state reads from `store`. Without one (as in `weir check`)
@@ -271,6 +279,7 @@ impl CompiledHandler {
         let state = StoreState {
             wasi: WasiCtx::builder()
                 .allow_blocking_current_thread(true)
+                .envs(&self.env)
                 .stdout(stdout.clone())
                 .stderr(stderr.clone())
                 .build(),

@@ -71,6 +71,21 @@ pub struct Manifest {
     /// Values the handler can read (through the `config` import).
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// What the sandbox grants beyond the world's imports (nothing by
+    /// default).
+    #[serde(default)]
+    pub sandbox: SandboxGrants,
+}
+
+/// `[sandbox]`: grants beyond the `weir:handler` world. Everything else
+/// (filesystem, network, the host's environment, stdin) stays denied.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxGrants {
+    /// Environment variables the guest sees (`std::env::var`), with these
+    /// exact values; the host's own environment is never passed through.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 fn default_max_in_flight() -> usize {

@@ -157,7 +157,8 @@ pub fn load(
             path: wasm_path.to_path_buf(),
             source,
         })?
-        .with_config(manifest.config.clone());
+        .with_config(manifest.config.clone())
+        .with_env(&manifest.sandbox.env);
     let has_effects = compiled.imports().iter().any(|import| {
         import.starts_with("weir:handler/state@") || import.starts_with("weir:handler/emit@")
     });
