@@ -212,8 +212,32 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
         println!("embedded broker: {}", cluster.bootstrap_servers);
     }
     let store = open_store(&config)?;
-    let runtime = Runtime::start(handlers, &cluster, &store)?;
-    wait_for_stop_signal().await?;
+    let mut runtime = Runtime::start(handlers, &cluster, &store)?;
+    // Hot reload: new, changed and removed files in the handlers directory.
+    let (_watcher, mut changes) = registry::watch::watch(dir)
+        .with_context(|| format!("[runtime] handlers_dir {}: cannot watch it", dir.display()))?;
+    tracing::info!(dir = %dir.display(), "watching for new, changed and removed handlers");
+    let stop = wait_for_stop_signal();
+    tokio::pin!(stop);
+    // A periodic rescan catches anything the file-system events missed.
+    let mut rescan = tokio::time::interval(Duration::from_secs(30));
+    rescan.tick().await;
+    loop {
+        tokio::select! {
+            result = &mut stop => {
+                result?;
+                break;
+            }
+            Some(()) = changes.recv() => {}
+            _ = rescan.tick() => {}
+        }
+        if let Err(err) = runtime
+            .reload(&host, dir, &config.limits, config.runtime.shutdown_timeout)
+            .await
+        {
+            tracing::error!(error = %err, "reloading handlers failed; the running ones keep serving");
+        }
+    }
     tracing::info!("stopping: finishing in-flight messages and committing offsets");
     runtime.stop(config.runtime.shutdown_timeout).await;
     drop(embedded);

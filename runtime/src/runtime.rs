@@ -1,7 +1,8 @@
 //! Putting it together: load every handler in the directory, give each its
 //! own consumer group and worker, and stop them all gracefully.
 
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,27 +10,51 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::{Config, LimitsSection};
-use crate::host::Host;
+use crate::host::{CompiledHandler, Host};
 use crate::pipeline::offsets::Ledger;
 use crate::pipeline::outbox::{Relay, RelayStats};
-use crate::pipeline::{HandlerStats, Worker};
-use crate::registry::{self, LoadError, LoadedHandler};
+use crate::pipeline::{HandlerStats, HandlerSwap, Worker};
+use crate::registry::{self, LoadError, LoadedHandler, Manifest};
 use crate::source::kafka::{Cluster, KafkaConsumer, KafkaProducer};
 use crate::store::Store;
 
 /// A handler being served, with its live counters.
 pub struct RunningHandler {
-    /// The loaded handler.
+    /// The loaded handler (its current version).
     pub handler: LoadedHandler,
     /// Its counters.
     pub stats: Arc<HandlerStats>,
+    /// What identifies the files it was loaded from: the component's
+    /// content hash and the manifest's.
+    fingerprint: Fingerprint,
+    swap: HandlerSwap<CompiledHandler>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Content hashes of a handler's component and manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    wasm: String,
+    manifest: String,
+}
+
+fn fingerprint(wasm: &Path) -> std::io::Result<Fingerprint> {
+    Ok(Fingerprint {
+        wasm: registry::content_version(&std::fs::read(wasm)?),
+        manifest: registry::content_version(&std::fs::read(wasm.with_extension("toml"))?),
+    })
 }
 
 /// The running set of workers.
 pub struct Runtime {
-    running: Vec<RunningHandler>,
-    workers: JoinSet<()>,
-    shutdown: watch::Sender<bool>,
+    running: BTreeMap<String, RunningHandler>,
+    cluster: Cluster,
+    store: Store,
+    producer: KafkaProducer,
+    /// Fingerprints of files that failed to load, so each bad version is
+    /// reported once.
+    rejected: BTreeMap<PathBuf, Fingerprint>,
     relay: tokio::task::JoinHandle<()>,
     relay_stop: watch::Sender<bool>,
     relay_stats: Arc<RelayStats>,
@@ -84,51 +109,75 @@ impl Runtime {
         cluster: &Cluster,
         store: &Store,
     ) -> anyhow::Result<Self> {
-        let (shutdown, watcher) = watch::channel(false);
         let producer = KafkaProducer::new(cluster, "weir-producer")?;
         let relay_stats = Arc::new(RelayStats::default());
         let (relay_stop, relay_watch) = watch::channel(false);
         let relay = tokio::spawn(
             Relay::new(store.clone(), producer.clone(), relay_stats.clone()).run(relay_watch),
         );
-        let mut workers = JoinSet::new();
-        let mut running = Vec::new();
-        for handler in handlers {
-            let group = handler.group();
-            let ledger = Arc::new(Ledger::default());
-            let consumer = KafkaConsumer::new(
-                cluster,
-                &format!("weir-{}", handler.name),
-                &group,
-                &handler.manifest.topics,
-                handler.manifest.start,
-                ledger.clone(),
-            )?;
-            tracing::info!(handler = %handler.name, version = %handler.compiled.version(), group = %group,
-                topics = %handler.manifest.topics.join(","), "serving");
-            let stats = Arc::new(HandlerStats::default());
-            let worker = Worker::new(
-                handler.name.clone(),
-                handler.manifest.clone(),
-                handler.compiled.clone().with_store(store.clone()),
-                consumer,
-                ledger,
-                store.clone(),
-                producer.clone(),
-                stats.clone(),
-                watcher.clone(),
-            );
-            workers.spawn(worker.run());
-            running.push(RunningHandler { handler, stats });
-        }
-        Ok(Self {
-            running,
-            workers,
-            shutdown,
+        let mut runtime = Self {
+            running: BTreeMap::new(),
+            cluster: cluster.clone(),
+            store: store.clone(),
+            producer,
+            rejected: BTreeMap::new(),
             relay,
             relay_stop,
             relay_stats,
-        })
+        };
+        for handler in handlers {
+            runtime.serve(handler)?;
+        }
+        Ok(runtime)
+    }
+
+    /// Starts a worker for `handler`: its own consumer group and ledger.
+    fn serve(&mut self, handler: LoadedHandler) -> anyhow::Result<()> {
+        let fingerprint = fingerprint(&handler.wasm_path)?;
+        let group = handler.group();
+        let ledger = Arc::new(Ledger::default());
+        let consumer = KafkaConsumer::new(
+            &self.cluster,
+            &format!("weir-{}", handler.name),
+            &group,
+            &handler.manifest.topics,
+            handler.manifest.start,
+            ledger.clone(),
+        )?;
+        tracing::info!(handler = %handler.name, version = %handler.compiled.version(), group = %group,
+            topics = %handler.manifest.topics.join(","), "serving");
+        let stats = Arc::new(HandlerStats::default());
+        let (stop, stopped) = watch::channel(false);
+        let worker = Worker::new(
+            handler.name.clone(),
+            handler.manifest.clone(),
+            handler.compiled.clone().with_store(self.store.clone()),
+            consumer,
+            ledger,
+            self.store.clone(),
+            self.producer.clone(),
+            stats.clone(),
+            stopped,
+        );
+        let swap = worker.swapper();
+        let task = tokio::spawn(worker.run());
+        self.running.insert(
+            handler.name.clone(),
+            RunningHandler {
+                handler,
+                stats,
+                fingerprint,
+                swap,
+                stop,
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    /// The handlers being served, by name.
+    pub fn handlers(&self) -> Vec<&RunningHandler> {
+        self.running.values().collect()
     }
 
     /// Counters of the outbox relay.
@@ -136,9 +185,112 @@ impl Runtime {
         self.relay_stats.clone()
     }
 
-    /// The handlers being served.
-    pub fn handlers(&self) -> &[RunningHandler] {
-        &self.running
+    /// Brings the served handlers in line with the files in `dir`:
+    ///
+    /// - a new `<name>.wasm` (with its manifest) starts being served;
+    /// - a changed component, or a manifest change confined to `[limits]`,
+    ///   `[config]` and `[sandbox]`, is swapped in: the consumer keeps its
+    ///   group membership and position, running calls finish on the old
+    ///   version, later calls use the new one;
+    /// - any other manifest change restarts the handler's worker (it drains,
+    ///   commits and leaves its group, then rejoins with the new settings);
+    /// - a removed component drains, commits and leaves its group;
+    /// - a file that fails to load or check is rejected with a log line
+    ///   naming what is wrong, and the version already served (if any)
+    ///   keeps serving.
+    ///
+    /// Compiling happens on blocking threads.
+    ///
+    /// # Errors
+    ///
+    /// When the directory cannot be read.
+    pub async fn reload(
+        &mut self,
+        host: &Host,
+        dir: &Path,
+        defaults: &LimitsSection,
+        drain: Duration,
+    ) -> anyhow::Result<()> {
+        let files = registry::discover(dir)?;
+        let present: BTreeSet<String> = files
+            .iter()
+            .filter_map(|f| Some(f.file_stem()?.to_str()?.to_string()))
+            .collect();
+        // Removed handlers: drain and leave.
+        let gone: Vec<String> = self
+            .running
+            .keys()
+            .filter(|name| !present.contains(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(running) = self.running.remove(&name) {
+                tracing::info!(handler = %name, version = %running.swap.version(), "handler removed; draining");
+                retire(running, drain).await;
+                tracing::info!(handler = %name, "handler removed; left its group");
+            }
+        }
+        for file in files {
+            let Ok(current) = fingerprint(&file) else {
+                // A manifest not written yet, or the file vanished: the
+                // next change event comes back to it.
+                continue;
+            };
+            let name = file
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
+            if self
+                .running
+                .get(&name)
+                .is_some_and(|r| r.fingerprint == current)
+                || self.rejected.get(&file) == Some(&current)
+            {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let (load_host, load_file, load_defaults) =
+                (host.clone(), file.clone(), defaults.clone());
+            let loaded = tokio::task::spawn_blocking(move || {
+                registry::load(&load_host, &load_file, &load_defaults)
+            })
+            .await?;
+            let handler = match loaded {
+                Ok(handler) => handler,
+                Err(err) => {
+                    let serving = self.running.get(&name).map(|r| r.swap.version());
+                    tracing::error!(handler = %name, file = %err.file().display(), error = %err,
+                        still_serving = serving.as_deref().unwrap_or("nothing"),
+                        "new version rejected");
+                    self.rejected.insert(file, current);
+                    continue;
+                }
+            };
+            self.rejected.remove(&file);
+            let compile_ms = started.elapsed().as_millis() as u64;
+            match self.running.get_mut(&name) {
+                Some(running) if same_consumer(&running.handler.manifest, &handler.manifest) => {
+                    let old = running.swap.version();
+                    running
+                        .swap
+                        .swap(handler.compiled.clone().with_store(self.store.clone()));
+                    tracing::info!(handler = %name, old_version = %old, version = %handler.compiled.version(),
+                        compile_ms, "new version serving");
+                    running.handler = handler;
+                    running.fingerprint = current;
+                }
+                Some(_) => {
+                    if let Some(running) = self.running.remove(&name) {
+                        tracing::info!(handler = %name, "manifest changed; restarting the handler's consumer");
+                        retire(running, drain).await;
+                    }
+                    self.serve(handler)?;
+                }
+                None => self.serve(handler)?,
+            }
+        }
+        Ok(())
     }
 
     /// Stops consuming, lets in-flight calls finish, commits acknowledged
@@ -148,22 +300,22 @@ impl Runtime {
     /// published on the next start.
     pub async fn stop(mut self, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
-        // Receivers outlive this call only inside the workers.
-        let _ = self.shutdown.send(true);
-        let drained = tokio::time::timeout_at(deadline, async {
-            while let Some(joined) = self.workers.join_next().await {
-                if let Err(err) = joined {
-                    tracing::error!(error = %err, "a worker ended abnormally");
+        for running in self.running.values() {
+            let _ = running.stop.send(true);
+        }
+        for (name, running) in std::mem::take(&mut self.running) {
+            let mut task = running.task;
+            match tokio::time::timeout_at(deadline, &mut task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::error!(handler = %name, error = %err, "a worker ended abnormally")
+                }
+                Err(_) => {
+                    tracing::warn!(handler = %name, timeout = %humantime::format_duration(timeout),
+                        "worker did not stop in time; its unacknowledged messages will be redelivered");
+                    task.abort();
                 }
             }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                timeout = %humantime::format_duration(timeout),
-                "workers did not stop in time; their unacknowledged messages will be redelivered"
-            );
-            self.workers.abort_all();
         }
         // The workers' last outcomes may have added outbox rows: stop the
         // relay only now, after its final pass.
@@ -177,6 +329,40 @@ impl Runtime {
             );
             self.relay.abort();
         }
+    }
+}
+
+/// Whether two manifests ask for the same consumer and pipeline (so that a
+/// new version can be swapped in): they may differ only in `[limits]`,
+/// `[config]` and `[sandbox]`, which travel with the compiled handler.
+fn same_consumer(a: &Manifest, b: &Manifest) -> bool {
+    let key = |m: &Manifest| {
+        format!(
+            "{:?}",
+            (
+                &m.topics,
+                &m.group,
+                m.start,
+                m.ordering,
+                m.max_in_flight,
+                &m.dedup,
+                &m.retry,
+                &m.dlq
+            )
+        )
+    };
+    key(a) == key(b)
+}
+
+/// Stops one worker: it finishes running calls, commits and leaves its
+/// group; after `drain` it is abandoned (its unacknowledged messages are
+/// redelivered).
+async fn retire(running: RunningHandler, drain: Duration) {
+    let _ = running.stop.send(true);
+    let mut task = running.task;
+    if tokio::time::timeout(drain, &mut task).await.is_err() {
+        tracing::warn!(handler = %running.handler.name, "worker did not drain in time; abandoned");
+        task.abort();
     }
 }
 

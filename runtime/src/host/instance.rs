@@ -30,6 +30,8 @@ pub struct StoreState {
     table: ResourceTable,
     limits: StoreLimits,
     handler: Arc<str>,
+    /// The version (content hash), for tagging log records.
+    version: Arc<str>,
     /// The event being handled, for tagging log records.
     current: Option<(String, i32, i64)>,
     /// Where state is read from.
@@ -146,13 +148,14 @@ impl weir::handler::log::Host for StoreState {
         )
         .to_string();
         let handler = &*self.handler;
+        let version = &*self.version;
         let (topic, partition, offset) = match &self.current {
             Some((t, p, o)) => (t.as_str(), *p, *o),
             None => ("", -1, -1),
         };
         macro_rules! emit {
             ($level:expr) => {
-                tracing::event!(target: "weir::guest", $level, handler, topic, partition, offset, fields = %fields, "{message}")
+                tracing::event!(target: "weir::guest", $level, handler, version, topic, partition, offset, fields = %fields, "{message}")
             };
         }
         match level {
@@ -286,6 +289,7 @@ impl CompiledHandler {
             table: ResourceTable::new(),
             limits,
             handler: self.name.clone(),
+            version: self.version.clone(),
             current: None,
             store: self.store.clone(),
             txn: None,

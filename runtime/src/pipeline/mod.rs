@@ -158,13 +158,52 @@ struct Done {
 struct Shared<F: HandlerFactory, D: Publisher> {
     name: String,
     manifest: Manifest,
-    factory: F,
-    instances: Mutex<Vec<F::Instance>>,
+    /// The version being served and its idle instances.
+    served: Arc<Mutex<Served<F>>>,
     store: Store,
     dead_letters: D,
     ledger: Arc<Ledger>,
     stats: Arc<HandlerStats>,
     shutdown: watch::Receiver<bool>,
+}
+
+/// The version of a handler being served, with its idle instances.
+struct Served<F: HandlerFactory> {
+    factory: Arc<F>,
+    pool: Vec<F::Instance>,
+    /// Bumped on every swap, so instances of older versions are not pooled.
+    generation: u64,
+}
+
+/// Replaces the version a running [`Worker`] serves, without touching its
+/// consumer: calls already running finish on the old version, every call
+/// that starts afterwards uses the new one, and no message is skipped or
+/// handled twice because of the swap.
+pub struct HandlerSwap<F: HandlerFactory> {
+    served: Arc<Mutex<Served<F>>>,
+}
+
+impl<F: HandlerFactory> HandlerSwap<F> {
+    /// Serves `factory` from now on.
+    pub fn swap(&self, factory: F) {
+        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        served.factory = Arc::new(factory);
+        served.pool.clear();
+        served.generation += 1;
+    }
+
+    /// The version being served.
+    pub fn version(&self) -> String {
+        let served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        served.factory.version().to_string()
+    }
+}
+
+impl<F: HandlerFactory, D: Publisher> Shared<F, D> {
+    fn version(&self) -> String {
+        let served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        served.factory.version().to_string()
+    }
 }
 
 /// Serves one handler.
@@ -195,14 +234,24 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
             shared: Arc::new(Shared {
                 name,
                 manifest,
-                factory,
-                instances: Mutex::new(Vec::new()),
+                served: Arc::new(Mutex::new(Served {
+                    factory: Arc::new(factory),
+                    pool: Vec::new(),
+                    generation: 0,
+                })),
                 store,
                 dead_letters,
                 ledger,
                 stats,
                 shutdown,
             }),
+        }
+    }
+
+    /// A handle for replacing the served version while the worker runs.
+    pub fn swapper(&self) -> HandlerSwap<F> {
+        HandlerSwap {
+            served: self.shared.served.clone(),
         }
     }
 
@@ -449,7 +498,7 @@ async fn deliver<F: HandlerFactory, D: Publisher>(
             tracing::error!(handler = name, error = %err, "cannot record the attempt; message left for redelivery");
             return Ending::Abandoned;
         }
-        tracing::warn!(handler = name, version = %shared.factory.version(), topic = %event.topic,
+        tracing::warn!(handler = name, version = %shared.version(), topic = %event.topic,
             partition = event.partition, offset = event.offset, event_id = %event.id, attempt = event.attempt,
             kind = failure.kind.as_str(), error = %failure.message, retry_in_ms = delay.as_millis() as u64,
             "attempt failed; will retry");
@@ -536,25 +585,24 @@ async fn invoke<F: HandlerFactory, D: Publisher>(
     let task = shared.clone();
     let started = Instant::now();
     let joined = tokio::task::spawn_blocking(move || {
-        let pooled = task
-            .instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop();
+        let (factory, pooled, generation) = {
+            let mut served = task.served.lock().unwrap_or_else(|p| p.into_inner());
+            (served.factory.clone(), served.pool.pop(), served.generation)
+        };
         let mut instance = match pooled {
             Some(instance) => instance,
-            None => match task.factory.instantiate() {
+            None => match factory.instantiate() {
                 Ok(instance) => instance,
                 Err(failure) => return Outcome::Failed(failure),
             },
         };
         let outcome = instance.handle(&event);
         let poisoned = matches!(&outcome, Outcome::Failed(f) if f.poisoned);
-        if !poisoned {
-            task.instances
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(instance);
+        let mut served = task.served.lock().unwrap_or_else(|p| p.into_inner());
+        // An instance of a replaced version finishes its call and is
+        // dropped; the next call uses the new version.
+        if !poisoned && served.generation == generation {
+            served.pool.push(instance);
         }
         outcome
     })

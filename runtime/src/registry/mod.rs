@@ -3,6 +3,7 @@
 //! against the world before they serve a single event.
 
 mod manifest;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 
