@@ -44,6 +44,7 @@ Examples:
   weir demo                              example handlers + embedded broker + generated events
   weir run --config config/weir.toml     serve the handlers in [runtime] handlers_dir until Ctrl-C
   weir check target/handlers/orders.wasm does this component fit the weir:handler world?
+  weir handlers                          which handlers and versions the directory holds
   weir state list projection --prefix customer/
                                          what a handler keeps in its state (weir stopped)
 
@@ -86,6 +87,17 @@ enum Command {
         /// Component files (`.wasm`).
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// List the handlers in the handlers directory: name, version (content
+    /// hash), topics and consumer group, or why a file does not load.
+    ///
+    /// The version is what `weir run` serves (and logs as `version=`) for
+    /// the files as they are now; a running weir picks up changes within
+    /// a second.
+    Handlers {
+        /// Configuration file naming the handlers directory.
+        #[arg(long, short, default_value = "config/weir.toml", env = "WEIR_CONFIG")]
+        config: PathBuf,
     },
     /// Read a handler's state, and see how many emitted events wait in the
     /// outbox.
@@ -164,6 +176,7 @@ fn main() -> ExitCode {
             }
             Command::Check { files } => check(&files),
             Command::State { config, action } => state(&load_config(&config)?, action),
+            Command::Handlers { config } => handlers(&load_config(&config)?).await,
         }
     });
     match result {
@@ -184,10 +197,18 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     weir::fault::init().map_err(anyhow::Error::msg)?;
     let host = Host::new(&HostSettings {
         fuel: config.limits.fuel.is_some(),
+        cache_dir: Some(config.runtime.data_dir.join("compiled")),
         ..HostSettings::default()
     })?;
     let dir = &config.runtime.handlers_dir;
+    let loading = std::time::Instant::now();
     let (handlers, failed) = load_handlers(&host, dir, &config.limits).await?;
+    tracing::info!(
+        handlers = handlers.len(),
+        failed = failed.len(),
+        elapsed_ms = loading.elapsed().as_millis() as u64,
+        "handlers loaded"
+    );
     for err in &failed {
         tracing::error!(file = %err.file().display(), error = %err, "handler failed to load");
     }
@@ -302,6 +323,36 @@ fn state(config: &Config, action: StateAction) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+async fn handlers(config: &Config) -> anyhow::Result<()> {
+    let host = Host::new(&HostSettings {
+        fuel: config.limits.fuel.is_some(),
+        cache_dir: Some(config.runtime.data_dir.join("compiled")),
+        ..HostSettings::default()
+    })?;
+    let dir = &config.runtime.handlers_dir;
+    let (loaded, failed) = load_handlers(&host, dir, &config.limits).await?;
+    println!("{:<16} {:<13} {:<24} topics", "handler", "version", "group");
+    for handler in &loaded {
+        println!(
+            "{:<16} {:<13} {:<24} {}",
+            handler.name,
+            handler.compiled.version(),
+            handler.group(),
+            handler.manifest.topics.join(", ")
+        );
+    }
+    for err in &failed {
+        println!("{}: does not load: {err}", err.file().display());
+    }
+    eprintln!(
+        "{} handler(s) in {}, {} failing to load",
+        loaded.len(),
+        dir.display(),
+        failed.len()
+    );
     Ok(())
 }
 

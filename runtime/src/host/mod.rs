@@ -6,6 +6,7 @@
 //! can be called with an [`Event`] and reports an [`Outcome`].
 
 mod bindings;
+pub mod cache;
 mod check;
 mod instance;
 mod output;
@@ -37,6 +38,8 @@ pub struct HostSettings {
     pub max_instances: u32,
     /// Meter fuel (needed for any handler's fuel limit; costs some speed).
     pub fuel: bool,
+    /// Where compiled components are cached; `None`: compile every time.
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for HostSettings {
@@ -45,6 +48,7 @@ impl Default for HostSettings {
             max_memory: 1 << 30,
             max_instances: 256,
             fuel: false,
+            cache_dir: None,
         }
     }
 }
@@ -58,6 +62,7 @@ pub struct Host {
     engine: Engine,
     linker: Arc<Linker<instance::StoreState>>,
     fuel: bool,
+    cache: Option<cache::ModuleCache>,
     _ticker: Arc<EpochTicker>,
 }
 
@@ -87,10 +92,15 @@ impl Host {
             |state| state,
         )?;
         let ticker = EpochTicker::start(engine.clone());
+        let cache = settings
+            .cache_dir
+            .clone()
+            .map(|dir| cache::ModuleCache::new(dir, &engine));
         Ok(Self {
             engine,
             linker: Arc::new(linker),
             fuel: settings.fuel,
+            cache,
             _ticker: Arc::new(ticker),
         })
     }
@@ -119,8 +129,21 @@ impl Host {
         limits: Limits,
     ) -> Result<CompiledHandler, CheckError> {
         check::sniff(bytes)?;
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|err| CheckError::Compile(format!("{err:#}")))?;
+        let cached = self
+            .cache
+            .as_ref()
+            .and_then(|cache| cache.load(&self.engine, bytes));
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let component = Component::new(&self.engine, bytes)
+                    .map_err(|err| CheckError::Compile(format!("{err:#}")))?;
+                if let Some(cache) = &self.cache {
+                    cache.store(bytes, &component);
+                }
+                component
+            }
+        };
         let pre = check::link(&self.linker, &component)?;
         Ok(CompiledHandler::new(
             self.engine.clone(),
