@@ -56,7 +56,12 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     deployment.add_handler(
         "hostile",
         "granted",
-        "topics = [\"granted\"]\n[sandbox]\nenv = { GREETING = \"hi\" }\n",
+        "topics = [\"granted\"]\n[sandbox]\nenv = { GREETING = \"hi\" }\ndirs = { \"/data\" = \"granted-data\" }\n",
+    )?;
+    std::fs::create_dir_all(deployment.handlers().join("granted-data"))?;
+    std::fs::write(
+        deployment.handlers().join("granted-data/hello.txt"),
+        "hi from the host",
     )?;
 
     let requests = [
@@ -92,12 +97,16 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     let mut weir = deployment.start("sandbox")?;
     kafka.produce("hostile", &hostile)?;
     kafka.produce("metered", &hostile[..1])?;
-    let read_env = hostile
+    let granted_requests: Vec<Record> = ["read-env", "read:/data/hello.txt", "write:/data/new.txt"]
         .iter()
-        .filter(|r| r.key.as_deref() == Some(&b"read-env"[..]))
-        .cloned()
-        .collect::<Vec<_>>();
-    kafka.produce("granted", &read_env)?;
+        .map(|r| Record {
+            partition: Some(0),
+            key: Some(r.as_bytes().to_vec()),
+            value: b"{}".to_vec(),
+            headers: vec![("hostile.do".to_string(), r.as_bytes().to_vec())],
+        })
+        .collect();
+    kafka.produce("granted", &granted_requests)?;
     kafka.produce("steady", &steady(10..20))?;
 
     // Every misbehaving event is dead-lettered, one each.
@@ -165,17 +174,38 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
 
     let granted = poll_until(
         WAIT,
-        "the granted handler's report",
+        "the granted handler's reports",
         || {
             let records = kafka.consume("granted.dlq", 10, Duration::from_secs(2))?;
-            Ok((!records.is_empty()).then_some(records))
+            Ok((records.len() >= 3).then_some(records))
         },
         || format!("log: {}", weir.log.display()),
     )?;
-    let error = header(&granted[0], "weir.error").unwrap_or_default();
+    let report = |request: &str| -> String {
+        granted
+            .iter()
+            .find(|r| header(r, "hostile.do").as_deref() == Some(request))
+            .and_then(|r| header(r, "weir.error"))
+            .unwrap_or_default()
+    };
     ensure!(
-        error.contains("environment has 1 variables: [GREETING]"),
-        "granted environment: {error:?}"
+        report("read-env").contains("environment has 1 variables: [GREETING]"),
+        "granted environment: {:?}",
+        report("read-env")
+    );
+    ensure!(
+        report("read:/data/hello.txt") == "read /data/hello.txt: hi from the host",
+        "granted directory: {:?}",
+        report("read:/data/hello.txt")
+    );
+    ensure!(
+        report("write:/data/new.txt").contains("write /data/new.txt denied"),
+        "granted directory is read-only: {:?}",
+        report("write:/data/new.txt")
+    );
+    ensure!(
+        !deployment.handlers().join("granted-data/new.txt").exists(),
+        "the guest wrote into a read-only grant"
     );
 
     // The other handler kept going throughout.

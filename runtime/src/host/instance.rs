@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use super::EPOCH_TICK;
 use super::bindings::{
@@ -193,6 +193,8 @@ pub struct CompiledHandler {
     store: Option<StateStore>,
     config: Arc<BTreeMap<String, String>>,
     env: Arc<Vec<(String, String)>>,
+    /// Read-only directories granted: (host path, guest path).
+    dirs: Arc<Vec<(std::path::PathBuf, String)>>,
 }
 
 impl CompiledHandler {
@@ -214,7 +216,15 @@ impl CompiledHandler {
             store: None,
             config: Arc::default(),
             env: Arc::default(),
+            dirs: Arc::default(),
         }
+    }
+
+    /// Directories granted read-only by the manifest's `[sandbox] dirs`, as
+    /// (host path, guest path).
+    pub fn with_dirs(mut self, dirs: Vec<(std::path::PathBuf, String)>) -> Self {
+        self.dirs = Arc::new(dirs);
+        self
     }
 
     /// Environment variables granted by the manifest's `[sandbox] env`.
@@ -279,13 +289,24 @@ impl CompiledHandler {
             .build();
         let stdout = GuestOutput::new(self.name.clone(), "stdout");
         let stderr = GuestOutput::new(self.name.clone(), "stderr");
+        let mut wasi = WasiCtx::builder();
+        wasi.allow_blocking_current_thread(true)
+            .envs(&self.env)
+            .stdout(stdout.clone())
+            .stderr(stderr.clone());
+        for (host_dir, guest_dir) in self.dirs.iter() {
+            wasi.preopened_dir(host_dir, guest_dir, FsPerms::ReadOnly)
+                .map_err(|err| Failure {
+                    kind: FailureKind::Retryable,
+                    message: format!(
+                        "cannot open the granted directory {} (as {guest_dir}): {err}",
+                        host_dir.display()
+                    ),
+                    poisoned: true,
+                })?;
+        }
         let state = StoreState {
-            wasi: WasiCtx::builder()
-                .allow_blocking_current_thread(true)
-                .envs(&self.env)
-                .stdout(stdout.clone())
-                .stderr(stderr.clone())
-                .build(),
+            wasi: wasi.build(),
             table: ResourceTable::new(),
             limits,
             handler: self.name.clone(),

@@ -86,6 +86,11 @@ pub struct SandboxGrants {
     /// exact values; the host's own environment is never passed through.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Directories the guest may read, by the path it sees them at:
+    /// `{ "/data" = "reference-data" }`. Read-only; a relative host path is
+    /// resolved against the manifest's directory.
+    #[serde(default)]
+    pub dirs: BTreeMap<String, std::path::PathBuf>,
 }
 
 fn default_max_in_flight() -> usize {
@@ -326,6 +331,11 @@ impl Manifest {
         }
         if self.limits.memory.is_some_and(|m| m < (1 << 20)) {
             return Err("limits.memory: must be at least 1MiB".into());
+        }
+        if let Some(guest) = self.sandbox.dirs.keys().find(|g| !g.starts_with('/')) {
+            return Err(format!(
+                "sandbox.dirs: {guest:?} must be an absolute path as the guest sees it, e.g. \"/data\""
+            ));
         }
         if self.limits.fuel == Some(0) {
             return Err("limits.fuel: must be greater than zero".into());

@@ -65,6 +65,16 @@ pub enum LoadError {
     /// The manifest is invalid.
     #[error(transparent)]
     Manifest(#[from] ConfigError),
+    /// A directory granted in `[sandbox] dirs` does not exist.
+    #[error("{}: sandbox.dirs: {guest:?} maps to {}, which is not a directory", path.display(), host.display())]
+    MissingDir {
+        /// The manifest.
+        path: PathBuf,
+        /// The path the guest would see.
+        guest: String,
+        /// The directory on the host.
+        host: PathBuf,
+    },
     /// The manifest sets a fuel limit but the runtime does not meter fuel.
     #[error("{}: limits.fuel needs fuel metering, which is off: set [limits] fuel in the runtime configuration to turn it on", path.display())]
     FuelNotMetered {
@@ -88,6 +98,7 @@ impl LoadError {
             LoadError::Read { path, .. }
             | LoadError::BadName { path }
             | LoadError::FuelNotMetered { path }
+            | LoadError::MissingDir { path, .. }
             | LoadError::Check { path, .. } => path.clone(),
             LoadError::MissingManifest { wasm, .. } => wasm.clone(),
             LoadError::Manifest(ConfigError::Read { path, .. })
@@ -151,6 +162,19 @@ pub fn load(
             path: manifest_path,
         });
     }
+    let base = manifest_path.parent().unwrap_or(Path::new("."));
+    let mut dirs = Vec::new();
+    for (guest, host_dir) in &manifest.sandbox.dirs {
+        let host_dir = base.join(host_dir);
+        if !host_dir.is_dir() {
+            return Err(LoadError::MissingDir {
+                path: manifest_path,
+                guest: guest.clone(),
+                host: host_dir,
+            });
+        }
+        dirs.push((host_dir, guest.clone()));
+    }
     let limits = manifest.limits.resolve(defaults);
     let compiled = host
         .compile(&name, &version, &bytes, limits)
@@ -159,7 +183,8 @@ pub fn load(
             source,
         })?
         .with_config(manifest.config.clone())
-        .with_env(&manifest.sandbox.env);
+        .with_env(&manifest.sandbox.env)
+        .with_dirs(dirs);
     let has_effects = compiled.imports().iter().any(|import| {
         import.starts_with("weir:handler/state@") || import.starts_with("weir:handler/emit@")
     });

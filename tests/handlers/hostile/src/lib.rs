@@ -11,6 +11,8 @@
 //! | `open-file`      | opens `/etc/passwd`; returns a permanent error saying what happened |
 //! | `read-env`       | reads the environment; returns a permanent error listing what it saw |
 //! | `print:TEXT`     | prints TEXT to stdout and `err: TEXT` to stderr, then `ok` |
+//! | `read:PATH`      | reads PATH; a permanent error quoting it, or saying why not |
+//! | `write:PATH`     | writes PATH; a permanent error saying what happened    |
 //!
 //! Any other value is a permanent error saying so.
 
@@ -89,16 +91,30 @@ impl Handler for Hostile {
                     vars.join(",")
                 )))
             }
-            other => match other.strip_prefix("print:") {
-                Some(text) => {
+            other => {
+                if let Some(text) = other.strip_prefix("print:") {
                     println!("{text}");
                     eprintln!("err: {text}");
-                    Ok(())
+                    return Ok(());
                 }
-                None => Err(HandlerError::permanent(format!(
+                if let Some(path) = other.strip_prefix("read:") {
+                    return Err(HandlerError::permanent(
+                        match std::fs::read_to_string(path) {
+                            Ok(text) => format!("read {path}: {}", text.trim()),
+                            Err(err) => format!("read {path} denied: {err}"),
+                        },
+                    ));
+                }
+                if let Some(path) = other.strip_prefix("write:") {
+                    return Err(HandlerError::permanent(match std::fs::write(path, b"x") {
+                        Ok(()) => format!("wrote {path}: the sandbox is writable"),
+                        Err(err) => format!("write {path} denied: {err}"),
+                    }));
+                }
+                Err(HandlerError::permanent(format!(
                     "hostile: unknown request {other:?}"
-                ))),
-            },
+                )))
+            }
         }
     }
 }
