@@ -432,3 +432,68 @@ async fn a_redelivered_event_applies_its_effects_once() {
         .expect("present");
     assert_eq!(n, b"2");
 }
+
+type VersionLog = Arc<Mutex<Vec<(i64, u32)>>>;
+
+/// A native handler that records which version handled each offset. Every
+/// call returns the same type, so one can replace another.
+fn versioned(
+    version: u32,
+    log: VersionLog,
+) -> NativeHandler<impl Fn(&Event) -> Outcome + Send + Sync + 'static> {
+    NativeHandler::new(move |event: &Event| {
+        std::thread::sleep(Duration::from_millis(2));
+        log.lock().expect("lock").push((event.offset, version));
+        ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapping_the_version_mid_stream_skips_and_repeats_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("weir.redb")).expect("store");
+    let ledger = Arc::new(Ledger::default());
+    let source = SyntheticSource::new(ledger.clone());
+    let stats = Arc::new(HandlerStats::default());
+    let (stop, shutdown) = watch::channel(false);
+    let log: VersionLog = Arc::default();
+    let worker = Worker::new(
+        "h".into(),
+        manifest("ordering = \"partition\""),
+        versioned(1, log.clone()),
+        source.clone(),
+        ledger,
+        store,
+        MemoryPublisher::default(),
+        stats.clone(),
+        shutdown,
+    );
+    let swap = worker.swapper();
+    let task = tokio::spawn(worker.run());
+    source.push((0..100).map(|o| message("t", 0, o, "k", None)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats.finished() < 30 {
+        assert!(Instant::now() < deadline, "stalled before the swap");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    swap.swap(versioned(2, log.clone()));
+    while stats.finished() < 100 {
+        assert!(Instant::now() < deadline, "stalled after the swap");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let _ = stop.send(true);
+    task.await.expect("worker");
+    let log = log.lock().expect("lock").clone();
+    let offsets: Vec<i64> = log.iter().map(|(o, _)| *o).collect();
+    assert_eq!(
+        offsets,
+        (0..100).collect::<Vec<_>>(),
+        "each offset once, in order"
+    );
+    assert!(
+        log.windows(2).all(|w| w[0].1 <= w[1].1),
+        "the old version ran after the new one: {log:?}"
+    );
+    assert!(log.iter().any(|(_, v)| *v == 1) && log.iter().any(|(_, v)| *v == 2));
+    assert_eq!(source.acked()[&("t".to_string(), 0)], 100);
+}
