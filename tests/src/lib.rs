@@ -755,6 +755,32 @@ impl Drop for WeirProcess {
     }
 }
 
+/// The UTF-8 value of header `name` in a record from [`KafkaTool::consume`].
+pub fn header(record: &Value, name: &str) -> Option<String> {
+    record["headers"].as_array()?.iter().find_map(|h| {
+        (h[0].as_str()? == name)
+            .then(|| unhex(h[1].as_str()?).ok())
+            .flatten()
+            .and_then(|v| String::from_utf8(v).ok())
+    })
+}
+
+/// Bytes from lowercase or uppercase hex.
+///
+/// # Errors
+///
+/// When `text` is not hex.
+pub fn unhex(text: &str) -> Result<Vec<u8>> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+                .ok_or_else(|| anyhow!("bad hex"))
+        })
+        .collect()
+}
+
 /// A numeric field of a probe record (its fields are strings).
 pub fn field(record: &Value, name: &str) -> Option<i64> {
     record[name].as_str()?.parse().ok()

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use weir_tests::{
-    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, poll_until, stop,
+    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, header, poll_until, stop,
+    unhex,
 };
 
 const INPUT: &str = "events";
@@ -296,26 +297,6 @@ fn finish_and_verify(kafka: &KafkaTool, deployment: &Deployment, input: &Input) 
         by_id.len()
     );
     Ok(())
-}
-
-fn header(record: &Value, name: &str) -> Option<String> {
-    record["headers"].as_array()?.iter().find_map(|h| {
-        (h[0].as_str()? == name)
-            .then(|| unhex(h[1].as_str()?).ok())
-            .flatten()
-            .and_then(|v| String::from_utf8(v).ok())
-    })
-}
-
-fn unhex(text: &str) -> Result<Vec<u8>> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| {
-            text.get(i..i + 2)
-                .and_then(|b| u8::from_str_radix(b, 16).ok())
-                .context("bad hex")
-        })
-        .collect()
 }
 
 #[test]

@@ -7,21 +7,28 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use weir_tests::{Broker, Deployment, KafkaTool, Record, broker_test, poll_until, stop};
+use weir_tests::{
+    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, header, poll_until, stop,
+};
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn header(record: &Value, name: &str) -> Option<String> {
-    record["headers"].as_array()?.iter().find_map(|h| {
-        (h[0].as_str()? == name).then(|| {
-            let hex = h[1].as_str().unwrap_or_default();
-            let bytes: Vec<u8> = (0..hex.len())
-                .step_by(2)
-                .filter_map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-                .collect();
-            String::from_utf8_lossy(&bytes).into_owned()
-        })
-    })
+/// Waits for at least `count` dead letters on `topic`.
+fn dead_letters(
+    kafka: &KafkaTool,
+    topic: &str,
+    count: usize,
+    weir: &WeirProcess,
+) -> Result<Vec<Value>> {
+    poll_until(
+        WAIT,
+        &format!("{count} dead letters on {topic}"),
+        || {
+            let records = kafka.consume(topic, 100, Duration::from_secs(2))?;
+            Ok((records.len() >= count).then_some(records))
+        },
+        || format!("log: {}", weir.log.display()),
+    )
 }
 
 #[test]
@@ -110,15 +117,7 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     kafka.produce("steady", &steady(10..20))?;
 
     // Every misbehaving event is dead-lettered, one each.
-    let dead = poll_until(
-        WAIT,
-        "a dead letter for every misbehaving event",
-        || {
-            let records = kafka.consume("hostile.dlq", 100, Duration::from_secs(2))?;
-            Ok((records.len() >= requests.len() - 1).then_some(records))
-        },
-        || format!("log: {}", weir.log.display()),
-    )?;
+    let dead = dead_letters(&kafka, "hostile.dlq", requests.len() - 1, &weir)?;
     let by_request: BTreeMap<String, (String, String)> = dead
         .iter()
         .filter_map(|r| {
@@ -157,30 +156,14 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     );
 
     // A fuel budget stops a loop long before its timeout.
-    let metered = poll_until(
-        WAIT,
-        "the metered loop to be dead-lettered",
-        || {
-            let records = kafka.consume("metered.dlq", 10, Duration::from_secs(2))?;
-            Ok((!records.is_empty()).then_some(records))
-        },
-        || format!("log: {}", weir.log.display()),
-    )?;
+    let metered = dead_letters(&kafka, "metered.dlq", 1, &weir)?;
     let error = header(&metered[0], "weir.error").unwrap_or_default();
     ensure!(
         error.contains("fuel limit") && error.contains("1000000 units"),
         "metered loop: {error:?}"
     );
 
-    let granted = poll_until(
-        WAIT,
-        "the granted handler's reports",
-        || {
-            let records = kafka.consume("granted.dlq", 10, Duration::from_secs(2))?;
-            Ok((records.len() >= 3).then_some(records))
-        },
-        || format!("log: {}", weir.log.display()),
-    )?;
+    let granted = dead_letters(&kafka, "granted.dlq", 3, &weir)?;
     let report = |request: &str| -> String {
         granted
             .iter()
