@@ -21,6 +21,7 @@ pub mod host;
 pub mod pipeline;
 pub mod registry;
 pub mod runtime;
+pub mod scaffold;
 pub mod source;
 pub mod store;
 pub mod telemetry;

@@ -41,6 +41,7 @@ struct Cli {
 
 const EXAMPLES: &str = "\
 Examples:
+  weir new python order-totals           a ready-to-build handler project (rust, python or js)
   weir demo                              example handlers + embedded broker + generated events
   weir run --config config/weir.toml     serve the handlers in [runtime] handlers_dir until Ctrl-C
   weir check target/handlers/orders.wasm does this component fit the weir:handler world?
@@ -80,6 +81,24 @@ enum Command {
         /// Give up if the stream is not handled within this time.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         deadline: Duration,
+    },
+    /// Create a handler project: the handler, its manifest, the WIT world
+    /// and the language's SDK, ready to build.
+    ///
+    /// Rust builds with cargo for wasm32-wasip2, Python with componentize-py,
+    /// JavaScript with componentize-js. The project's README says how to
+    /// build, test, check and deploy it.
+    New {
+        /// The handler's language.
+        #[arg(value_enum)]
+        language: weir::scaffold::Language,
+        /// The handler's name: lowercase letters, digits, '-' and '_'. It
+        /// names the component (`<name>.wasm`), its manifest, consumer group
+        /// and state.
+        name: String,
+        /// Where to create the project (default: ./<name>).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Check that components fit the weir:handler world; say what is wrong if
     /// not.
@@ -174,6 +193,11 @@ fn main() -> ExitCode {
                 let config = load_config(&config)?;
                 weir::demo::run(&config, events, deadline).await
             }
+            Command::New {
+                language,
+                name,
+                dir,
+            } => new_project(language, &name, dir),
             Command::Check { files } => check(&files),
             Command::State { config, action } => state(&load_config(&config)?, action),
             Command::Handlers { config } => handlers(&load_config(&config)?).await,
@@ -360,6 +384,26 @@ async fn handlers(config: &Config) -> anyhow::Result<()> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn new_project(
+    language: weir::scaffold::Language,
+    name: &str,
+    dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let dir = dir.unwrap_or_else(|| PathBuf::from(name));
+    let project = weir::scaffold::create(language, name, &dir)?;
+    println!(
+        "created {language} handler {name:?} in {} ({} files)",
+        project.dir.display(),
+        project.files.len()
+    );
+    println!("next:");
+    println!("  cd {}", project.dir.display());
+    println!("  {}", project.build);
+    println!("  weir check {name}.wasm");
+    println!("  cp {name}.wasm {name}.toml <handlers_dir>/   # deploy; see README.md");
+    Ok(())
 }
 
 fn check(files: &[PathBuf]) -> anyhow::Result<()> {

@@ -52,7 +52,13 @@ pub fn workspace() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".."))
 }
 
-fn require(path: PathBuf, what: &str, how: &str) -> Result<PathBuf> {
+/// `path` if it exists, else an error naming `what` is missing and `how` to
+/// get it.
+///
+/// # Errors
+///
+/// When `path` does not exist.
+pub fn require(path: PathBuf, what: &str, how: &str) -> Result<PathBuf> {
     if path.exists() {
         Ok(path)
     } else {
@@ -509,6 +515,24 @@ impl Deployment {
         Ok(())
     }
 
+    /// Installs example handler `component` (from `target/handlers`, where
+    /// `.ci/build-handlers` puts the examples in every language) as `name`,
+    /// with `manifest` as its manifest.
+    ///
+    /// # Errors
+    ///
+    /// When the component has not been built.
+    pub fn add_example(&self, component: &str, name: &str, manifest: &str) -> Result<()> {
+        let built = require(
+            workspace().join(format!("target/handlers/{component}.wasm")),
+            "an example handler component",
+            "build it with `bash .ci/build-handlers` (or set WEIR_SKIP_BROKER_TESTS=1)",
+        )?;
+        std::fs::copy(built, self.handlers().join(format!("{name}.wasm")))?;
+        std::fs::write(self.handlers().join(format!("{name}.toml")), manifest)?;
+        Ok(())
+    }
+
     /// Starts a second `weir run` on the same handlers with its own data
     /// directory (each process has its own database), as another member of
     /// the same consumer groups.
@@ -599,7 +623,11 @@ pub struct WeirProcess {
 /// `weir` from `$WEIR_BIN`, else the one built beside this test executable
 /// (`cargo test --release --workspace` builds both), else
 /// `target/release/weir` in the workspace.
-fn weir_binary() -> Result<PathBuf> {
+///
+/// # Errors
+///
+/// When it is nowhere to be found (the message says how to build it).
+pub fn weir_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("WEIR_BIN") {
         return require(
             PathBuf::from(path),

@@ -67,6 +67,17 @@ pub(super) fn link(
             }
         }
     }
+    // The sandbox has no HTTP; say so plainly, with the usual cause.
+    if let Some((name, _)) = ty
+        .imports(engine)
+        .find(|(name, _)| name.starts_with("wasi:http/"))
+    {
+        return Err(CheckError::Import(format!(
+            "the component imports `{name}`, but handlers have no HTTP access. \
+             JavaScript built with componentize-js imports it unless built with \
+             `--disable http fetch-event`"
+        )));
+    }
     let pre = linker.instantiate_pre(component).map_err(|err| {
         CheckError::Import(format!(
             "{err:#}. A handler may import only the `weir:handler` interfaces and WASI 0.2 \

@@ -264,6 +264,13 @@ mod tests {
     }
 
     #[test]
+    fn http_imports_are_refused_with_the_cause() {
+        let err = error(r#"(component (import "wasi:http/types@0.2.10" (instance)))"#);
+        assert!(err.contains("no HTTP access"), "{err}");
+        assert!(err.contains("--disable http"), "{err}");
+    }
+
+    #[test]
     fn contract_version_skew_is_explained() {
         let err = error(r#"(component (import "weir:handler/log@0.2.0" (instance)))"#);
         assert!(err.contains("version 0.2.0"), "{err}");

@@ -1,0 +1,273 @@
+//! The same handler in Rust, Python and JavaScript (`handlers-examples/
+//! loyalty`, `loyalty-py`, `loyalty-js`), run side by side by the real
+//! `weir` binary against a real broker, must behave identically: the same
+//! state, the same emitted events (each with its deterministic id), the
+//! same dead letters with the same attempt counts, and a duplicate that
+//! never earns points twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value, json};
+use weir_tests::{
+    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, header, poll_until, stop,
+    unhex,
+};
+
+/// Compiling a Python or JavaScript component for the first time takes a
+/// while on a small machine.
+const WAIT: Duration = Duration::from_secs(240);
+
+/// (component in target/handlers, handler name and topic suffix).
+const LANGUAGES: [(&str, &str); 3] = [
+    ("loyalty", "rust"),
+    ("loyalty-py", "python"),
+    ("loyalty-js", "js"),
+];
+
+fn order(id: &str, key: &[u8], kind: &str, order: &str, amount: i64) -> Record {
+    Record {
+        partition: Some(0),
+        key: Some(key.to_vec()),
+        value: json!({
+            "event_type": kind,
+            "aggregate_id": order,
+            "data": { "amount_cents": amount },
+        })
+        .to_string()
+        .into_bytes(),
+        headers: vec![("event_id".to_string(), id.as_bytes().to_vec())],
+    }
+}
+
+/// The input: every path through the handler, with a duplicate, a
+/// non-UTF-8 key, malformed JSON and an event about an unknown order.
+fn input() -> Vec<Record> {
+    let mut records = vec![
+        order("e1", b"c1", "OrderPlaced", "o1", 1999),
+        // A producer retry: the same event id again.
+        order("e1", b"c1", "OrderPlaced", "o1", 1999),
+        order("e2", b"c1", "OrderPaid", "o1", 0),
+        order("e3", b"c2", "OrderPlaced", "o2", 500),
+        order("e4", b"c2", "OrderCancelled", "o2", 0),
+        order("e5", b"c3", "OrderPlaced", "o3", 12345),
+        // Not UTF-8: the handler files it under "anonymous".
+        order("e6", b"\xff\xfe", "OrderPlaced", "o4", 300),
+        // Never placed: retryable until the last attempt, then dead-lettered.
+        order("e7", b"c4", "OrderShipped", "o-missing", 0),
+    ];
+    records.push(Record {
+        partition: Some(0),
+        key: Some(b"c1".to_vec()),
+        value: b"{not json".to_vec(),
+        headers: vec![("event_id".to_string(), b"e8".to_vec())],
+    });
+    records.push(order("e9", b"c1", "OrderRefunded", "o1", 0));
+    records
+}
+
+/// What every language must emit: (customer, order, change, balance).
+fn expected_points() -> BTreeSet<(String, String, i64, i64)> {
+    // points_per_euro = 2: 1999 cents -> 19 euros -> 38 points.
+    [
+        ("c1", "o1", 38, 38),
+        ("c2", "o2", 10, 10),
+        ("c2", "o2", -10, 0),
+        ("c3", "o3", 246, 246),
+        ("anonymous", "o4", 6, 6),
+    ]
+    .into_iter()
+    .map(|(c, o, ch, b)| (c.to_string(), o.to_string(), ch, b))
+    .collect()
+}
+
+fn manifest(lang: &str) -> String {
+    format!(
+        "topics = [\"orders-{lang}\"]\nordering = \"key\"\n\
+         [retry]\nmax_attempts = 3\ninitial_delay = \"50ms\"\njitter = 0.0\n\
+         [limits]\nmemory = \"128MiB\"\ntimeout = \"10s\"\n\
+         [config]\noutput_topic = \"points-{lang}\"\npoints_per_euro = \"2\"\n"
+    )
+}
+
+fn wait_committed(kafka: &KafkaTool, lang: &str, end: i64, weir: &WeirProcess) -> Result<()> {
+    let expected = BTreeMap::from([(0, Some(end))]);
+    poll_until(
+        WAIT,
+        &format!("{lang}: committed offsets to reach {end}"),
+        || {
+            Ok(
+                (kafka.committed(&format!("weir.{lang}"), &format!("orders-{lang}"))? == expected)
+                    .then_some(()),
+            )
+        },
+        || format!("log: {}", weir.log.display()),
+    )
+}
+
+fn emitted(kafka: &KafkaTool, lang: &str, weir: &WeirProcess) -> Result<Vec<Value>> {
+    let want = expected_points().len();
+    poll_until(
+        WAIT,
+        &format!("{lang}: {want} points events"),
+        || {
+            let records = kafka.consume(&format!("points-{lang}"), 100, Duration::from_secs(2))?;
+            Ok((records.len() >= want).then_some(records))
+        },
+        || format!("log: {}", weir.log.display()),
+    )
+}
+
+fn dead_letters(kafka: &KafkaTool, lang: &str, weir: &WeirProcess) -> Result<Vec<Value>> {
+    poll_until(
+        WAIT,
+        &format!("{lang}: 3 dead letters"),
+        || {
+            let records =
+                kafka.consume(&format!("orders-{lang}.dlq"), 100, Duration::from_secs(2))?;
+            Ok((records.len() >= 3).then_some(records))
+        },
+        || format!("log: {}", weir.log.display()),
+    )
+}
+
+#[test]
+fn rust_python_and_javascript_handlers_behave_the_same() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let broker = Broker::start()?;
+    let kafka = KafkaTool::new(&broker)?;
+    let deployment = Deployment::new(&broker)?;
+    for (component, lang) in LANGUAGES {
+        for topic in [
+            format!("orders-{lang}"),
+            format!("orders-{lang}.dlq"),
+            format!("points-{lang}"),
+        ] {
+            kafka.create_topic(&topic, 1)?;
+        }
+        deployment.add_example(component, lang, &manifest(lang))?;
+    }
+    let input = input();
+    let end = i64::try_from(input.len())?;
+    let mut weir = deployment.start("languages")?;
+    for (_, lang) in LANGUAGES {
+        kafka.produce(&format!("orders-{lang}"), &input)?;
+    }
+
+    let mut results = BTreeMap::new();
+    for (_, lang) in LANGUAGES {
+        wait_committed(&kafka, lang, end, &weir)?;
+
+        // Emitted events: exactly the expected changes, each with a
+        // distinct deterministic id naming its source event.
+        let records = emitted(&kafka, lang, &weir)?;
+        let mut points = BTreeSet::new();
+        let mut ids = BTreeSet::new();
+        for record in &records {
+            let payload: Value =
+                serde_json::from_slice(&unhex(record["value_hex"].as_str().unwrap_or_default())?)
+                    .with_context(|| format!("{lang}: emitted payload is not JSON: {record}"))?;
+            points.insert((
+                payload["customer"].as_str().unwrap_or_default().to_string(),
+                payload["order"].as_str().unwrap_or_default().to_string(),
+                payload["change"].as_i64().unwrap_or(i64::MIN),
+                payload["balance"].as_i64().unwrap_or(i64::MIN),
+            ));
+            ids.insert(header(record, "event_id").context("emitted without event_id")?);
+            ensure!(
+                header(record, "weir.handler").as_deref() == Some(lang),
+                "{lang}: weir.handler header of {record}"
+            );
+        }
+        ensure!(
+            records.len() == expected_points().len() && ids.len() == records.len(),
+            "{lang}: {} emitted events with {} distinct ids (the duplicate must not emit twice)",
+            records.len(),
+            ids.len()
+        );
+        ensure!(
+            points == expected_points(),
+            "{lang}: emitted {points:?}, expected {:?}",
+            expected_points()
+        );
+
+        // Dead letters: malformed JSON and an unknown event type at once,
+        // the unknown order after every attempt.
+        let dead = dead_letters(&kafka, lang, &weir)?;
+        let mut outcome: BTreeMap<String, (String, String, String)> = BTreeMap::new();
+        for record in &dead {
+            outcome.insert(
+                header(record, "event_id").context("dead letter without event_id")?,
+                (
+                    header(record, "weir.error.kind").unwrap_or_default(),
+                    header(record, "weir.attempts").unwrap_or_default(),
+                    header(record, "weir.error").unwrap_or_default(),
+                ),
+            );
+        }
+        let expect = |id: &str, kind: &str, attempts: &str, needle: &str| -> Result<()> {
+            let (k, a, error) = outcome
+                .get(id)
+                .with_context(|| format!("{lang}: no dead letter for {id}: {outcome:?}"))?;
+            ensure!(
+                k == kind && a == attempts && error.contains(needle),
+                "{lang}: dead letter {id} is ({k}, {a}, {error:?}), expected ({kind}, {attempts}, …{needle}…)"
+            );
+            Ok(())
+        };
+        expect("e8", "permanent", "1", "JSON")?;
+        expect("e9", "permanent", "1", "unknown event_type")?;
+        expect("e7", "retryable", "3", "o-missing is not placed yet")?;
+        ensure!(
+            dead.len() == 3,
+            "{lang}: {} dead letters: {outcome:?}",
+            dead.len()
+        );
+
+        // The log import: one "points updated" record per emitted event.
+        let logged = weir.guest_records(lang, "points updated");
+        ensure!(
+            logged.len() == expected_points().len(),
+            "{lang}: {} 'points updated' log records",
+            logged.len()
+        );
+        results.insert(lang, points);
+    }
+    stop(&mut weir)?;
+
+    // State: the same balances everywhere, and a cancelled order is gone.
+    for (_, lang) in LANGUAGES {
+        let listing = deployment.weir(&["state", "list", lang, "--json"])?;
+        let mut state = BTreeMap::new();
+        for line in listing.lines() {
+            let entry: Value = serde_json::from_str(line).context("state list line")?;
+            let value: Value = serde_json::from_str(entry["value"].as_str().unwrap_or("null"))
+                .with_context(|| format!("{lang}: state value is not JSON: {entry}"))?;
+            state.insert(entry["key"].as_str().unwrap_or_default().to_string(), value);
+        }
+        let balance = |customer: &str| {
+            state
+                .get(&format!("customer/{customer}"))
+                .map(|v| v["points"].clone())
+        };
+        ensure!(
+            balance("c1") == Some(json!(38))
+                && balance("c2") == Some(json!(0))
+                && balance("c3") == Some(json!(246))
+                && balance("anonymous") == Some(json!(6)),
+            "{lang}: balances in state: {state:?}"
+        );
+        ensure!(
+            !state.contains_key("order/o2") && state.contains_key("order/o1"),
+            "{lang}: orders in state: {state:?}"
+        );
+    }
+    ensure!(
+        results.values().all(|p| p == &expected_points()),
+        "languages differ: {results:?}"
+    );
+    Ok(())
+}
