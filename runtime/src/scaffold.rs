@@ -324,7 +324,7 @@ mod tests {
                     );
                 }
             }
-            crate::registry::manifest::Manifest::load(&dir.join("order-totals.toml"))
+            crate::registry::Manifest::load(&dir.join("order-totals.toml"))
                 .expect("the manifest is valid");
             assert!(dir.join("wit/handler.wit").is_file());
             assert!(dir.join("order-totals.toml").is_file());
