@@ -129,10 +129,12 @@ export class Event {
     /** Headers in broker order, as [name, Uint8Array] pairs. */
     this.headers = raw.headers;
     this.partition = raw.partition;
-    /** Offset within the partition (a BigInt). */
-    this.offset = raw.offset;
-    /** Producer or broker timestamp, ms since the Unix epoch (BigInt), or undefined. */
-    this.timestampMs = raw.timestampMs;
+    // The WIT's s64 values arrive as BigInt; offsets and millisecond
+    // timestamps stay far below 2^53, so plain numbers are exact.
+    /** Offset within the partition. */
+    this.offset = Number(raw.offset);
+    /** Producer or broker timestamp, ms since the Unix epoch, or undefined. */
+    this.timestampMs = raw.timestampMs === undefined ? undefined : Number(raw.timestampMs);
     /** 1 on the first call, 2 on the first retry, and so on. */
     this.attempt = raw.attempt;
   }

@@ -271,3 +271,142 @@ fn rust_python_and_javascript_handlers_behave_the_same() -> Result<()> {
     );
     Ok(())
 }
+
+/// Python and JavaScript handlers that raise, loop, print or overstep a
+/// state limit: each failure maps to retry or dead letter as the SDK guides
+/// document, uncaught exceptions reach the log with their traceback, and
+/// printed lines become log lines.
+#[test]
+fn interpreted_handlers_map_their_failures_as_documented() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let broker = Broker::start()?;
+    let kafka = KafkaTool::new(&broker)?;
+    let deployment = Deployment::new(&broker)?;
+    // (component, exception name in the error, log message of the SDK)
+    let handlers = [
+        (
+            "unruly-py",
+            "ValueError: boom",
+            "handler raised",
+            "traceback",
+        ),
+        ("unruly-js", "Error: boom", "handler threw", "stack"),
+    ];
+    for (name, ..) in handlers {
+        kafka.create_topic(name, 1)?;
+        kafka.create_topic(&format!("{name}.dlq"), 1)?;
+        deployment.add_handler(
+            name,
+            name,
+            &format!(
+                "topics = [\"{name}\"]\nordering = \"none\"\n\
+                 [retry]\nmax_attempts = 2\ninitial_delay = \"50ms\"\njitter = 0.0\n\
+                 [limits]\nmemory = \"128MiB\"\ntimeout = \"1s\"\n"
+            ),
+        )?;
+    }
+    let requests = [
+        "raise",
+        "loop",
+        "big-state",
+        "print:hello from the guest",
+        "ok",
+    ];
+    let records: Vec<Record> = requests
+        .iter()
+        .map(|r| Record {
+            partition: Some(0),
+            key: Some(r.as_bytes().to_vec()),
+            value: b"{}".to_vec(),
+            headers: vec![("unruly.do".to_string(), r.as_bytes().to_vec())],
+        })
+        .collect();
+    let mut weir = deployment.start("unruly")?;
+    for (name, ..) in handlers {
+        kafka.produce(name, &records)?;
+    }
+    let end = i64::try_from(records.len())?;
+    for (name, exception, logged, trace_field) in handlers {
+        let dead = poll_until(
+            WAIT,
+            &format!("{name}: 3 dead letters"),
+            || {
+                let dead = kafka.consume(&format!("{name}.dlq"), 100, Duration::from_secs(2))?;
+                Ok((dead.len() >= 3).then_some(dead))
+            },
+            || format!("log: {}", weir.log.display()),
+        )?;
+        let outcome: BTreeMap<String, (String, String, String)> = dead
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    header(r, "unruly.do")?,
+                    (
+                        header(r, "weir.error.kind")?,
+                        header(r, "weir.attempts")?,
+                        header(r, "weir.error")?,
+                    ),
+                ))
+            })
+            .collect();
+        let expect = |request: &str, kind: &str, attempts: &str, needle: &str| -> Result<()> {
+            let (k, a, error) = outcome
+                .get(request)
+                .with_context(|| format!("{name}: no dead letter for {request}: {outcome:?}"))?;
+            ensure!(
+                k == kind && a == attempts && error.contains(needle),
+                "{name}: {request} dead-lettered as ({k}, {a}, {error:?}), expected ({kind}, {attempts}, …{needle}…)"
+            );
+            Ok(())
+        };
+        expect("raise", "retryable", "2", exception)?;
+        expect("loop", "retryable", "2", "timeout")?;
+        expect("big-state", "permanent", "1", "larger than")?;
+        ensure!(
+            dead.len() == 3,
+            "{name}: {} dead letters: {outcome:?}",
+            dead.len()
+        );
+
+        let expected = BTreeMap::from([(0, Some(end))]);
+        poll_until(
+            WAIT,
+            &format!("{name}: committed offsets to reach {end}"),
+            || Ok((kafka.committed(&format!("weir.{name}"), name)? == expected).then_some(())),
+            || format!("log: {}", weir.log.display()),
+        )?;
+
+        // The uncaught exception is logged with where it came from, once
+        // per attempt.
+        let raised = weir.guest_records(name, logged);
+        let source = if name.ends_with("py") {
+            "app.py"
+        } else {
+            "app.js"
+        };
+        ensure!(
+            raised.len() == 2
+                && raised.iter().all(|f| {
+                    f["exception"].as_str().is_some_and(|e| e.contains("boom"))
+                        && f[trace_field].as_str().is_some_and(|t| t.contains(source))
+                }),
+            "{name}: '{logged}' records (the exception, and a {trace_field} through {source}): {raised:?}"
+        );
+        // Printed lines are log lines of the handler.
+        let printed = weir.records().into_iter().any(|r| {
+            r["target"] == "weir::guest"
+                && r["handler"] == name
+                && r["stream"] == "stdout"
+                && r["message"] == "hello from the guest"
+        });
+        ensure!(
+            printed,
+            "{name}: the printed line is not in the log {}",
+            weir.log.display()
+        );
+    }
+    stop(&mut weir)?;
+    Ok(())
+}
