@@ -201,11 +201,6 @@ pub fn create(language: Language, name: &str, dir: &Path) -> anyhow::Result<Proj
 }
 
 fn fill(template: &str, name: &str, language: Language) -> String {
-    let memory = match language {
-        Language::Rust => "32MiB",
-        // The interpreters need room of their own.
-        Language::Python | Language::Js => "128MiB",
-    };
     template
         .replace("{{name}}", name)
         .replace("{{type_name}}", &type_name(name))
@@ -219,7 +214,6 @@ fn fill(template: &str, name: &str, language: Language) -> String {
             },
         )
         .replace("{{version}}", VERSION)
-        .replace("{{memory}}", memory)
         .replace("{{componentize_py}}", COMPONENTIZE_PY)
         .replace("{{componentize_js}}", COMPONENTIZE_JS)
 }
@@ -290,7 +284,6 @@ mod tests {
         "{{lang}}",
         "{{language}}",
         "{{version}}",
-        "{{memory}}",
         "{{componentize_py}}",
         "{{componentize_js}}",
         "{{files}}",

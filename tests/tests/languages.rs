@@ -86,7 +86,7 @@ fn manifest(lang: &str) -> String {
     format!(
         "topics = [\"orders-{lang}\"]\nordering = \"key\"\n\
          [retry]\nmax_attempts = 3\ninitial_delay = \"50ms\"\njitter = 0.0\n\
-         [limits]\nmemory = \"128MiB\"\ntimeout = \"10s\"\n\
+         [limits]\ntimeout = \"10s\"\n\
          [config]\noutput_topic = \"points-{lang}\"\npoints_per_euro = \"2\"\n"
     )
 }
@@ -303,7 +303,7 @@ fn interpreted_handlers_map_their_failures_as_documented() -> Result<()> {
             &format!(
                 "topics = [\"{name}\"]\nordering = \"none\"\n\
                  [retry]\nmax_attempts = 2\ninitial_delay = \"50ms\"\njitter = 0.0\n\
-                 [limits]\nmemory = \"128MiB\"\ntimeout = \"1s\"\n"
+                 [limits]\ntimeout = \"1s\"\n"
             ),
         )?;
     }
