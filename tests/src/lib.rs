@@ -505,14 +505,13 @@ impl Deployment {
     ///
     /// When the component has not been built.
     pub fn add_handler(&self, component: &str, name: &str, manifest: &str) -> Result<()> {
-        let built = require(
-            workspace().join(format!("target/test-handlers/{component}.wasm")),
+        self.install(
+            "target/test-handlers",
             "a test handler component",
-            "build it with `bash .ci/build-handlers` (or set WEIR_SKIP_BROKER_TESTS=1)",
-        )?;
-        std::fs::copy(built, self.handlers().join(format!("{name}.wasm")))?;
-        std::fs::write(self.handlers().join(format!("{name}.toml")), manifest)?;
-        Ok(())
+            component,
+            name,
+            manifest,
+        )
     }
 
     /// Installs example handler `component` (from `target/handlers`, where
@@ -523,12 +522,31 @@ impl Deployment {
     ///
     /// When the component has not been built.
     pub fn add_example(&self, component: &str, name: &str, manifest: &str) -> Result<()> {
-        let built = require(
-            workspace().join(format!("target/handlers/{component}.wasm")),
+        self.install(
+            "target/handlers",
             "an example handler component",
+            component,
+            name,
+            manifest,
+        )
+    }
+
+    /// Copies `<built>/<component>.wasm` to the handlers directory as
+    /// `<name>.wasm`, with `manifest` beside it.
+    fn install(
+        &self,
+        built: &str,
+        what: &str,
+        component: &str,
+        name: &str,
+        manifest: &str,
+    ) -> Result<()> {
+        let wasm = require(
+            workspace().join(format!("{built}/{component}.wasm")),
+            what,
             "build it with `bash .ci/build-handlers` (or set WEIR_SKIP_BROKER_TESTS=1)",
         )?;
-        std::fs::copy(built, self.handlers().join(format!("{name}.wasm")))?;
+        std::fs::copy(wasm, self.handlers().join(format!("{name}.wasm")))?;
         std::fs::write(self.handlers().join(format!("{name}.toml")), manifest)?;
         Ok(())
     }
@@ -781,6 +799,31 @@ impl Drop for WeirProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits (up to `timeout`) until `topic` holds at least `count` records,
+/// and returns them (at most 1000); on timeout the error points at `weir`'s
+/// log.
+///
+/// # Errors
+///
+/// On timeout, or when the client fails.
+pub fn consume_at_least(
+    kafka: &KafkaTool,
+    topic: &str,
+    count: usize,
+    timeout: Duration,
+    weir: &WeirProcess,
+) -> Result<Vec<Value>> {
+    poll_until(
+        timeout,
+        &format!("{count} records on {topic}"),
+        || {
+            let records = kafka.consume(topic, 1000, Duration::from_secs(2))?;
+            Ok((records.len() >= count).then_some(records))
+        },
+        || format!("log: {}", weir.log.display()),
+    )
 }
 
 /// The UTF-8 value of header `name` in a record from [`KafkaTool::consume`].

@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use weir_tests::{
-    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, header, poll_until, stop,
-    unhex,
+    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, consume_at_least, header,
+    poll_until, stop, unhex,
 };
 
 /// Compiling a Python or JavaScript component for the first time takes a
@@ -91,45 +91,56 @@ fn manifest(lang: &str) -> String {
     )
 }
 
-fn wait_committed(kafka: &KafkaTool, lang: &str, end: i64, weir: &WeirProcess) -> Result<()> {
+/// Waits until handler `name`'s group has committed `topic`'s single
+/// partition up to `end`.
+fn wait_committed(
+    kafka: &KafkaTool,
+    name: &str,
+    topic: &str,
+    end: i64,
+    weir: &WeirProcess,
+) -> Result<()> {
     let expected = BTreeMap::from([(0, Some(end))]);
     poll_until(
         WAIT,
-        &format!("{lang}: committed offsets to reach {end}"),
-        || {
-            Ok(
-                (kafka.committed(&format!("weir.{lang}"), &format!("orders-{lang}"))? == expected)
-                    .then_some(()),
-            )
-        },
+        &format!("{name}: committed offsets of {topic} to reach {end}"),
+        || Ok((kafka.committed(&format!("weir.{name}"), topic)? == expected).then_some(())),
         || format!("log: {}", weir.log.display()),
     )
 }
 
-fn emitted(kafka: &KafkaTool, lang: &str, weir: &WeirProcess) -> Result<Vec<Value>> {
-    let want = expected_points().len();
-    poll_until(
-        WAIT,
-        &format!("{lang}: {want} points events"),
-        || {
-            let records = kafka.consume(&format!("points-{lang}"), 100, Duration::from_secs(2))?;
-            Ok((records.len() >= want).then_some(records))
-        },
-        || format!("log: {}", weir.log.display()),
-    )
+/// Dead letters as header `by` -> (error kind, attempts, error).
+fn outcomes(dead: &[Value], by: &str) -> BTreeMap<String, (String, String, String)> {
+    dead.iter()
+        .filter_map(|r| {
+            Some((
+                header(r, by)?,
+                (
+                    header(r, "weir.error.kind")?,
+                    header(r, "weir.attempts")?,
+                    header(r, "weir.error")?,
+                ),
+            ))
+        })
+        .collect()
 }
 
-fn dead_letters(kafka: &KafkaTool, lang: &str, weir: &WeirProcess) -> Result<Vec<Value>> {
-    poll_until(
-        WAIT,
-        &format!("{lang}: 3 dead letters"),
-        || {
-            let records =
-                kafka.consume(&format!("orders-{lang}.dlq"), 100, Duration::from_secs(2))?;
-            Ok((records.len() >= 3).then_some(records))
-        },
-        || format!("log: {}", weir.log.display()),
-    )
+/// `outcomes[id]` is a dead letter of `kind` after `attempts` whose error
+/// mentions `needle`.
+fn expect_dead(
+    who: &str,
+    outcomes: &BTreeMap<String, (String, String, String)>,
+    id: &str,
+    (kind, attempts, needle): (&str, &str, &str),
+) -> Result<()> {
+    let (k, a, error) = outcomes
+        .get(id)
+        .with_context(|| format!("{who}: no dead letter for {id}: {outcomes:?}"))?;
+    ensure!(
+        k == kind && a == attempts && error.contains(needle),
+        "{who}: {id} dead-lettered as ({k}, {a}, {error:?}), expected ({kind}, {attempts}, …{needle}…)"
+    );
+    Ok(())
 }
 
 #[test]
@@ -159,11 +170,17 @@ fn rust_python_and_javascript_handlers_behave_the_same() -> Result<()> {
 
     let mut results = BTreeMap::new();
     for (_, lang) in LANGUAGES {
-        wait_committed(&kafka, lang, end, &weir)?;
+        wait_committed(&kafka, lang, &format!("orders-{lang}"), end, &weir)?;
 
         // Emitted events: exactly the expected changes, each with a
         // distinct deterministic id naming its source event.
-        let records = emitted(&kafka, lang, &weir)?;
+        let records = consume_at_least(
+            &kafka,
+            &format!("points-{lang}"),
+            expected_points().len(),
+            WAIT,
+            &weir,
+        )?;
         let mut points = BTreeSet::new();
         let mut ids = BTreeSet::new();
         for record in &records {
@@ -196,31 +213,21 @@ fn rust_python_and_javascript_handlers_behave_the_same() -> Result<()> {
 
         // Dead letters: malformed JSON and an unknown event type at once,
         // the unknown order after every attempt.
-        let dead = dead_letters(&kafka, lang, &weir)?;
-        let mut outcome: BTreeMap<String, (String, String, String)> = BTreeMap::new();
-        for record in &dead {
-            outcome.insert(
-                header(record, "event_id").context("dead letter without event_id")?,
-                (
-                    header(record, "weir.error.kind").unwrap_or_default(),
-                    header(record, "weir.attempts").unwrap_or_default(),
-                    header(record, "weir.error").unwrap_or_default(),
-                ),
-            );
-        }
-        let expect = |id: &str, kind: &str, attempts: &str, needle: &str| -> Result<()> {
-            let (k, a, error) = outcome
-                .get(id)
-                .with_context(|| format!("{lang}: no dead letter for {id}: {outcome:?}"))?;
-            ensure!(
-                k == kind && a == attempts && error.contains(needle),
-                "{lang}: dead letter {id} is ({k}, {a}, {error:?}), expected ({kind}, {attempts}, …{needle}…)"
-            );
-            Ok(())
-        };
-        expect("e8", "permanent", "1", "JSON")?;
-        expect("e9", "permanent", "1", "unknown event_type")?;
-        expect("e7", "retryable", "3", "o-missing is not placed yet")?;
+        let dead = consume_at_least(&kafka, &format!("orders-{lang}.dlq"), 3, WAIT, &weir)?;
+        let outcome = outcomes(&dead, "event_id");
+        expect_dead(lang, &outcome, "e8", ("permanent", "1", "JSON"))?;
+        expect_dead(
+            lang,
+            &outcome,
+            "e9",
+            ("permanent", "1", "unknown event_type"),
+        )?;
+        expect_dead(
+            lang,
+            &outcome,
+            "e7",
+            ("retryable", "3", "o-missing is not placed yet"),
+        )?;
         ensure!(
             dead.len() == 3,
             "{lang}: {} dead letters: {outcome:?}",
@@ -329,54 +336,23 @@ fn interpreted_handlers_map_their_failures_as_documented() -> Result<()> {
     }
     let end = i64::try_from(records.len())?;
     for (name, exception, logged, trace_field) in handlers {
-        let dead = poll_until(
-            WAIT,
-            &format!("{name}: 3 dead letters"),
-            || {
-                let dead = kafka.consume(&format!("{name}.dlq"), 100, Duration::from_secs(2))?;
-                Ok((dead.len() >= 3).then_some(dead))
-            },
-            || format!("log: {}", weir.log.display()),
+        let dead = consume_at_least(&kafka, &format!("{name}.dlq"), 3, WAIT, &weir)?;
+        let outcome = outcomes(&dead, "unruly.do");
+        expect_dead(name, &outcome, "raise", ("retryable", "2", exception))?;
+        expect_dead(name, &outcome, "loop", ("retryable", "2", "timeout"))?;
+        expect_dead(
+            name,
+            &outcome,
+            "big-state",
+            ("permanent", "1", "larger than"),
         )?;
-        let outcome: BTreeMap<String, (String, String, String)> = dead
-            .iter()
-            .filter_map(|r| {
-                Some((
-                    header(r, "unruly.do")?,
-                    (
-                        header(r, "weir.error.kind")?,
-                        header(r, "weir.attempts")?,
-                        header(r, "weir.error")?,
-                    ),
-                ))
-            })
-            .collect();
-        let expect = |request: &str, kind: &str, attempts: &str, needle: &str| -> Result<()> {
-            let (k, a, error) = outcome
-                .get(request)
-                .with_context(|| format!("{name}: no dead letter for {request}: {outcome:?}"))?;
-            ensure!(
-                k == kind && a == attempts && error.contains(needle),
-                "{name}: {request} dead-lettered as ({k}, {a}, {error:?}), expected ({kind}, {attempts}, …{needle}…)"
-            );
-            Ok(())
-        };
-        expect("raise", "retryable", "2", exception)?;
-        expect("loop", "retryable", "2", "timeout")?;
-        expect("big-state", "permanent", "1", "larger than")?;
         ensure!(
             dead.len() == 3,
             "{name}: {} dead letters: {outcome:?}",
             dead.len()
         );
 
-        let expected = BTreeMap::from([(0, Some(end))]);
-        poll_until(
-            WAIT,
-            &format!("{name}: committed offsets to reach {end}"),
-            || Ok((kafka.committed(&format!("weir.{name}"), name)? == expected).then_some(())),
-            || format!("log: {}", weir.log.display()),
-        )?;
+        wait_committed(&kafka, name, name, end, &weir)?;
 
         // The uncaught exception is logged with where it came from, once
         // per attempt.

@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use weir_tests::{
-    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, header, poll_until, stop,
+    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, consume_at_least, header,
+    poll_until, stop,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -20,15 +21,7 @@ fn dead_letters(
     count: usize,
     weir: &WeirProcess,
 ) -> Result<Vec<Value>> {
-    poll_until(
-        WAIT,
-        &format!("{count} dead letters on {topic}"),
-        || {
-            let records = kafka.consume(topic, 100, Duration::from_secs(2))?;
-            Ok((records.len() >= count).then_some(records))
-        },
-        || format!("log: {}", weir.log.display()),
-    )
+    consume_at_least(kafka, topic, count, WAIT, weir)
 }
 
 #[test]

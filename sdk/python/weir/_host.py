@@ -30,29 +30,26 @@ class HostError(Exception):
         self.detail = detail
 
 
-def _state_error(value: object) -> HostError:
-    kind = type(value).__name__.split("_", 1)[-1]
-    detail = getattr(value, "value", None)
-    messages = {
-        "KeyTooLong": f"state key longer than {detail} bytes",
-        "ValueTooLarge": f"state value larger than {detail} bytes",
-        "TooManyWrites": f"more than {detail} state writes in one call",
-        "TransactionTooLarge": f"writes and emitted events over {detail} bytes in one call",
-        "Unavailable": f"state unavailable: {detail}",
-    }
-    return HostError(kind, detail, messages.get(kind, f"state error: {kind}"))
+_MESSAGES = {
+    # state-error
+    "KeyTooLong": "state key longer than {} bytes",
+    "ValueTooLarge": "state value larger than {} bytes",
+    "TooManyWrites": "more than {} state writes in one call",
+    "TransactionTooLarge": "writes and emitted events over {} bytes in one call",
+    "Unavailable": "state unavailable: {}",
+    # emit-error
+    "InvalidTopic": "invalid topic name: {!r}",
+    "TooLarge": "emitted event larger than {} bytes",
+    "TooMany": "more than {} emitted events in one call",
+}
 
 
-def _emit_error(value: object) -> HostError:
+def _host_error(value: object) -> HostError:
+    """A WIT error variant (e.g. `StateError_KeyTooLong(1024)`) as a HostError."""
     kind = type(value).__name__.split("_", 1)[-1]
     detail = getattr(value, "value", None)
-    messages = {
-        "InvalidTopic": f"invalid topic name: {detail!r}",
-        "TooLarge": f"emitted event larger than {detail} bytes",
-        "TooMany": f"more than {detail} emitted events in one call",
-        "TransactionTooLarge": f"writes and emitted events over {detail} bytes in one call",
-    }
-    return HostError(kind, detail, messages.get(kind, f"emit error: {kind}"))
+    message = _MESSAGES.get(kind, "host error: " + kind + " {}").format(detail)
+    return HostError(kind, detail, message)
 
 
 # In-memory stand-ins (used only outside Weir).
@@ -77,7 +74,7 @@ def state_get(key: str) -> Optional[bytes]:
     try:
         return _state.get(key)
     except Err as e:
-        raise _state_error(e.value) from None
+        raise _host_error(e.value) from None
 
 
 def state_set(key: str, value: bytes) -> None:
@@ -87,7 +84,7 @@ def state_set(key: str, value: bytes) -> None:
     try:
         _state.set(key, value)
     except Err as e:
-        raise _state_error(e.value) from None
+        raise _host_error(e.value) from None
 
 
 def state_delete(key: str) -> None:
@@ -97,7 +94,7 @@ def state_delete(key: str) -> None:
     try:
         _state.delete(key)
     except Err as e:
-        raise _state_error(e.value) from None
+        raise _host_error(e.value) from None
 
 
 def state_list(prefix: str, start_after: Optional[str], limit: int) -> List[Tuple[str, bytes]]:
@@ -109,7 +106,7 @@ def state_list(prefix: str, start_after: Optional[str], limit: int) -> List[Tupl
     try:
         return _state.list_prefix(prefix, start_after, limit)
     except Err as e:
-        raise _state_error(e.value) from None
+        raise _host_error(e.value) from None
 
 
 def emit_send(topic: str, key: Optional[bytes], payload: bytes, headers: List[Tuple[str, bytes]]) -> None:
@@ -119,7 +116,7 @@ def emit_send(topic: str, key: Optional[bytes], payload: bytes, headers: List[Tu
     try:
         _emit.send(topic, key, payload, headers)
     except Err as e:
-        raise _emit_error(e.value) from None
+        raise _host_error(e.value) from None
 
 
 def config_get(key: str) -> Optional[str]:
