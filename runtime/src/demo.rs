@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::config::Config;
-use crate::host::{Host, HostSettings};
 use crate::runtime::{Runtime, load_handlers};
 use crate::source::embedded::EmbeddedBroker;
 use crate::source::kafka::{Cluster, KafkaProducer};
@@ -26,7 +25,9 @@ const EVENT_TYPES: &[&str] = &["OrderPlaced", "OrderPaid", "OrderShipped", "Orde
 /// fully handled within `deadline`.
 pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::Result<()> {
     let started = Instant::now();
-    let host = Host::new(&HostSettings::default())?;
+    // The same compiled-component cache as `weir run`: a second demo, or a
+    // `weir run` after it, does not compile the components again.
+    let host = crate::runtime::host_for(config)?;
     let dir = &config.runtime.handlers_dir;
     let (handlers, failed) = load_handlers(&host, dir, &config.limits).await?;
     for err in &failed {
@@ -127,14 +128,14 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
 
     println!();
     println!(
-        "{:<12} {:<13} {:>7} {:>8} {:>14} {:>8} {:>13}",
-        "handler", "version", "events", "handled", "dead-lettered", "retries", "mean handle"
+        "{:<12} {:<13} {:>8} {:>8} {:>14} {:>8} {:>13}",
+        "handler", "version", "produced", "handled", "dead-lettered", "retries", "mean handle"
     );
     for (running, expected) in runtime.handlers().iter().zip(&expected) {
         let stats = &running.stats;
         let calls = stats.calls.load(Ordering::Relaxed).max(1);
         println!(
-            "{:<12} {:<13} {:>7} {:>8} {:>14} {:>8} {:>10} µs",
+            "{:<12} {:<13} {:>8} {:>8} {:>14} {:>8} {:>10} µs",
             running.handler.name,
             running.handler.compiled.version(),
             expected,
@@ -152,6 +153,7 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
     let relay = runtime.relay_stats();
     runtime.stop(config.runtime.shutdown_timeout).await;
     println!();
+    println!("(handled can exceed produced: handlers also get what other handlers emit to their topics)");
     println!(
         "{} events emitted by handlers were published through the outbox; \
          {conflicts} calls re-ran because state they read changed first; \

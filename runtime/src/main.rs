@@ -219,7 +219,7 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
 async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
     weir::fault::init().map_err(anyhow::Error::msg)?;
-    let host = host_for(&config)?;
+    let host = weir::runtime::host_for(&config)?;
     let dir = &config.runtime.handlers_dir;
     let loading = std::time::Instant::now();
     let (handlers, failed) = load_handlers(&host, dir, &config.limits).await?;
@@ -348,16 +348,8 @@ fn state(config: &Config, action: StateAction) -> anyhow::Result<()> {
 
 /// The Wasm host as `weir run` configures it: fuel metering when
 /// `[limits] fuel` is set, compiled components cached in the data directory.
-fn host_for(config: &Config) -> anyhow::Result<Host> {
-    Host::new(&HostSettings {
-        fuel: config.limits.fuel.is_some(),
-        cache_dir: Some(config.runtime.data_dir.join("compiled")),
-        ..HostSettings::default()
-    })
-}
-
 async fn handlers(config: &Config) -> anyhow::Result<()> {
-    let host = host_for(config)?;
+    let host = weir::runtime::host_for(config)?;
     let dir = &config.runtime.handlers_dir;
     let (loaded, failed) = load_handlers(&host, dir, &config.limits).await?;
     println!("{:<16} {:<13} {:<24} topics", "handler", "version", "group");

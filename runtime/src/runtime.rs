@@ -60,7 +60,22 @@ pub struct Runtime {
     relay_stats: Arc<RelayStats>,
 }
 
-/// Loads every `<name>.wasm` in `dir`, compiling on blocking threads.
+/// The Wasm host for `config`: fuel metering when `[limits] fuel` is set,
+/// and the compiled-component cache in `[runtime] data_dir/compiled`.
+///
+/// # Errors
+///
+/// When the engine cannot be created.
+pub fn host_for(config: &crate::config::Config) -> anyhow::Result<Host> {
+    Host::new(&crate::host::HostSettings {
+        fuel: config.limits.fuel.is_some(),
+        cache_dir: Some(config.runtime.data_dir.join("compiled")),
+        ..crate::host::HostSettings::default()
+    })
+}
+
+/// Loads every `<name>.wasm` in `dir`, compiling in parallel on
+/// blocking threads.
 /// Handlers that fail are returned separately; one bad file never stops the
 /// others.
 ///
