@@ -153,7 +153,9 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
     let relay = runtime.relay_stats();
     runtime.stop(config.runtime.shutdown_timeout).await;
     println!();
-    println!("(handled can exceed produced: handlers also get what other handlers emit to their topics)");
+    println!(
+        "(handled can exceed produced: handlers also get what other handlers emit to their topics)"
+    );
     println!(
         "{} events emitted by handlers were published through the outbox; \
          {conflicts} calls re-ran because state they read changed first; \
