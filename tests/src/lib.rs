@@ -225,6 +225,19 @@ pub struct Record {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+impl Record {
+    /// A request to a test handler that acts on a header: key and header
+    /// `header` both `what`, payload `{}`, partition 0.
+    pub fn request(header: &str, what: &str) -> Self {
+        Self {
+            partition: Some(0),
+            key: Some(what.as_bytes().to_vec()),
+            value: b"{}".to_vec(),
+            headers: vec![(header.to_string(), what.as_bytes().to_vec())],
+        }
+    }
+}
+
 /// How long one kafka client command may take.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 

@@ -168,7 +168,6 @@ fn rust_python_and_javascript_handlers_behave_the_same() -> Result<()> {
         kafka.produce(&format!("orders-{lang}"), &input)?;
     }
 
-    let mut results = BTreeMap::new();
     for (_, lang) in LANGUAGES {
         wait_committed(&kafka, lang, &format!("orders-{lang}"), end, &weir)?;
 
@@ -241,7 +240,6 @@ fn rust_python_and_javascript_handlers_behave_the_same() -> Result<()> {
             "{lang}: {} 'points updated' log records",
             logged.len()
         );
-        results.insert(lang, points);
     }
     stop(&mut weir)?;
 
@@ -272,10 +270,6 @@ fn rust_python_and_javascript_handlers_behave_the_same() -> Result<()> {
             "{lang}: orders in state: {state:?}"
         );
     }
-    ensure!(
-        results.values().all(|p| p == &expected_points()),
-        "languages differ: {results:?}"
-    );
     Ok(())
 }
 
@@ -291,7 +285,7 @@ fn interpreted_handlers_map_their_failures_as_documented() -> Result<()> {
     let broker = Broker::start()?;
     let kafka = KafkaTool::new(&broker)?;
     let deployment = Deployment::new(&broker)?;
-    // (component, exception name in the error, log message of the SDK)
+    // (component, exception in the error, the SDK's log message, its trace field)
     let handlers = [
         (
             "unruly-py",
@@ -323,12 +317,7 @@ fn interpreted_handlers_map_their_failures_as_documented() -> Result<()> {
     ];
     let records: Vec<Record> = requests
         .iter()
-        .map(|r| Record {
-            partition: Some(0),
-            key: Some(r.as_bytes().to_vec()),
-            value: b"{}".to_vec(),
-            headers: vec![("unruly.do".to_string(), r.as_bytes().to_vec())],
-        })
+        .map(|r| Record::request("unruly.do", r))
         .collect();
     let mut weir = deployment.start("unruly")?;
     for (name, ..) in handlers {

@@ -76,12 +76,7 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     ];
     let hostile: Vec<Record> = requests
         .iter()
-        .map(|r| Record {
-            partition: Some(0),
-            key: Some(r.as_bytes().to_vec()),
-            value: b"{}".to_vec(),
-            headers: vec![("hostile.do".to_string(), r.as_bytes().to_vec())],
-        })
+        .map(|r| Record::request("hostile.do", r))
         .collect();
     let steady = |range: std::ops::Range<usize>| -> Vec<Record> {
         range
@@ -99,12 +94,7 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     kafka.produce("metered", &hostile[..1])?;
     let granted_requests: Vec<Record> = ["read-env", "read:/data/hello.txt", "write:/data/new.txt"]
         .iter()
-        .map(|r| Record {
-            partition: Some(0),
-            key: Some(r.as_bytes().to_vec()),
-            value: b"{}".to_vec(),
-            headers: vec![("hostile.do".to_string(), r.as_bytes().to_vec())],
-        })
+        .map(|r| Record::request("hostile.do", r))
         .collect();
     kafka.produce("granted", &granted_requests)?;
     kafka.produce("steady", &steady(10..20))?;
