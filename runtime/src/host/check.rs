@@ -54,7 +54,8 @@ pub(super) fn link(
     let ty = component.component_type();
 
     // Imports: the runtime provides `weir:handler/*` at WORLD_PACKAGE's
-    // version and WASI 0.2. Explain a version skew before anything else.
+    // version and WASI 0.2 without HTTP. Explain a version skew or an HTTP
+    // import plainly, before the linker's generic error.
     for (name, _) in ty.imports(engine) {
         if let Some(rest) = name.strip_prefix("weir:handler/") {
             let version = rest.split_once('@').map(|(_, v)| v).unwrap_or("(none)");
@@ -66,17 +67,13 @@ pub(super) fn link(
                 )));
             }
         }
-    }
-    // The sandbox has no HTTP; say so plainly, with the usual cause.
-    if let Some((name, _)) = ty
-        .imports(engine)
-        .find(|(name, _)| name.starts_with("wasi:http/"))
-    {
-        return Err(CheckError::Import(format!(
-            "the component imports `{name}`, but handlers have no HTTP access. \
-             JavaScript built with componentize-js imports it unless built with \
-             `--disable http fetch-event`"
-        )));
+        if name.starts_with("wasi:http/") {
+            return Err(CheckError::Import(format!(
+                "the component imports `{name}`, but handlers have no HTTP access. \
+                 JavaScript built with componentize-js imports it unless built with \
+                 `--disable http fetch-event`"
+            )));
+        }
     }
     let pre = linker.instantiate_pre(component).map_err(|err| {
         CheckError::Import(format!(
