@@ -1,13 +1,28 @@
-//! Harness for Weir's integration tests: a real Kafka-protocol broker process
-//! (tansu), an independent client (kafka-python), and the real `weir`
-//! binary, each on loopback with its own temporary directory.
+//! Harness for Weir's integration tests: real broker processes (tansu for
+//! the Kafka protocol, nats-server for NATS JetStream), an independent
+//! client for each (kafka-python, nats-py), and the real `weir` binary,
+//! each on loopback with its own temporary directory. [`TestBroker`] puts
+//! the brokers behind one face, so that a delivery test is written once and
+//! runs against each.
 //!
 //! Nothing here sleeps and hopes: every wait polls for an observable effect
 //! until a deadline, and a timeout reports the last state seen and where the
 //! logs are.
 
+mod broker;
+mod client;
+mod nats;
+
+pub use broker::{
+    BrokerKind, KafkaBroker, NATS_KEY_HEADER, NatsBroker, Position, Stored, TestBroker,
+};
+pub use nats::{
+    ConsumerState, NatsMessage, NatsServer, NatsTool, Stream, StreamSummary, nats_durable,
+    stream_name,
+};
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -16,6 +31,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::Value;
+
+use client::ClientScript;
 
 /// Integration tests share two cores: run them one at a time.
 pub fn serial() -> MutexGuard<'static, ()> {
@@ -238,9 +255,6 @@ impl Record {
     }
 }
 
-/// How long one kafka client command may take.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -249,9 +263,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// The independent client: kafka-python driven through
 /// `tests/clients/kafka_tool.py`.
 pub struct KafkaTool {
-    python: PathBuf,
-    script: PathBuf,
-    bootstrap: String,
+    client: ClientScript,
 }
 
 impl KafkaTool {
@@ -270,92 +282,17 @@ impl KafkaTool {
     ///
     /// When the test venv is missing.
     pub fn for_bootstrap(bootstrap: &str) -> Result<Self> {
-        let python = match std::env::var_os("WEIR_TEST_PYTHON") {
-            Some(p) => PathBuf::from(p),
-            None => require(
-                workspace().join("target/test-venv/bin/python"),
-                "the test venv (kafka-python)",
-                "create it with `bash .ci/install-test-tools` (or set WEIR_TEST_PYTHON \
-                 to a python with kafka-python), or set WEIR_SKIP_BROKER_TESTS=1",
-            )?,
-        };
         Ok(Self {
-            python,
-            script: workspace().join("tests/clients/kafka_tool.py"),
-            bootstrap: bootstrap.to_string(),
+            client: ClientScript::new("kafka_tool.py", "--bootstrap", bootstrap)?,
         })
     }
 
-    /// Runs one subcommand; a client that hangs (a broker that stopped
-    /// answering) is killed after [`CLIENT_TIMEOUT`].
+    /// Runs one subcommand (`args[0]`) with the rest of `args`.
     fn call(&self, args: &[&str], stdin: Option<String>) -> Result<Value> {
-        let mut child = Command::new(&self.python)
-            .arg(&self.script)
-            .arg(args[0])
-            .args(["--bootstrap", &self.bootstrap])
-            .args(&args[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot run the kafka client {}", self.python.display()))?;
-        let input = child.stdin.take().map(|mut pipe| {
-            let text = stdin.unwrap_or_default();
-            std::thread::spawn(move || pipe.write_all(text.as_bytes()))
-        });
-        let read = |stream: Option<Box<dyn Read + Send>>| {
-            std::thread::spawn(move || {
-                let mut bytes = Vec::new();
-                if let Some(mut stream) = stream {
-                    let _ = stream.read_to_end(&mut bytes);
-                }
-                bytes
-            })
-        };
-        let stdout = read(
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        );
-        let stderr = read(
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        );
-        let waited = poll_until(
-            CLIENT_TIMEOUT,
-            &format!("the kafka client {args:?}"),
-            || Ok(child.try_wait()?),
-            || format!("still running against {}", self.bootstrap),
-        );
-        let status = match waited {
-            Ok(status) => status,
-            Err(err) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(err);
-            }
-        };
-        if let Some(input) = input {
-            // A client that failed early may not have read its input.
-            let _ = input.join();
-        }
-        let stdout = stdout.join().unwrap_or_default();
-        let stderr = stderr.join().unwrap_or_default();
-        if !status.success() {
-            bail!(
-                "kafka client {args:?} failed ({status}): {}",
-                String::from_utf8_lossy(&stderr)
-            );
-        }
-        serde_json::from_slice(&stdout).with_context(|| {
-            format!(
-                "kafka client {args:?} printed no JSON: {}",
-                String::from_utf8_lossy(&stdout)
-            )
-        })
+        let (command, rest) = args
+            .split_first()
+            .ok_or_else(|| anyhow!("no kafka client command"))?;
+        self.client.call(command, rest, stdin)
     }
 
     /// Creates `topic` (retrying until the broker is ready for it).
@@ -456,7 +393,7 @@ fn parse_partition_map(value: Value) -> Result<BTreeMap<i32, Option<i64>>> {
 
 /// A temporary directory, kept after the test when `WEIR_KEEP_TEST_DIRS`
 /// is set (to read the logs of a failure).
-fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir> {
+pub(crate) fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir> {
     let mut dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
     if std::env::var_os("WEIR_KEEP_TEST_DIRS").is_some() {
         dir.disable_cleanup(true);
@@ -479,13 +416,25 @@ impl Deployment {
     ///
     /// When files cannot be written.
     pub fn new(broker: &Broker) -> Result<Self> {
+        Self::with_source(&format!(
+            "[source.kafka]\nbootstrap_servers = \"{}\"\n",
+            broker.bootstrap
+        ))
+    }
+
+    /// A configuration with `source` (a `[source.…]` table) after the
+    /// `[runtime]` table, with an empty handlers directory.
+    ///
+    /// # Errors
+    ///
+    /// When files cannot be written.
+    pub fn with_source(source: &str) -> Result<Self> {
         let dir = scratch_dir("weir-it-")?;
         std::fs::create_dir_all(dir.path().join("handlers"))?;
         std::fs::write(
             dir.path().join("weir.toml"),
             format!(
-                "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\nshutdown_timeout = \"20s\"\n\n[source.kafka]\nbootstrap_servers = \"{}\"\n",
-                broker.bootstrap
+                "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\nshutdown_timeout = \"20s\"\n\n{source}"
             ),
         )?;
         Ok(Self { dir })
@@ -883,4 +832,39 @@ pub fn stop(weir: &mut WeirProcess) -> Result<()> {
         weir.log.display()
     );
     Ok(())
+}
+
+/// A small deterministic generator (xorshift64*) for tests that do random
+/// things, so that a failing run can be repeated with the seed it prints.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from `WEIR_CRASH_SEED`, else the clock; prints the seed on
+    /// stderr.
+    pub fn from_env() -> Self {
+        let seed = std::env::var("WEIR_CRASH_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+        eprintln!("random seed: WEIR_CRASH_SEED={seed}");
+        Rng(seed.max(1))
+    }
+
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
 }
