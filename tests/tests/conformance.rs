@@ -1,0 +1,1061 @@
+//! Delivery conformance: every broker Weir consumes from keeps the same
+//! promises. Each case is written once against [`TestBroker`] and run
+//! against each broker: `kafka::<case>` (tansu) and `nats::<case>` (NATS
+//! JetStream). Filter with `cargo test -p weir-tests --test conformance
+//! nats::`.
+//!
+//! Messages are told apart by their payloads (`m-17`), never by a broker's
+//! position, so the assertions read the same for every broker; where a
+//! broker shows through (dead-letter origin headers, the partition and
+//! offset a 0.1.0 handler sees) the expectation comes from the position the
+//! broker acknowledged when the message was produced.
+//!
+//! `WEIR_CRASH_CYCLES` sets the kill/restart cycles of the crash case
+//! (default 4 here; `WEIR_CRASH_SEED` repeats a run).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, ensure};
+use serde_json::Value;
+use weir_tests::{
+    BrokerKind, Deployment, NatsBroker, Position, Record, Rng, Stream, TestBroker, WeirProcess,
+    broker_test, field, nats_durable, poll_until, stop, stream_name, unhex,
+};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Runs `case` against a fresh broker of `kind`, one test at a time.
+fn run(kind: BrokerKind, case: fn(&dyn TestBroker) -> Result<()>) -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let broker = kind.start()?;
+    case(broker.as_ref()).with_context(|| format!("against {}", kind.name()))
+}
+
+/// One `#[test]` per case and broker: `kafka::<case>` and `nats::<case>`.
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod kafka {
+            $(
+                #[test]
+                fn $case() -> anyhow::Result<()> {
+                    super::run(weir_tests::BrokerKind::Kafka, super::$case)
+                }
+            )*
+        }
+        mod nats {
+            $(
+                #[test]
+                fn $case() -> anyhow::Result<()> {
+                    super::run(weir_tests::BrokerKind::Nats, super::$case)
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    every_message_is_handled_once_and_acknowledged,
+    a_restart_resumes_where_the_last_run_stopped,
+    duplicate_event_ids_are_handled_once_even_across_restarts,
+    a_failing_key_holds_only_its_own_later_messages,
+    retries_run_out_into_a_dead_letter_that_names_its_origin,
+    a_permanent_error_is_dead_lettered_after_one_attempt,
+    a_bad_component_is_reported_while_the_others_serve,
+    sigkill_in_a_loop_loses_no_state_and_emits_each_event_once,
+);
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+/// A record with key `key`, payload `payload` and text headers.
+fn record(key: &str, payload: &str, headers: &[(&str, &str)]) -> Record {
+    Record {
+        partition: None,
+        key: Some(key.as_bytes().to_vec()),
+        value: payload.as_bytes().to_vec(),
+        headers: headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+    }
+}
+
+/// One call of the `probe` handler, from its log record.
+#[derive(Debug, Clone)]
+struct Call {
+    id: String,
+    topic: String,
+    key: Option<String>,
+    payload: String,
+    attempt: i64,
+    outcome: String,
+    partition: Option<i64>,
+    offset: Option<i64>,
+}
+
+/// Every probe call so far, in log order.
+fn calls(weir: &WeirProcess) -> Vec<Call> {
+    weir.guest_records("probe", "probe")
+        .iter()
+        .map(|r| {
+            let text = |name: &str| r[name].as_str().unwrap_or_default().to_string();
+            let bytes = |name: &str| {
+                unhex(r[name].as_str().unwrap_or_default())
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .ok()
+            };
+            Call {
+                id: text("id"),
+                topic: text("topic"),
+                key: (r["key_hex"] != "none").then(|| bytes("key_hex")).flatten(),
+                payload: bytes("payload_hex").unwrap_or_default(),
+                attempt: field(r, "attempt").unwrap_or(0),
+                outcome: text("outcome"),
+                partition: field(r, "partition"),
+                offset: field(r, "offset"),
+            }
+        })
+        .collect()
+}
+
+/// Probe calls that succeeded.
+fn oks(weir: &WeirProcess) -> Vec<Call> {
+    calls(weir)
+        .into_iter()
+        .filter(|c| c.outcome == "ok")
+        .collect()
+}
+
+fn wait_oks(weir: &WeirProcess, count: usize) -> Result<()> {
+    poll_until(
+        WAIT,
+        &format!("{count} successful calls"),
+        || Ok((oks(weir).len() >= count).then_some(())),
+        || format!("{} so far; log: {}", oks(weir).len(), weir.log.display()),
+    )
+}
+
+/// Waits until `group` has acknowledged everything `produced` on `topic`.
+fn wait_caught_up(
+    broker: &dyn TestBroker,
+    group: &str,
+    topic: &str,
+    produced: &[Position],
+    weir: &WeirProcess,
+) -> Result<()> {
+    poll_until(
+        WAIT,
+        &format!("{group} to acknowledge everything produced to {topic}"),
+        || Ok(broker.caught_up(group, topic, produced)?.then_some(())),
+        || {
+            format!(
+                "{}; log: {}",
+                broker.progress(group, topic),
+                weir.log.display()
+            )
+        },
+    )
+}
+
+/// Waits for at least `count` records on `topic` and returns them.
+fn wait_read(
+    broker: &dyn TestBroker,
+    topic: &str,
+    count: usize,
+    weir: &WeirProcess,
+) -> Result<Vec<weir_tests::Stored>> {
+    poll_until(
+        WAIT,
+        &format!("{count} records on {topic}"),
+        || {
+            let stored = broker.read(topic)?;
+            Ok((stored.len() >= count).then_some(stored))
+        },
+        || format!("log: {}", weir.log.display()),
+    )
+}
+
+/// How often each payload was handled successfully.
+fn handled_counts<'a>(runs: impl IntoIterator<Item = &'a WeirProcess>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for weir in runs {
+        for call in oks(weir) {
+            *counts.entry(call.payload).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Fails unless every payload in `expected` was handled exactly once, and
+/// nothing else was handled.
+fn ensure_each_once(counts: &BTreeMap<String, usize>, expected: &BTreeSet<String>) -> Result<()> {
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    ensure!(twice.is_empty(), "handled more than once: {twice:?}");
+    let seen: BTreeSet<String> = counts.keys().cloned().collect();
+    let missing: Vec<_> = expected.difference(&seen).take(10).collect();
+    let unexpected: Vec<_> = seen.difference(expected).take(10).collect();
+    ensure!(
+        missing.is_empty() && unexpected.is_empty(),
+        "missing {missing:?}, unexpected {unexpected:?}"
+    );
+    Ok(())
+}
+
+const PROBE: &str = "topics = [\"events\"]\nmax_in_flight = 16\n";
+const GROUP: &str = "weir.probe";
+
+// ---------------------------------------------------------------------------
+// Cases
+
+/// A clean run: every message handled once, per key in production order,
+/// with the key and (for a 0.1.0 handler) the partition and offset the
+/// broker gave it; at the end everything is acknowledged.
+fn every_message_is_handled_once_and_acknowledged(broker: &dyn TestBroker) -> Result<()> {
+    broker.create_topic("events", 3)?;
+    let records: Vec<Record> = (0..120)
+        .map(|i| record(&format!("key-{}", i % 7), &format!("m-{i}"), &[]))
+        .collect();
+    let produced = broker.produce("events", &records)?;
+    let deployment = broker.deployment()?;
+    deployment.add_handler("probe", "probe", PROBE)?;
+
+    let mut weir = deployment.start("run")?;
+    wait_oks(&weir, records.len())?;
+    wait_caught_up(broker, GROUP, "events", &produced, &weir)?;
+    stop(&mut weir)?;
+
+    let all = calls(&weir);
+    ensure!(
+        all.len() == records.len(),
+        "{} calls for {} messages",
+        all.len(),
+        records.len()
+    );
+    let expected: BTreeSet<String> = (0..120).map(|i| format!("m-{i}")).collect();
+    ensure_each_once(&handled_counts([&weir]), &expected)?;
+    let position: BTreeMap<String, &Position> = records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .zip(&produced)
+        .collect();
+    let mut lanes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for call in &all {
+        let index: usize = call
+            .payload
+            .strip_prefix("m-")
+            .and_then(|i| i.parse().ok())
+            .ok_or_else(|| anyhow!("unexpected payload {:?}", call.payload))?;
+        let key = format!("key-{}", index % 7);
+        ensure!(
+            call.key.as_deref() == Some(key.as_str()),
+            "{}: key {:?}, produced with {key}",
+            call.payload,
+            call.key
+        );
+        ensure!(
+            call.topic == "events",
+            "{}: topic {}",
+            call.payload,
+            call.topic
+        );
+        let (partition, offset) = position
+            .get(&call.payload)
+            .map(|p| p.partition_offset())
+            .ok_or_else(|| anyhow!("no position for {}", call.payload))?;
+        ensure!(
+            call.partition == Some(partition) && call.offset == Some(offset),
+            "{}: handler saw partition {:?} offset {:?}, the broker acknowledged {partition}/{offset}",
+            call.payload,
+            call.partition,
+            call.offset
+        );
+        lanes.entry(key).or_default().push(index);
+    }
+    ensure!(lanes.len() == 7, "keys seen: {:?}", lanes.keys());
+    for (key, order) in &lanes {
+        ensure!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "key {key} handled out of order: {order:?}"
+        );
+    }
+    Ok(())
+}
+
+/// SIGTERM halfway through: in-flight work finishes and is acknowledged;
+/// more is produced while Weir is down; the restart handles the rest,
+/// nothing twice, nothing missed.
+fn a_restart_resumes_where_the_last_run_stopped(broker: &dyn TestBroker) -> Result<()> {
+    broker.create_topic("events", 3)?;
+    let deployment = broker.deployment()?;
+    deployment.add_handler(
+        "probe",
+        "probe",
+        "topics = [\"events\"]\nmax_in_flight = 2\n",
+    )?;
+    // About 100 × 50 ms of work, two at a time: several seconds.
+    let slow: Vec<Record> = (0..100)
+        .map(|i| {
+            record(
+                &format!("key-{}", i % 5),
+                &format!("m-{i}"),
+                &[("probe.sleep-ms", "50")],
+            )
+        })
+        .collect();
+    let mut produced = broker.produce("events", &slow)?;
+    let mut first = deployment.start("first")?;
+    wait_oks(&first, 20)?;
+    stop(&mut first)?;
+    let first_count = oks(&first).len();
+    ensure!(
+        first_count < slow.len(),
+        "the first run finished everything before SIGTERM; make the work longer"
+    );
+
+    let more: Vec<Record> = (100..140)
+        .map(|i| record(&format!("key-{}", i % 5), &format!("m-{i}"), &[]))
+        .collect();
+    produced.extend(broker.produce("events", &more)?);
+    let mut second = deployment.start("second")?;
+    let expected: BTreeSet<String> = (0..140).map(|i| format!("m-{i}")).collect();
+    poll_until(
+        WAIT,
+        "every message to be handled by one run or the other",
+        || {
+            let seen: BTreeSet<String> = handled_counts([&first, &second]).into_keys().collect();
+            Ok((seen == expected).then_some(()))
+        },
+        || {
+            let seen: BTreeSet<String> = handled_counts([&first, &second]).into_keys().collect();
+            format!(
+                "missing {:?}; log: {}",
+                expected.difference(&seen).take(10).collect::<Vec<_>>(),
+                second.log.display()
+            )
+        },
+    )?;
+    wait_caught_up(broker, GROUP, "events", &produced, &second)?;
+    stop(&mut second)?;
+    eprintln!("first run handled {first_count} of 100 before SIGTERM");
+    ensure_each_once(&handled_counts([&first, &second]), &expected)
+}
+
+/// The same event id (`ce_id`) produced twice reaches the handler once,
+/// also when the copy arrives after a restart.
+fn duplicate_event_ids_are_handled_once_even_across_restarts(
+    broker: &dyn TestBroker,
+) -> Result<()> {
+    broker.create_topic("events", 2)?;
+    let deployment = broker.deployment()?;
+    deployment.add_handler("probe", "probe", "topics = [\"events\"]\n")?;
+    // Each event twice, as a retrying producer sends it: same key, same id.
+    let batch = |ids: std::ops::Range<usize>| -> Vec<Record> {
+        ids.flat_map(|i| {
+            let one = record(
+                &format!("order-{i}"),
+                &format!("m-{i}"),
+                &[("ce_id", &format!("evt-{i}"))],
+            );
+            [one.clone(), one]
+        })
+        .collect()
+    };
+    let mut produced = broker.produce("events", &batch(0..20))?;
+    let mut first = deployment.start("first")?;
+    wait_oks(&first, 20)?;
+    wait_caught_up(broker, GROUP, "events", &produced, &first)?;
+    stop(&mut first)?;
+    let ids = |weir: &WeirProcess| -> Vec<String> { oks(weir).into_iter().map(|c| c.id).collect() };
+    let first_ids = ids(&first);
+    let distinct: BTreeSet<&String> = first_ids.iter().collect();
+    ensure!(
+        first_ids.len() == 20 && distinct.len() == 20,
+        "first run handled {first_ids:?}"
+    );
+
+    // After a restart: old ids again, plus 5 new ones, each twice.
+    produced.extend(broker.produce("events", &batch(15..25))?);
+    let mut second = deployment.start("second")?;
+    wait_oks(&second, 5)?;
+    wait_caught_up(broker, GROUP, "events", &produced, &second)?;
+    stop(&mut second)?;
+    let second_ids = ids(&second);
+    let expected: Vec<String> = (20..25).map(|i| format!("evt-{i}")).collect();
+    let mut sorted = second_ids.clone();
+    sorted.sort();
+    ensure!(
+        sorted == expected,
+        "second run handled {second_ids:?}, expected each of {expected:?} once"
+    );
+    Ok(())
+}
+
+/// One key fails twice and waits for its retries; only its own later
+/// messages wait with it, every other key flows past.
+fn a_failing_key_holds_only_its_own_later_messages(broker: &dyn TestBroker) -> Result<()> {
+    broker.create_topic("events", 1)?;
+    let deployment = broker.deployment()?;
+    deployment.add_handler(
+        "probe",
+        "probe",
+        "topics = [\"events\"]\n[retry]\nmax_attempts = 5\ninitial_delay = \"400ms\"\nmultiplier = 2.0\nmax_delay = \"2s\"\njitter = 0.0\n",
+    )?;
+    let mut sent = vec![record("slow", "slow-0", &[("probe.fail", "retryable:2")])];
+    let mut slow = 0;
+    for i in 0..20 {
+        sent.push(record(
+            &format!("fast-{}", i % 4),
+            &format!("fast-{i}"),
+            &[],
+        ));
+        if i % 5 == 0 {
+            slow += 1;
+            sent.push(record("slow", &format!("slow-{slow}"), &[]));
+        }
+    }
+    broker.produce("events", &sent)?;
+    let mut weir = deployment.start("run")?;
+    wait_oks(&weir, sent.len())?;
+    stop(&mut weir)?;
+
+    let calls = calls(&weir);
+    let first_slow: Vec<i64> = calls
+        .iter()
+        .filter(|c| c.payload == "slow-0")
+        .map(|c| c.attempt)
+        .collect();
+    ensure!(
+        first_slow == vec![1, 2, 3],
+        "attempts of the failing message: {first_slow:?}"
+    );
+    let slow_ok = calls
+        .iter()
+        .position(|c| c.payload == "slow-0" && c.outcome == "ok")
+        .ok_or_else(|| anyhow!("the failing message never succeeded"))?;
+    let last_fast = calls
+        .iter()
+        .rposition(|c| c.payload.starts_with("fast-"))
+        .ok_or_else(|| anyhow!("no other key was handled"))?;
+    ensure!(
+        last_fast < slow_ok,
+        "other keys were held back by the failing key"
+    );
+    let later: Vec<(usize, &str)> = calls
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.payload.starts_with("slow-") && c.payload != "slow-0")
+        .map(|(i, c)| (i, c.payload.as_str()))
+        .collect();
+    let expected: Vec<String> = (1..=slow).map(|i| format!("slow-{i}")).collect();
+    ensure!(
+        later
+            .iter()
+            .map(|(_, p)| *p)
+            .eq(expected.iter().map(String::as_str)),
+        "the failing key's later messages, in handling order: {later:?}, expected {expected:?}"
+    );
+    ensure!(
+        later.iter().all(|(i, _)| *i > slow_ok),
+        "a later message of the failing key ran before it succeeded"
+    );
+    Ok(())
+}
+
+const RETRY_THREE_TIMES: &str = "topics = [\"events\"]\n[retry]\nmax_attempts = 3\ninitial_delay = \"50ms\"\nmultiplier = 2.0\nmax_delay = \"200ms\"\njitter = 0.0\n";
+
+/// Checks the dead letter of the record produced as `original` at
+/// `position`: its key, payload and headers, and everything Weir adds.
+fn ensure_dead_letter(
+    dead: &weir_tests::Stored,
+    original: &Record,
+    position: &Position,
+    kind: &str,
+    attempts: &str,
+    error: &str,
+) -> Result<()> {
+    let payload = String::from_utf8_lossy(&original.value);
+    ensure!(
+        dead.value == original.value,
+        "{payload}: dead letter payload {:?}",
+        String::from_utf8_lossy(&dead.value)
+    );
+    ensure!(
+        dead.key == original.key,
+        "{payload}: dead letter key {:?}",
+        dead.key_text()
+    );
+    for (name, value) in &original.headers {
+        ensure!(
+            dead.header(name).map(String::into_bytes).as_ref() == Some(value),
+            "{payload}: original header {name} not kept: {:?}",
+            dead.headers
+        );
+    }
+    let id = original
+        .headers
+        .iter()
+        .find(|(n, _)| n == "ce_id")
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+    let mut expected: Vec<(&str, String)> = vec![
+        ("weir.handler", "probe".into()),
+        ("weir.error.kind", kind.into()),
+        ("weir.attempts", attempts.into()),
+        ("weir.origin.topic", "events".into()),
+    ];
+    if let Some(id) = id {
+        expected.push(("weir.event-id", id));
+    }
+    expected.extend(position.origin_headers());
+    for (name, value) in expected {
+        ensure!(
+            dead.header(name).as_deref() == Some(value.as_str()),
+            "{payload}: dead letter header {name} = {:?}, expected {value:?}; headers: {:?}",
+            dead.header(name),
+            dead.headers
+        );
+    }
+    ensure!(
+        dead.header("weir.error").is_some_and(|e| e.contains(error)),
+        "{payload}: weir.error {:?} does not say {error:?}",
+        dead.header("weir.error")
+    );
+    ensure!(
+        dead.header("weir.failed-at")
+            .is_some_and(|t| t.ends_with('Z')),
+        "{payload}: weir.failed-at {:?}",
+        dead.header("weir.failed-at")
+    );
+    Ok(())
+}
+
+/// How many calls the message with `payload` took.
+fn attempts(calls: &[Call], payload: &str) -> usize {
+    calls.iter().filter(|c| c.payload == payload).count()
+}
+
+/// A retryable failure is retried up to `max_attempts`, then dead-lettered
+/// to `<topic>.dlq` with its origin; one that recovers in time is not.
+fn retries_run_out_into_a_dead_letter_that_names_its_origin(broker: &dyn TestBroker) -> Result<()> {
+    broker.create_topic("events", 1)?;
+    broker.create_output_topic("events.dlq")?;
+    let deployment = broker.deployment()?;
+    deployment.add_handler("probe", "probe", RETRY_THREE_TIMES)?;
+    let sent = vec![
+        record(
+            "k0",
+            "recovers",
+            &[("probe.fail", "retryable:2"), ("ce_id", "evt-0")],
+        ),
+        record(
+            "k1",
+            "exhausted",
+            &[("probe.fail", "retryable:99"), ("ce_id", "evt-1")],
+        ),
+        record("k2", "healthy", &[("ce_id", "evt-2")]),
+    ];
+    let produced = broker.produce("events", &sent)?;
+    let mut weir = deployment.start("run")?;
+    wait_oks(&weir, 2)?;
+    wait_read(broker, "events.dlq", 1, &weir)?;
+    wait_caught_up(broker, GROUP, "events", &produced, &weir)?;
+    stop(&mut weir)?;
+
+    let calls = calls(&weir);
+    for (payload, expected) in [("recovers", 3), ("exhausted", 3), ("healthy", 1)] {
+        let took = attempts(&calls, payload);
+        ensure!(
+            took == expected,
+            "{payload} took {took} calls, expected {expected}"
+        );
+    }
+    let dead = broker.read("events.dlq")?;
+    ensure!(
+        dead.len() == 1,
+        "expected one dead letter, got {}: {dead:?}",
+        dead.len()
+    );
+    ensure_dead_letter(
+        &dead[0],
+        &sent[1],
+        &produced[1],
+        "retryable",
+        "3",
+        "probe asked to fail",
+    )
+}
+
+/// A permanent error is dead-lettered at once: one attempt.
+fn a_permanent_error_is_dead_lettered_after_one_attempt(broker: &dyn TestBroker) -> Result<()> {
+    broker.create_topic("events", 1)?;
+    broker.create_output_topic("events.dlq")?;
+    let deployment = broker.deployment()?;
+    deployment.add_handler("probe", "probe", RETRY_THREE_TIMES)?;
+    let sent = vec![
+        record(
+            "k0",
+            "refused",
+            &[("probe.fail", "permanent"), ("ce_id", "evt-0")],
+        ),
+        record("k1", "healthy", &[]),
+    ];
+    let produced = broker.produce("events", &sent)?;
+    let mut weir = deployment.start("run")?;
+    wait_oks(&weir, 1)?;
+    wait_read(broker, "events.dlq", 1, &weir)?;
+    wait_caught_up(broker, GROUP, "events", &produced, &weir)?;
+    stop(&mut weir)?;
+
+    let calls = calls(&weir);
+    ensure!(
+        attempts(&calls, "refused") == 1,
+        "a permanent error took {} calls",
+        attempts(&calls, "refused")
+    );
+    let dead = broker.read("events.dlq")?;
+    ensure!(dead.len() == 1, "dead letters: {dead:?}");
+    ensure_dead_letter(
+        &dead[0],
+        &sent[0],
+        &produced[0],
+        "permanent",
+        "1",
+        "permanent failure",
+    )
+}
+
+/// A file that is not a component, beside a good handler: the log names
+/// it, the good one serves.
+fn a_bad_component_is_reported_while_the_others_serve(broker: &dyn TestBroker) -> Result<()> {
+    broker.create_topic("events", 3)?;
+    let deployment = broker.deployment()?;
+    deployment.add_handler("probe", "probe", PROBE)?;
+    std::fs::write(
+        deployment.handlers().join("broken.wasm"),
+        b"\x7fELF not wasm at all",
+    )?;
+    std::fs::write(deployment.handlers().join("broken.toml"), PROBE)?;
+    std::fs::write(deployment.handlers().join("core.wasm"), b"\0asm\x01\0\0\0")?;
+    std::fs::write(deployment.handlers().join("core.toml"), PROBE)?;
+    let records: Vec<Record> = (0..30)
+        .map(|i| record(&format!("key-{}", i % 4), &format!("m-{i}"), &[]))
+        .collect();
+    let produced = broker.produce("events", &records)?;
+
+    let mut weir = deployment.start("run")?;
+    wait_oks(&weir, records.len())?;
+    wait_caught_up(broker, GROUP, "events", &produced, &weir)?;
+    stop(&mut weir)?;
+
+    let failures: Vec<Value> = weir
+        .records()
+        .into_iter()
+        .filter(|r| r["level"] == "ERROR" && r["message"] == "handler failed to load")
+        .collect();
+    let about = |file: &str, needle: &str| {
+        failures.iter().any(|r| {
+            r["file"].as_str().is_some_and(|f| f.ends_with(file))
+                && r["error"].as_str().is_some_and(|e| e.contains(needle))
+        })
+    };
+    ensure!(
+        about("broken.wasm", "not a WebAssembly file"),
+        "broken.wasm not reported: {failures:?}"
+    );
+    ensure!(
+        about("core.wasm", "core WebAssembly module, not a component"),
+        "core.wasm not reported: {failures:?}"
+    );
+    let expected: BTreeSet<String> = (0..30).map(|i| format!("m-{i}")).collect();
+    ensure_each_once(&handled_counts([&weir]), &expected)
+}
+
+// ---------------------------------------------------------------------------
+// Crash loop: the `counter` handler counts per key in state and emits one
+// event per input (see tests/tests/exactly_once.rs for the long version).
+
+const INPUT: &str = "events";
+const OUTPUT: &str = "counts";
+const KEYS: u64 = 8;
+const CRASH_WAIT: Duration = Duration::from_secs(120);
+
+fn crash_cycles() -> usize {
+    std::env::var("WEIR_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
+
+/// The input so far.
+#[derive(Default)]
+struct Input {
+    /// Event id → key.
+    events: BTreeMap<String, String>,
+    /// Every position acknowledged, duplicates included.
+    produced: Vec<Position>,
+}
+
+impl Input {
+    /// Produces `new` new events and `duplicates` copies of earlier ones
+    /// (same id, same key), shuffled.
+    fn produce(
+        &mut self,
+        broker: &dyn TestBroker,
+        rng: &mut Rng,
+        new: usize,
+        duplicates: usize,
+    ) -> Result<()> {
+        let event =
+            |id: &str, key: &str| record(key, &format!("{{\"id\":\"{id}\"}}"), &[("event_id", id)]);
+        let mut records = Vec::new();
+        for _ in 0..new {
+            let id = format!("ev-{}", self.events.len());
+            let key = format!("k{}", rng.below(KEYS));
+            records.push(event(&id, &key));
+            self.events.insert(id, key);
+        }
+        let known: Vec<(&String, &String)> = self.events.iter().collect();
+        for _ in 0..duplicates {
+            if let Some((id, key)) = known.get(rng.below(known.len() as u64) as usize) {
+                records.push(event(id, key));
+            }
+        }
+        for i in (1..records.len()).rev() {
+            records.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        self.produced.extend(broker.produce(INPUT, &records)?);
+        Ok(())
+    }
+
+    fn per_key(&self) -> BTreeMap<String, u64> {
+        let mut counts = BTreeMap::new();
+        for key in self.events.values() {
+            *counts.entry(key.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+fn counted(weir: &WeirProcess) -> usize {
+    weir.guest_records("counter", "counted").len()
+}
+
+/// Waits until the process has handled something, up to `timeout`.
+fn wait_for_work(weir: &WeirProcess, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if counted(weir) > 0 {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// Kills Weir with SIGKILL at random moments while it works through a
+/// stream with duplicates; a final run then catches up, and: every per-key
+/// count in state equals the distinct input events of that key, and the
+/// output holds every emitted event (by `event_id`) with identical copies
+/// and per key exactly the counts 1..=n.
+fn sigkill_in_a_loop_loses_no_state_and_emits_each_event_once(
+    broker: &dyn TestBroker,
+) -> Result<()> {
+    broker.create_topic(INPUT, 3)?;
+    broker.create_output_topic(OUTPUT)?;
+    let deployment = broker.deployment()?;
+    broker.prepare_for_kills(&deployment)?;
+    deployment.add_handler(
+        "counter",
+        "counter",
+        &format!(
+            "topics = [\"{INPUT}\"]\nmax_in_flight = 32\n\n[config]\noutput_topic = \"{OUTPUT}\"\nwork_ms = \"3\"\n{}",
+            broker.manifest_for_kills()
+        ),
+    )?;
+    let mut rng = Rng::from_env();
+    let mut input = Input::default();
+    let cycles = crash_cycles();
+    let mut kills_mid_work = 0;
+    for cycle in 0..cycles {
+        input.produce(broker, &mut rng, 40, 10)?;
+        let mut weir = deployment.start(&format!("cycle-{cycle}"))?;
+        let working = wait_for_work(&weir, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(rng.below(400)));
+        if working && weir.wait_exit(Duration::ZERO)?.is_none() {
+            kills_mid_work += 1;
+        }
+        weir.kill()?;
+    }
+    eprintln!("{cycles} SIGKILL cycles, {kills_mid_work} while handling");
+    ensure!(
+        kills_mid_work * 2 >= cycles,
+        "only {kills_mid_work} of {cycles} kills landed while weir was working"
+    );
+    finish_and_verify(broker, &deployment, &input)
+}
+
+fn finish_and_verify(
+    broker: &dyn TestBroker,
+    deployment: &Deployment,
+    input: &Input,
+) -> Result<()> {
+    let mut last = deployment.start("final")?;
+    poll_until(
+        CRASH_WAIT,
+        "everything produced to be acknowledged",
+        || {
+            Ok(broker
+                .caught_up("weir.counter", INPUT, &input.produced)?
+                .then_some(()))
+        },
+        || {
+            format!(
+                "{}; log: {}",
+                broker.progress("weir.counter", INPUT),
+                last.log.display()
+            )
+        },
+    )?;
+    // The outbox drains after the acknowledgements.
+    let distinct = input.events.len();
+    let output = poll_until(
+        CRASH_WAIT,
+        "an emitted event for every distinct input event",
+        || {
+            let stored = broker.read(OUTPUT)?;
+            let sources: BTreeSet<String> = stored
+                .iter()
+                .filter_map(|r| r.header("weir.source-event-id"))
+                .collect();
+            Ok((sources.len() >= distinct).then_some(stored))
+        },
+        || format!("log: {}", last.log.display()),
+    )?;
+    stop(&mut last)?;
+
+    // 1. State: every count equals the number of distinct events of its key.
+    let listing = deployment.weir(&["state", "list", "counter", "--prefix", "count/", "--json"])?;
+    let mut state: BTreeMap<String, u64> = BTreeMap::new();
+    for line in listing.lines() {
+        let entry: Value = serde_json::from_str(line).context("state list line")?;
+        let key = entry["key"].as_str().unwrap_or_default();
+        let value = entry["value"].as_str().unwrap_or_default();
+        state.insert(
+            key.trim_start_matches("count/").to_string(),
+            value.parse().with_context(|| format!("count {value:?}"))?,
+        );
+    }
+    let expected = input.per_key();
+    ensure!(
+        state == expected,
+        "per-key counts in state {state:?} differ from the distinct input events {expected:?}"
+    );
+
+    // 2. Output: every copy of one id identical; the sources are exactly the
+    //    inputs; per key the counts are 1..=n.
+    let mut by_id: BTreeMap<String, (String, u64, String)> = BTreeMap::new();
+    for r in &output {
+        let id = r
+            .header("event_id")
+            .context("emitted event without event_id")?;
+        let source = r
+            .header("weir.source-event-id")
+            .context("emitted event without weir.source-event-id")?;
+        let payload: Value = serde_json::from_slice(&r.value)?;
+        let key = payload["key"].as_str().unwrap_or_default().to_string();
+        let count = payload["count"].as_u64().context("count")?;
+        ensure!(
+            payload["source_id"].as_str() == Some(source.as_str()),
+            "payload and header disagree on the source: {payload}"
+        );
+        let this = (key, count, source);
+        match by_id.get(&id) {
+            Some(first) => ensure!(
+                *first == this,
+                "emitted event {id} published with different contents: {first:?} and {this:?}"
+            ),
+            None => {
+                by_id.insert(id, this);
+            }
+        }
+    }
+    let sources: BTreeSet<&String> = by_id.values().map(|(_, _, s)| s).collect();
+    let inputs: BTreeSet<&String> = input.events.keys().collect();
+    ensure!(
+        sources == inputs,
+        "emitted events' sources differ from the input: missing {:?}, unexpected {:?}",
+        inputs.difference(&sources).take(10).collect::<Vec<_>>(),
+        sources.difference(&inputs).take(10).collect::<Vec<_>>()
+    );
+    ensure!(
+        by_id.len() == distinct,
+        "{} distinct emitted ids for {distinct} distinct inputs",
+        by_id.len()
+    );
+    let mut counts: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (key, count, _) in by_id.values() {
+        counts.entry(key.clone()).or_default().push(*count);
+    }
+    for (key, n) in &expected {
+        let mut seen = counts.remove(key).unwrap_or_default();
+        seen.sort_unstable();
+        let want: Vec<u64> = (1..=*n).collect();
+        ensure!(
+            seen == want,
+            "key {key}: emitted counts {seen:?}, expected 1..={n}"
+        );
+    }
+    eprintln!(
+        "verified: {} records produced, {distinct} distinct events, {} emitted records read ({} distinct)",
+        input.produced.len(),
+        output.len(),
+        by_id.len()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The NATS harness itself, without weir: server, client, and what the
+// suite's assertions rest on.
+
+#[test]
+fn nats_harness_serves_streams_consumers_and_restarts() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let mut nats = NatsBroker::start()?;
+    let broker: &dyn TestBroker = &nats;
+    broker.create_topic("orders", 1)?;
+    // Idempotent.
+    broker.create_topic("orders", 1)?;
+    let sent = vec![
+        record("k1", "one", &[("ce_id", "e1")]),
+        record("k2", "two", &[("a", "x"), ("b", "y z")]),
+        Record {
+            key: None,
+            value: vec![0, 255, 128],
+            ..Record::default()
+        },
+    ];
+    let produced = broker.produce("orders", &sent)?;
+    let expected: Vec<Position> = (1..=3)
+        .map(|sequence| Position::JetStream {
+            stream: "orders".into(),
+            sequence,
+        })
+        .collect();
+    ensure!(produced == expected, "acknowledged at {produced:?}");
+
+    let stored = broker.read("orders")?;
+    ensure!(stored.len() == 3, "read back {stored:?}");
+    for ((got, want), position) in stored.iter().zip(&sent).zip(&produced) {
+        ensure!(
+            got.value == want.value && got.key == want.key && got.position == *position,
+            "read back {got:?} for {want:?}"
+        );
+        ensure!(got.topic == "orders", "subject {}", got.topic);
+    }
+    ensure!(
+        stored[1].headers
+            == vec![
+                ("ce-partitionkey".to_string(), b"k2".to_vec()),
+                ("a".to_string(), b"x".to_vec()),
+                ("b".to_string(), b"y z".to_vec()),
+            ],
+        "headers in order: {:?}",
+        stored[1].headers
+    );
+    ensure!(
+        broker.read("nothing")?.is_empty(),
+        "a subject without a stream"
+    );
+    ensure!(
+        broker
+            .produce(
+                "orders",
+                &[Record {
+                    key: Some(vec![0xff]),
+                    ..Record::default()
+                }]
+            )
+            .is_err(),
+        "a binary key cannot travel in a NATS header"
+    );
+
+    // caught_up follows a durable consumer named after the group.
+    let group = "weir.probe";
+    let durable = nats_durable(group, "orders", 1);
+    ensure!(durable == "weir_probe", "durable {durable}");
+    ensure!(
+        !broker.caught_up(group, "orders", &produced)?,
+        "caught up without a consumer"
+    );
+    ensure!(
+        broker
+            .progress(group, "orders")
+            .contains("no durable consumer"),
+        "{}",
+        broker.progress(group, "orders")
+    );
+    let acked = nats.nats.ack(Stream::Capturing("orders"), &durable, 2)?;
+    ensure!(acked == vec![1, 2], "acked {acked:?}");
+    let state = nats
+        .nats
+        .consumer(Stream::Named("orders"), &durable)?
+        .ok_or_else(|| anyhow!("no consumer after acking"))?;
+    ensure!(
+        state.num_pending == 1 && state.num_ack_pending == 0 && state.ack_floor_stream_seq == 2,
+        "{state:?}"
+    );
+    ensure!(
+        !nats.caught_up(group, "orders", &produced)?,
+        "caught up with one pending"
+    );
+    nats.nats.ack(Stream::Capturing("orders"), &durable, 5)?;
+    ensure!(
+        nats.caught_up(group, "orders", &produced)?,
+        "{}",
+        nats.progress(group, "orders")
+    );
+
+    // Down, then back on the same port with the same store.
+    nats.server.stop()?;
+    ensure!(!nats.server.is_running(), "still running after stop");
+    ensure!(
+        nats.produce("orders", &sent[..1]).is_err(),
+        "published to a stopped server"
+    );
+    nats.server.restart()?;
+    ensure!(
+        nats.read("orders")?.len() == 3,
+        "messages lost over a restart"
+    );
+    ensure!(
+        nats.caught_up(group, "orders", &produced)?,
+        "consumer lost over a restart: {}",
+        nats.progress(group, "orders")
+    );
+    let more = nats.produce("orders", &sent[..1])?;
+    ensure!(
+        more == vec![Position::JetStream {
+            stream: "orders".into(),
+            sequence: 4
+        }],
+        "after the restart: {more:?}"
+    );
+    nats.server.kill()?;
+    nats.server.restart()?;
+    let streams = nats.nats.streams()?;
+    ensure!(
+        streams.len() == 1
+            && streams[0].name == stream_name("orders")
+            && streams[0].subjects == vec!["orders".to_string()]
+            && streams[0].messages == 4
+            && streams[0].consumers == 1,
+        "streams after SIGKILL and restart: {streams:?}"
+    );
+    ensure!(stream_name("orders.dlq") == "orders_dlq");
+    Ok(())
+}
