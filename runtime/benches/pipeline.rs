@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use weir::host::Outcome;
 use weir::host::transaction::Transaction;
-use weir::pipeline::offsets::Ledger;
 use weir::pipeline::synthetic::{MemoryPublisher, NativeHandler, SyntheticSource, message};
 use weir::pipeline::{HandlerStats, Worker};
 use weir::registry::Manifest;
@@ -57,16 +56,15 @@ async fn run(count: u64, manifest_text: &str, effects: bool) -> Run {
         Outcome::Handled(txn.finish())
     };
     let manifest: Manifest = toml::from_str(manifest_text).expect("manifest");
-    let ledger = Arc::new(Ledger::default());
-    let source = SyntheticSource::new(ledger.clone());
+    let source = SyntheticSource::new();
     let stats = Arc::new(HandlerStats::default());
     let (stop, shutdown) = watch::channel(false);
     let worker = Worker::new(
         "bench".into(),
         manifest,
         NativeHandler::new(handler),
+        weir::runtime::default_concurrency(),
         source.clone(),
-        ledger,
         store.clone(),
         MemoryPublisher::default(),
         stats.clone(),
@@ -91,7 +89,7 @@ async fn run(count: u64, manifest_text: &str, effects: bool) -> Run {
     }
     let elapsed = started.elapsed();
     let _ = stop.send(true);
-    task.await.expect("worker");
+    task.await.expect("worker").expect("worker ended well");
     let commit_stats = store.commit_stats();
     Run {
         elapsed,

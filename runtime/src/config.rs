@@ -116,14 +116,91 @@ impl Default for RuntimeSection {
     }
 }
 
-/// `[source]`: at most one of `kafka` or `embedded`.
+/// `[source]`: at most one of `kafka`, `nats` or `embedded`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSection {
     /// A real Kafka cluster.
     pub kafka: Option<KafkaSource>,
+    /// A NATS server (or cluster) with JetStream.
+    pub nats: Option<NatsSource>,
     /// The in-process Kafka-protocol broker (the default).
     pub embedded: Option<EmbeddedSource>,
+}
+
+/// `[source.nats]`: NATS JetStream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSource {
+    /// `nats://host:port[,nats://host:port…]`.
+    pub url: String,
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`).
+    pub password: Option<String>,
+    /// Authentication token.
+    pub token: Option<String>,
+    /// A `.creds` file (JWT + NKey seed), as issued by the operator.
+    pub creds_file: Option<PathBuf>,
+    /// An NKey seed (`SU…`).
+    pub nkey: Option<String>,
+    /// TLS settings.
+    #[serde(default)]
+    pub tls: NatsTls,
+    /// How long one connection attempt may take.
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// Streams Weir creates for subjects no stream captures.
+    #[serde(default)]
+    pub streams: NatsStreams,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// `[source.nats.tls]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTls {
+    /// Refuse a connection without TLS.
+    #[serde(default)]
+    pub required: bool,
+    /// CA certificate (PEM) to trust, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for mutual TLS (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM), for mutual TLS (with `cert_file`).
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[source.nats.streams]`: how the streams Weir creates are configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsStreams {
+    /// `file` or `memory`.
+    pub storage: String,
+    /// Oldest message kept (`"7d"`); `"0s"` keeps messages until other
+    /// limits apply.
+    #[serde(with = "duration")]
+    pub max_age: Duration,
+    /// Replicas (1 on a single server, up to 5 in a cluster).
+    pub replicas: usize,
+    /// How long JetStream remembers message ids to drop republished
+    /// duplicates.
+    #[serde(with = "duration")]
+    pub duplicate_window: Duration,
+}
+
+impl Default for NatsStreams {
+    fn default() -> Self {
+        Self {
+            storage: "file".into(),
+            max_age: Duration::ZERO,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
 }
 
 /// `[source.kafka]`: a Kafka (or Kafka-protocol) cluster.
@@ -162,9 +239,12 @@ impl Default for EmbeddedSource {
 
 /// Which broker the runtime talks to, once the configuration is resolved.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // made once per process
 pub enum Source {
     /// A real cluster.
     Kafka(KafkaSource),
+    /// NATS JetStream.
+    Nats(NatsSource),
     /// The in-process broker.
     Embedded(EmbeddedSource),
 }
@@ -192,6 +272,10 @@ pub struct LimitsSection {
     /// few; an interpreter-based one more).
     #[serde(default = "default_instances")]
     pub instances: u32,
+    /// Most calls of one handler running at once (each holds an instance
+    /// and a thread). Default: the number of CPU cores.
+    #[serde(default)]
+    pub concurrency: Option<usize>,
 }
 
 fn default_table_elements() -> u32 {
@@ -216,6 +300,7 @@ impl Default for LimitsSection {
             fuel: None,
             table_elements: default_table_elements(),
             instances: default_instances(),
+            concurrency: None,
         }
     }
 }
@@ -241,10 +326,47 @@ impl Config {
             path: path.to_path_buf(),
             message,
         };
-        if self.source.kafka.is_some() && self.source.embedded.is_some() {
-            return Err(invalid(
-                "[source]: set either [source.kafka] or [source.embedded], not both".into(),
-            ));
+        let chosen: Vec<&str> = [
+            ("[source.kafka]", self.source.kafka.is_some()),
+            ("[source.nats]", self.source.nats.is_some()),
+            ("[source.embedded]", self.source.embedded.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect();
+        if chosen.len() > 1 {
+            return Err(invalid(format!(
+                "[source]: set one broker, not {} (choose one of [source.kafka], [source.nats], [source.embedded])",
+                chosen.join(" and ")
+            )));
+        }
+        if let Some(nats) = &self.source.nats {
+            if nats.url.trim().is_empty() {
+                return Err(invalid(
+                    "[source.nats] url: must name at least one server, e.g. \"nats://127.0.0.1:4222\"".into(),
+                ));
+            }
+            if nats.user.is_some() != nats.password.is_some() {
+                return Err(invalid(
+                    "[source.nats] user, password: set both or neither".into(),
+                ));
+            }
+            if nats.tls.cert_file.is_some() != nats.tls.key_file.is_some() {
+                return Err(invalid(
+                    "[source.nats.tls] cert_file, key_file: set both or neither".into(),
+                ));
+            }
+            if !matches!(nats.streams.storage.as_str(), "file" | "memory") {
+                return Err(invalid(format!(
+                    "[source.nats.streams] storage: {:?} is neither \"file\" nor \"memory\"",
+                    nats.streams.storage
+                )));
+            }
+            if nats.streams.replicas == 0 {
+                return Err(invalid(
+                    "[source.nats.streams] replicas: must be at least 1".into(),
+                ));
+            }
         }
         if let Some(kafka) = &self.source.kafka
             && kafka.bootstrap_servers.trim().is_empty()
@@ -263,6 +385,9 @@ impl Config {
         if self.limits.memory < (1 << 20) {
             return Err(invalid("[limits] memory: must be at least 1MiB".into()));
         }
+        if self.limits.concurrency == Some(0) {
+            return Err(invalid("[limits] concurrency: must be at least 1".into()));
+        }
         if self.limits.timeout.is_zero() {
             return Err(invalid(
                 "[limits] timeout: must be greater than zero".into(),
@@ -271,11 +396,21 @@ impl Config {
         Ok(())
     }
 
-    /// The broker to use: `[source.kafka]` if set, else the embedded one.
+    /// The broker to use: `[source.kafka]` or `[source.nats]` if set, else
+    /// the embedded one.
     pub fn source(&self) -> Source {
-        match (&self.source.kafka, &self.source.embedded) {
-            (Some(kafka), _) => Source::Kafka(kafka.clone()),
-            (None, embedded) => Source::Embedded(embedded.clone().unwrap_or_default()),
+        match (&self.source.kafka, &self.source.nats, &self.source.embedded) {
+            (Some(kafka), _, _) => Source::Kafka(kafka.clone()),
+            (None, Some(nats), _) => Source::Nats(nats.clone()),
+            (None, None, embedded) => Source::Embedded(embedded.clone().unwrap_or_default()),
+        }
+    }
+
+    /// Which kind of broker handlers' manifests are checked against.
+    pub fn broker_kind(&self) -> crate::registry::BrokerKind {
+        match self.source() {
+            Source::Nats(_) => crate::registry::BrokerKind::Nats,
+            Source::Kafka(_) | Source::Embedded(_) => crate::registry::BrokerKind::Kafka,
         }
     }
 }
@@ -374,7 +509,7 @@ mod tests {
             parse("[source.kafka]\nbootstrap_servers = \"127.0.0.1:9092\"\n[source.embedded]\n")
                 .expect_err("two sources must fail")
                 .to_string();
-        assert!(err.contains("not both"), "{err}");
+        assert!(err.contains("set one broker"), "{err}");
     }
 
     #[test]
@@ -387,6 +522,31 @@ mod tests {
             panic!("expected kafka source");
         };
         assert_eq!(kafka.properties["socket.timeout.ms"], "1000");
+    }
+
+    #[test]
+    fn nats_source_and_its_checks() {
+        let config = parse("[source.nats]\nurl = \"nats://127.0.0.1:4222\"\n").expect("valid");
+        assert!(matches!(config.source(), Source::Nats(n) if n.streams.storage == "file"));
+        assert_eq!(config.broker_kind(), crate::registry::BrokerKind::Nats);
+        for (text, key) in [
+            ("[source.nats]\nurl = \"\"\n", "url"),
+            (
+                "[source.nats]\nurl = \"nats://h\"\nuser = \"u\"\n",
+                "password",
+            ),
+            (
+                "[source.nats]\nurl = \"nats://h\"\n[source.nats.streams]\nstorage = \"disk\"\n",
+                "storage",
+            ),
+            (
+                "[source.nats]\nurl = \"nats://h\"\n[source.kafka]\nbootstrap_servers = \"h:1\"\n",
+                "set one broker",
+            ),
+        ] {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(key), "{text:?} -> {err}");
+        }
     }
 
     #[test]

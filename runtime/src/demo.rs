@@ -29,7 +29,13 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
     // `weir run` after it, does not compile the components again.
     let host = crate::runtime::host_for(config)?;
     let dir = &config.runtime.handlers_dir;
-    let (handlers, failed) = load_handlers(&host, dir, &config.limits).await?;
+    let (handlers, failed) = load_handlers(
+        &host,
+        dir,
+        &config.limits,
+        crate::registry::BrokerKind::Kafka,
+    )
+    .await?;
     for err in &failed {
         println!("skipped  {err}");
     }
@@ -40,7 +46,7 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
     );
     let partitions = match config.source() {
         crate::config::Source::Embedded(e) => e.partitions,
-        crate::config::Source::Kafka(_) => 3,
+        crate::config::Source::Kafka(_) | crate::config::Source::Nats(_) => 3,
     };
     let broker = EmbeddedBroker::start(partitions)?;
     let mut topics: Vec<String> = handlers
@@ -52,7 +58,7 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
     for handler in &handlers {
         for topic in &handler.manifest.topics {
             broker.create_topic(topic)?;
-            broker.create_topic(&format!("{topic}{}", handler.manifest.dlq.suffix))?;
+            broker.create_topic(&handler.manifest.dlq.destination(topic))?;
         }
     }
     let cluster = Cluster {
@@ -75,7 +81,11 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
     // The demo keeps nothing: a fresh database each run.
     let data = tempfile_dir()?;
     let store = Store::open(&data.join("weir.redb"))?;
-    let runtime = Runtime::start(handlers, &cluster, &store)?;
+    let broker = crate::runtime::Broker::Kafka {
+        cluster: cluster.clone(),
+        producer: crate::source::kafka::KafkaProducer::new(&cluster, "weir-producer")?,
+    };
+    let runtime = Runtime::start(handlers, &broker, &store, config.limits.concurrency)?;
     let produced = produce(&cluster, &topics, events).await?;
     println!(
         "produced {events} events: {}",

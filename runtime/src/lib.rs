@@ -18,6 +18,7 @@ pub mod config;
 pub mod demo;
 pub mod fault;
 pub mod host;
+pub mod message;
 pub mod pipeline;
 pub mod registry;
 pub mod runtime;

@@ -100,8 +100,9 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Check that components fit the weir:handler world; say what is wrong if
-    /// not.
+    /// Check that components fit the weir:handler world of a contract
+    /// version this runtime serves (0.1.0 or 0.2.0) and say which; say what
+    /// is wrong if not.
     Check {
         /// Component files (`.wasm`).
         #[arg(required = true)]
@@ -222,7 +223,8 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     let host = weir::runtime::host_for(&config)?;
     let dir = &config.runtime.handlers_dir;
     let loading = std::time::Instant::now();
-    let (handlers, failed) = load_handlers(&host, dir, &config.limits).await?;
+    let (handlers, failed) =
+        load_handlers(&host, dir, &config.limits, config.broker_kind()).await?;
     tracing::info!(
         handlers = handlers.len(),
         failed = failed.len(),
@@ -242,18 +244,19 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     for handler in &handlers {
         for topic in &handler.manifest.topics {
             topics.push(topic.clone());
-            topics.push(format!("{topic}{}", handler.manifest.dlq.suffix));
+            topics.push(handler.manifest.dlq.destination(topic));
         }
     }
     topics.sort();
     topics.dedup();
-    let (cluster, embedded) = connect(&config, &topics)?;
-    if embedded.is_some() {
-        tracing::info!(bootstrap = %cluster.bootstrap_servers, "embedded broker listening");
-        println!("embedded broker: {}", cluster.bootstrap_servers);
+    let (broker, embedded) = connect(&config, &topics).await?;
+    if let Some(embedded) = &embedded {
+        let bootstrap = embedded.bootstrap_servers();
+        tracing::info!(bootstrap = %bootstrap, "embedded broker listening");
+        println!("embedded broker: {bootstrap}");
     }
     let store = open_store(&config)?;
-    let mut runtime = Runtime::start(handlers, &cluster, &store)?;
+    let mut runtime = Runtime::start(handlers, &broker, &store, config.limits.concurrency)?;
     // Hot reload: new, changed and removed files in the handlers directory.
     let (_watcher, mut changes) = registry::watch::watch(dir)
         .with_context(|| format!("[runtime] handlers_dir {}: cannot watch it", dir.display()))?;
@@ -263,10 +266,15 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     // A periodic rescan catches anything the file-system events missed.
     let mut rescan = tokio::time::interval(Duration::from_secs(30));
     rescan.tick().await;
+    let mut failure = None;
     loop {
         tokio::select! {
             result = &mut stop => {
                 result?;
+                break;
+            }
+            why = runtime.failed() => {
+                failure = Some(why);
                 break;
             }
             Some(()) = changes.recv() => {}
@@ -283,7 +291,10 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     runtime.stop(config.runtime.shutdown_timeout).await;
     drop(embedded);
     tracing::info!("stopped");
-    Ok(())
+    match failure {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
 }
 
 async fn wait_for_stop_signal() -> anyhow::Result<()> {
@@ -351,7 +362,7 @@ fn state(config: &Config, action: StateAction) -> anyhow::Result<()> {
 async fn handlers(config: &Config) -> anyhow::Result<()> {
     let host = weir::runtime::host_for(config)?;
     let dir = &config.runtime.handlers_dir;
-    let (loaded, failed) = load_handlers(&host, dir, &config.limits).await?;
+    let (loaded, failed) = load_handlers(&host, dir, &config.limits, config.broker_kind()).await?;
     println!("{:<16} {:<13} {:<24} topics", "handler", "version", "group");
     for handler in &loaded {
         println!(
@@ -419,12 +430,21 @@ fn check(files: &[PathBuf]) -> anyhow::Result<()> {
         let limits = registry::ManifestLimits::default().resolve(&limits);
         match host.compile(name, &version, &bytes, limits) {
             Ok(compiled) => {
+                let contract = compiled.contract();
+                let note = if contract < weir::host::Contract::LATEST {
+                    format!(
+                        " (still served; the SDKs and `weir new` build for {})",
+                        weir::host::Contract::LATEST
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{}: ok — fits {}/handler (version {version}, {} KiB)",
+                    "{}: ok — fits {contract}/handler (version {version}, {} KiB)",
                     file.display(),
-                    weir::host::WORLD_PACKAGE,
                     bytes.len() / 1024
                 );
+                println!("  contract: {contract}{note}");
                 println!("  imports: {}", compiled.imports().join(", "));
                 println!("  exports: {}", compiled.exports().join(", "));
             }

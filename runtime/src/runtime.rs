@@ -1,22 +1,54 @@
 //! Putting it together: load every handler in the directory, give each its
-//! own consumer group and worker, and stop them all gracefully.
+//! own consumer (group or durable) and worker on the configured broker, and
+//! stop them all gracefully.
+//!
+//! This is the one place that names brokers: it picks the source and
+//! publisher for the configured one and hands them to the broker-neutral
+//! pipeline.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, LimitsSection};
 use crate::host::{CompiledHandler, Host};
-use crate::pipeline::offsets::Ledger;
 use crate::pipeline::outbox::{Relay, RelayStats};
 use crate::pipeline::{HandlerStats, HandlerSwap, Worker};
-use crate::registry::{self, LoadError, LoadedHandler, Manifest};
+use crate::registry::{self, BrokerKind, LoadError, LoadedHandler, Manifest};
 use crate::source::kafka::{Cluster, KafkaConsumer, KafkaProducer};
+use crate::source::nats::{self, ConsumerSpec, NatsConnection};
+use crate::source::{Publisher, Source};
 use crate::store::Store;
+
+/// The broker the runtime is connected to.
+#[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // made once per process
+pub enum Broker {
+    /// Kafka (or the embedded Kafka-protocol broker), with the producer
+    /// for dead letters and emitted events.
+    Kafka {
+        /// Connection settings for consumers.
+        cluster: Cluster,
+        /// The shared producer.
+        producer: KafkaProducer,
+    },
+    /// NATS JetStream.
+    Nats(NatsConnection),
+}
+
+impl Broker {
+    /// Which kind of broker this is.
+    pub fn kind(&self) -> BrokerKind {
+        match self {
+            Broker::Kafka { .. } => BrokerKind::Kafka,
+            Broker::Nats(_) => BrokerKind::Nats,
+        }
+    }
+}
 
 /// A handler being served, with its live counters.
 pub struct RunningHandler {
@@ -49,9 +81,11 @@ fn fingerprint(wasm: &Path) -> std::io::Result<Fingerprint> {
 /// The running set of workers.
 pub struct Runtime {
     running: BTreeMap<String, RunningHandler>,
-    cluster: Cluster,
+    broker: Broker,
     store: Store,
-    producer: KafkaProducer,
+    concurrency: usize,
+    fatal: mpsc::UnboundedSender<String>,
+    fatal_rx: mpsc::UnboundedReceiver<String>,
     /// Fingerprints of files that failed to load, so each bad version is
     /// reported once.
     rejected: BTreeMap<PathBuf, Fingerprint>,
@@ -86,6 +120,7 @@ pub async fn load_handlers(
     host: &Host,
     dir: &Path,
     defaults: &LimitsSection,
+    broker: BrokerKind,
 ) -> anyhow::Result<(Vec<LoadedHandler>, Vec<LoadError>)> {
     let files = registry::discover(dir).map_err(|err| {
         anyhow::anyhow!(
@@ -97,7 +132,7 @@ pub async fn load_handlers(
     for file in files {
         let host = host.clone();
         let defaults = defaults.clone();
-        tasks.spawn_blocking(move || registry::load(&host, &file, &defaults));
+        tasks.spawn_blocking(move || registry::load(&host, &file, &defaults, broker));
     }
     let (mut loaded, mut failed) = (Vec::new(), Vec::new());
     while let Some(joined) = tasks.join_next().await {
@@ -111,30 +146,45 @@ pub async fn load_handlers(
     Ok((loaded, failed))
 }
 
+/// Calls of one handler running at once when neither the manifest nor the
+/// runtime's `[limits]` says: the number of CPU cores.
+pub fn default_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
 impl Runtime {
-    /// Starts one worker per handler against `cluster`, recording outcomes
-    /// in `store`.
+    /// Starts one worker per handler against `broker`, recording outcomes
+    /// in `store`, with at most `concurrency` calls of a handler at once
+    /// unless its manifest says otherwise.
     ///
     /// # Errors
     ///
-    /// When a consumer or the producer (for dead letters and emitted
-    /// events) cannot be created.
+    /// When a consumer cannot be created.
     pub fn start(
         handlers: Vec<LoadedHandler>,
-        cluster: &Cluster,
+        broker: &Broker,
         store: &Store,
+        concurrency: Option<usize>,
     ) -> anyhow::Result<Self> {
-        let producer = KafkaProducer::new(cluster, "weir-producer")?;
         let relay_stats = Arc::new(RelayStats::default());
         let (relay_stop, relay_watch) = watch::channel(false);
-        let relay = tokio::spawn(
-            Relay::new(store.clone(), producer.clone(), relay_stats.clone()).run(relay_watch),
-        );
+        let relay = match broker {
+            Broker::Kafka { producer, .. } => tokio::spawn(
+                Relay::new(store.clone(), producer.clone(), relay_stats.clone()).run(relay_watch),
+            ),
+            Broker::Nats(connection) => tokio::spawn(
+                Relay::new(store.clone(), connection.publisher(), relay_stats.clone())
+                    .run(relay_watch),
+            ),
+        };
+        let (fatal, fatal_rx) = mpsc::unbounded_channel();
         let mut runtime = Self {
             running: BTreeMap::new(),
-            cluster: cluster.clone(),
+            broker: broker.clone(),
             store: store.clone(),
-            producer,
+            concurrency: concurrency.unwrap_or_else(default_concurrency),
+            fatal,
+            fatal_rx,
             rejected: BTreeMap::new(),
             relay,
             relay_stop,
@@ -146,36 +196,46 @@ impl Runtime {
         Ok(runtime)
     }
 
-    /// Starts a worker for `handler`: its own consumer group and ledger.
+    /// A future that resolves when a worker had to stop on its own (the
+    /// store stopped), with the reason: the process should exit with it.
+    pub async fn failed(&mut self) -> String {
+        self.fatal_rx
+            .recv()
+            .await
+            .unwrap_or_else(|| "every worker stopped".into())
+    }
+
+    /// Starts a worker for `handler` with its own consumer.
     fn serve(&mut self, handler: LoadedHandler) -> anyhow::Result<()> {
         let fingerprint = fingerprint(&handler.wasm_path)?;
         let group = handler.group();
-        let ledger = Arc::new(Ledger::default());
-        let consumer = KafkaConsumer::new(
-            &self.cluster,
-            &format!("weir-{}", handler.name),
-            &group,
-            &handler.manifest.topics,
-            handler.manifest.start,
-            ledger.clone(),
-        )?;
         tracing::info!(handler = %handler.name, version = %handler.compiled.version(), group = %group,
-            topics = %handler.manifest.topics.join(","), "serving");
+            topics = %handler.manifest.topics.join(","), broker = self.broker.kind().as_str(), "serving");
         let stats = Arc::new(HandlerStats::default());
         let (stop, stopped) = watch::channel(false);
-        let worker = Worker::new(
-            handler.name.clone(),
-            handler.manifest.clone(),
-            handler.compiled.clone().with_store(self.store.clone()),
-            consumer,
-            ledger,
-            self.store.clone(),
-            self.producer.clone(),
-            stats.clone(),
-            stopped,
-        );
-        let swap = worker.swapper();
-        let task = tokio::spawn(worker.run());
+        let (swap, task) = match &self.broker {
+            Broker::Kafka { cluster, producer } => {
+                let consumer = KafkaConsumer::new(
+                    cluster,
+                    &format!("weir-{}", handler.name),
+                    &group,
+                    &handler.manifest.topics,
+                    handler.manifest.start,
+                )?;
+                self.spawn(&handler, consumer, producer.clone(), &stats, stopped)
+            }
+            Broker::Nats(connection) => {
+                let settings = handler.manifest.nats.clone().unwrap_or_default();
+                let consumer = connection.consumer(ConsumerSpec {
+                    durable: settings.durable.unwrap_or_else(|| nats::name_for(&group)),
+                    topics: handler.manifest.topics.clone(),
+                    start: handler.manifest.start,
+                    ack_wait: settings.ack_wait,
+                    max_ack_pending: handler.manifest.max_in_flight,
+                });
+                self.spawn(&handler, consumer, connection.publisher(), &stats, stopped)
+            }
+        };
         self.running.insert(
             handler.name.clone(),
             RunningHandler {
@@ -188,6 +248,42 @@ impl Runtime {
             },
         );
         Ok(())
+    }
+
+    /// Runs a worker for `handler` on `source`, dead-lettering through
+    /// `publisher`; a worker that stops on its own reports why.
+    fn spawn<S: Source, D: Publisher>(
+        &self,
+        handler: &LoadedHandler,
+        source: S,
+        publisher: D,
+        stats: &Arc<HandlerStats>,
+        stopped: watch::Receiver<bool>,
+    ) -> (HandlerSwap<CompiledHandler>, tokio::task::JoinHandle<()>) {
+        let concurrency = handler
+            .manifest
+            .limits
+            .concurrency
+            .unwrap_or(self.concurrency);
+        let worker = Worker::new(
+            handler.name.clone(),
+            handler.manifest.clone(),
+            handler.compiled.clone().with_store(self.store.clone()),
+            concurrency,
+            source,
+            self.store.clone(),
+            publisher,
+            stats.clone(),
+            stopped,
+        );
+        let swap = worker.swapper();
+        let fatal = self.fatal.clone();
+        let task = tokio::spawn(async move {
+            if let Err(why) = worker.run().await {
+                let _ = fatal.send(why);
+            }
+        });
+        (swap, task)
     }
 
     /// The handlers being served, by name.
@@ -226,6 +322,7 @@ impl Runtime {
         defaults: &LimitsSection,
         drain: Duration,
     ) -> anyhow::Result<()> {
+        let broker = self.broker.kind();
         let files = registry::discover(dir)?;
         let present: BTreeSet<String> = files
             .iter()
@@ -268,7 +365,7 @@ impl Runtime {
             let (load_host, load_file, load_defaults) =
                 (host.clone(), file.clone(), defaults.clone());
             let loaded = tokio::task::spawn_blocking(move || {
-                registry::load(&load_host, &load_file, &load_defaults)
+                registry::load(&load_host, &load_file, &load_defaults, broker)
             })
             .await?;
             let handler = match loaded {
@@ -348,8 +445,9 @@ impl Runtime {
 }
 
 /// Whether two manifests ask for the same consumer and pipeline (so that a
-/// new version can be swapped in): they may differ only in `[limits]`,
-/// `[config]` and `[sandbox]`, which travel with the compiled handler.
+/// new version can be swapped in): they may differ only in `[limits]`
+/// (but `concurrency`), `[config]` and `[sandbox]`, which travel with the
+/// compiled handler.
 fn same_consumer(a: &Manifest, b: &Manifest) -> bool {
     let key = |m: &Manifest| {
         format!(
@@ -359,7 +457,10 @@ fn same_consumer(a: &Manifest, b: &Manifest) -> bool {
                 &m.group,
                 m.start,
                 m.ordering,
+                &m.key,
                 m.max_in_flight,
+                m.limits.concurrency,
+                &m.nats,
                 &m.dedup,
                 &m.retry,
                 &m.dlq
@@ -391,25 +492,53 @@ pub fn open_store(config: &Config) -> anyhow::Result<Store> {
     Store::open(&path).map_err(|err| anyhow::anyhow!("[runtime] data_dir: {err}"))
 }
 
-/// Resolves the configured cluster, starting the embedded broker if no
-/// `[source.kafka]` is configured. The broker lives as long as the returned
-/// guard.
+/// Connects to the configured broker, starting the embedded one if no
+/// `[source]` is configured (creating `topics` on it). The embedded broker
+/// lives as long as the returned guard.
 ///
 /// # Errors
 ///
-/// When the embedded broker cannot start or a topic cannot be created.
-pub fn connect(
+/// When the embedded broker cannot start, a topic cannot be created, or
+/// the broker's settings are unusable.
+pub async fn connect(
     config: &Config,
     topics: &[String],
-) -> anyhow::Result<(Cluster, Option<crate::source::embedded::EmbeddedBroker>)> {
+) -> anyhow::Result<(Broker, Option<crate::source::embedded::EmbeddedBroker>)> {
+    let kafka = |cluster: Cluster| -> anyhow::Result<Broker> {
+        let producer = KafkaProducer::new(&cluster, "weir-producer")?;
+        Ok(Broker::Kafka { cluster, producer })
+    };
     match config.source() {
-        crate::config::Source::Kafka(kafka) => {
+        crate::config::Source::Kafka(source) => {
             let cluster = Cluster {
-                bootstrap_servers: kafka.bootstrap_servers,
-                properties: kafka.properties,
+                bootstrap_servers: source.bootstrap_servers,
+                properties: source.properties,
             };
             cluster.validate()?;
-            Ok((cluster, None))
+            Ok((kafka(cluster)?, None))
+        }
+        crate::config::Source::Nats(source) => {
+            let settings = nats::NatsSettings {
+                url: source.url,
+                user: source.user.zip(source.password),
+                token: source.token,
+                creds_file: source.creds_file,
+                nkey: source.nkey,
+                tls_required: source.tls.required,
+                tls_ca_file: source.tls.ca_file,
+                tls_client: source.tls.cert_file.zip(source.tls.key_file),
+                connect_timeout: source.connect_timeout,
+                streams: nats::StreamSettings {
+                    memory: source.streams.storage == "memory",
+                    max_age: source.streams.max_age,
+                    replicas: source.streams.replicas,
+                    duplicate_window: source.streams.duplicate_window,
+                },
+            };
+            Ok((
+                Broker::Nats(NatsConnection::connect(&settings).await?),
+                None,
+            ))
         }
         crate::config::Source::Embedded(embedded) => {
             let broker = crate::source::embedded::EmbeddedBroker::start(embedded.partitions)?;
@@ -420,7 +549,7 @@ pub fn connect(
                 bootstrap_servers: broker.bootstrap_servers(),
                 properties: Default::default(),
             };
-            Ok((cluster, Some(broker)))
+            Ok((kafka(cluster)?, Some(broker)))
         }
     }
 }

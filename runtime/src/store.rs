@@ -255,7 +255,7 @@ pub enum Write {
         /// Reject the outcome if the event is already marked done.
         dedup: bool,
         /// The handler's state writes and emitted events.
-        effects: Option<Box<Effects>>,
+        effects: Option<Arc<Effects>>,
     },
     /// The event failed `attempts` times so far and will be retried.
     Attempted {
@@ -317,6 +317,16 @@ pub struct Store {
     writer: mpsc::Sender<Request>,
     stats: Arc<CommitStats>,
     outbox_ready: Arc<Notify>,
+    faults: Arc<Faults>,
+}
+
+/// Failures a test can inject into the writer thread.
+#[derive(Debug, Default)]
+struct Faults {
+    /// Batches still to fail, as a failing disk would.
+    fail_batches: AtomicU64,
+    /// The writer thread ends at its next batch, as if it had died.
+    stop_writer: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -358,11 +368,13 @@ impl Store {
         let (writer, requests) = mpsc::channel();
         let stats = Arc::new(CommitStats::default());
         let outbox_ready = Arc::new(Notify::new());
+        let faults = Arc::new(Faults::default());
         let writer_state = WriterState {
             db: db.clone(),
             path: path.clone(),
             stats: stats.clone(),
             outbox_ready: outbox_ready.clone(),
+            faults: faults.clone(),
         };
         std::thread::Builder::new()
             .name("weir-store".into())
@@ -374,7 +386,22 @@ impl Store {
             writer,
             stats,
             outbox_ready,
+            faults,
         })
+    }
+
+    /// Test support: the next `batches` group commits fail with an I/O
+    /// error, as on a full or failing disk.
+    #[doc(hidden)]
+    pub fn fail_next_commits(&self, batches: u64) {
+        self.faults.fail_batches.store(batches, Ordering::SeqCst);
+    }
+
+    /// Test support: the writer thread ends at its next batch (its writers
+    /// get [`StoreError::Closed`]), as if it had died.
+    #[doc(hidden)]
+    pub fn stop_writer(&self) {
+        self.faults.stop_writer.store(true, Ordering::SeqCst);
     }
 
     /// How many transactions carried how many writes so far.
@@ -590,6 +617,7 @@ struct WriterState {
     path: Arc<PathBuf>,
     stats: Arc<CommitStats>,
     outbox_ready: Arc<Notify>,
+    faults: Arc<Faults>,
 }
 
 impl WriterState {
@@ -603,8 +631,22 @@ impl WriterState {
                     Err(_) => break,
                 }
             }
+            if self.faults.stop_writer.load(Ordering::SeqCst) {
+                tracing::error!("the database writer stops (injected)");
+                return;
+            }
             let writes: Vec<&Write> = batch.iter().map(|r| &r.write).collect();
-            let result = apply(&self.db, &writes).map_err(|message| StoreError::Io {
+            let injected = self
+                .faults
+                .fail_batches
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let result = if injected {
+                Err("injected write failure".to_string())
+            } else {
+                apply(&self.db, &writes)
+            }
+            .map_err(|message| StoreError::Io {
                 path: self.path.to_path_buf(),
                 message,
             });
@@ -974,7 +1016,7 @@ mod tests {
             id: id.into(),
             ttl: Duration::from_secs(60),
             dedup: true,
-            effects: Some(Box::new(Effects {
+            effects: Some(Arc::new(Effects {
                 writes,
                 emits: vec![OutboxRecord {
                     topic: "out".into(),

@@ -1,12 +1,20 @@
-//! From a broker message to the `event` a handler sees.
+//! From a broker message to the `event` a handler sees: its id and its key.
+
+use sha2::{Digest, Sha256};
 
 use crate::host::Event;
-use crate::registry::IdSource;
-use crate::source::Message;
+use crate::message::Message;
+use crate::registry::{IdSource, KeySource};
+
+/// Longest event id kept as it is; a longer one (from a header or the
+/// payload) is replaced by `sha256:<hex>` of it, so a hostile or careless
+/// producer cannot bloat the dedup table, and equal ids stay equal.
+pub const MAX_ID_LEN: usize = 256;
 
 /// The event's identity: the first of `sources` that yields a non-empty id,
-/// else `<topic>/<partition>/<offset>`. Malformed payloads or non-UTF-8
-/// headers simply yield nothing.
+/// else the broker position (`<topic>/<partition>/<offset>`,
+/// `<stream>/<sequence>`). Malformed payloads or non-UTF-8 headers simply
+/// yield nothing. Ids longer than [`MAX_ID_LEN`] bytes are digested.
 pub fn event_id(message: &Message, sources: &[IdSource]) -> String {
     sources
         .iter()
@@ -16,19 +24,54 @@ pub fn event_id(message: &Message, sources: &[IdSource]) -> String {
                     .header(name)
                     .and_then(|v| std::str::from_utf8(v).ok())
                     .map(|id| id.trim().to_string()),
-                IdSource::JsonPointer(pointer) => {
-                    serde_json::from_slice::<serde_json::Value>(&message.payload)
-                        .ok()
-                        .and_then(|json| match json.pointer(pointer)? {
-                            serde_json::Value::String(s) => Some(s.trim().to_string()),
-                            serde_json::Value::Number(n) => Some(n.to_string()),
-                            _ => None,
-                        })
-                }
+                IdSource::JsonPointer(pointer) => json_at(&message.payload, pointer),
             }
             .filter(|id| !id.is_empty())
         })
-        .unwrap_or_else(|| format!("{}/{}/{}", message.topic, message.partition, message.offset))
+        .map(cap)
+        .unwrap_or_else(|| message.position.fallback_id(&message.topic))
+}
+
+fn cap(id: String) -> String {
+    if id.len() <= MAX_ID_LEN {
+        return id;
+    }
+    let digest = Sha256::digest(id.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+fn json_at(payload: &[u8], pointer: &str) -> Option<String> {
+    let json = serde_json::from_slice::<serde_json::Value>(payload).ok()?;
+    match json.pointer(pointer)? {
+        serde_json::Value::String(s) => Some(s.trim().to_string()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The message's key as the manifest's `key` sources choose it: the first
+/// source that yields one, else the key the broker gave (the Kafka record
+/// key; for NATS the `ce-partitionkey` header, else the subject).
+pub fn key(message: &Message, sources: &[KeySource]) -> Option<Vec<u8>> {
+    sources
+        .iter()
+        .find_map(|source| match source {
+            KeySource::Header(name) => message
+                .header(name)
+                .filter(|v| !v.is_empty())
+                .map(<[u8]>::to_vec),
+            KeySource::JsonPointer(pointer) => {
+                json_at(&message.payload, pointer).map(String::into_bytes)
+            }
+            KeySource::Topic => Some(message.topic.as_bytes().to_vec()),
+            KeySource::TopicToken(index) => message
+                .topic
+                .split('.')
+                .nth(index.saturating_sub(1))
+                .map(|token| token.as_bytes().to_vec()),
+        })
+        .or_else(|| message.key.clone())
 }
 
 /// Builds the event for delivery attempt `attempt`, moving the message's
@@ -40,8 +83,7 @@ pub fn to_event(message: Message, id: String, attempt: u32) -> Event {
         key: message.key,
         payload: message.payload,
         headers: message.headers,
-        partition: message.partition,
-        offset: message.offset,
+        position: message.position,
         timestamp_ms: message.timestamp_ms,
         attempt,
     }
@@ -50,12 +92,11 @@ pub fn to_event(message: Message, id: String, attempt: u32) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::Position;
 
     fn message(headers: Vec<(&str, &[u8])>) -> Message {
         Message {
             topic: "orders".into(),
-            partition: 2,
-            offset: 41,
             key: Some(vec![0xff, 0x00]),
             payload: vec![1, 2, 3],
             headers: headers
@@ -63,6 +104,11 @@ mod tests {
                 .map(|(n, v)| (n.to_string(), v.to_vec()))
                 .collect(),
             timestamp_ms: Some(7),
+            position: Position::Kafka {
+                partition: 2,
+                offset: 41,
+            },
+            scope: 1,
         }
     }
 
@@ -79,6 +125,13 @@ mod tests {
         );
         assert_eq!(event_id(&message(vec![("event_id", b"e")]), &d), "e");
         assert_eq!(event_id(&message(vec![]), &d), "orders/2/41");
+        let mut nats = message(vec![]);
+        nats.position = Position::JetStream {
+            stream: "ORDERS".into(),
+            sequence: 9,
+            delivered: 1,
+        };
+        assert_eq!(event_id(&nats, &d), "ORDERS/9");
     }
 
     #[test]
@@ -98,6 +151,20 @@ mod tests {
     }
 
     #[test]
+    fn overlong_ids_are_digested_consistently() {
+        let d = defaults();
+        let long = "x".repeat(10_000);
+        let id = event_id(&message(vec![("ce_id", long.as_bytes())]), &d);
+        assert!(id.starts_with("sha256:") && id.len() == 7 + 64, "{id}");
+        assert_eq!(id, event_id(&message(vec![("ce_id", long.as_bytes())]), &d));
+        let edge = "y".repeat(MAX_ID_LEN);
+        assert_eq!(
+            event_id(&message(vec![("ce_id", edge.as_bytes())]), &d),
+            edge
+        );
+    }
+
+    #[test]
     fn json_pointer_ids() {
         let sources = vec![IdSource::JsonPointer("/meta/id".into())];
         let mut m = message(vec![]);
@@ -107,6 +174,34 @@ mod tests {
         assert_eq!(event_id(&m, &sources), "42");
         m.payload = b"not json".to_vec();
         assert_eq!(event_id(&m, &sources), "orders/2/41");
+    }
+
+    #[test]
+    fn key_sources_fall_back_to_the_broker_key() {
+        let mut m = message(vec![("k", b"from-header")]);
+        m.topic = "orders.eu.42".into();
+        m.payload = br#"{"customer": "c7"}"#.to_vec();
+        assert_eq!(key(&m, &[]), Some(vec![0xff, 0x00]));
+        assert_eq!(
+            key(&m, &[KeySource::Header("k".into())]),
+            Some(b"from-header".to_vec())
+        );
+        assert_eq!(
+            key(&m, &[KeySource::JsonPointer("/customer".into())]),
+            Some(b"c7".to_vec())
+        );
+        assert_eq!(key(&m, &[KeySource::TopicToken(3)]), Some(b"42".to_vec()));
+        assert_eq!(key(&m, &[KeySource::Topic]), Some(b"orders.eu.42".to_vec()));
+        assert_eq!(
+            key(
+                &m,
+                &[
+                    KeySource::Header("missing".into()),
+                    KeySource::TopicToken(9)
+                ]
+            ),
+            Some(vec![0xff, 0x00])
+        );
     }
 
     #[test]

@@ -20,11 +20,13 @@ pub fn headers(
         ("weir.error.kind", failure.kind.as_str().to_string()),
         ("weir.attempts", attempts.to_string()),
         ("weir.origin.topic", event.topic.clone()),
-        ("weir.origin.partition", event.partition.to_string()),
-        ("weir.origin.offset", event.offset.to_string()),
+    ]
+    .into_iter()
+    .chain(event.position.origin_headers())
+    .chain([
         ("weir.event-id", event.id.clone()),
         ("weir.failed-at", failed_at),
-    ] {
+    ]) {
         headers.push((name.to_string(), value.into_bytes()));
     }
     headers
@@ -43,8 +45,10 @@ mod tests {
             key: None,
             payload: vec![],
             headers: vec![("trace".into(), b"abc".to_vec())],
-            partition: 1,
-            offset: 99,
+            position: crate::message::Position::Kafka {
+                partition: 1,
+                offset: 99,
+            },
             timestamp_ms: None,
             attempt: 3,
         };
@@ -52,6 +56,7 @@ mod tests {
             kind: FailureKind::Permanent,
             message: "bad json".into(),
             poisoned: false,
+            category: None,
         };
         let h = headers("orders", &event, &failure, 3);
         let get = |n: &str| {

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::publish::Publisher;
 use crate::fault;
+use crate::source::Publisher;
 use crate::store::{OutboxRecord, Store, Write};
 
 /// The header carrying an emitted event's deterministic id.
@@ -177,8 +177,13 @@ impl<P: Publisher> Relay<P> {
         // Hand every record to the producer in commit order, then wait for
         // all acknowledgements.
         let results = futures_util::future::join_all(due.iter().map(|(_, r)| {
+            let id = r
+                .headers
+                .iter()
+                .find(|(n, _)| n == EVENT_ID_HEADER)
+                .and_then(|(_, v)| std::str::from_utf8(v).ok());
             self.publisher
-                .send(&r.topic, r.key.as_deref(), &r.payload, &r.headers)
+                .send(&r.topic, r.key.as_deref(), &r.payload, &r.headers, id)
         }))
         .await;
         let mut published = Vec::new();
@@ -301,7 +306,7 @@ mod tests {
                 id: format!("e{i}"),
                 ttl: Duration::from_secs(60),
                 dedup: true,
-                effects: Some(Box::new(Effects {
+                effects: Some(std::sync::Arc::new(Effects {
                     emits,
                     ..Effects::default()
                 })),

@@ -16,14 +16,16 @@ pub enum Next {
 impl RetryPolicy {
     /// Decides what follows failed attempt `attempt` (1-based). `requested`
     /// is a delay the handler asked for (`retry-after`), which replaces the
-    /// computed backoff but still counts against `max_attempts`. `unit` is a
+    /// computed backoff but still counts against `max_attempts`, and is
+    /// capped by `max_delay` like any other delay (a handler cannot park a
+    /// message for days). `unit` is a
     /// uniform random number in `[0, 1)` for the jitter.
     pub fn next(&self, attempt: u32, requested: Option<Duration>, unit: f64) -> Next {
         if attempt >= self.max_attempts {
             return Next::GiveUp;
         }
         if let Some(delay) = requested {
-            return Next::RetryIn(delay);
+            return Next::RetryIn(delay.min(self.max_delay));
         }
         let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
         let base = self.initial_delay.as_secs_f64() * self.multiplier.powi(exponent);
@@ -45,6 +47,19 @@ mod tests {
             max_delay: Duration::from_secs(5),
             jitter,
         }
+    }
+
+    #[test]
+    fn requested_delays_are_capped_by_max_delay() {
+        let p = policy(0.0);
+        assert_eq!(
+            p.next(1, Some(Duration::from_millis(300)), 0.5),
+            Next::RetryIn(Duration::from_millis(300))
+        );
+        assert_eq!(
+            p.next(1, Some(Duration::from_secs(86_400 * 365)), 0.5),
+            Next::RetryIn(Duration::from_secs(5))
+        );
     }
 
     #[test]

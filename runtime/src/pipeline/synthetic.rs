@@ -1,56 +1,72 @@
 //! An in-memory source, dead-letter sink and native handler, to run the
 //! pipeline without a broker or Wasm: for tests and benchmarks.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use super::offsets::Ledger;
-use super::publish::Publisher;
 use super::{HandlerCall, HandlerFactory};
 use crate::host::{Event, Failure, Outcome};
-use crate::source::{Message, Source};
+use crate::message::{Message, Position};
+use crate::source::{Publisher, Settled, Source};
+
+type Partition = (String, i32);
 
 #[derive(Default)]
 struct State {
-    queues: BTreeMap<(String, i32), VecDeque<Message>>,
-    paused: HashSet<(String, i32)>,
-    acked: BTreeMap<(String, i32), i64>,
-    pauses: u64,
+    queues: BTreeMap<Partition, VecDeque<Message>>,
+    /// Live assignment of each partition.
+    generations: HashMap<Partition, u64>,
+    last_generation: u64,
+    received: BTreeMap<Partition, BTreeSet<i64>>,
+    settled: BTreeMap<Partition, BTreeMap<i64, Settled>>,
+    /// Delivered and not yet settled, now and at most.
+    outstanding: usize,
+    most_outstanding: usize,
     closed: bool,
 }
 
-/// A source over messages held in memory. All partitions that receive
-/// messages are assigned on [`push`](SyntheticSource::push).
-#[derive(Clone)]
+/// A log-shaped source over messages held in memory, settled per message.
+/// Partitions that receive messages are assigned on
+/// [`push`](SyntheticSource::push); [`revoke`](SyntheticSource::revoke)
+/// takes one away as a rebalance would.
+#[derive(Clone, Default)]
 pub struct SyntheticSource {
     state: Arc<Mutex<State>>,
-    ledger: Arc<Ledger>,
     wake: Arc<Notify>,
 }
 
+/// One synthetic delivery.
+pub struct SyntheticDelivery {
+    partition: Partition,
+    generation: u64,
+    offset: i64,
+}
+
 impl SyntheticSource {
-    /// A source reporting ownership to `ledger`.
-    pub fn new(ledger: Arc<Ledger>) -> Self {
-        Self {
-            state: Arc::default(),
-            ledger,
-            wake: Arc::new(Notify::new()),
-        }
+    /// An empty source.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends messages (in order per partition).
+    /// Appends messages (in order per partition); their position must be
+    /// a Kafka one.
     pub fn push(&self, messages: impl IntoIterator<Item = Message>) {
         let mut state = self.lock();
         for message in messages {
-            let tp = (message.topic.clone(), message.partition);
-            if !state.queues.contains_key(&tp) {
-                self.ledger.assign(&tp.0, tp.1);
+            let Position::Kafka { partition, .. } = message.position else {
+                continue;
+            };
+            let tp = (message.topic.clone(), partition);
+            if !state.generations.contains_key(&tp) {
+                state.last_generation += 1;
+                let generation = state.last_generation;
+                state.generations.insert(tp.clone(), generation);
             }
             state.queues.entry(tp).or_default().push_back(message);
         }
@@ -58,22 +74,40 @@ impl SyntheticSource {
         self.wake.notify_one();
     }
 
-    /// Takes `topic`/`partition` away, as a rebalance would: the ledger
-    /// stops accepting its completions and its undelivered messages are
-    /// dropped. Returns the final watermark the source would commit.
+    /// Takes `topic`/`partition` away, as a rebalance would: deliveries of
+    /// it are no longer owned and its undelivered messages are dropped.
+    /// Returns the position that would be committed.
     pub fn revoke(&self, topic: &str, partition: i32) -> Option<i64> {
-        self.lock().queues.remove(&(topic.to_string(), partition));
-        self.ledger.revoke(topic, partition)
+        let tp = (topic.to_string(), partition);
+        let mut state = self.lock();
+        state.queues.remove(&tp);
+        state.generations.remove(&tp);
+        watermark(&state, &tp)
     }
 
-    /// The acknowledged position of every partition.
+    /// The committable position of every partition: below it, every
+    /// message received was settled done or dead-lettered.
     pub fn acked(&self) -> BTreeMap<(String, i32), i64> {
-        self.lock().acked.clone()
+        let state = self.lock();
+        state
+            .received
+            .keys()
+            .filter_map(|tp| Some((tp.clone(), watermark(&state, tp)?)))
+            .collect()
     }
 
-    /// How often a partition was paused.
-    pub fn pauses(&self) -> u64 {
-        self.lock().pauses
+    /// How every message of a partition was settled, by offset.
+    pub fn settled(&self, topic: &str, partition: i32) -> BTreeMap<i64, Settled> {
+        self.lock()
+            .settled
+            .get(&(topic.to_string(), partition))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The most messages delivered and not yet settled at any moment.
+    pub fn most_outstanding(&self) -> usize {
+        self.lock().most_outstanding
     }
 
     /// Whether `close` was called.
@@ -82,50 +116,80 @@ impl SyntheticSource {
     }
 }
 
+fn watermark(state: &State, tp: &Partition) -> Option<i64> {
+    let received = state.received.get(tp)?;
+    let settled = state.settled.get(tp);
+    let done = |offset: &i64| {
+        settled
+            .and_then(|s| s.get(offset))
+            .is_some_and(|s| *s != Settled::Released)
+    };
+    received
+        .iter()
+        .find(|offset| !done(offset))
+        .copied()
+        .or_else(|| received.last().map(|last| last + 1))
+}
+
 impl Source for SyntheticSource {
-    async fn recv(&self) -> Result<Message, String> {
+    type Delivery = SyntheticDelivery;
+
+    async fn recv(&self) -> Result<(Message, SyntheticDelivery), String> {
         loop {
             let notified = self.wake.notified();
             {
                 let mut state = self.lock();
-                let State { queues, paused, .. } = &mut *state;
+                let State {
+                    queues,
+                    generations,
+                    received,
+                    outstanding,
+                    most_outstanding,
+                    ..
+                } = &mut *state;
                 let next = queues
                     .iter_mut()
-                    .filter(|(tp, _)| !paused.contains(*tp))
-                    .find_map(|(_, queue)| queue.pop_front());
-                if let Some(message) = next {
-                    return Ok(message);
+                    .find_map(|(tp, queue)| Some((tp.clone(), queue.pop_front()?)));
+                if let Some((tp, mut message)) = next {
+                    let generation = generations.get(&tp).copied().unwrap_or_default();
+                    let Position::Kafka { offset, .. } = message.position else {
+                        continue;
+                    };
+                    received.entry(tp.clone()).or_default().insert(offset);
+                    *outstanding += 1;
+                    *most_outstanding = (*most_outstanding).max(*outstanding);
+                    message.scope = generation;
+                    let delivery = SyntheticDelivery {
+                        partition: tp,
+                        generation,
+                        offset,
+                    };
+                    return Ok((message, delivery));
                 }
             }
             notified.await;
         }
     }
 
-    fn ack(&self, topic: &str, partition: i32, next_offset: i64) {
+    fn owns(&self, delivery: &SyntheticDelivery) -> bool {
+        self.lock().generations.get(&delivery.partition) == Some(&delivery.generation)
+    }
+
+    fn settle(&self, delivery: &SyntheticDelivery, outcome: Settled) {
         let mut state = self.lock();
-        let acked = state
-            .acked
-            .entry((topic.to_string(), partition))
-            .or_insert(0);
-        assert!(
-            next_offset >= *acked,
-            "acknowledged position went backwards"
-        );
-        *acked = next_offset;
+        state.outstanding -= 1;
+        if state.generations.get(&delivery.partition) != Some(&delivery.generation) {
+            return;
+        }
+        let previous = state
+            .settled
+            .entry(delivery.partition.clone())
+            .or_default()
+            .insert(delivery.offset, outcome);
+        assert!(previous.is_none(), "a delivery was settled twice");
     }
 
-    fn pause(&self, topic: &str, partition: i32) {
-        let mut state = self.lock();
-        state.pauses += 1;
-        state.paused.insert((topic.to_string(), partition));
-    }
-
-    fn resume(&self, topic: &str, partition: i32) {
-        self.lock().paused.remove(&(topic.to_string(), partition));
-        self.wake.notify_one();
-    }
-
-    fn close(self) {
+    async fn close(self) {
         self.lock().closed = true;
     }
 }
@@ -150,6 +214,9 @@ pub struct MemoryPublisher {
     pub written: Arc<Mutex<Vec<Published>>>,
     /// While set, every send fails.
     pub failing: Arc<std::sync::atomic::AtomicBool>,
+    /// When set, the next send panics (and clears it): a bug in the path
+    /// that publishes.
+    pub panic_once: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl MemoryPublisher {
@@ -169,7 +236,14 @@ impl Publisher for MemoryPublisher {
         key: Option<&[u8]>,
         payload: &[u8],
         headers: &[(String, Vec<u8>)],
+        _id: Option<&str>,
     ) -> anyhow::Result<()> {
+        if self
+            .panic_once
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("publisher panicked (injected)");
+        }
         if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
             anyhow::bail!("broker unavailable (simulated)");
         }
@@ -239,8 +313,8 @@ where
 pub fn message(topic: &str, partition: i32, offset: i64, key: &str, id: Option<&str>) -> Message {
     Message {
         topic: topic.to_string(),
-        partition,
-        offset,
+        position: Position::Kafka { partition, offset },
+        scope: 0,
         key: Some(key.as_bytes().to_vec()),
         payload: format!("payload {offset}").into_bytes(),
         headers: id

@@ -8,9 +8,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::synthetic::{MemoryPublisher, NativeHandler, SyntheticSource, message};
-use super::*;
+use super::{HandlerStats, Worker};
 use crate::host::transaction::Transaction;
+use crate::host::{Event, Failure, FailureKind, Outcome};
 use crate::registry::Manifest;
+use crate::source::Settled;
+use crate::store::{Effects, Store};
 
 struct Harness {
     source: SyntheticSource,
@@ -18,7 +21,7 @@ struct Harness {
     dead: MemoryPublisher,
     stats: Arc<HandlerStats>,
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
     _dir: tempfile::TempDir,
 }
 
@@ -50,8 +53,7 @@ where
             failed => failed,
         }
     };
-    let ledger = Arc::new(Ledger::default());
-    let source = SyntheticSource::new(ledger.clone());
+    let source = SyntheticSource::new();
     let dead = MemoryPublisher::default();
     let stats = Arc::new(HandlerStats::default());
     let (stop, shutdown) = watch::channel(false);
@@ -59,8 +61,8 @@ where
         "h".into(),
         manifest,
         NativeHandler::new(handler),
+        4,
         source.clone(),
-        ledger,
         store.clone(),
         dead.clone(),
         stats.clone(),
@@ -93,7 +95,7 @@ impl Harness {
 
     async fn stop(self) -> SyntheticSource {
         let _ = self.stop.send(true);
-        self.task.await.expect("worker");
+        self.task.await.expect("worker").expect("worker ended well");
         assert!(self.source.closed());
         self.source
     }
@@ -108,7 +110,16 @@ fn retryable(message: &str) -> Outcome {
         kind: FailureKind::Retryable,
         message: message.into(),
         poisoned: false,
+        category: None,
     })
+}
+
+/// A synthetic event's partition and offset.
+fn at(event: &Event) -> (i32, i64) {
+    match event.position {
+        crate::message::Position::Kafka { partition, offset } => (partition, offset),
+        crate::message::Position::JetStream { .. } => (-1, -1),
+    }
 }
 
 fn key_of(event: &Event) -> String {
@@ -124,10 +135,10 @@ async fn keys_run_in_parallel_in_order_and_the_watermark_reaches_the_end() {
     let h = start(manifest("max_in_flight = 32"), move |event| {
         let now = r.fetch_add(1, AtomicOrdering::SeqCst) + 1;
         p.fetch_max(now, AtomicOrdering::SeqCst);
-        std::thread::sleep(Duration::from_micros(200 + (event.offset as u64 % 7) * 100));
+        std::thread::sleep(Duration::from_micros(200 + (at(event).1 as u64 % 7) * 100));
         s.lock()
             .expect("lock")
-            .push((event.partition, key_of(event), event.offset));
+            .push((at(event).0, key_of(event), at(event).1));
         r.fetch_sub(1, AtomicOrdering::SeqCst);
         ok()
     });
@@ -167,10 +178,10 @@ async fn a_key_waiting_for_a_retry_holds_only_its_own_messages() {
     let o = order.clone();
     let policy = "[retry]\nmax_attempts = 5\ninitial_delay = \"100ms\"\nmultiplier = 1.0\nmax_delay = \"100ms\"\njitter = 0.0";
     let h = start(manifest(policy), move |event| {
-        let fail = key_of(event) == "slow" && event.offset == 0 && event.attempt <= 2;
+        let fail = key_of(event) == "slow" && at(event).1 == 0 && event.attempt <= 2;
         o.lock()
             .expect("lock")
-            .push((key_of(event), event.offset, event.attempt, !fail));
+            .push((key_of(event), at(event).1, event.attempt, !fail));
         if fail { retryable("not yet") } else { ok() }
     });
     let mut batch = vec![
@@ -235,7 +246,7 @@ async fn duplicates_are_skipped_and_still_acknowledged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_pipeline_pauses_the_partition_instead_of_buffering() {
+async fn a_full_pipeline_stops_receiving_instead_of_buffering() {
     let h = start(manifest("max_in_flight = 4\nordering = \"none\""), |_| {
         std::thread::sleep(Duration::from_millis(2));
         ok()
@@ -243,9 +254,12 @@ async fn a_full_pipeline_pauses_the_partition_instead_of_buffering() {
     h.source
         .push((0..100).map(|o| message("t", 0, o, "k", None)));
     h.wait_finished(100).await;
-    let pauses = h.source.pauses();
+    let most = h.source.most_outstanding();
     let source = h.stop().await;
-    assert!(pauses > 0, "the partition was never paused");
+    assert!(
+        (1..=4).contains(&most),
+        "held {most} messages at once, max_in_flight is 4"
+    );
     assert_eq!(source.acked()[&("t".to_string(), 0)], 100);
 }
 
@@ -259,6 +273,7 @@ async fn exhausted_and_permanent_failures_are_dead_lettered_then_acknowledged() 
             kind: FailureKind::Permanent,
             message: "malformed".into(),
             poisoned: false,
+            category: None,
         }),
         _ => ok(),
     });
@@ -294,13 +309,11 @@ async fn nothing_is_handled_or_acknowledged_for_a_revoked_partition() {
     let calls: Arc<Mutex<Vec<(i32, i64)>>> = Arc::default();
     let c = calls.clone();
     let h = start(manifest(""), move |event| {
-        if event.partition == 0 && event.offset == 1 {
+        if at(event).0 == 0 && at(event).1 == 1 {
             // Still running when the partition is revoked.
             std::thread::sleep(Duration::from_millis(300));
         }
-        c.lock()
-            .expect("lock")
-            .push((event.partition, event.offset));
+        c.lock().expect("lock").push((at(event).0, at(event).1));
         ok()
     });
     // Partition 0: offset 0 finishes, 1 is slow, 2 and 3 queue behind it
@@ -443,7 +456,7 @@ fn versioned(
 ) -> NativeHandler<impl Fn(&Event) -> Outcome + Send + Sync + 'static> {
     NativeHandler::new(move |event: &Event| {
         std::thread::sleep(Duration::from_millis(2));
-        log.lock().expect("lock").push((event.offset, version));
+        log.lock().expect("lock").push((at(event).1, version));
         ok()
     })
 }
@@ -452,8 +465,7 @@ fn versioned(
 async fn swapping_the_version_mid_stream_skips_and_repeats_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("weir.redb")).expect("store");
-    let ledger = Arc::new(Ledger::default());
-    let source = SyntheticSource::new(ledger.clone());
+    let source = SyntheticSource::new();
     let stats = Arc::new(HandlerStats::default());
     let (stop, shutdown) = watch::channel(false);
     let log: VersionLog = Arc::default();
@@ -461,8 +473,8 @@ async fn swapping_the_version_mid_stream_skips_and_repeats_nothing() {
         "h".into(),
         manifest("ordering = \"partition\""),
         versioned(1, log.clone()),
+        4,
         source.clone(),
-        ledger,
         store,
         MemoryPublisher::default(),
         stats.clone(),
@@ -482,7 +494,7 @@ async fn swapping_the_version_mid_stream_skips_and_repeats_nothing() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let _ = stop.send(true);
-    task.await.expect("worker");
+    task.await.expect("worker").expect("worker ended well");
     let log = log.lock().expect("lock").clone();
     let offsets: Vec<i64> = log.iter().map(|(o, _)| *o).collect();
     assert_eq!(
@@ -496,4 +508,99 @@ async fn swapping_the_version_mid_stream_skips_and_repeats_nothing() {
     );
     assert!(log.iter().any(|(_, v)| *v == 1) && log.iter().any(|(_, v)| *v == 2));
     assert_eq!(source.acked()[&("t".to_string(), 0)], 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_store_holds_the_lane_until_the_outcome_is_durable() {
+    let calls: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let c = calls.clone();
+    let h = start(manifest(""), move |event| {
+        c.lock().expect("lock").push(at(event).1);
+        ok()
+    });
+    // The first three group commits fail: the first message's outcome
+    // cannot be recorded for a while.
+    h.store.fail_next_commits(3);
+    h.source
+        .push((0..5).map(|o| message("t", 0, o, "k", Some(&format!("e{o}")))));
+    h.wait_finished(5).await;
+    let source = h.stop().await;
+    assert_eq!(
+        *calls.lock().expect("lock"),
+        vec![0, 1, 2, 3, 4],
+        "each message called once, in order: the key waited for the store"
+    );
+    assert_eq!(source.acked()[&("t".to_string(), 0)], 5);
+    assert!(source.settled("t", 0).values().all(|s| *s == Settled::Done));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_store_writer_stops_the_worker_with_the_reason() {
+    let h = start(manifest(""), |_| ok());
+    h.source.push([message("t", 0, 0, "k", Some("e0"))]);
+    h.wait_finished(1).await;
+    h.store.stop_writer();
+    h.source.push([message("t", 0, 1, "k", Some("e1"))]);
+    let Harness { task, source, .. } = h;
+    let ended = tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("the worker stops on its own")
+        .expect("worker task");
+    let err = ended.expect_err("a dead writer is an error");
+    assert!(err.contains("writer has stopped"), "{err}");
+    assert!(source.closed());
+    assert_eq!(
+        source.settled("t", 0).get(&1),
+        Some(&Settled::Released),
+        "the message without a durable outcome is released, not acknowledged"
+    );
+    assert_eq!(source.acked()[&("t".to_string(), 0)], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_message_task_frees_its_lane_and_is_tried_again() {
+    let policy = "[retry]\nmax_attempts = 3\ninitial_delay = \"10ms\"\nmax_delay = \"10ms\"";
+    let h = start(manifest(policy), |event| match key_of(event).as_str() {
+        "bad" => Outcome::Failed(Failure {
+            kind: FailureKind::Permanent,
+            message: "malformed".into(),
+            poisoned: false,
+            category: None,
+        }),
+        _ => ok(),
+    });
+    // Publishing the first dead letter panics inside the message's task.
+    h.dead
+        .panic_once
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    h.source.push([
+        message("t", 0, 0, "bad", Some("e0")),
+        message("t", 0, 1, "bad", Some("e1")),
+    ]);
+    h.wait_finished(2).await;
+    let dead = h.dead.records();
+    let source = h.stop().await;
+    assert_eq!(dead.len(), 2, "both dead-lettered, each once");
+    assert_eq!(source.acked()[&("t".to_string(), 0)], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_concurrency_calls_of_a_handler_run_at_once() {
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (r, m) = (running.clone(), most.clone());
+    // `start` gives the worker a concurrency of 4.
+    let h = start(manifest("ordering = \"none\""), move |_| {
+        let now = r.fetch_add(1, AtomicOrdering::SeqCst) + 1;
+        m.fetch_max(now, AtomicOrdering::SeqCst);
+        std::thread::sleep(Duration::from_millis(3));
+        r.fetch_sub(1, AtomicOrdering::SeqCst);
+        ok()
+    });
+    h.source
+        .push((0..60).map(|o| message("t", 0, o, "k", None)));
+    h.wait_finished(60).await;
+    h.stop().await;
+    let most = most.load(AtomicOrdering::SeqCst);
+    assert!((1..=4).contains(&most), "{most} calls ran at once");
 }

@@ -1,14 +1,24 @@
 //! The handler manifest: `<name>.toml` beside `<name>.wasm`.
 //!
+//! Broker-neutral where it can be: `topics` are Kafka topics or NATS
+//! subjects, `group` is the consumer group or the durable consumer's name.
+//! Settings only one broker understands live in that broker's table
+//! (`[nats]`), and a table for another broker than the one configured is an
+//! error that names it.
+//!
 //! ```toml
-//! topics = ["orders"]          # required
-//! group = "weir.orders"        # consumer group; default weir.<name>
+//! topics = ["orders"]          # required: topics (Kafka) or subjects (NATS, wildcards allowed)
+//! group = "weir.orders"        # consumer group / durable name; default weir.<name>
 //! start = "earliest"           # where a new group starts: earliest | latest
 //! ordering = "key"             # key | partition | none
+//! key = ["header:customer"]    # where the key comes from; default: the broker's own
 //! max_in_flight = 256          # messages held at once (running + waiting)
 //!
+//! [nats]
+//! ack_wait = "30s"             # JetStream ack wait; held messages are kept alive
+//!
 //! [dedup]
-//! id = ["header:ce_id", "header:event_id"]   # or "json:/pointer"; then topic/partition/offset
+//! id = ["header:ce_id", "header:event_id", "header:Nats-Msg-Id"]   # or "json:/pointer"; then the position
 //! ttl = "7d"
 //!
 //! [retry]
@@ -52,6 +62,12 @@ pub struct Manifest {
     /// Which messages must be handled one after another.
     #[serde(default)]
     pub ordering: Ordering,
+    /// Where a message's key (for ordering, and as the handler sees it)
+    /// comes from, tried in order; none yielding one, the broker's own key
+    /// (the Kafka record key; NATS: the `ce-partitionkey` header, else the
+    /// subject).
+    #[serde(default)]
+    pub key: Vec<KeySource>,
     /// Messages held at once (running, waiting for a retry, or queued
     /// behind their key); at the bound the partition is paused.
     #[serde(default = "default_max_in_flight")]
@@ -75,6 +91,88 @@ pub struct Manifest {
     /// default).
     #[serde(default)]
     pub sandbox: SandboxGrants,
+    /// NATS JetStream settings (only with `[source.nats]`).
+    pub nats: Option<NatsSettings>,
+}
+
+/// `[nats]`: how this handler's JetStream consumers behave.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSettings {
+    /// Durable consumer name; default: `group` with characters NATS does
+    /// not allow in names replaced by `_` (`weir.orders` → `weir_orders`).
+    pub durable: Option<String>,
+    /// How long the server waits for an acknowledgement before redelivering.
+    /// Messages Weir holds (running, waiting for a retry) are kept alive
+    /// with progress acknowledgements, so this only bounds how soon a
+    /// message held by a crashed process is redelivered.
+    #[serde(with = "duration")]
+    pub ack_wait: Duration,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            durable: None,
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The broker a runtime consumes from, for checking a manifest against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// Kafka, or the embedded Kafka-protocol broker.
+    Kafka,
+    /// NATS JetStream.
+    Nats,
+}
+
+impl BrokerKind {
+    /// As written in the configuration: `kafka`, `nats`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerKind::Kafka => "kafka",
+            BrokerKind::Nats => "nats",
+        }
+    }
+}
+
+/// Where a message's key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A header's value, if present and non-empty.
+    Header(String),
+    /// A string or number at this JSON pointer in the payload.
+    JsonPointer(String),
+    /// The whole topic or subject.
+    Topic,
+    /// The n-th (1-based) `.`-separated token of the subject
+    /// (`subject:3` of `orders.eu.42` is `42`).
+    TopicToken(usize),
+}
+
+impl<'de> Deserialize<'de> for KeySource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if let Some(name) = text.strip_prefix("header:").filter(|n| !n.is_empty()) {
+            Ok(KeySource::Header(name.to_string()))
+        } else if let Some(pointer) = text.strip_prefix("json:").filter(|p| p.starts_with('/')) {
+            Ok(KeySource::JsonPointer(pointer.to_string()))
+        } else if text == "subject" || text == "topic" {
+            Ok(KeySource::Topic)
+        } else if let Some(n) = text
+            .strip_prefix("subject:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n >= 1)
+        {
+            Ok(KeySource::TopicToken(n))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "invalid key source {text:?}; write \"header:<name>\", \"json:/pointer\", \"subject\" or \"subject:<n>\" (n-th token, from 1)"
+            )))
+        }
+    }
 }
 
 /// `[sandbox]`: grants beyond the `weir:handler` world. Everything else
@@ -156,6 +254,7 @@ impl Default for DedupSettings {
             id: vec![
                 IdSource::Header("ce_id".into()),
                 IdSource::Header("event_id".into()),
+                IdSource::Header("Nats-Msg-Id".into()),
             ],
             ttl: Duration::from_secs(7 * 24 * 3600),
         }
@@ -232,6 +331,9 @@ pub struct ManifestLimits {
     pub table_elements: Option<u32>,
     /// Most core instances the component may create.
     pub instances: Option<u32>,
+    /// Most calls of this handler running at once (each holds one
+    /// instance). Default: the runtime's `[limits] concurrency`.
+    pub concurrency: Option<usize>,
 }
 
 fn optional_byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -271,17 +373,32 @@ impl ManifestLimits {
 }
 
 /// `[dlq]`: where poison messages go.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DlqSettings {
     /// Dead letters of topic `t` go to `t` + suffix.
     pub suffix: String,
+    /// One topic (or subject) for every dead letter of this handler,
+    /// instead of `<topic><suffix>`. Needed when a subscription with `>`
+    /// would consume its own dead letters.
+    pub topic: Option<String>,
 }
 
 impl Default for DlqSettings {
     fn default() -> Self {
         Self {
             suffix: ".dlq".into(),
+            topic: None,
+        }
+    }
+}
+
+impl DlqSettings {
+    /// Where a dead letter of a message from `topic` goes.
+    pub fn destination(&self, topic: &str) -> String {
+        match &self.topic {
+            Some(fixed) => fixed.clone(),
+            None => format!("{topic}{}", self.suffix),
         }
     }
 }
@@ -308,10 +425,8 @@ impl Manifest {
         if self.topics.is_empty() {
             return Err("topics: list at least one topic to consume".into());
         }
-        if let Some(topic) = self.topics.iter().find(|t| !valid_topic(t)) {
-            return Err(format!(
-                "topics: {topic:?} is not a valid topic name (1-249 of [a-zA-Z0-9._-])"
-            ));
+        if let Some(topic) = self.topics.iter().find(|t| t.trim().is_empty()) {
+            return Err(format!("topics: {topic:?} is empty"));
         }
         if self.group.as_deref().is_some_and(|g| g.trim().is_empty()) {
             return Err("group: must not be empty".into());
@@ -346,6 +461,17 @@ impl Manifest {
         if self.max_in_flight == 0 {
             return Err("max_in_flight: must be at least 1".into());
         }
+        if self.limits.concurrency == Some(0) {
+            return Err("limits.concurrency: must be at least 1".into());
+        }
+        if self
+            .dlq
+            .topic
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err("dlq.topic: must not be empty".into());
+        }
         if self.dedup.ttl.is_zero() {
             return Err("dedup.ttl: must be greater than zero (set dedup.enabled = false to turn deduplication off)".into());
         }
@@ -357,10 +483,86 @@ impl Manifest {
         Ok(())
     }
 
+    /// Checks the settings that depend on the broker: topic names (a Kafka
+    /// topic, or a NATS subject with wildcards), and no table of another
+    /// broker's.
+    ///
+    /// # Errors
+    ///
+    /// Naming the key and the broker.
+    pub fn check_broker(&self, broker: BrokerKind) -> Result<(), String> {
+        match broker {
+            BrokerKind::Kafka => {
+                if self.nats.is_some() {
+                    return Err("[nats]: this runtime consumes from Kafka ([source.kafka] or the embedded broker); remove the table or configure [source.nats]".into());
+                }
+                if let Some(topic) = self.topics.iter().find(|t| !valid_topic(t)) {
+                    return Err(format!(
+                        "topics: {topic:?} is not a valid Kafka topic name (1-249 of [a-zA-Z0-9._-])"
+                    ));
+                }
+                if let Some(topic) = self.dlq.topic.as_deref().filter(|t| !valid_topic(t)) {
+                    return Err(format!(
+                        "dlq.topic: {topic:?} is not a valid Kafka topic name (1-249 of [a-zA-Z0-9._-])"
+                    ));
+                }
+                if self
+                    .key
+                    .iter()
+                    .any(|k| matches!(k, KeySource::TopicToken(_)))
+                {
+                    return Err("key: \"subject:<n>\" picks a token of a NATS subject; Kafka topics have no tokens (use \"header:<name>\" or \"json:/pointer\")".into());
+                }
+            }
+            BrokerKind::Nats => {
+                if let Some(topic) = self.topics.iter().find(|t| !valid_subject(t, true)) {
+                    return Err(format!(
+                        "topics: {topic:?} is not a valid NATS subject (tokens separated by '.', no spaces; '*' and '>' only as whole tokens, '>' last)"
+                    ));
+                }
+                if let Some(topic) = self
+                    .dlq
+                    .topic
+                    .as_deref()
+                    .filter(|t| !valid_subject(t, false))
+                {
+                    return Err(format!(
+                        "dlq.topic: {topic:?} is not a valid NATS subject (no wildcards)"
+                    ));
+                }
+                if self.dlq.topic.is_none()
+                    && let Some(topic) = self.topics.iter().find(|t| t.ends_with('>'))
+                {
+                    return Err(format!(
+                        "dlq.topic: the subscription {topic:?} would consume its own dead letters (<subject>{}); set [dlq] topic to a subject outside it",
+                        self.dlq.suffix
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The consumer group for a handler called `name`.
     pub fn group_for(&self, name: &str) -> String {
         self.group.clone().unwrap_or_else(|| format!("weir.{name}"))
     }
+}
+
+/// A NATS subject: `.`-separated non-empty tokens without whitespace;
+/// with `wildcards`, `*` may stand for a token and `>` for the rest.
+fn valid_subject(subject: &str, wildcards: bool) -> bool {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    subject.len() <= 1024
+        && tokens.iter().enumerate().all(|(i, token)| {
+            !token.is_empty()
+                && !token.chars().any(char::is_whitespace)
+                && match *token {
+                    "*" => wildcards,
+                    ">" => wildcards && i == tokens.len() - 1,
+                    other => !other.contains(['*', '>']),
+                }
+        })
 }
 
 fn valid_topic(topic: &str) -> bool {
@@ -442,11 +644,67 @@ mod tests {
     }
 
     #[test]
+    fn broker_specific_settings_are_checked_against_the_broker() {
+        let check = |text: &str, broker| parse(text).and_then(|m| m.check_broker(broker));
+        // Kafka topic names; subjects with wildcards on NATS.
+        assert!(check("topics = [\"orders.eu\"]", BrokerKind::Kafka).is_ok());
+        let err = check("topics = [\"orders.*\"]", BrokerKind::Kafka).expect_err("wildcard");
+        assert!(err.contains("topics") && err.contains("Kafka"), "{err}");
+        assert!(check("topics = [\"orders.*\"]", BrokerKind::Nats).is_ok());
+        let err = check("topics = [\"a b\"]", BrokerKind::Nats).expect_err("space");
+        assert!(err.contains("NATS subject"), "{err}");
+        let err = check("topics = [\"a.>.b\"]", BrokerKind::Nats).expect_err("> not last");
+        assert!(err.contains("topics"), "{err}");
+        // A table for another broker names itself.
+        let err = check(
+            "topics = [\"a\"]\n[nats]\nack_wait = \"10s\"",
+            BrokerKind::Kafka,
+        )
+        .expect_err("[nats] under Kafka");
+        assert!(err.contains("[nats]") && err.contains("Kafka"), "{err}");
+        let nats =
+            parse("topics = [\"a\"]\n[nats]\nack_wait = \"10s\"\ndurable = \"d\"").expect("valid");
+        assert_eq!(
+            nats.nats.as_ref().map(|n| (n.ack_wait, n.durable.clone())),
+            Some((Duration::from_secs(10), Some("d".into())))
+        );
+        // A subscription with `>` would consume its own dead letters.
+        let err = check("topics = [\"orders.>\"]", BrokerKind::Nats).expect_err("dlq inside");
+        assert!(err.contains("dlq.topic"), "{err}");
+        assert!(
+            check(
+                "topics = [\"orders.>\"]\n[dlq]\ntopic = \"dead.orders\"",
+                BrokerKind::Nats
+            )
+            .is_ok()
+        );
+        // Subject tokens as keys are NATS-only.
+        let err =
+            check("topics = [\"a\"]\nkey = [\"subject:2\"]", BrokerKind::Kafka).expect_err("token");
+        assert!(err.contains("key"), "{err}");
+        let m = parse(
+            "topics = [\"a\"]\nkey = [\"header:k\", \"json:/id\", \"subject\", \"subject:2\"]",
+        )
+        .expect("valid");
+        assert_eq!(
+            m.key,
+            vec![
+                KeySource::Header("k".into()),
+                KeySource::JsonPointer("/id".into()),
+                KeySource::Topic,
+                KeySource::TopicToken(2)
+            ]
+        );
+        let err = parse("topics = [\"a\"]\nkey = [\"subject:0\"]").expect_err("token 0");
+        assert!(err.contains("subject:<n>"), "{err}");
+    }
+
+    #[test]
     fn errors_name_the_key() {
         for (text, key) in [
             ("", "topics"),
             ("topics = []", "topics"),
-            ("topics = [\"a b\"]", "topics"),
+            ("topics = [\" \"]", "topics"),
             ("topics = [\"a\"]\nordering = \"random\"", "random"),
             ("topics = [\"a\"]\nmax_in_flight = 0", "max_in_flight"),
             ("topics = [\"a\"]\n[dedup]\nttl = \"0s\"", "dedup.ttl"),

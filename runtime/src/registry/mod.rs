@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 pub use manifest::{
-    DedupSettings, DlqSettings, IdSource, Limits, Manifest, ManifestLimits, Ordering, RetryPolicy,
-    StartFrom,
+    BrokerKind, DedupSettings, DlqSettings, IdSource, KeySource, Limits, Manifest, ManifestLimits,
+    NatsSettings, Ordering, RetryPolicy, StartFrom,
 };
 
 use crate::config::{ConfigError, LimitsSection};
@@ -140,6 +140,7 @@ pub fn load(
     host: &Host,
     wasm_path: &Path,
     defaults: &LimitsSection,
+    broker: BrokerKind,
 ) -> Result<LoadedHandler, LoadError> {
     let name = handler_name(wasm_path).ok_or_else(|| LoadError::BadName {
         path: wasm_path.to_path_buf(),
@@ -152,6 +153,12 @@ pub fn load(
         });
     }
     let manifest = Manifest::load(&manifest_path)?;
+    manifest
+        .check_broker(broker)
+        .map_err(|message| ConfigError::Invalid {
+            path: manifest_path.clone(),
+            message,
+        })?;
     let bytes = std::fs::read(wasm_path).map_err(|source| LoadError::Read {
         path: wasm_path.to_path_buf(),
         source,
@@ -240,7 +247,7 @@ mod tests {
         let wasm = dir.path().join("lonely.wasm");
         std::fs::write(&wasm, b"\0asm\x0d\0\x01\0").expect("write");
         let host = Host::new(&crate::host::HostSettings::default()).expect("host");
-        let err = load(&host, &wasm, &LimitsSection::default())
+        let err = load(&host, &wasm, &LimitsSection::default(), BrokerKind::Kafka)
             .err()
             .expect("must fail")
             .to_string();
@@ -257,7 +264,7 @@ mod tests {
         std::fs::write(&wasm, b"definitely not wasm").expect("write");
         std::fs::write(dir.path().join("junk.toml"), "topics = [\"t\"]").expect("write");
         let host = Host::new(&crate::host::HostSettings::default()).expect("host");
-        let err = load(&host, &wasm, &LimitsSection::default())
+        let err = load(&host, &wasm, &LimitsSection::default(), BrokerKind::Kafka)
             .err()
             .expect("must fail");
         assert_eq!(err.file(), wasm);

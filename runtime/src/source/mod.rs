@@ -1,56 +1,122 @@
-//! Brokers Weir consumes from. A source knows nothing of Wasm: it yields
-//! [`Message`]s and takes acknowledgements ("everything below this offset is
-//! done") that it turns into committed positions.
+//! Brokers Weir consumes from, behind one broker-neutral seam.
+//!
+//! A source knows nothing of Wasm or of the pipeline. It yields
+//! [`Message`]s, each with an opaque *delivery* — the source's own record of
+//! that message (Kafka: partition generation and offset; JetStream: the ack
+//! handle) — and is told each message's final outcome ([`Settled`]). It turns
+//! outcomes into its broker's acknowledgement:
+//!
+//! | broker | done / dead-lettered | released | no longer ours |
+//! | --- | --- | --- | --- |
+//! | Kafka | contiguous watermark per partition, stored for commit | not stored: the watermark stays below it | the partition was revoked (generation changed) |
+//! | NATS JetStream | `ack` | `nak` (redelivered now) | the source stopped |
+//!
+//! Later brokers fit the same shape: RabbitMQ `basic.ack` / `basic.nack`
+//! with requeue, Redis `XACK` / leave pending, SQS `DeleteMessage` / let the
+//! visibility timeout lapse.
+//!
+//! # Invariants a source keeps
+//!
+//! - **Acknowledge only what was settled.** Nothing is acknowledged to the
+//!   broker unless the pipeline settled it `Done` or `DeadLettered` — which
+//!   it does only once the outcome is durable (see `pipeline`). A log-shaped
+//!   broker acknowledges a position only when every message below it is
+//!   settled.
+//! - **Never on someone else's behalf.** Once [`Source::owns`] returns
+//!   `false` for a delivery it never returns `true` again, and settling it
+//!   acknowledges nothing.
+//! - **Hold what is held.** A message the pipeline holds (running, waiting
+//!   for a retry, queued behind its key) is not redelivered by the broker
+//!   underneath it: JetStream's ack wait is extended while it is held.
+//!
+//! # Backpressure
+//!
+//! The pipeline holds at most `max_in_flight` messages; when it is full it
+//! stops calling [`Source::recv`] and nothing is thrown away. Each source
+//! bounds what it fetches ahead in its own way: librdkafka's per-partition
+//! queue (`queued.max.messages.kbytes`), JetStream's `max_ack_pending` (set to
+//! `max_in_flight`, so the server never hands out more than the pipeline may
+//! hold).
+//!
+//! # Publishing
+//!
+//! Dead letters and the outbox go through a [`Publisher`]: a Kafka topic, a
+//! JetStream subject, later an exchange and routing key, a queue, a stream.
 
 pub mod embedded;
 pub mod kafka;
+pub mod nats;
 
 use std::future::Future;
 
-/// What the pipeline needs from a broker consumer.
-///
-/// Ownership of partitions is reported to the [`Ledger`](crate::pipeline::offsets::Ledger)
-/// the source was created with: `assign` before any message of a partition
-/// is returned, `revoke` (committing the returned watermark) before the
-/// partition is released.
+pub use crate::message::{Message, Position};
+
+/// A message's final outcome, as the pipeline reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Handled (or found to be a duplicate), and the outcome is durable.
+    Done,
+    /// Dead-lettered: the broker acknowledged the dead letter and the
+    /// outcome is durable.
+    DeadLettered,
+    /// Not finished here (shutdown, or this process gave up on it): the
+    /// broker should deliver it again, to this process or another.
+    Released,
+}
+
+/// A consumer of one handler's topics.
 pub trait Source: Send + Sync + 'static {
+    /// The source's record of one delivered message; opaque to the
+    /// pipeline.
+    type Delivery: Send + Sync + 'static;
+
     /// The next message. Cancel-safe: dropping the future loses nothing.
-    fn recv(&self) -> impl Future<Output = Result<Message, String>> + Send;
-    /// Everything of `topic`/`partition` below `next_offset` is finished.
-    fn ack(&self, topic: &str, partition: i32, next_offset: i64);
-    /// Stop delivering messages of this partition (backpressure).
-    fn pause(&self, topic: &str, partition: i32);
-    /// Deliver messages of this partition again.
-    fn resume(&self, topic: &str, partition: i32);
-    /// Commit what was acknowledged and leave.
-    fn close(self);
+    ///
+    /// # Errors
+    ///
+    /// A consumer error in words (the broker being down, for example); the
+    /// source keeps reconnecting, and the caller simply calls again.
+    fn recv(&self) -> impl Future<Output = Result<(Message, Self::Delivery), String>> + Send;
+
+    /// Whether the delivery is still this consumer's to work on. When it
+    /// returns `false` the broker has given the message (or will give it)
+    /// to another consumer: the pipeline stops working on it and produces
+    /// nothing on its behalf.
+    fn owns(&self, delivery: &Self::Delivery) -> bool;
+
+    /// The message's outcome is final: acknowledge it (`Done`,
+    /// `DeadLettered`) or let the broker deliver it again (`Released`).
+    /// Called exactly once per delivery.
+    fn settle(&self, delivery: &Self::Delivery, outcome: Settled);
+
+    /// Commits what was acknowledged and leaves. Messages delivered but
+    /// never settled are redelivered by the broker.
+    fn close(self) -> impl Future<Output = ()> + Send;
 }
 
-/// One consumed message, owned, with bytes untouched.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    /// Topic it was consumed from.
-    pub topic: String,
-    /// Partition within the topic.
-    pub partition: i32,
-    /// Offset within the partition.
-    pub offset: i64,
-    /// Key bytes, if any.
-    pub key: Option<Vec<u8>>,
-    /// Value bytes (empty for a tombstone).
-    pub payload: Vec<u8>,
-    /// Headers in broker order; a header without a value has empty bytes.
-    pub headers: Vec<(String, Vec<u8>)>,
-    /// Timestamp in milliseconds since the Unix epoch, if known.
-    pub timestamp_ms: Option<i64>,
-}
-
-impl Message {
-    /// The first header called `name`, if any.
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_slice())
-    }
+/// Somewhere records can be published: dead letters and emitted events.
+pub trait Publisher: Send + Sync + 'static {
+    /// Writes one record to `topic` (a Kafka topic, a JetStream subject)
+    /// and returns once the broker acknowledged it durably.
+    ///
+    /// Records are handed to the broker in the order their futures are
+    /// first polled, so polling several together (as the outbox relay does)
+    /// keeps their order.
+    ///
+    /// `id` identifies the record across republications (an emitted
+    /// event's deterministic id, a dead letter's handler and event id): a
+    /// broker that deduplicates publications uses it (JetStream: as
+    /// `Nats-Msg-Id`).
+    ///
+    /// # Errors
+    ///
+    /// When the broker did not acknowledge the record in time.
+    fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: &[(String, Vec<u8>)],
+        id: Option<&str>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
 }

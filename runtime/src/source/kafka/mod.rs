@@ -1,34 +1,47 @@
-//! Kafka through librdkafka: one consumer per handler (its own group), and a
-//! producer for dead letters.
+//! Kafka through librdkafka: one consumer per handler (its own group), and
+//! an idempotent producer for dead letters and emitted events.
 //!
 //! # Offsets
 //!
 //! Automatic offset *storage* is off (`enable.auto.offset.store=false`):
-//! an offset becomes eligible for commit only when the pipeline calls
-//! [`KafkaConsumer::ack`], which it does after the message's outcome is
-//! durable. Automatic *commit* of stored offsets stays on, so acknowledged
-//! progress reaches the broker within a second, and [`KafkaConsumer::close`]
-//! commits synchronously on shutdown. librdkafka refuses to store an offset
-//! for a partition this consumer no longer owns, so nothing is ever
+//! an offset becomes eligible for commit only when the pipeline settles a
+//! message and the partition's contiguous watermark (see [`ledger`]) passes
+//! it. Automatic *commit* of stored offsets stays on, so acknowledged
+//! progress reaches the broker within a second, and [`KafkaConsumer`]'s
+//! `close` commits synchronously on shutdown. Ownership is tracked per
+//! assignment (a [`ledger::Slot`]); librdkafka also refuses to store an
+//! offset for a partition this consumer no longer owns, so nothing is ever
 //! committed on behalf of a partition that was revoked.
+//!
+//! # Backpressure
+//!
+//! The pipeline stops calling `recv` when it holds `max_in_flight`
+//! messages. librdkafka keeps what it fetched ahead (bounded by
+//! `queued.max.messages.kbytes`) and stops fetching; nothing is dropped or
+//! fetched twice, as pausing a partition would. If the pipeline stays full
+//! longer than `max.poll.interval.ms` (5 minutes by default) the consumer
+//! leaves its group and rejoins: its partitions move, and the messages it
+//! held are redelivered (and deduplicated) by their next owner.
+
+pub mod ledger;
+mod producer;
+
+pub use producer::KafkaProducer;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::Arc;
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{Headers, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use std::sync::Arc;
-
-use super::{Message, Source};
-use crate::pipeline::offsets::Ledger;
+use super::{Message, Position, Settled, Source};
 use crate::registry::StartFrom;
+use ledger::{Ledger, Slot};
 
 /// Properties Weir sets itself because its delivery guarantees depend on
 /// them; a user's `[source.kafka.properties]` may not override these.
@@ -166,7 +179,14 @@ fn describe(tpl: &TopicPartitionList) -> String {
 /// A consumer in one group, subscribed to one handler's topics.
 pub struct KafkaConsumer {
     consumer: StreamConsumer<WeirContext>,
+    ledger: Arc<Ledger>,
     group: String,
+}
+
+/// One delivered record: the assignment it arrived under and its offset.
+pub struct KafkaDelivery {
+    slot: Arc<Slot>,
+    offset: i64,
 }
 
 impl KafkaConsumer {
@@ -182,8 +202,8 @@ impl KafkaConsumer {
         group: &str,
         topics: &[String],
         start: StartFrom,
-        ledger: Arc<Ledger>,
     ) -> anyhow::Result<Self> {
+        let ledger = Arc::new(Ledger::default());
         let mut config = cluster.client_config(client_id);
         config
             .set("group.id", group)
@@ -196,7 +216,7 @@ impl KafkaConsumer {
         let consumer: StreamConsumer<WeirContext> = config
             .create_with_context(WeirContext {
                 group: group.to_string(),
-                ledger,
+                ledger: ledger.clone(),
             })
             .map_err(|err| {
                 anyhow::anyhow!("cannot create a consumer for group {group:?}: {err}")
@@ -207,80 +227,97 @@ impl KafkaConsumer {
         })?;
         Ok(Self {
             consumer,
+            ledger,
             group: group.to_string(),
         })
-    }
-
-    fn partition_list(&self, topic: &str, partition: i32) -> TopicPartitionList {
-        let mut tpl = TopicPartitionList::with_capacity(1);
-        tpl.add_partition(topic, partition);
-        tpl
     }
 }
 
 impl Source for KafkaConsumer {
-    /// Waits for the next message. A consumer error (the broker being down
-    /// shows up as transport errors; librdkafka keeps reconnecting) is
-    /// returned as text.
-    async fn recv(&self) -> Result<Message, String> {
-        let borrowed = self.consumer.recv().await.map_err(|e| e.to_string())?;
-        let headers = borrowed
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_string(),
-                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(Message {
-            topic: borrowed.topic().to_string(),
-            partition: borrowed.partition(),
-            offset: borrowed.offset(),
-            key: borrowed.key().map(<[u8]>::to_vec),
-            payload: borrowed.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            headers,
-            timestamp_ms: borrowed.timestamp().to_millis(),
-        })
+    type Delivery = KafkaDelivery;
+
+    /// Waits for the next record of a partition this consumer owns. A
+    /// consumer error (the broker being down shows up as transport errors;
+    /// librdkafka keeps reconnecting) is returned as text.
+    async fn recv(&self) -> Result<(Message, KafkaDelivery), String> {
+        loop {
+            let borrowed = self.consumer.recv().await.map_err(|e| e.to_string())?;
+            let (topic, partition, offset) =
+                (borrowed.topic(), borrowed.partition(), borrowed.offset());
+            let Some(slot) = self.ledger.track(topic, partition, offset) else {
+                tracing::debug!(group = %self.group, topic, partition, offset,
+                    "record of a partition no longer owned; dropped");
+                continue;
+            };
+            let headers = borrowed
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let message = Message {
+                topic: topic.to_string(),
+                key: borrowed.key().map(<[u8]>::to_vec),
+                payload: borrowed.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                headers,
+                timestamp_ms: borrowed.timestamp().to_millis(),
+                position: Position::Kafka { partition, offset },
+                // One assignment of one partition: keys keep their order
+                // within it.
+                scope: slot.generation,
+            };
+            return Ok((message, KafkaDelivery { slot, offset }));
+        }
     }
 
-    /// Marks every message of `topic`/`partition` below `next_offset` as
-    /// done; the next commit records `next_offset` as the group's position.
+    fn owns(&self, delivery: &KafkaDelivery) -> bool {
+        delivery.slot.owned()
+    }
+
+    /// Done or dead-lettered: the offset leaves the ledger, and if the
+    /// partition's watermark advanced it is stored for the next commit.
+    /// Released: the offset stays in flight, so the committed position stays
+    /// below it until the partition is reassigned or Weir restarts, and the
+    /// record is then delivered again.
     ///
-    /// Invariant: call only once every message below `next_offset` has a
-    /// durable outcome. If the partition was revoked meanwhile, librdkafka
-    /// refuses the store and the position is left to the new owner.
-    fn ack(&self, topic: &str, partition: i32, next_offset: i64) {
+    /// Invariant: a watermark is stored only when every record below it was
+    /// settled `Done` or `DeadLettered` (see [`ledger`]). If the partition
+    /// was revoked meanwhile, nothing is stored: the new owner decides.
+    fn settle(&self, delivery: &KafkaDelivery, outcome: Settled) {
+        let slot = &delivery.slot;
+        if outcome == Settled::Released {
+            if slot.owned() {
+                tracing::warn!(group = %self.group, topic = %slot.topic, partition = slot.partition,
+                    offset = delivery.offset,
+                    "record released: the committed position stays below it until the partition is reassigned or weir restarts");
+            }
+            return;
+        }
+        let Some(next) = slot.complete(delivery.offset) else {
+            return;
+        };
         let mut tpl = TopicPartitionList::with_capacity(1);
-        if let Err(err) = tpl.add_partition_offset(topic, partition, Offset::Offset(next_offset)) {
-            tracing::error!(topic, partition, error = %err, "cannot build offset list");
+        if let Err(err) =
+            tpl.add_partition_offset(&slot.topic, slot.partition, Offset::Offset(next))
+        {
+            tracing::error!(topic = %slot.topic, partition = slot.partition, error = %err, "cannot build offset list");
             return;
         }
         if let Err(err) = self.consumer.store_offsets(&tpl) {
-            tracing::warn!(group = %self.group, topic, partition, next_offset, error = %err,
-                "offset not stored (partition no longer assigned?); the message will be redelivered to its new owner");
+            tracing::warn!(group = %self.group, topic = %slot.topic, partition = slot.partition, next_offset = next, error = %err,
+                "offset not stored (partition no longer assigned?); the record will be redelivered to its new owner");
         }
     }
 
-    fn pause(&self, topic: &str, partition: i32) {
-        if let Err(err) = self.consumer.pause(&self.partition_list(topic, partition)) {
-            tracing::warn!(group = %self.group, topic, partition, error = %err, "cannot pause partition");
-        }
-    }
-
-    fn resume(&self, topic: &str, partition: i32) {
-        if let Err(err) = self.consumer.resume(&self.partition_list(topic, partition)) {
-            tracing::warn!(group = %self.group, topic, partition, error = %err, "cannot resume partition");
-        }
-    }
-
-    /// Commits every acknowledged offset synchronously, then leaves the
-    /// group.
-    fn close(self) {
+    /// Commits every stored offset synchronously, then leaves the group.
+    async fn close(self) {
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => tracing::debug!(group = %self.group, "final offsets committed"),
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
@@ -289,64 +326,5 @@ impl Source for KafkaConsumer {
             }
         }
         self.consumer.unsubscribe();
-    }
-}
-
-/// An idempotent producer (acks from all in-sync replicas, no duplicates
-/// from internal retries).
-#[derive(Clone)]
-pub struct KafkaProducer {
-    producer: FutureProducer,
-}
-
-impl KafkaProducer {
-    /// Creates the producer.
-    ///
-    /// # Errors
-    ///
-    /// When librdkafka rejects the configuration.
-    pub fn new(cluster: &Cluster, client_id: &str) -> anyhow::Result<Self> {
-        let mut config = cluster.client_config(client_id);
-        config
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("message.timeout.ms", "30000");
-        let producer = config
-            .create()
-            .map_err(|err| anyhow::anyhow!("cannot create a producer: {err}"))?;
-        Ok(Self { producer })
-    }
-
-    /// Produces one record and waits until the broker acknowledged it.
-    ///
-    /// # Errors
-    ///
-    /// When the broker did not acknowledge the record within the delivery
-    /// timeout.
-    pub async fn send(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        headers: &[(String, Vec<u8>)],
-    ) -> anyhow::Result<(i32, i64)> {
-        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
-        for (name, value) in headers {
-            owned = owned.insert(Header {
-                key: name.as_str(),
-                value: Some(value.as_slice()),
-            });
-        }
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(topic).payload(payload).headers(owned);
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        let delivery = self
-            .producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map_err(|(err, _)| anyhow::anyhow!("produce to {topic:?} failed: {err}"))?;
-        Ok((delivery.partition, delivery.offset))
     }
 }

@@ -1,0 +1,334 @@
+//! One message from dedup to a final outcome: the per-message state machine.
+//!
+//! ```text
+//! seen? ──done──────────────────────────────────────────► Done (duplicate)
+//!   │ attempts left
+//!   ▼
+//! invoke ─ok─► commit ─durable─► Done
+//!   │            ├─duplicate──► Done (another delivery won)
+//!   │            └─conflict───► invoke again (same attempt)
+//!   ├─retryable─► record attempt (durable) ─► wait ─► invoke
+//!   └─permanent / last attempt─► publish dead letter ─► record ─► DeadLettered
+//! ```
+//!
+//! Every arrow into the store waits until the write is durable (see
+//! `store.rs`); a write that fails is retried while the message is held, so
+//! the message's lane never moves on without it (the pipeline invariant in
+//! `pipeline/mod.rs`). The machine leaves with `Released` only at shutdown,
+//! when the delivery is no longer this consumer's, or when the store has
+//! stopped for good.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::worker::Shared;
+use super::{HandlerFactory, decode, dlq, outbox};
+use crate::host::{Event, Failure, FailureKind, Outcome};
+use crate::pipeline::retry::Next;
+use crate::source::{Publisher, Settled, Source};
+use crate::store::{Applied, Effects, StoreError, Write};
+
+/// Most runs of one attempt rejected for conflicts before the attempt
+/// counts as failed.
+const MAX_CONFLICTS: u64 = 100;
+
+/// Longest wait between two tries of a failing store write.
+const MAX_STORE_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Drives one message to its outcome.
+pub(super) async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
+    shared: &Shared<S, F, D>,
+    mut event: Arc<Event>,
+    delivery: &S::Delivery,
+) -> Settled {
+    let manifest = &shared.manifest;
+    let name = shared.name.as_str();
+    // A message queued behind its key may outlive its delivery's
+    // ownership: leave it to the new owner rather than handle it twice.
+    if !shared.source.owns(delivery) {
+        return Settled::Released;
+    }
+    let dedup = manifest.dedup.enabled;
+    let seen = loop {
+        match shared.store.seen(name, &event.id) {
+            Ok(seen) => break seen,
+            Err(err) => {
+                if !hold_on(shared, delivery, &err, "read the dedup mark", 0).await {
+                    return Settled::Released;
+                }
+            }
+        }
+    };
+    if dedup && seen.done {
+        shared
+            .stats
+            .duplicates
+            .fetch_add(1, AtomicOrdering::Relaxed);
+        tracing::debug!(handler = name, topic = %event.topic, position = %event.position,
+            event_id = %event.id, "duplicate; skipped");
+        return Settled::Done;
+    }
+    if seen.attempts > 0 {
+        Arc::make_mut(&mut event).attempt = seen.attempts + 1;
+    }
+    // Runs of this attempt rejected because state they read had changed.
+    let mut conflicts = 0u64;
+    loop {
+        if event.attempt > manifest.retry.max_attempts {
+            // The attempts were used up before a restart.
+            let failure = Failure {
+                kind: FailureKind::Retryable,
+                message: format!(
+                    "all {} attempts failed before a restart",
+                    manifest.retry.max_attempts
+                ),
+                poisoned: false,
+                category: None,
+            };
+            return dead_letter(shared, &event, &failure, delivery).await;
+        }
+        let failure = match shared.invoker.call(event.clone(), &shared.stats).await {
+            Outcome::Handled(effects) => match commit(shared, &event, effects, delivery).await {
+                Some(Applied::Done) => {
+                    shared.stats.handled.fetch_add(1, AtomicOrdering::Relaxed);
+                    return Settled::Done;
+                }
+                Some(Applied::Duplicate) => {
+                    // Another delivery of this event committed first; its
+                    // effects stand, this one's are dropped.
+                    shared
+                        .stats
+                        .duplicates
+                        .fetch_add(1, AtomicOrdering::Relaxed);
+                    tracing::debug!(handler = name, event_id = %event.id, "duplicate found at commit; its effects were dropped");
+                    return Settled::Done;
+                }
+                Some(Applied::Conflict) => {
+                    conflicts += 1;
+                    shared.stats.conflicts.fetch_add(1, AtomicOrdering::Relaxed);
+                    if conflicts < MAX_CONFLICTS {
+                        // Run again at once on the new state; back off a
+                        // little when it keeps colliding.
+                        if conflicts > 2 {
+                            let delay = Duration::from_millis(fastrand::u64(1..=conflicts.min(50)));
+                            if !pause(shared.shutdown.clone(), delay).await {
+                                return Settled::Released;
+                            }
+                        }
+                        continue;
+                    }
+                    conflicts = 0;
+                    Failure {
+                        kind: FailureKind::Retryable,
+                        message: format!(
+                            "state conflict: {MAX_CONFLICTS} runs in a row read state that another event changed before they could commit"
+                        ),
+                        poisoned: false,
+                        category: None,
+                    }
+                }
+                None => return Settled::Released,
+            },
+            Outcome::Failed(failure) => failure,
+        };
+        let requested = match failure.kind {
+            FailureKind::RetryAfter(delay) => Some(delay),
+            _ => None,
+        };
+        let next = match failure.kind {
+            FailureKind::Permanent => Next::GiveUp,
+            _ => manifest
+                .retry
+                .next(event.attempt, requested, fastrand::f64()),
+        };
+        let Next::RetryIn(delay) = next else {
+            return dead_letter(shared, &event, &failure, delivery).await;
+        };
+        shared.stats.retries.fetch_add(1, AtomicOrdering::Relaxed);
+        // The attempt count is durable before the retry is scheduled, so a
+        // crash during the backoff does not reset it.
+        let attempted = || Write::Attempted {
+            handler: name.to_string(),
+            id: event.id.clone(),
+            attempts: event.attempt,
+        };
+        if durable(shared, delivery, attempted, "record the attempt")
+            .await
+            .is_none()
+        {
+            return Settled::Released;
+        }
+        tracing::warn!(handler = name, version = %shared.invoker.version(), topic = %event.topic,
+            position = %event.position, event_id = %event.id, attempt = event.attempt,
+            kind = failure.kind.as_str(), error = %failure.message, retry_in_ms = delay.as_millis() as u64,
+            "attempt failed; will retry");
+        if !pause(shared.shutdown.clone(), delay).await || !shared.source.owns(delivery) {
+            return Settled::Released;
+        }
+        Arc::make_mut(&mut event).attempt += 1;
+    }
+}
+
+/// Commits a handled event: its dedup mark, cleared attempts, state writes
+/// and emitted events, in one transaction. Without deduplication and
+/// without effects there is nothing to record unless attempts were
+/// persisted. `None`: the message is to be released.
+async fn commit<S: Source, F: HandlerFactory, D: Publisher>(
+    shared: &Shared<S, F, D>,
+    event: &Event,
+    mut effects: Effects,
+    delivery: &S::Delivery,
+) -> Option<Applied> {
+    let dedup = shared.manifest.dedup.enabled;
+    if !dedup && event.attempt == 1 && effects.is_empty() {
+        return Some(Applied::Done);
+    }
+    outbox::stamp(&shared.name, &event.id, &mut effects.emits);
+    let effects = (!effects.is_empty()).then(|| Arc::new(effects));
+    let finished = || Write::Finished {
+        handler: shared.name.clone(),
+        id: event.id.clone(),
+        ttl: shared.manifest.dedup.ttl,
+        dedup,
+        effects: effects.clone(),
+    };
+    durable(shared, delivery, finished, "record the outcome").await
+}
+
+/// Applies a write, retrying while the store fails and the message is still
+/// held. `None`: shutdown, the delivery is no longer ours, or the store has
+/// stopped for good (the worker then stops, see [`hold_on`]).
+async fn durable<S: Source, F: HandlerFactory, D: Publisher>(
+    shared: &Shared<S, F, D>,
+    delivery: &S::Delivery,
+    write: impl Fn() -> Write,
+    what: &str,
+) -> Option<Applied> {
+    let mut failures = 0u32;
+    loop {
+        match shared.store.write(write()).await {
+            Ok(applied) => {
+                if failures > 0 {
+                    tracing::info!(handler = %shared.name, failures, "the store accepts writes again; the held message moves on");
+                }
+                return Some(applied);
+            }
+            Err(err) => {
+                if !hold_on(shared, delivery, &err, what, failures).await {
+                    return None;
+                }
+                failures += 1;
+            }
+        }
+    }
+}
+
+/// After a store failure: waits (exponential backoff, capped) and says
+/// whether to try again. The message keeps its place in its lane meanwhile.
+/// A store whose writer has stopped never recovers: the worker is told to
+/// stop (the process exits with the error) and the message is released.
+async fn hold_on<S: Source, F: HandlerFactory, D: Publisher>(
+    shared: &Shared<S, F, D>,
+    delivery: &S::Delivery,
+    err: &StoreError,
+    what: &str,
+    failures: u32,
+) -> bool {
+    if matches!(err, StoreError::Closed) {
+        shared.fail(format!(
+            "handler {}: cannot {what}: {err}; stopping so that nothing is acknowledged without a durable outcome",
+            shared.name
+        ));
+        return false;
+    }
+    let backoff = Duration::from_millis(100)
+        .saturating_mul(1 << failures.min(6))
+        .min(MAX_STORE_BACKOFF);
+    tracing::error!(handler = %shared.name, error = %err, failures = failures + 1,
+        retry_in_ms = backoff.as_millis() as u64,
+        "cannot {what}; the message and later ones of its key wait until the store accepts it");
+    pause(shared.shutdown.clone(), backoff).await && shared.source.owns(delivery)
+}
+
+/// Publishes the dead letter, waits for the broker's acknowledgement
+/// (retrying the publish until it succeeds, shutdown, or the delivery is
+/// lost), then records the outcome.
+async fn dead_letter<S: Source, F: HandlerFactory, D: Publisher>(
+    shared: &Shared<S, F, D>,
+    event: &Event,
+    failure: &Failure,
+    delivery: &S::Delivery,
+) -> Settled {
+    let name = shared.name.as_str();
+    let topic = shared.manifest.dlq.destination(&event.topic);
+    let headers = dlq::headers(
+        name,
+        event,
+        failure,
+        event.attempt.min(shared.manifest.retry.max_attempts),
+    );
+    let id = format!("{name}/{}/dead-letter", event.id);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        // Never publish on behalf of a delivery no longer ours.
+        if !shared.source.owns(delivery) {
+            return Settled::Released;
+        }
+        match shared
+            .dead_letters
+            .send(
+                &topic,
+                event.key.as_deref(),
+                &event.payload,
+                &headers,
+                Some(&id),
+            )
+            .await
+        {
+            Ok(()) => {
+                shared
+                    .stats
+                    .dead_lettered
+                    .fetch_add(1, AtomicOrdering::Relaxed);
+                tracing::warn!(handler = name, topic = %event.topic, position = %event.position,
+                    event_id = %event.id, attempts = event.attempt,
+                    kind = failure.kind.as_str(), error = %failure.message, dlq = %topic, "dead-lettered");
+                // Marks the event done (dedup mark, attempts cleared). A
+                // duplicate here means another delivery finished first.
+                return match commit(shared, event, Effects::default(), delivery).await {
+                    Some(Applied::Done | Applied::Duplicate) => Settled::DeadLettered,
+                    Some(Applied::Conflict) | None => Settled::Released,
+                };
+            }
+            Err(err) => {
+                tracing::error!(handler = name, dlq = %topic, error = %err, retry_in_ms = backoff.as_millis() as u64,
+                    "cannot write dead letter; the message stays unacknowledged until it can");
+                if !pause(shared.shutdown.clone(), backoff).await {
+                    return Settled::Released;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Waits `delay` unless shutdown comes first. Returns `false` on shutdown.
+pub(super) async fn pause(mut shutdown: watch::Receiver<bool>, delay: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// Builds the event for a received message: its id (see [`decode`]) and
+/// the first attempt (corrected from the store when the task starts).
+pub(super) fn event_of(
+    message: crate::message::Message,
+    manifest: &crate::registry::Manifest,
+) -> Event {
+    let id = decode::event_id(&message, &manifest.dedup.id);
+    decode::to_event(message, id, 1)
+}

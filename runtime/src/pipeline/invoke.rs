@@ -1,0 +1,172 @@
+//! Calling a handler: the version being served, its idle instances, and the
+//! per-handler limit on calls running at once.
+//!
+//! Invariants:
+//!
+//! - **One handler cannot starve another.** At most `concurrency` calls of a
+//!   handler run at once (a semaphore), and it keeps at most that many idle
+//!   instances, so its share of the process-wide instance pool is bounded.
+//!   Waiting for a permit is backpressure, never a failed attempt.
+//! - **A full instance pool is waited out, not failed.** If the Wasm
+//!   engine has no free instance slot (other handlers hold them all), the
+//!   call waits and tries again; the message's attempt count is untouched.
+//! - **A swap never mixes versions within a call**, and instances of a
+//!   replaced version are dropped, not pooled.
+
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use super::{HandlerCall, HandlerFactory, HandlerStats};
+use crate::host::{Event, Failure, FailureKind, Outcome};
+
+/// The version of a handler being served, with its idle instances.
+struct Served<F: HandlerFactory> {
+    factory: Arc<F>,
+    idle: Vec<F::Instance>,
+    /// Bumped on every swap, so instances of older versions are not pooled.
+    generation: u64,
+}
+
+/// The handler side of a worker: who to call and how many at once.
+pub(super) struct Invoker<F: HandlerFactory> {
+    name: String,
+    served: Arc<Mutex<Served<F>>>,
+    permits: Arc<Semaphore>,
+    concurrency: usize,
+}
+
+/// Replaces the version a running [`Worker`](super::Worker) serves, without
+/// touching its consumer: calls already running finish on the old version,
+/// every call that starts afterwards uses the new one, and no message is
+/// skipped or handled twice because of the swap.
+pub struct HandlerSwap<F: HandlerFactory> {
+    served: Arc<Mutex<Served<F>>>,
+}
+
+fn lock<F: HandlerFactory>(served: &Mutex<Served<F>>) -> MutexGuard<'_, Served<F>> {
+    served.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<F: HandlerFactory> HandlerSwap<F> {
+    /// Serves `factory` from now on.
+    pub fn swap(&self, factory: F) {
+        let mut served = lock(&self.served);
+        served.factory = Arc::new(factory);
+        served.idle.clear();
+        served.generation += 1;
+    }
+
+    /// The version being served.
+    pub fn version(&self) -> String {
+        lock(&self.served).factory.version().to_string()
+    }
+}
+
+/// What the engine says when every instance slot of the pooling allocator
+/// is taken.
+const POOL_EXHAUSTED: &str = "maximum concurrent";
+
+fn pool_exhausted(failure: &Failure) -> bool {
+    failure.message.contains(POOL_EXHAUSTED)
+}
+
+impl<F: HandlerFactory> Invoker<F> {
+    pub(super) fn new(name: String, factory: F, concurrency: usize) -> Self {
+        let concurrency = concurrency.max(1);
+        Self {
+            name,
+            served: Arc::new(Mutex::new(Served {
+                factory: Arc::new(factory),
+                idle: Vec::new(),
+                generation: 0,
+            })),
+            permits: Arc::new(Semaphore::new(concurrency)),
+            concurrency,
+        }
+    }
+
+    pub(super) fn swapper(&self) -> HandlerSwap<F> {
+        HandlerSwap {
+            served: self.served.clone(),
+        }
+    }
+
+    /// The version being served.
+    pub(super) fn version(&self) -> String {
+        lock(&self.served).factory.version().to_string()
+    }
+
+    /// Calls the handler on a blocking thread with an idle instance (or a
+    /// new one), once a call permit is free; returns the instance to the
+    /// idle set unless the call poisoned it.
+    pub(super) async fn call(&self, event: Arc<Event>, stats: &HandlerStats) -> Outcome {
+        let mut waited = Duration::from_millis(5);
+        loop {
+            // Never closed: the semaphore lives as long as the invoker.
+            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                return Outcome::Failed(Failure {
+                    kind: FailureKind::Retryable,
+                    message: "handler stopped".into(),
+                    poisoned: false,
+                    category: None,
+                });
+            };
+            let served = self.served.clone();
+            let concurrency = self.concurrency;
+            let call_event = event.clone();
+            let started = Instant::now();
+            let joined = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let (factory, idle, generation) = {
+                    let mut served = lock(&served);
+                    (served.factory.clone(), served.idle.pop(), served.generation)
+                };
+                let mut instance = match idle {
+                    Some(instance) => instance,
+                    None => match factory.instantiate() {
+                        Ok(instance) => instance,
+                        Err(failure) => return Err(failure),
+                    },
+                };
+                let outcome = instance.handle(&call_event);
+                let poisoned = matches!(&outcome, Outcome::Failed(f) if f.poisoned);
+                let mut served = lock(&served);
+                // An instance of a replaced version finishes its call and
+                // is dropped; the next call uses the new version.
+                if !poisoned && served.generation == generation && served.idle.len() < concurrency {
+                    served.idle.push(instance);
+                }
+                Ok(outcome)
+            })
+            .await;
+            let outcome = match joined {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(failure)) if pool_exhausted(&failure) => {
+                    // Backpressure from the engine, not the message's fault.
+                    tracing::debug!(handler = %self.name, retry_in_ms = waited.as_millis() as u64,
+                        "no free instance slot; waiting");
+                    tokio::time::sleep(waited).await;
+                    waited = (waited * 2).min(Duration::from_millis(500));
+                    continue;
+                }
+                Ok(Err(failure)) => Outcome::Failed(failure),
+                Err(err) => Outcome::Failed(Failure {
+                    kind: FailureKind::Retryable,
+                    message: format!("handler invocation aborted: {err}"),
+                    poisoned: true,
+                    category: None,
+                }),
+            };
+            let latency_us = started.elapsed().as_micros() as u64;
+            stats.calls.fetch_add(1, AtomicOrdering::Relaxed);
+            stats
+                .busy_micros
+                .fetch_add(latency_us, AtomicOrdering::Relaxed);
+            tracing::debug!(handler = %self.name, latency_us, "handle returned");
+            return outcome;
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! The worker: receives messages, spreads them over lanes, runs one message
+//! per lane at a time, and settles each with its source.
+//!
+//! Invariants (on top of the pipeline's, in `pipeline/mod.rs`):
+//!
+//! - **Bounded.** At most `max_in_flight` messages are held (running, waiting
+//!   for a retry, queued behind their key). At the bound the worker stops
+//!   calling `recv`; nothing is dropped or paused.
+//! - **A lane moves on only when its message is settled.** The message at
+//!   the front of a lane is the one running; the next starts when it is
+//!   settled (never earlier, whatever failed).
+//! - **A panic frees nothing it should not.** A message task that panics
+//!   (a bug) is found by its task id; its message is tried again after a
+//!   delay, up to the handler's `max_attempts`, then released to the broker
+//!   and its lane moves on, with an error in the log.
+//! - **Settled once.** Every delivery received is settled exactly once:
+//!   by its task's outcome, or `Released` at shutdown.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::task::{Id, JoinSet};
+
+use super::deliver::{deliver, event_of, pause};
+use super::invoke::{HandlerSwap, Invoker};
+use super::{HandlerFactory, HandlerStats, decode};
+use crate::host::Event;
+use crate::message::Message;
+use crate::registry::{Manifest, Ordering};
+use crate::source::{Publisher, Settled, Source};
+use crate::store::Store;
+
+/// Everything a message task needs, shared by all tasks of one worker.
+pub(super) struct Shared<S: Source, F: HandlerFactory, D: Publisher> {
+    pub(super) name: String,
+    pub(super) manifest: Manifest,
+    pub(super) source: S,
+    pub(super) invoker: Invoker<F>,
+    pub(super) store: Store,
+    pub(super) dead_letters: D,
+    pub(super) stats: Arc<HandlerStats>,
+    /// Turns true when the worker stops (shutdown, or a fatal error).
+    pub(super) shutdown: watch::Receiver<bool>,
+    fatal: Mutex<Option<String>>,
+    fatal_raised: Notify,
+}
+
+impl<S: Source, F: HandlerFactory, D: Publisher> Shared<S, F, D> {
+    /// Something broke that retrying cannot mend: the worker stops and
+    /// reports `why`.
+    pub(super) fn fail(&self, why: String) {
+        let mut fatal = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
+        if fatal.is_none() {
+            tracing::error!(handler = %self.name, error = %why, "handler stopping");
+            *fatal = Some(why);
+        }
+        self.fatal_raised.notify_one();
+    }
+}
+
+/// Messages that must run one after another share a lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Lane {
+    /// One key within one scope.
+    Key(u64, u64),
+    /// A whole scope (a Kafka partition assignment, a JetStream consumer).
+    Scope(u64),
+    /// One message alone.
+    Message(u64),
+}
+
+fn lane_of(ordering: Ordering, message: &Message, seq: u64) -> Lane {
+    match (ordering, &message.key) {
+        (Ordering::Key, Some(key)) => {
+            let mut hasher = DefaultHasher::new();
+            key.hash(&mut hasher);
+            Lane::Key(message.scope, hasher.finish())
+        }
+        (Ordering::Key, None) | (Ordering::Partition, _) => Lane::Scope(message.scope),
+        (Ordering::None, _) => Lane::Message(seq),
+    }
+}
+
+/// A message held by the worker, at the front of its lane (running) or
+/// queued behind it.
+struct Pending<D> {
+    event: Arc<Event>,
+    delivery: Arc<D>,
+    /// Times its task panicked.
+    panics: u32,
+}
+
+/// Serves one handler.
+pub struct Worker<S: Source, F: HandlerFactory, D: Publisher> {
+    shared: Arc<Shared<S, F, D>>,
+    shutdown: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+}
+
+impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
+    /// A worker for handler `name`: consuming from `source`, calling
+    /// instances of `factory` (at most `concurrency` at once), recording
+    /// outcomes in `store`, dead-lettering to `dead_letters`, and stopping
+    /// when `shutdown` turns true.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        manifest: Manifest,
+        factory: F,
+        concurrency: usize,
+        source: S,
+        store: Store,
+        dead_letters: D,
+        stats: Arc<HandlerStats>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        Self {
+            shared: Arc::new(Shared {
+                invoker: Invoker::new(name.clone(), factory, concurrency),
+                name,
+                manifest,
+                source,
+                store,
+                dead_letters,
+                stats,
+                shutdown: stopped,
+                fatal: Mutex::new(None),
+                fatal_raised: Notify::new(),
+            }),
+            shutdown,
+            stop,
+        }
+    }
+
+    /// A handle for replacing the served version while the worker runs.
+    pub fn swapper(&self) -> HandlerSwap<F> {
+        self.shared.invoker.swapper()
+    }
+
+    /// Consumes until shutdown. Then lets running calls finish (those
+    /// waiting for a retry give up at once), settles what finished, releases
+    /// the rest, and closes the source.
+    ///
+    /// # Errors
+    ///
+    /// When the worker had to stop on its own (the store stopped): the
+    /// reason, for the process to exit with.
+    pub async fn run(self) -> Result<(), String> {
+        let Self {
+            shared,
+            mut shutdown,
+            stop,
+        } = self;
+        let max_in_flight = shared.manifest.max_in_flight;
+        let mut lanes: HashMap<Lane, VecDeque<Pending<S::Delivery>>> = HashMap::new();
+        let mut running: HashMap<Id, Lane> = HashMap::new();
+        let mut held = 0usize;
+        let mut seq = 0u64;
+        let mut tasks: JoinSet<Settled> = JoinSet::new();
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => break,
+                _ = shared.fatal_raised.notified() => break,
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    let (id, settled) = match joined {
+                        Ok((id, settled)) => (id, Some(settled)),
+                        Err(err) => (err.id(), None),
+                    };
+                    let Some(lane) = running.remove(&id) else { continue };
+                    let Some(queue) = lanes.get_mut(&lane) else { continue };
+                    let settled = match settled {
+                        Some(settled) => settled,
+                        None => {
+                            // The task panicked: its message is still at the
+                            // front of the lane.
+                            let Some(front) = queue.front_mut() else { continue };
+                            front.panics += 1;
+                            let max = shared.manifest.retry.max_attempts;
+                            if front.panics < max {
+                                let delay = Duration::from_millis(200) * front.panics;
+                                tracing::error!(handler = %shared.name, event_id = %front.event.id,
+                                    panics = front.panics, retry_in_ms = delay.as_millis() as u64,
+                                    "the task handling a message panicked (a bug in weir); trying it again");
+                                let handle = tasks.spawn(process(shared.clone(), front.event.clone(), front.delivery.clone(), delay));
+                                running.insert(handle.id(), lane);
+                                continue;
+                            }
+                            tracing::error!(handler = %shared.name, event_id = %front.event.id, panics = front.panics,
+                                "the task handling a message panicked every time (a bug in weir); releasing it to the broker and moving its key on");
+                            Settled::Released
+                        }
+                    };
+                    held -= 1;
+                    if let Some(done) = queue.pop_front() {
+                        shared.source.settle(&done.delivery, settled);
+                    }
+                    match queue.front() {
+                        Some(next) => {
+                            let handle = tasks.spawn(process(shared.clone(), next.event.clone(), next.delivery.clone(), Duration::ZERO));
+                            running.insert(handle.id(), lane);
+                        }
+                        None => {
+                            lanes.remove(&lane);
+                        }
+                    }
+                }
+                received = shared.source.recv(), if held < max_in_flight => {
+                    let (mut message, delivery) = match received {
+                        Ok(received) => received,
+                        Err(err) => {
+                            tracing::warn!(handler = %shared.name, error = %err, "consumer error; the client keeps reconnecting");
+                            continue;
+                        }
+                    };
+                    if !shared.manifest.key.is_empty() {
+                        message.key = decode::key(&message, &shared.manifest.key);
+                    }
+                    seq += 1;
+                    held += 1;
+                    let lane = lane_of(shared.manifest.ordering, &message, seq);
+                    let pending = Pending {
+                        event: Arc::new(event_of(message, &shared.manifest)),
+                        delivery: Arc::new(delivery),
+                        panics: 0,
+                    };
+                    let queue = lanes.entry(lane).or_default();
+                    if queue.is_empty() {
+                        let handle = tasks.spawn(process(shared.clone(), pending.event.clone(), pending.delivery.clone(), Duration::ZERO));
+                        running.insert(handle.id(), lane);
+                    }
+                    queue.push_back(pending);
+                }
+            }
+        }
+
+        // Stopping: calls running finish, retries waiting give up; what
+        // finished is settled, everything else released.
+        let _ = stop.send(true);
+        while let Some(joined) = tasks.join_next_with_id().await {
+            let (id, settled) = match joined {
+                Ok((id, settled)) => (id, settled),
+                Err(err) => (err.id(), Settled::Released),
+            };
+            if let Some(front) = running
+                .remove(&id)
+                .and_then(|lane| lanes.get_mut(&lane))
+                .and_then(VecDeque::pop_front)
+            {
+                shared.source.settle(&front.delivery, settled);
+            }
+        }
+        for pending in lanes.into_values().flatten() {
+            shared.source.settle(&pending.delivery, Settled::Released);
+        }
+        let fatal = shared
+            .fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match Arc::try_unwrap(shared) {
+            Ok(shared) => {
+                let name = shared.name.clone();
+                shared.source.close().await;
+                tracing::info!(handler = %name, "stopped");
+            }
+            Err(shared) => {
+                tracing::error!(handler = %shared.name, "stopped without closing its consumer (a task outlived it)");
+            }
+        }
+        fatal.map_or(Ok(()), Err)
+    }
+}
+
+/// One message from dedup to its outcome, after `delay`.
+async fn process<S: Source, F: HandlerFactory, D: Publisher>(
+    shared: Arc<Shared<S, F, D>>,
+    event: Arc<Event>,
+    delivery: Arc<S::Delivery>,
+    delay: Duration,
+) -> Settled {
+    if !delay.is_zero() && !pause(shared.shutdown.clone(), delay).await {
+        return Settled::Released;
+    }
+    deliver(&shared, event, &delivery).await
+}

@@ -1,0 +1,594 @@
+//! NATS JetStream through `async-nats`: one durable pull consumer per
+//! handler topic (subject), and a publisher for dead letters and emitted
+//! events.
+//!
+//! # Streams
+//!
+//! A subject no stream captures gets a stream of its own when Weir first
+//! needs it (to consume it, or to publish a dead letter or an emitted event
+//! to it): named after the subject with every character NATS does not allow
+//! in names replaced by `_` (`orders` → `orders`, `orders.dlq` →
+//! `orders_dlq`, `orders.>` → `orders__`), file storage, limits retention,
+//! with the `[source.nats.streams]` settings. Existing streams are used as
+//! they are.
+//!
+//! # Acknowledgements
+//!
+//! Explicit acks, only when the pipeline settles a message: `Done` and
+//! `DeadLettered` send `+ACK`, `Released` a `-NAK` with a one-second delay
+//! (so a consumer that is closing does not fetch it again). The server's
+//! `max_deliver` is unlimited: Weir counts attempts itself (persisted) and
+//! dead-letters.
+//!
+//! Invariant: a message the pipeline holds is never redelivered underneath
+//! it. Every held delivery gets a progress acknowledgement (`+WPI`) every
+//! third of the ack wait, so running calls and retry backoffs of any length
+//! keep the message. A crashed process stops sending them, and the server
+//! redelivers its messages one ack wait later.
+//!
+//! # Backpressure
+//!
+//! The consumer's `max_ack_pending` is the handler's `max_in_flight`: the
+//! server never hands out more unacknowledged messages than the pipeline
+//! may hold, so what the client buffered is always read promptly.
+//!
+//! # Keys and ids
+//!
+//! A message's key is its `ce-partitionkey` header (the CloudEvents
+//! partitioning extension), else its subject; a manifest's `key` overrides
+//! it. Messages published by Weir carry their key in `ce-partitionkey` and
+//! their deterministic id as `Nats-Msg-Id`, so JetStream's duplicate window
+//! drops a republished copy.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::pull::{self, Stream as Messages};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::{AckKind, Acker};
+use async_nats::jetstream::stream::{self, StorageType};
+use async_nats::jetstream::{self, Context};
+use futures_util::StreamExt;
+use futures_util::stream::SelectAll;
+use tokio::sync::mpsc;
+
+use super::{Message, Position, Publisher, Settled, Source};
+use crate::registry::StartFrom;
+
+/// The header carrying a message's key (CloudEvents' `partitionkey`).
+pub const KEY_HEADER: &str = "ce-partitionkey";
+
+/// `[source.nats]` settings, resolved.
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    /// Server URLs, comma-separated.
+    pub url: String,
+    /// User name and password.
+    pub user: Option<(String, String)>,
+    /// Authentication token.
+    pub token: Option<String>,
+    /// A `.creds` file (JWT and NKey seed).
+    pub creds_file: Option<std::path::PathBuf>,
+    /// An NKey seed.
+    pub nkey: Option<String>,
+    /// Require TLS.
+    pub tls_required: bool,
+    /// CA certificate (PEM) to trust.
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Client certificate and key (PEM), for mutual TLS.
+    pub tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// How long one connection attempt may take.
+    pub connect_timeout: Duration,
+    /// Streams Weir creates.
+    pub streams: StreamSettings,
+}
+
+/// How the streams Weir creates are configured.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// `file` (default) or `memory`.
+    pub memory: bool,
+    /// Oldest message kept; zero keeps them until the limits.
+    pub max_age: Duration,
+    /// Replicas (1 on a single server).
+    pub replicas: usize,
+    /// How long JetStream remembers `Nats-Msg-Id`s to drop duplicates.
+    pub duplicate_window: Duration,
+}
+
+/// A connection to a NATS server with JetStream.
+#[derive(Clone)]
+pub struct NatsConnection {
+    client: async_nats::Client,
+    js: Context,
+    streams: StreamSettings,
+    /// Subjects known to be captured by a stream.
+    covered: Arc<Mutex<HashSet<String>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A stream or consumer name for `subject`: characters NATS does not allow
+/// in names become `_`.
+pub fn name_for(subject: &str) -> String {
+    subject
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl NatsConnection {
+    /// Connects; while the server is unreachable the client keeps trying in
+    /// the background (every failure is logged), so Weir starts either way
+    /// and consumes once the server answers.
+    ///
+    /// # Errors
+    ///
+    /// When the options are unusable (an unreadable credentials file).
+    pub async fn connect(settings: &NatsSettings) -> anyhow::Result<Self> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name("weir")
+            .connection_timeout(settings.connect_timeout)
+            .retry_on_initial_connect()
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from NATS; reconnecting (nothing is acknowledged meanwhile)")
+                    }
+                    other => tracing::warn!(event = %other, "NATS connection event"),
+                }
+            });
+        if let Some((user, password)) = &settings.user {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &settings.token {
+            options = options.token(token.clone());
+        }
+        if let Some(seed) = &settings.nkey {
+            options = options.nkey(seed.clone());
+        }
+        if let Some(path) = &settings.creds_file {
+            options = options.credentials_file(path).await.map_err(|err| {
+                anyhow::anyhow!(
+                    "[source.nats] creds_file {}: cannot read it: {err}",
+                    path.display()
+                )
+            })?;
+        }
+        if settings.tls_required {
+            options = options.require_tls(true);
+        }
+        if let Some(ca) = &settings.tls_ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &settings.tls_client {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        let client = options
+            .connect(settings.url.as_str())
+            .await
+            .map_err(|err| {
+                anyhow::anyhow!(
+                    "[source.nats] url {:?}: cannot connect: {err}",
+                    settings.url
+                )
+            })?;
+        let js = jetstream::new(client.clone());
+        Ok(Self {
+            client,
+            js,
+            streams: settings.streams.clone(),
+            covered: Arc::default(),
+        })
+    }
+
+    /// The stream capturing `subject`, created when there is none.
+    async fn stream_for(&self, subject: &str) -> anyhow::Result<String> {
+        if let Ok(name) = self.js.stream_by_subject(subject).await {
+            lock(&self.covered).insert(subject.to_string());
+            return Ok(name);
+        }
+        let name = name_for(subject);
+        let config = stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.to_string()],
+            storage: if self.streams.memory {
+                StorageType::Memory
+            } else {
+                StorageType::File
+            },
+            max_age: self.streams.max_age,
+            num_replicas: self.streams.replicas,
+            duplicate_window: self.streams.duplicate_window,
+            ..Default::default()
+        };
+        self.js.get_or_create_stream(config).await.map_err(|err| {
+            anyhow::anyhow!("cannot create stream {name:?} for subject {subject:?}: {err}")
+        })?;
+        tracing::info!(stream = %name, subject, "created a stream for the subject");
+        lock(&self.covered).insert(subject.to_string());
+        Ok(name)
+    }
+
+    /// A consumer of `topics` for one handler.
+    pub fn consumer(&self, spec: ConsumerSpec) -> NatsConsumer {
+        let (acks, queue) = mpsc::unbounded_channel();
+        let held: Arc<Mutex<HashMap<u64, Arc<Acker>>>> = Arc::default();
+        let keepalive = tokio::spawn(keep_alive(
+            held.clone(),
+            spec.ack_wait,
+            spec.durable.clone(),
+        ));
+        let acking = tokio::spawn(send_acks(queue));
+        NatsConsumer {
+            connection: self.clone(),
+            spec,
+            messages: tokio::sync::Mutex::new(None),
+            held,
+            next_delivery: AtomicU64::new(0),
+            acks,
+            tasks: [keepalive, acking],
+        }
+    }
+
+    /// A publisher on this connection.
+    pub fn publisher(&self) -> NatsPublisher {
+        NatsPublisher {
+            connection: self.clone(),
+        }
+    }
+}
+
+/// What a handler's consumer is.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// Durable name (one topic) or prefix (`<durable>-<topic>`, several).
+    pub durable: String,
+    /// Subjects, wildcards allowed.
+    pub topics: Vec<String>,
+    /// Where a new consumer starts.
+    pub start: StartFrom,
+    /// The ack wait.
+    pub ack_wait: Duration,
+    /// Most unacknowledged messages out at once.
+    pub max_ack_pending: usize,
+}
+
+impl ConsumerSpec {
+    /// The durable consumer name for topic number `index`.
+    pub fn durable_for(&self, topic: &str) -> String {
+        if self.topics.len() == 1 {
+            self.durable.clone()
+        } else {
+            format!("{}-{}", self.durable, name_for(topic))
+        }
+    }
+}
+
+/// One delivered message: the handle to acknowledge it with.
+pub struct NatsDelivery {
+    id: u64,
+    acker: Arc<Acker>,
+}
+
+/// A handler's JetStream consumers, read as one.
+pub struct NatsConsumer {
+    connection: NatsConnection,
+    spec: ConsumerSpec,
+    /// The pull streams of every topic's consumer (`None` until set up).
+    messages: tokio::sync::Mutex<Option<SelectAll<Tagged>>>,
+    held: Arc<Mutex<HashMap<u64, Arc<Acker>>>>,
+    next_delivery: AtomicU64,
+    acks: mpsc::UnboundedSender<(Arc<Acker>, AckKind)>,
+    /// The keep-alive ticker and the ack sender.
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+/// What a pull stream yields.
+type Pulled = Result<jetstream::Message, pull::MessagesError>;
+
+/// Tags a pulled message with its topic's scope.
+type Tag = Box<dyn FnMut(Pulled) -> (u64, Pulled) + Send + Sync>;
+
+/// One topic's messages, tagged with the topic's scope.
+type Tagged = futures_util::stream::Map<Messages, Tag>;
+
+impl NatsConsumer {
+    /// Creates (or finds) the streams and durable consumers and opens
+    /// their pull streams.
+    async fn open(&self) -> anyhow::Result<SelectAll<Tagged>> {
+        let mut all = SelectAll::new();
+        for (index, topic) in self.spec.topics.iter().enumerate() {
+            let stream_name = self.connection.stream_for(topic).await?;
+            let stream = self
+                .connection
+                .js
+                .get_stream(&stream_name)
+                .await
+                .map_err(|err| anyhow::anyhow!("cannot open stream {stream_name:?}: {err}"))?;
+            let durable = self.spec.durable_for(topic);
+            let config = pull::Config {
+                durable_name: Some(durable.clone()),
+                filter_subject: topic.clone(),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: self.spec.ack_wait,
+                max_deliver: -1,
+                max_ack_pending: i64::try_from(self.spec.max_ack_pending).unwrap_or(i64::MAX),
+                deliver_policy: match self.spec.start {
+                    StartFrom::Earliest => DeliverPolicy::All,
+                    StartFrom::Latest => DeliverPolicy::New,
+                },
+                ..Default::default()
+            };
+            let consumer: jetstream::consumer::PullConsumer = stream
+                .get_or_create_consumer(&durable, config)
+                .await
+                .map_err(|err| {
+                    anyhow::anyhow!(
+                        "cannot create consumer {durable:?} on stream {stream_name:?}: {err}"
+                    )
+                })?;
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(self.spec.max_ack_pending.clamp(1, 256))
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
+                .map_err(|err| anyhow::anyhow!("cannot pull from consumer {durable:?}: {err}"))?;
+            tracing::info!(durable = %durable, stream = %stream_name, subject = %topic, "consuming");
+            let scope = index as u64;
+            let tag: Tag = Box::new(move |item| (scope, item));
+            all.push(messages.map(tag));
+        }
+        Ok(all)
+    }
+
+    fn decode(
+        &self,
+        scope: u64,
+        message: jetstream::Message,
+    ) -> Result<(Message, NatsDelivery), String> {
+        let (stream, sequence, delivered, published) = {
+            let info = message
+                .info()
+                .map_err(|err| format!("not a JetStream message: {err}"))?;
+            (
+                info.stream.to_string(),
+                info.stream_sequence,
+                u64::try_from(info.delivered).unwrap_or(1),
+                i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).ok(),
+            )
+        };
+        let (message, acker) = message.split();
+        let mut headers = Vec::new();
+        if let Some(map) = &message.headers {
+            for (name, values) in map.iter() {
+                for value in values {
+                    headers.push((name.to_string(), value.as_str().as_bytes().to_vec()));
+                }
+            }
+            headers.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        let topic = message.subject.to_string();
+        let key = headers
+            .iter()
+            .find(|(n, v)| n == KEY_HEADER && !v.is_empty())
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| topic.as_bytes().to_vec());
+        let id = self.next_delivery.fetch_add(1, Ordering::Relaxed);
+        let acker = Arc::new(acker);
+        lock(&self.held).insert(id, acker.clone());
+        Ok((
+            Message {
+                topic,
+                key: Some(key),
+                payload: message.payload.to_vec(),
+                headers,
+                timestamp_ms: published,
+                position: Position::JetStream {
+                    stream,
+                    sequence,
+                    delivered,
+                },
+                scope,
+            },
+            NatsDelivery { id, acker },
+        ))
+    }
+}
+
+impl Source for NatsConsumer {
+    type Delivery = NatsDelivery;
+
+    /// The next message of any of the handler's subjects. Until the server
+    /// answers (and the streams and consumers exist) this waits, logging
+    /// why, and tries again.
+    async fn recv(&self) -> Result<(Message, NatsDelivery), String> {
+        let mut messages = self.messages.lock().await;
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let Some(open) = messages.as_mut() else {
+                match self.open().await {
+                    Ok(open) => *messages = Some(open),
+                    Err(err) => {
+                        tracing::warn!(durable = %self.spec.durable, error = %format!("{err:#}"),
+                            retry_in_ms = backoff.as_millis() as u64,
+                            "cannot set up the JetStream consumer; trying again");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+                continue;
+            };
+            match open.next().await {
+                Some((scope, Ok(message))) => return self.decode(scope, message),
+                Some((_, Err(err))) => {
+                    return Err(format!("JetStream consumer {}: {err}", self.spec.durable));
+                }
+                None => {
+                    // Every pull stream ended (their consumer was deleted):
+                    // set them up again.
+                    tracing::warn!(durable = %self.spec.durable, "the JetStream consumer went away; setting it up again");
+                    *messages = None;
+                }
+            }
+        }
+    }
+
+    fn owns(&self, delivery: &NatsDelivery) -> bool {
+        lock(&self.held).contains_key(&delivery.id)
+    }
+
+    /// Invariant: `+ACK` only for settled outcomes, which the pipeline
+    /// reports only once they are durable.
+    fn settle(&self, delivery: &NatsDelivery, outcome: Settled) {
+        if lock(&self.held).remove(&delivery.id).is_none() {
+            return;
+        }
+        let kind = match outcome {
+            Settled::Done | Settled::DeadLettered => AckKind::Ack,
+            Settled::Released => AckKind::Nak(Some(Duration::from_secs(1))),
+        };
+        let _ = self.acks.send((delivery.acker.clone(), kind));
+    }
+
+    /// Stops pulling, sends the acknowledgements still queued, and flushes
+    /// them to the server.
+    async fn close(self) {
+        drop(self.messages.into_inner());
+        lock(&self.held).clear();
+        let Self {
+            connection,
+            acks,
+            tasks,
+            spec,
+            ..
+        } = self;
+        drop(acks);
+        let [keepalive, acking] = tasks;
+        keepalive.abort();
+        // The ack sender ends once its queue is drained.
+        if tokio::time::timeout(Duration::from_secs(5), acking)
+            .await
+            .is_err()
+        {
+            tracing::warn!(durable = %spec.durable, "acknowledgements still queued after 5 s; those messages are redelivered");
+        }
+        if let Err(err) = connection.client.flush().await {
+            tracing::warn!(error = %err, "cannot flush the last acknowledgements; those messages are redelivered");
+        }
+    }
+}
+
+/// Sends acknowledgements in the order they were settled.
+async fn send_acks(mut queue: mpsc::UnboundedReceiver<(Arc<Acker>, AckKind)>) {
+    while let Some((acker, kind)) = queue.recv().await {
+        if let Err(err) = acker.ack_with(kind).await {
+            tracing::warn!(error = %err, "cannot acknowledge a message; it will be redelivered and deduplicated");
+        }
+    }
+}
+
+/// Keeps every held message from being redelivered: a progress
+/// acknowledgement each third of the ack wait.
+async fn keep_alive(
+    held: Arc<Mutex<HashMap<u64, Arc<Acker>>>>,
+    ack_wait: Duration,
+    durable: String,
+) {
+    let period = (ack_wait / 3).max(Duration::from_millis(500));
+    let mut ticker = tokio::time::interval(period);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        // Strong count 1: only this map holds it, the consumer is gone.
+        if Arc::strong_count(&held) == 1 {
+            return;
+        }
+        let ackers: Vec<Arc<Acker>> = lock(&held).values().cloned().collect();
+        for acker in ackers {
+            if let Err(err) = acker.ack_with(AckKind::Progress).await {
+                tracing::warn!(durable = %durable, error = %err, "cannot extend a held message's ack wait");
+            }
+        }
+    }
+}
+
+/// Publishes dead letters and emitted events to JetStream subjects.
+#[derive(Clone)]
+pub struct NatsPublisher {
+    connection: NatsConnection,
+}
+
+impl Publisher for NatsPublisher {
+    async fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: &[(String, Vec<u8>)],
+        id: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            match std::str::from_utf8(value) {
+                Ok(text) => map.append(name.as_str(), text),
+                Err(_) => {
+                    anyhow::bail!("header {name:?} is not UTF-8, which NATS headers cannot carry")
+                }
+            }
+        }
+        if let Some(key) = key.and_then(|k| std::str::from_utf8(k).ok())
+            && map.get(KEY_HEADER).is_none()
+        {
+            map.insert(KEY_HEADER, key);
+        }
+        if let Some(id) = id {
+            map.insert("Nats-Msg-Id", id);
+        }
+        let payload = bytes::Bytes::copy_from_slice(payload);
+        let covered = lock(&self.connection.covered).contains(topic);
+        if !covered {
+            self.connection.stream_for(topic).await?;
+        }
+        let ack = self
+            .connection
+            .js
+            .publish_with_headers(topic.to_string(), map.clone(), payload.clone())
+            .await
+            .map_err(|err| anyhow::anyhow!("publish to {topic:?} failed: {err}"))?;
+        match ack.await {
+            Ok(_) => Ok(()),
+            Err(err) if err.kind() == PublishErrorKind::StreamNotFound => {
+                // The stream went away since: make it again, once.
+                lock(&self.connection.covered).remove(topic);
+                self.connection.stream_for(topic).await?;
+                self.connection
+                    .js
+                    .publish_with_headers(topic.to_string(), map, payload)
+                    .await
+                    .map_err(|err| anyhow::anyhow!("publish to {topic:?} failed: {err}"))?
+                    .await
+                    .map(|_| ())
+                    .map_err(|err| anyhow::anyhow!("publish to {topic:?} not acknowledged: {err}"))
+            }
+            Err(err) => Err(anyhow::anyhow!(
+                "publish to {topic:?} not acknowledged: {err}"
+            )),
+        }
+    }
+}
