@@ -138,17 +138,22 @@ impl NatsConnection {
     ///
     /// When the options are unusable (an unreadable credentials file).
     pub async fn connect(settings: &NatsSettings) -> anyhow::Result<Self> {
+        let url = settings.url.clone();
         let mut options = async_nats::ConnectOptions::new()
             .name("weir")
             .connection_timeout(settings.connect_timeout)
             .retry_on_initial_connect()
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("disconnected from NATS; reconnecting (nothing is acknowledged meanwhile)")
+            .event_callback(move |event| {
+                let url = url.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => tracing::info!(url, "connected to NATS"),
+                        async_nats::Event::Disconnected => tracing::warn!(url,
+                            "disconnected from NATS; reconnecting (nothing is acknowledged meanwhile)"),
+                        async_nats::Event::ClientError(err) => tracing::warn!(url, error = %err,
+                            "cannot reach NATS; retrying with backoff (nothing is consumed or acknowledged meanwhile)"),
+                        other => tracing::warn!(url, event = %other, "NATS connection event"),
                     }
-                    other => tracing::warn!(event = %other, "NATS connection event"),
                 }
             });
         if let Some((user, password)) = &settings.user {
