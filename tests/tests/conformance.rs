@@ -1059,3 +1059,80 @@ fn nats_harness_serves_streams_consumers_and_restarts() -> Result<()> {
     ensure!(stream_name("orders.dlq") == "orders_dlq");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// NATS only: a server that goes away mid-run (tansu keeps its in-memory
+// topics only while it runs, so Kafka has no equivalent here).
+
+#[test]
+fn nats_server_down_mid_run_loses_and_repeats_nothing() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let mut nats = NatsBroker::start()?;
+    nats.create_topic("events", 1)?;
+    let deployment = nats.deployment()?;
+    deployment.add_handler(
+        "probe",
+        "probe",
+        "topics = [\"events\"]\nmax_in_flight = 4\n",
+    )?;
+    let batch = |range: std::ops::Range<usize>, sleep: &str| -> Vec<Record> {
+        range
+            .map(|i| {
+                record(
+                    &format!("key-{}", i % 5),
+                    &format!("m-{i}"),
+                    &[("probe.sleep-ms", sleep)],
+                )
+            })
+            .collect()
+    };
+    // Four calls of 200 ms at a time: about 3 s of work.
+    let mut produced = nats.produce("events", &batch(0..60, "200"))?;
+    let mut weir = deployment.start("run")?;
+    wait_oks(&weir, 8)?;
+    nats.server.stop()?;
+    // Calls in flight finish while the server is away; their
+    // acknowledgements cannot reach it.
+    let at_stop = oks(&weir).len();
+    poll_until(
+        Duration::from_secs(10),
+        "a call to finish while the server is down",
+        || Ok((oks(&weir).len() > at_stop).then_some(())),
+        || format!("log: {}", weir.log.display()),
+    )?;
+    let during = oks(&weir).len();
+    ensure!(
+        during < 60,
+        "everything was handled before the server stopped; make the work longer"
+    );
+    nats.server.restart()?;
+    ensure!(
+        weir.wait_exit(Duration::ZERO)?.is_none(),
+        "weir exited while the server was down; log: {}",
+        weir.log.display()
+    );
+    produced.extend(nats.produce("events", &batch(60..90, "0"))?);
+    let expected: BTreeSet<String> = (0..90).map(|i| format!("m-{i}")).collect();
+    poll_until(
+        WAIT,
+        "every message to be handled after the server came back",
+        || {
+            let seen: BTreeSet<String> = handled_counts([&weir]).into_keys().collect();
+            Ok((seen == expected).then_some(()))
+        },
+        || {
+            let seen: BTreeSet<String> = handled_counts([&weir]).into_keys().collect();
+            format!(
+                "missing {:?}; log: {}",
+                expected.difference(&seen).take(10).collect::<Vec<_>>(),
+                weir.log.display()
+            )
+        },
+    )?;
+    wait_caught_up(&nats, GROUP, "events", &produced, &weir)?;
+    stop(&mut weir)?;
+    eprintln!("{at_stop} of 60 handled when the server stopped, {during} when it came back");
+    ensure_each_once(&handled_counts([&weir]), &expected)
+}
