@@ -314,7 +314,7 @@ mod tests {
                 id: id.into(),
                 ttl: Duration::from_secs(60),
                 dedup: true,
-                effects: Some(Box::new(txn.finish())),
+                effects: Some(Arc::new(txn.finish())),
             })
             .await
             .expect("write")
