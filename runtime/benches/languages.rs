@@ -42,8 +42,10 @@ fn event(i: usize) -> Event {
         )
         .into_bytes(),
         headers: vec![],
-        partition: 0,
-        offset: i64::try_from(i).unwrap_or(i64::MAX),
+        position: weir::message::Position::Kafka {
+            partition: 0,
+            offset: i64::try_from(i).unwrap_or(i64::MAX),
+        },
         timestamp_ms: None,
         attempt: 1,
     }

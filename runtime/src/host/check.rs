@@ -1,11 +1,40 @@
-//! Does a component fit the `handler` world? And if not, what exactly is
+//! Does a component fit the `handler` world of a contract version this
+//! runtime serves? Which version? And if it fits none, what exactly is
 //! wrong, said in words a handler author can act on.
 
 use wasmtime::component::types::ComponentItem;
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, InstancePre, Linker};
 
-use super::bindings::{HandlerPre, WORLD_PACKAGE};
+use super::bindings::{Contract, v0_1, v0_2};
 use super::instance::StoreState;
+
+/// A component linked and checked against the world of its contract
+/// version, ready to instantiate.
+#[derive(Clone)]
+pub(super) enum WorldPre {
+    /// Built for `weir:handler@0.1.0`.
+    V0_1(v0_1::HandlerPre<StoreState>),
+    /// Built for `weir:handler@0.2.0`.
+    V0_2(v0_2::HandlerPre<StoreState>),
+}
+
+impl WorldPre {
+    /// The contract version the component was built for.
+    pub(super) fn contract(&self) -> Contract {
+        match self {
+            WorldPre::V0_1(_) => Contract::V0_1,
+            WorldPre::V0_2(_) => Contract::V0_2,
+        }
+    }
+
+    /// The linked component, whatever its version.
+    pub(super) fn instance_pre(&self) -> &InstancePre<StoreState> {
+        match self {
+            WorldPre::V0_1(pre) => pre.instance_pre(),
+            WorldPre::V0_2(pre) => pre.instance_pre(),
+        }
+    }
+}
 
 /// Why a file cannot serve as a handler.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -45,26 +74,48 @@ pub(super) fn sniff(bytes: &[u8]) -> Result<(), CheckError> {
     Ok(())
 }
 
-/// Links `component` against the runtime's linker and checks its exports.
+/// Links `component` against the runtime's linker, finds the contract
+/// version it was built for and checks its `handle` export against that
+/// version's world.
+///
+/// The version is the one its `weir:handler/*` imports name. A component
+/// that imports none of them (it never logs, keeps state, emits or reads
+/// settings) is told by the type of its `handle` export, newest version
+/// first.
 pub(super) fn link(
     linker: &Linker<StoreState>,
     component: &Component,
-) -> Result<HandlerPre<StoreState>, CheckError> {
+) -> Result<WorldPre, CheckError> {
     let engine = linker.engine();
     let ty = component.component_type();
 
-    // Imports: the runtime provides `weir:handler/*` at WORLD_PACKAGE's
-    // version and WASI 0.2 without HTTP. Explain a version skew or an HTTP
-    // import plainly, before the linker's generic error.
+    // Imports: the runtime provides `weir:handler/*` at every served
+    // version and WASI 0.2 without HTTP. Explain an unknown version, mixed
+    // versions or an HTTP import plainly, before the linker's generic error.
+    let mut imported: Option<(Contract, String)> = None;
     for (name, _) in ty.imports(engine) {
         if let Some(rest) = name.strip_prefix("weir:handler/") {
             let version = rest.split_once('@').map(|(_, v)| v).unwrap_or("(none)");
-            if !WORLD_PACKAGE.ends_with(&format!("@{version}")) {
+            let Some(contract) = Contract::from_version(version) else {
                 return Err(CheckError::Import(format!(
                     "the component imports `{name}`, built against weir:handler version {version}; \
-                     this runtime provides {WORLD_PACKAGE}. Rebuild the handler against the WIT \
-                     shipped with this runtime"
+                     this runtime serves {}. Rebuild the handler against one of them (the SDKs \
+                     and `weir new` use {})",
+                    Contract::served(),
+                    Contract::LATEST
                 )));
+            };
+            match &imported {
+                Some((first, first_name)) if *first != contract => {
+                    return Err(CheckError::Import(format!(
+                        "the component imports `{first_name}` and `{name}`: two versions of \
+                         weir:handler in one component. Build it against one version (the SDKs \
+                         and `weir new` use {})",
+                        Contract::LATEST
+                    )));
+                }
+                Some(_) => {}
+                None => imported = Some((contract, name.to_string())),
             }
         }
         if name.starts_with("wasi:http/") {
@@ -92,6 +143,8 @@ pub(super) fn link(
         }
         exports.push(name.to_string());
     }
+    let contract = imported.as_ref().map(|(c, _)| *c);
+    let world = contract.unwrap_or(Contract::LATEST);
     match handle {
         None => {
             let listed = if exports.is_empty() {
@@ -102,7 +155,7 @@ pub(super) fn link(
             return Err(CheckError::Export(format!(
                 "the component does not export a function `handle` (it exports: {listed}); \
                  a handler must export `handle: func(event: event) -> result<_, handler-error>` \
-                 from the world {WORLD_PACKAGE}/handler"
+                 from the world {world}/handler"
             )));
         }
         Some(ComponentItem::ComponentFunc(_)) => {}
@@ -114,13 +167,33 @@ pub(super) fn link(
             ));
         }
     }
-    HandlerPre::new(pre).map_err(|err| {
-        CheckError::Export(format!(
-            "the component's `handle` export has the wrong type ({err:#}); it must be \
-             `handle: func(event: event) -> result<_, handler-error>` as defined by \
-             {WORLD_PACKAGE} — rebuild against the WIT shipped with this runtime"
-        ))
-    })
+    let candidates: Vec<Contract> = match contract {
+        Some(contract) => vec![contract],
+        None => Contract::ALL.into_iter().rev().collect(),
+    };
+    let mut mismatch = None;
+    for candidate in candidates {
+        let linked = match candidate {
+            Contract::V0_1 => v0_1::HandlerPre::new(pre.clone()).map(WorldPre::V0_1),
+            Contract::V0_2 => v0_2::HandlerPre::new(pre.clone()).map(WorldPre::V0_2),
+        };
+        match linked {
+            Ok(linked) => return Ok(linked),
+            Err(err) => {
+                mismatch.get_or_insert(err);
+            }
+        }
+    }
+    let detail = mismatch.map_or_else(String::new, |err| format!(" ({err:#})"));
+    let against = match contract {
+        Some(contract) => format!("as defined by {contract}, the version the component imports"),
+        None => format!("as defined by one of {}", Contract::served()),
+    };
+    Err(CheckError::Export(format!(
+        "the component's `handle` export has the wrong type{detail}; it must be \
+         `handle: func(event: event) -> result<_, handler-error>` {against} — rebuild \
+         against the WIT shipped with this runtime"
+    )))
 }
 
 #[cfg(test)]

@@ -13,116 +13,40 @@ use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use super::EPOCH_TICK;
-use super::bindings::{
-    EmitError, Event, Handler, HandlerError, HandlerPre, Level, StateError, weir,
-};
+use super::bindings::{Contract, v0_1, v0_2};
+use super::check::WorldPre;
+use super::event::{Event, Origin};
 use super::output::GuestOutput;
-use super::transaction::{EmitFailure, StateFailure, Transaction};
+use super::transaction::Transaction;
 use crate::registry::Limits;
 use crate::store::{Effects, Store as StateStore};
-
-/// Longest log message or field value a guest can write; longer ones are cut.
-const MAX_LOG_TEXT: usize = 8 * 1024;
 
 /// Per-instance host state.
 pub struct StoreState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
-    handler: Arc<str>,
+    pub(super) handler: Arc<str>,
     /// The version (content hash), for tagging log records.
-    version: Arc<str>,
-    /// The event being handled, for tagging log records.
-    current: Option<(String, i32, i64)>,
+    pub(super) version: Arc<str>,
+    /// Where the event being handled came from, for tagging log records.
+    pub(super) current: Option<Origin>,
     /// Where state is read from.
     store: Option<StateStore>,
     /// The effects of the call in progress.
     txn: Option<Transaction>,
     /// The manifest's `[config]`.
-    config: Arc<BTreeMap<String, String>>,
+    pub(super) config: Arc<BTreeMap<String, String>>,
 }
 
 impl StoreState {
     /// The transaction of the call in progress. Outside a call (while the
     /// component starts) there is none; state is then read-only and
     /// nothing can be emitted, so a throwaway one serves.
-    fn txn(&mut self) -> &mut Transaction {
+    pub(super) fn txn(&mut self) -> &mut Transaction {
         let (store, handler) = (self.store.clone(), self.handler.clone());
         self.txn
             .get_or_insert_with(|| Transaction::new(store, handler))
-    }
-}
-
-impl From<StateFailure> for StateError {
-    fn from(failure: StateFailure) -> Self {
-        match failure {
-            StateFailure::KeyTooLong(n) => StateError::KeyTooLong(n),
-            StateFailure::ValueTooLarge(n) => StateError::ValueTooLarge(n),
-            StateFailure::TooManyWrites(n) => StateError::TooManyWrites(n),
-            StateFailure::TransactionTooLarge(n) => StateError::TransactionTooLarge(n),
-            StateFailure::Unavailable(m) => StateError::Unavailable(m),
-        }
-    }
-}
-
-impl From<EmitFailure> for EmitError {
-    fn from(failure: EmitFailure) -> Self {
-        match failure {
-            EmitFailure::InvalidTopic(m) => EmitError::InvalidTopic(m),
-            EmitFailure::TooLarge(n) => EmitError::TooLarge(n),
-            EmitFailure::TooMany(n) => EmitError::TooMany(n),
-            EmitFailure::TransactionTooLarge(n) => EmitError::TransactionTooLarge(n),
-        }
-    }
-}
-
-impl weir::handler::state::Host for StoreState {
-    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, StateError> {
-        Ok(self.txn().get(&key)?)
-    }
-
-    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), StateError> {
-        Ok(self.txn().set(&key, value)?)
-    }
-
-    fn delete(&mut self, key: String) -> Result<(), StateError> {
-        Ok(self.txn().delete(&key)?)
-    }
-
-    fn list_prefix(
-        &mut self,
-        prefix: String,
-        start_after: Option<String>,
-        limit: u32,
-    ) -> Result<Vec<(String, Vec<u8>)>, StateError> {
-        Ok(self
-            .txn()
-            .list_prefix(&prefix, start_after.as_deref(), limit)?)
-    }
-}
-
-impl weir::handler::emit::Host for StoreState {
-    fn send(
-        &mut self,
-        topic: String,
-        key: Option<Vec<u8>>,
-        payload: Vec<u8>,
-        headers: Vec<(String, Vec<u8>)>,
-    ) -> Result<(), EmitError> {
-        Ok(self.txn().emit(topic, key, payload, headers)?)
-    }
-}
-
-impl weir::handler::config::Host for StoreState {
-    fn get(&mut self, key: String) -> Option<String> {
-        self.config.get(&key).cloned()
-    }
-
-    fn get_all(&mut self) -> Vec<(String, String)> {
-        self.config
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
     }
 }
 
@@ -135,56 +59,11 @@ impl WasiView for StoreState {
     }
 }
 
-impl weir::handler::types::Host for StoreState {}
-
-impl weir::handler::log::Host for StoreState {
-    fn log(&mut self, level: Level, message: String, fields: Vec<(String, String)>) {
-        let message = clip(message);
-        let fields = serde_json::Value::Object(
-            fields
-                .into_iter()
-                .map(|(k, v)| (clip(k), serde_json::Value::String(clip(v))))
-                .collect(),
-        )
-        .to_string();
-        let handler = &*self.handler;
-        let version = &*self.version;
-        let (topic, partition, offset) = match &self.current {
-            Some((t, p, o)) => (t.as_str(), *p, *o),
-            None => ("", -1, -1),
-        };
-        macro_rules! emit {
-            ($level:expr) => {
-                tracing::event!(target: "weir::guest", $level, handler, version, topic, partition, offset, fields = %fields, "{message}")
-            };
-        }
-        match level {
-            Level::Trace => emit!(tracing::Level::TRACE),
-            Level::Debug => emit!(tracing::Level::DEBUG),
-            Level::Info => emit!(tracing::Level::INFO),
-            Level::Warn => emit!(tracing::Level::WARN),
-            Level::Error => emit!(tracing::Level::ERROR),
-        }
-    }
-}
-
-fn clip(mut text: String) -> String {
-    if text.len() > MAX_LOG_TEXT {
-        let mut end = MAX_LOG_TEXT;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push('…');
-    }
-    text
-}
-
 /// One version of a handler, compiled, linked and checked against the world.
 #[derive(Clone)]
 pub struct CompiledHandler {
     engine: Engine,
-    pre: HandlerPre<StoreState>,
+    pre: WorldPre,
     name: Arc<str>,
     version: Arc<str>,
     limits: Limits,
@@ -200,7 +79,7 @@ pub struct CompiledHandler {
 impl CompiledHandler {
     pub(super) fn new(
         engine: Engine,
-        pre: HandlerPre<StoreState>,
+        pre: WorldPre,
         name: Arc<str>,
         version: Arc<str>,
         limits: Limits,
@@ -256,6 +135,11 @@ impl CompiledHandler {
         &self.version
     }
 
+    /// The contract version the component was built for.
+    pub fn contract(&self) -> Contract {
+        self.pre.contract()
+    }
+
     /// Names of the component's imports, for `weir check`.
     pub fn imports(&self) -> Vec<String> {
         let ty = self.pre.instance_pre().component().component_type();
@@ -303,6 +187,7 @@ impl CompiledHandler {
                         host_dir.display()
                     ),
                     poisoned: true,
+                    category: None,
                 })?;
         }
         let state = StoreState {
@@ -325,7 +210,10 @@ impl CompiledHandler {
             let _ = store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
         }
         let outputs = [stdout, stderr];
-        let bindings = self.pre.instantiate(&mut store);
+        let bindings = match &self.pre {
+            WorldPre::V0_1(pre) => pre.instantiate(&mut store).map(World::V0_1),
+            WorldPre::V0_2(pre) => pre.instantiate(&mut store).map(World::V0_2),
+        };
         outputs.iter().for_each(GuestOutput::end);
         let bindings = bindings.map_err(|err| {
             let failure = Failure::from_trap(&err, self.limits, "instantiating");
@@ -368,6 +256,14 @@ pub struct Failure {
     /// The instance is unusable afterwards (a trap or a limit) and must be
     /// replaced.
     pub poisoned: bool,
+    /// What kind of failure the handler said it met: the kebab-case name of
+    /// its `error-category` (`service-unavailable`, `validation`, …), or
+    /// for `other(name)` that name sanitized (lowercase ASCII letters,
+    /// digits and single `-`, at most 64 characters). `None` when the
+    /// handler named none, for components built against
+    /// `weir:handler@0.1.0` (which has no categories), and for traps,
+    /// timeouts and limits.
+    pub category: Option<String>,
 }
 
 /// How a failure is treated.
@@ -393,22 +289,6 @@ impl FailureKind {
 }
 
 impl Failure {
-    fn from_handler_error(err: HandlerError) -> Self {
-        let (kind, message) = match err {
-            HandlerError::Retryable(m) => (FailureKind::Retryable, m),
-            HandlerError::RetryAfter(r) => (
-                FailureKind::RetryAfter(Duration::from_millis(r.delay_ms)),
-                r.reason,
-            ),
-            HandlerError::Permanent(m) => (FailureKind::Permanent, m),
-        };
-        Failure {
-            kind,
-            message,
-            poisoned: false,
-        }
-    }
-
     /// Classifies an error raised by wasmtime while running the guest.
     /// Traps and limits are retryable: the next attempt may succeed on a
     /// fresh instance.
@@ -447,6 +327,7 @@ impl Failure {
             kind: FailureKind::Retryable,
             message,
             poisoned: true,
+            category: None,
         }
     }
 }
@@ -456,7 +337,7 @@ impl Failure {
 fn log_trap(
     handler: &str,
     version: &str,
-    at: Option<(&str, i32, i64)>,
+    at: Option<&Origin>,
     failure: &Failure,
     err: &wasmtime::Error,
 ) {
@@ -464,8 +345,8 @@ fn log_trap(
         .downcast_ref::<wasmtime::WasmBacktrace>()
         .map(|bt| bt.to_string())
         .unwrap_or_default();
-    let (topic, partition, offset) = at.unwrap_or(("", -1, -1));
-    tracing::warn!(handler, version, topic, partition, offset, error = %failure.message,
+    tagged_event!(target: module_path!(), tracing::Level::WARN, at, stream,
+        handler, version, error = %failure.message,
         backtrace = %backtrace.trim_end(), "handler trapped");
 }
 
@@ -494,7 +375,7 @@ pub struct HandlerInstance {
     name: Arc<str>,
     version: Arc<str>,
     store: Store<StoreState>,
-    bindings: Handler,
+    bindings: World,
     limits: Limits,
     /// The guest's stdout and stderr.
     outputs: [GuestOutput; 2],
@@ -505,12 +386,12 @@ impl HandlerInstance {
     /// guest runs (bounded by the handler's timeout): call it from a
     /// blocking thread.
     pub fn handle(&mut self, event: &Event) -> Outcome {
-        let current = Some((event.topic.clone(), event.partition, event.offset));
+        let origin = event.origin();
         for output in &self.outputs {
-            output.begin(current.clone());
+            output.begin(Some(origin.clone()));
         }
         let state = self.store.data_mut();
-        state.current = current;
+        state.current = Some(origin);
         state.txn = Some(Transaction::new(state.store.clone(), state.handler.clone()));
         self.store
             .set_epoch_deadline(deadline_ticks(self.limits.timeout));
@@ -519,12 +400,27 @@ impl HandlerInstance {
             let _ = self.store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
         }
         let started = Instant::now();
-        let result = self.bindings.call_handle(&mut self.store, event);
+        // The event in the shape of the contract the component was built
+        // for; its error back as a version-neutral failure.
+        let result = match &self.bindings {
+            World::V0_1(bindings) => bindings
+                .call_handle(
+                    &mut self.store,
+                    &v0_1::weir::handler::types::Event::from(event),
+                )
+                .map(|r| r.map_err(Failure::from)),
+            World::V0_2(bindings) => bindings
+                .call_handle(
+                    &mut self.store,
+                    &v0_2::weir::handler::types::Event::from(event),
+                )
+                .map(|r| r.map_err(Failure::from)),
+        };
         for output in &self.outputs {
             output.end();
         }
         let state = self.store.data_mut();
-        state.current = None;
+        let origin = state.current.take();
         // Effects of a failed call are dropped here, never committed.
         let txn = state.txn.take();
         tracing::trace!(
@@ -533,13 +429,26 @@ impl HandlerInstance {
         );
         match result {
             Ok(Ok(())) => Outcome::Handled(txn.map(Transaction::finish).unwrap_or_default()),
-            Ok(Err(err)) => Outcome::Failed(Failure::from_handler_error(err)),
+            Ok(Err(failure)) => Outcome::Failed(failure),
             Err(err) => {
                 let failure = Failure::from_trap(&err, self.limits, "handling the event");
-                let at = (event.topic.as_str(), event.partition, event.offset);
-                log_trap(&self.name, &self.version, Some(at), &failure, &err);
+                log_trap(&self.name, &self.version, origin.as_ref(), &failure, &err);
                 Outcome::Failed(failure)
             }
         }
     }
+
+    /// The contract version this instance's component was built for.
+    pub fn contract(&self) -> Contract {
+        match self.bindings {
+            World::V0_1(_) => Contract::V0_1,
+            World::V0_2(_) => Contract::V0_2,
+        }
+    }
+}
+
+/// An instance's exports, in the shape of its contract version.
+enum World {
+    V0_1(v0_1::Handler),
+    V0_2(v0_2::Handler),
 }

@@ -2,12 +2,44 @@
 //! grants handlers exactly the `handler` world (plus WASI with nothing
 //! preopened), compilation, and instances.
 //!
-//! The host knows nothing of Kafka: it turns a component into something that
-//! can be called with an [`Event`] and reports an [`Outcome`].
+//! The host knows nothing of any broker's client: it turns a component into
+//! something that can be called with an [`Event`] and reports an
+//! [`Outcome`]. It serves every released version of the `weir:handler`
+//! contract ([`Contract`]) from one linker: `check` finds the version a
+//! component was built for, and each call converts the event to that
+//! version's shape.
+
+/// Emits a tracing event at a constant `$level`, tagged with where the
+/// event being handled sits (`$at`: an `Option<&Origin>`): `topic`,
+/// `partition` and `offset` for a Kafka record; `topic`, `$stream` (the
+/// field name for the stream: `stream`, or another where a record already
+/// has a `stream` field) and `sequence` for a JetStream message; and
+/// outside a call `topic = ""`, `partition = -1`, `offset = -1`. The rest
+/// of the arguments are the event's own fields and message.
+macro_rules! tagged_event {
+    (target: $target:expr, $level:expr, $at:expr, $stream:ident, $($rest:tt)+) => {
+        match $at {
+            Some($crate::host::event::Origin {
+                topic,
+                position: $crate::message::Position::Kafka { partition, offset },
+            }) => tracing::event!(target: $target, $level,
+                topic = topic.as_str(), partition = *partition, offset = *offset, $($rest)+),
+            Some($crate::host::event::Origin {
+                topic,
+                position: $crate::message::Position::JetStream { stream, sequence, .. },
+            }) => tracing::event!(target: $target, $level,
+                topic = topic.as_str(), $stream = stream.as_str(), sequence = *sequence, $($rest)+),
+            None => tracing::event!(target: $target, $level,
+                topic = "", partition = -1, offset = -1, $($rest)+),
+        }
+    };
+}
 
 mod bindings;
 pub mod cache;
 mod check;
+mod event;
+mod imports;
 mod instance;
 mod output;
 pub mod transaction;
@@ -19,8 +51,9 @@ use std::time::Duration;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-pub use bindings::{Event, HandlerError, Level, RetryAfter, WORLD_PACKAGE};
+pub use bindings::{Contract, WORLD_PACKAGE};
 pub use check::CheckError;
+pub use event::Event;
 pub use instance::{CompiledHandler, Failure, FailureKind, HandlerInstance, Outcome};
 
 use crate::registry::Limits;
@@ -87,7 +120,13 @@ impl Host {
         };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        bindings::Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+        // Every released contract, side by side: their interfaces have
+        // distinct versioned names, so each component links to its own.
+        bindings::v0_1::Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |state| state,
+        )?;
+        bindings::v0_2::Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
             &mut linker,
             |state| state,
         )?;
@@ -111,7 +150,8 @@ impl Host {
         self.fuel
     }
 
-    /// Compiles `bytes` and checks them against the `handler` world.
+    /// Compiles `bytes` and checks them against the `handler` world of the
+    /// contract version they were built for (see [`Contract`]).
     ///
     /// This is CPU-heavy (milliseconds to seconds): call it from a blocking
     /// thread, not an async task.
@@ -120,7 +160,8 @@ impl Host {
     ///
     /// [`CheckError`] saying in words what is wrong: not Wasm, a core module
     /// rather than a component, a compile error, an import this runtime does
-    /// not provide, or a missing or mistyped `handle` export.
+    /// not provide (an unknown contract version among them), or a missing
+    /// or mistyped `handle` export.
     pub fn compile(
         &self,
         name: &str,
@@ -271,9 +312,39 @@ mod tests {
     }
 
     #[test]
-    fn contract_version_skew_is_explained() {
-        let err = error(r#"(component (import "weir:handler/log@0.2.0" (instance)))"#);
-        assert!(err.contains("version 0.2.0"), "{err}");
-        assert!(err.contains(WORLD_PACKAGE), "{err}");
+    fn unknown_contract_versions_are_refused_naming_the_served_ones() {
+        let err = error(r#"(component (import "weir:handler/log@0.3.0" (instance)))"#);
+        assert!(err.contains("version 0.3.0"), "{err}");
+        assert!(
+            err.contains("weir:handler@0.1.0, weir:handler@0.2.0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn two_contract_versions_in_one_component_are_refused() {
+        let err = error(
+            r#"(component
+                 (import "weir:handler/log@0.1.0" (instance))
+                 (import "weir:handler/config@0.2.0" (instance)))"#,
+        );
+        assert!(err.contains("two versions"), "{err}");
+    }
+
+    #[test]
+    fn a_served_version_passes_the_version_check() {
+        // An import of 0.1.0 or 0.2.0 is not refused for its version; this
+        // one then fails on the missing export instead.
+        for version in ["0.1.0", "0.2.0"] {
+            let err = error(&format!(
+                r#"(component (import "weir:handler/types@{version}" (instance)))"#
+            ));
+            assert!(!err.contains("serves"), "{version}: {err}");
+            assert!(err.contains("does not export"), "{version}: {err}");
+            assert!(
+                err.contains(&format!("@{version}/handler")),
+                "{version}: {err}"
+            );
+        }
     }
 }

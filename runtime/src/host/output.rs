@@ -1,7 +1,10 @@
 //! The guest's stdout and stderr, captured line by line into the log.
 //!
 //! Each complete line becomes one log record (target `weir::guest`) with the
-//! handler's name, the stream and the event being handled. A line longer
+//! handler's name, the stream (`stream = stdout` or `stderr`) and where the
+//! event being handled sits: `topic`, `partition`, `offset` for Kafka;
+//! `topic`, `jetstream` (the stream's name, since `stream` is taken) and
+//! `sequence` for JetStream. A line longer
 //! than [`MAX_LINE`] is split. At most [`MAX_PER_CALL`] bytes per call are
 //! logged; the rest is dropped with one notice, so a handler printing in a
 //! loop cannot flood the log. A partial line is flushed when the call ends.
@@ -14,6 +17,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+
+use super::event::Origin;
 
 /// Longest line logged as one record.
 pub const MAX_LINE: usize = 4096;
@@ -28,7 +33,7 @@ struct Capture {
     logged: usize,
     /// Whether the truncation notice was given in this call.
     truncated: bool,
-    current: Option<(String, i32, i64)>,
+    current: Option<Origin>,
 }
 
 impl Capture {
@@ -66,16 +71,15 @@ impl Capture {
         self.logged += line.len();
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches('\r');
-        let (topic, partition, offset) = match &self.current {
-            Some((t, p, o)) => (t.as_str(), *p, *o),
-            None => ("", -1, -1),
-        };
         let handler = &*self.handler;
         let stream = self.stream;
+        let at = self.current.as_ref();
         if stream == "stderr" {
-            tracing::warn!(target: "weir::guest", handler, stream, topic, partition, offset, "{text}");
+            tagged_event!(target: "weir::guest", tracing::Level::WARN, at, jetstream,
+                handler, stream, "{text}");
         } else {
-            tracing::info!(target: "weir::guest", handler, stream, topic, partition, offset, "{text}");
+            tagged_event!(target: "weir::guest", tracing::Level::INFO, at, jetstream,
+                handler, stream, "{text}");
         }
     }
 }
@@ -107,7 +111,7 @@ impl GuestOutput {
 
     /// A call for this event begins: tag lines with it and reset the
     /// per-call budget.
-    pub fn begin(&self, current: Option<(String, i32, i64)>) {
+    pub fn begin(&self, current: Option<Origin>) {
         let mut capture = self.lock();
         capture.current = current;
         capture.logged = 0;
