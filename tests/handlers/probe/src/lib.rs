@@ -1,4 +1,9 @@
-//! A handler for integration tests.
+//! A handler for integration tests, built for the frozen contract
+//! `weir:handler@0.1.0` (`wit/0.1.0/handler.wit`) directly with wit-bindgen,
+//! not with `weir-sdk`: it is the repository's 0.1.0 component, so every
+//! test that runs it shows that components built for 0.1.0 keep running.
+//! It sees what 0.1.0 gives: a partition and an offset, which for a NATS
+//! JetStream message are partition 0 and the stream sequence.
 //!
 //! Every call logs exactly one `info` record, message `probe`, with fields
 //! `id`, `topic`, `partition`, `offset`, `attempt`, `key_hex` (lowercase hex,
@@ -28,7 +33,23 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-use weir_sdk::{Event, Handler, HandlerError, export_handler, log};
+/// The `weir:handler@0.1.0` bindings, and the component's export.
+mod bindings {
+    #![allow(missing_docs, unsafe_code, clippy::too_many_arguments)]
+
+    wit_bindgen::generate!({
+        path: "../../../wit/0.1.0",
+        world: "weir:handler/handler",
+        additional_derives: [PartialEq, Eq],
+    });
+
+    use super::Probe;
+
+    export!(Probe with_types_in self);
+}
+
+use bindings::weir::handler::log;
+use bindings::weir::handler::types::{Event, HandlerError, RetryAfter};
 
 /// Header whose value selects the failure.
 const FAIL_HEADER: &str = "probe.fail";
@@ -51,7 +72,7 @@ fn plan(request: Option<&[u8]>, attempt: u32) -> Plan {
         return Plan::Return(Ok(()));
     };
     let Ok(request) = std::str::from_utf8(request) else {
-        return Plan::Return(Err(HandlerError::permanent(format!(
+        return Plan::Return(Err(HandlerError::Permanent(format!(
             "probe: {FAIL_HEADER} is not UTF-8"
         ))));
     };
@@ -61,19 +82,21 @@ fn plan(request: Option<&[u8]>, attempt: u32) -> Plan {
     };
     let number = arg.map(str::parse::<u64>);
     Plan::Return(match (kind, number) {
-        ("retryable", Some(Ok(n))) if u64::from(attempt) <= n => Err(HandlerError::retryable(
+        ("retryable", Some(Ok(n))) if u64::from(attempt) <= n => Err(HandlerError::Retryable(
             format!("probe asked to fail attempt {attempt} of the first {n}"),
         )),
-        ("retry-after", Some(Ok(ms))) if attempt == 1 => Err(HandlerError::retry_after(
-            Duration::from_millis(ms),
-            "probe asked to retry later",
-        )),
+        ("retry-after", Some(Ok(ms))) if attempt == 1 => {
+            Err(HandlerError::RetryAfter(RetryAfter {
+                delay_ms: ms,
+                reason: "probe asked to retry later".into(),
+            }))
+        }
         ("retryable" | "retry-after", Some(Ok(_))) => Ok(()),
-        ("permanent", None) => Err(HandlerError::permanent(
-            "probe asked for a permanent failure",
+        ("permanent", None) => Err(HandlerError::Permanent(
+            "probe asked for a permanent failure".into(),
         )),
         ("trap", None) => return Plan::Trap,
-        _ => Err(HandlerError::permanent(format!(
+        _ => Err(HandlerError::Permanent(format!(
             "probe: cannot understand {FAIL_HEADER} = {request:?}; expected retryable:N, \
              permanent, retry-after:MS or trap"
         ))),
@@ -98,53 +121,71 @@ fn fnv1a(bytes: &[u8]) -> String {
     format!("{hash:016x}")
 }
 
+/// The first header called `name`.
+fn header<'a>(event: &'a Event, name: &str) -> Option<&'a [u8]> {
+    event
+        .headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_slice())
+}
+
+/// What `plan` asks for, as the `outcome` field says it.
+fn outcome(plan: &Plan) -> &'static str {
+    match plan {
+        Plan::Trap => "trap",
+        Plan::Return(Ok(())) => "ok",
+        Plan::Return(Err(HandlerError::Retryable(_))) => "retryable",
+        Plan::Return(Err(HandlerError::RetryAfter(_))) => "retry-after",
+        Plan::Return(Err(HandlerError::Permanent(_))) => "permanent",
+    }
+}
+
+/// The fields of the one `probe` record a call logs.
+fn record(event: &Event, outcome: &str) -> Vec<(String, String)> {
+    let headers = serde_json::Value::Array(
+        event
+            .headers
+            .iter()
+            .map(|(name, value)| serde_json::json!([name, hex(value)]))
+            .collect(),
+    )
+    .to_string();
+    let payload = &event.payload;
+    [
+        ("id", event.id.clone()),
+        ("topic", event.topic.clone()),
+        ("partition", event.partition.to_string()),
+        ("offset", event.offset.to_string()),
+        ("attempt", event.attempt.to_string()),
+        (
+            "key_hex",
+            event.key.as_deref().map_or_else(|| "none".into(), hex),
+        ),
+        ("payload_len", payload.len().to_string()),
+        ("payload_fnv", fnv1a(payload)),
+        ("payload_hex", hex(&payload[..payload.len().min(HEX_LIMIT)])),
+        ("headers", headers),
+        ("outcome", outcome.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
 /// The test probe.
 pub struct Probe;
 
-impl Handler for Probe {
+impl bindings::Guest for Probe {
     fn handle(event: Event) -> Result<(), HandlerError> {
-        if let Some(ms) = event
-            .header_str("probe.sleep-ms")
+        if let Some(ms) = header(&event, "probe.sleep-ms")
+            .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.parse().ok())
         {
             std::thread::sleep(Duration::from_millis(ms));
         }
-        let plan = plan(event.header(FAIL_HEADER), event.attempt());
-        let outcome = match &plan {
-            Plan::Trap => "trap",
-            Plan::Return(Ok(())) => "ok",
-            Plan::Return(Err(HandlerError::Retryable(_))) => "retryable",
-            Plan::Return(Err(HandlerError::RetryAfter(..))) => "retry-after",
-            Plan::Return(Err(HandlerError::Permanent(_))) => "permanent",
-        };
-        let headers = serde_json::Value::Array(
-            event
-                .headers()
-                .iter()
-                .map(|(name, value)| serde_json::json!([name, hex(value)]))
-                .collect(),
-        )
-        .to_string();
-        let payload = event.payload();
-        log::info(
-            "probe",
-            &[
-                ("id", event.id()),
-                ("topic", event.topic()),
-                ("partition", &event.partition().to_string()),
-                ("offset", &event.offset().to_string()),
-                ("attempt", &event.attempt().to_string()),
-                ("key_hex", &event.key().map_or_else(|| "none".into(), hex)),
-                ("payload_len", &payload.len().to_string()),
-                ("payload_fnv", &fnv1a(payload)),
-                (
-                    "payload_hex",
-                    &hex(&payload[..payload.len().min(HEX_LIMIT)]),
-                ),
-                ("headers", &headers),
-                ("outcome", outcome),
-            ],
-        );
+        let plan = plan(header(&event, FAIL_HEADER), event.attempt);
+        log::log(log::Level::Info, "probe", &record(&event, outcome(&plan)));
         match plan {
             Plan::Return(result) => result,
             Plan::Trap => panic!("probe trap"),
@@ -152,14 +193,33 @@ impl Handler for Probe {
     }
 }
 
-export_handler!(Probe);
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn plan_for(spec: &str, attempt: u32) -> Plan {
         plan(Some(spec.as_bytes()), attempt)
+    }
+
+    fn event(payload: Vec<u8>) -> Event {
+        Event {
+            id: "t/0/0".into(),
+            topic: "t".into(),
+            key: None,
+            payload,
+            headers: Vec::new(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+            attempt: 1,
+        }
+    }
+
+    fn field<'a>(record: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        record
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     #[test]
@@ -181,10 +241,10 @@ mod tests {
         ));
         assert_eq!(
             plan_for("retry-after:250", 1),
-            Plan::Return(Err(HandlerError::retry_after(
-                Duration::from_millis(250),
-                "probe asked to retry later"
-            )))
+            Plan::Return(Err(HandlerError::RetryAfter(RetryAfter {
+                delay_ms: 250,
+                reason: "probe asked to retry later".into()
+            })))
         );
         assert_eq!(plan_for("retry-after:250", 2), Plan::Return(Ok(())));
         assert_eq!(plan_for("trap", 1), Plan::Trap);
@@ -214,51 +274,38 @@ mod tests {
     }
 
     #[test]
-    fn logs_one_record_with_everything() {
-        let _ = log::take_records();
-        let event = Event::new("t", vec![0x00, 0xab])
-            .with_key(vec![0xc3, 0x28])
-            .with_header(FAIL_HEADER, "retryable:1")
-            .with_header("empty", Vec::new());
-        assert!(matches!(
-            Probe::handle(event),
-            Err(HandlerError::Retryable(_))
-        ));
-        let records = log::take_records();
-        assert_eq!(records.len(), 1);
-        let record = &records[0];
-        assert_eq!(record.message, "probe");
-        assert_eq!(record.level, log::Level::Info);
-        assert_eq!(record.field("key_hex"), Some("c328"));
-        assert_eq!(record.field("payload_len"), Some("2"));
-        assert_eq!(record.field("payload_hex"), Some("00ab"));
+    fn one_record_holds_everything() {
+        let mut e = event(vec![0x00, 0xab]);
+        e.key = Some(vec![0xc3, 0x28]);
+        e.headers = vec![
+            (FAIL_HEADER.into(), b"retryable:1".to_vec()),
+            ("empty".into(), Vec::new()),
+        ];
+        e.partition = 2;
+        e.offset = 40;
+        let plan = plan(header(&e, FAIL_HEADER), e.attempt);
+        assert_eq!(outcome(&plan), "retryable");
+        let logged = record(&e, outcome(&plan));
+        let fields = logged.as_slice();
+        assert_eq!(field(fields, "partition"), Some("2"));
+        assert_eq!(field(fields, "offset"), Some("40"));
+        assert_eq!(field(fields, "key_hex"), Some("c328"));
+        assert_eq!(field(fields, "payload_len"), Some("2"));
+        assert_eq!(field(fields, "payload_hex"), Some("00ab"));
         assert_eq!(
-            record.field("payload_fnv"),
+            field(fields, "payload_fnv"),
             Some(fnv1a(&[0x00, 0xab]).as_str())
         );
         assert_eq!(
-            record.field("headers"),
+            field(fields, "headers"),
             Some(r#"[["probe.fail","726574727961626c653a31"],["empty",""]]"#)
         );
-        assert_eq!(record.field("outcome"), Some("retryable"));
+        assert_eq!(field(fields, "outcome"), Some("retryable"));
 
-        let _ = Probe::handle(Event::new("t", Vec::new()));
-        let records = log::take_records();
-        assert_eq!(records[0].field("key_hex"), Some("none"));
-        assert_eq!(records[0].field("headers"), Some("[]"));
-        assert_eq!(records[0].field("outcome"), Some("ok"));
-    }
-
-    #[test]
-    fn trap_logs_first_then_panics() {
-        let _ = log::take_records();
-        let trapped = std::panic::catch_unwind(|| {
-            Probe::handle(Event::new("t", Vec::new()).with_header(FAIL_HEADER, "trap"))
-        });
-        assert!(trapped.is_err());
-        let records = log::take_records();
-        assert_eq!(records.len(), 1);
-        assert_eq!(records[0].field("outcome"), Some("trap"));
+        let plain = record(&event(Vec::new()), "ok");
+        assert_eq!(field(&plain, "key_hex"), Some("none"));
+        assert_eq!(field(&plain, "headers"), Some("[]"));
+        assert_eq!(field(&plain, "outcome"), Some("ok"));
     }
 
     #[test]
