@@ -1,11 +1,13 @@
 //! Logs every event it receives: the smallest useful handler.
 //!
 //! One `info` record per event, message `event`, with fields `id`, `topic`,
-//! `partition`, `offset`, `attempt`, the key (`key` when it is UTF-8,
-//! `key_hex` when it is not, neither when there is no key) and
-//! `payload_bytes`. It never fails.
+//! `broker`, the position in that broker's terms (Kafka: `partition` and
+//! `offset`; NATS JetStream: `stream` and `sequence`; other brokers:
+//! `position`), `attempt`, the key (`key` when it is UTF-8, `key_hex` when
+//! it is not, neither when there is no key) and `payload_bytes`. It never
+//! fails.
 
-use weir_sdk::{Event, Handler, HandlerError, export_handler, log};
+use weir_sdk::{Event, Handler, HandlerError, Position, export_handler, log};
 
 /// Logs each event's identity, position, key and size.
 pub struct LogEvents;
@@ -15,10 +17,22 @@ impl Handler for LogEvents {
         let mut fields: Vec<(&str, String)> = vec![
             ("id", event.id().to_string()),
             ("topic", event.topic().to_string()),
-            ("partition", event.partition().to_string()),
-            ("offset", event.offset().to_string()),
-            ("attempt", event.attempt().to_string()),
+            ("broker", event.broker().to_string()),
         ];
+        match event.position() {
+            Position::Kafka { partition, offset } => {
+                fields.push(("partition", partition.to_string()));
+                fields.push(("offset", offset.to_string()));
+            }
+            Position::JetStream {
+                stream, sequence, ..
+            } => {
+                fields.push(("stream", stream.clone()));
+                fields.push(("sequence", sequence.to_string()));
+            }
+            other => fields.push(("position", other.to_string())),
+        }
+        fields.push(("attempt", event.attempt().to_string()));
         match (event.key_str(), event.key()) {
             (Some(text), _) => fields.push(("key", text.to_string())),
             (None, Some(bytes)) => fields.push(("key_hex", hex(bytes))),
@@ -63,7 +77,7 @@ mod tests {
         let record = logged(
             Event::new("orders", b"hello".to_vec())
                 .with_key("customer-1")
-                .with_position(3, 17)
+                .with_position(Position::kafka(3, 17))
                 .with_attempt(2),
         );
         assert_eq!(record.level, Level::Info);
@@ -78,6 +92,7 @@ mod tests {
             [
                 ("id", "orders/3/17"),
                 ("topic", "orders"),
+                ("broker", "kafka"),
                 ("partition", "3"),
                 ("offset", "17"),
                 ("attempt", "2"),
@@ -85,6 +100,18 @@ mod tests {
                 ("payload_bytes", "5"),
             ]
         );
+    }
+
+    #[test]
+    fn a_jetstream_message_is_logged_by_stream_and_sequence() {
+        let record = logged(
+            Event::new("orders.placed", Vec::new()).with_position(Position::jetstream("ORDERS", 7)),
+        );
+        assert_eq!(record.field("broker"), Some("jetstream"));
+        assert_eq!(record.field("stream"), Some("ORDERS"));
+        assert_eq!(record.field("sequence"), Some("7"));
+        assert_eq!(record.field("partition"), None);
+        assert_eq!(record.field("id"), Some("ORDERS/7"));
     }
 
     #[test]

@@ -9,11 +9,12 @@
 //!   under `customer/<key>`, and a points event goes to `output_topic`.
 //! - `OrderCancelled` takes the order's points back (and emits the change).
 //! - `OrderPaid` / `OrderShipped` only check that the order is known.
-//! - An event about an order not placed yet is *retryable*: its
-//!   `OrderPlaced` may still be on its way under another key. After the
-//!   manifest's last attempt it is dead-lettered.
-//! - Malformed JSON, a missing field or an unknown `event_type` is
-//!   permanent: dead-lettered at once.
+//! - An event about an order not placed yet is *retryable* (category
+//!   `not-found`): its `OrderPlaced` may still be on its way under another
+//!   key. After the manifest's last attempt it is dead-lettered.
+//! - Malformed JSON or a missing field (category `validation`), an unknown
+//!   `event_type` (`schema-mismatch`) or a bad `points_per_euro` setting
+//!   (`configuration`) is permanent: dead-lettered at once.
 //!
 //! The same handler is written in Python (`handlers-examples/loyalty-py`)
 //! and JavaScript (`handlers-examples/loyalty-js`); all three behave
@@ -21,7 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use weir_sdk::{Event, Handler, HandlerError, config, emit, export_handler, state};
+use weir_sdk::{Category, Event, Handler, HandlerError, config, emit, export_handler, state};
 
 /// An order's points, kept under `order/<id>`.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -41,6 +42,11 @@ pub struct Balance {
 
 fn not_placed(order_id: &str) -> HandlerError {
     HandlerError::retryable(format!("order {order_id} is not placed yet"))
+        .category(Category::NotFound)
+}
+
+fn invalid(reason: &str) -> HandlerError {
+    HandlerError::permanent(reason).category(Category::Validation)
 }
 
 /// Applies one order event.
@@ -52,15 +58,13 @@ fn not_placed(order_id: &str) -> HandlerError {
 pub fn apply(event: &Event) -> Result<(), HandlerError> {
     let order: serde_json::Value = event.json()?;
     if !order.is_object() {
-        return Err(HandlerError::permanent(
-            "an order event must be a JSON object",
-        ));
+        return Err(invalid("an order event must be a JSON object"));
     }
     let (Some(kind), Some(order_id)) = (
         order["event_type"].as_str(),
         order["aggregate_id"].as_str().filter(|id| !id.is_empty()),
     ) else {
-        return Err(HandlerError::permanent(
+        return Err(invalid(
             "event_type and aggregate_id must be non-empty strings",
         ));
     };
@@ -71,9 +75,7 @@ pub fn apply(event: &Event) -> Result<(), HandlerError> {
         "OrderPlaced" => {
             let amount = order["data"]["amount_cents"].as_i64().filter(|a| *a >= 0);
             let Some(amount) = amount else {
-                return Err(HandlerError::permanent(
-                    "data.amount_cents must be a non-negative integer",
-                ));
+                return Err(invalid("data.amount_cents must be a non-negative integer"));
             };
             let per_euro = match config::get("points_per_euro") {
                 None => 1,
@@ -81,6 +83,7 @@ pub fn apply(event: &Event) -> Result<(), HandlerError> {
                     HandlerError::permanent(format!(
                         "config points_per_euro = {v:?} is not an integer"
                     ))
+                    .category(Category::Configuration)
                 })?,
             };
             let points = amount / 100 * per_euro;
@@ -108,9 +111,10 @@ pub fn apply(event: &Event) -> Result<(), HandlerError> {
             return Ok(());
         }
         other => {
-            return Err(HandlerError::permanent(format!(
-                "unknown event_type {other:?}"
-            )));
+            return Err(
+                HandlerError::permanent(format!("unknown event_type {other:?}"))
+                    .category(Category::SchemaMismatch),
+            );
         }
     };
 
@@ -185,14 +189,24 @@ mod tests {
     #[test]
     fn unknown_orders_are_retryable_and_malformed_events_permanent() {
         state::clear();
+        let category = |result: Result<(), HandlerError>| {
+            result.map_err(|err| (err.is_permanent(), err.category))
+        };
         let paid = apply(&event("c-1", "OrderPaid", "nope", 0));
-        assert!(matches!(paid, Err(HandlerError::Retryable(_))), "{paid:?}");
+        assert_eq!(category(paid), Err((false, Some(Category::NotFound))));
         let bad = apply(&Event::new("orders", "{not json"));
-        assert!(matches!(bad, Err(HandlerError::Permanent(_))), "{bad:?}");
+        assert_eq!(category(bad), Err((true, Some(Category::Validation))));
         let unknown = apply(&event("c-1", "OrderLost", "o-1", 0));
-        assert!(
-            matches!(unknown, Err(HandlerError::Permanent(_))),
-            "{unknown:?}"
+        assert_eq!(
+            category(unknown),
+            Err((true, Some(Category::SchemaMismatch)))
+        );
+        config::set_for_test("points_per_euro", "lots");
+        let misconfigured = apply(&event("c-1", "OrderPlaced", "o-2", 100));
+        config::clear_for_test();
+        assert_eq!(
+            category(misconfigured),
+            Err((true, Some(Category::Configuration)))
         );
     }
 }

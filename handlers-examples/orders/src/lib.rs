@@ -1,10 +1,11 @@
 //! Validates order events in the seed envelope and logs the accepted ones.
 //!
-//! Malformed events (bad JSON, missing fields, unknown `event_type`) are
-//! rejected as permanent errors, so Weir dead-letters them at once.
+//! Malformed events (bad JSON, missing fields: category `validation`; an
+//! unknown `event_type`: category `schema-mismatch`) are rejected as
+//! permanent errors, so Weir dead-letters them at once.
 
 use serde::Deserialize;
-use weir_sdk::{Event, Handler, HandlerError, export_handler, log};
+use weir_sdk::{Category, Event, Handler, HandlerError, export_handler, log};
 
 /// The envelope every order event travels in.
 #[derive(Debug, Deserialize, PartialEq)]
@@ -45,10 +46,11 @@ pub fn parse(event: &Event) -> Result<Envelope, HandlerError> {
             "unknown event_type {:?}; expected one of {}",
             envelope.event_type,
             KNOWN_TYPES.join(", ")
-        )));
+        ))
+        .category(Category::SchemaMismatch));
     }
     if envelope.aggregate_id.trim().is_empty() {
-        return Err(HandlerError::permanent("aggregate_id is empty"));
+        return Err(HandlerError::permanent("aggregate_id is empty").category(Category::Validation));
     }
     Ok(envelope)
 }
@@ -117,7 +119,7 @@ mod tests {
 
         let rejected = Orders::handle(event("not json"));
         assert!(
-            matches!(rejected, Err(HandlerError::Permanent(_))),
+            rejected.as_ref().is_err_and(HandlerError::is_permanent),
             "{rejected:?}"
         );
         assert!(log::take_records().is_empty());
@@ -151,8 +153,14 @@ mod tests {
         ];
         for (payload, needle) in cases {
             match parse(&event(payload)) {
-                Err(HandlerError::Permanent(message)) => {
-                    assert!(message.contains(needle), "{payload}: {message}")
+                Err(err) if err.is_permanent() => {
+                    assert!(err.reason.contains(needle), "{payload}: {err}");
+                    let expected = if needle == "unknown event_type" {
+                        Category::SchemaMismatch
+                    } else {
+                        Category::Validation
+                    };
+                    assert_eq!(err.category, Some(expected), "{payload}");
                 }
                 other => panic!("{payload}: expected a permanent error, got {other:?}"),
             }

@@ -22,7 +22,7 @@
 //! Inspect the read model with `weir state list projection --prefix order/`.
 
 use serde::{Deserialize, Serialize};
-use weir_sdk::{Event, Handler, HandlerError, export_handler, state};
+use weir_sdk::{Category, Event, Handler, HandlerError, export_handler, state};
 
 /// The fields of an order event this projection needs.
 #[derive(Debug, Deserialize)]
@@ -60,11 +60,13 @@ pub struct CustomerView {
 ///
 /// # Errors
 ///
-/// Permanent for malformed events; retryable if the state is unavailable.
+/// Permanent for malformed events (category `validation`, or
+/// `schema-mismatch` for an unknown `event_type`); retryable if the state
+/// is unavailable.
 pub fn apply(event: &Event) -> Result<(), HandlerError> {
     let order: OrderEvent = event.json()?;
     if order.aggregate_id.trim().is_empty() {
-        return Err(HandlerError::permanent("aggregate_id is empty"));
+        return Err(HandlerError::permanent("aggregate_id is empty").category(Category::Validation));
     }
     let status = match order.event_type.as_str() {
         "OrderPlaced" => "placed",
@@ -72,9 +74,10 @@ pub fn apply(event: &Event) -> Result<(), HandlerError> {
         "OrderShipped" => "shipped",
         "OrderCancelled" => "cancelled",
         other => {
-            return Err(HandlerError::permanent(format!(
-                "unknown event_type {other:?}"
-            )));
+            return Err(
+                HandlerError::permanent(format!("unknown event_type {other:?}"))
+                    .category(Category::SchemaMismatch),
+            );
         }
     };
     let amount = order.data["amount_cents"].as_u64().unwrap_or(0);
@@ -156,15 +159,14 @@ mod tests {
             r#"{"event_type":"OrderPlaced","aggregate_id":" "}"#,
         ] {
             let result = Projection::handle(Event::new("orders", payload.as_bytes().to_vec()));
-            assert!(
-                matches!(result, Err(HandlerError::Permanent(_))),
-                "{payload}: {result:?}"
-            );
+            let err = result.expect_err(payload);
+            assert!(err.is_permanent(), "{payload}: {err}");
+            assert_eq!(err.category, Some(Category::Validation), "{payload}");
         }
         let unknown = r#"{"event_type":"OrderLost","aggregate_id":"o1"}"#;
-        assert!(matches!(
-            Projection::handle(Event::new("orders", unknown.as_bytes().to_vec())),
-            Err(HandlerError::Permanent(_))
-        ));
+        let err = Projection::handle(Event::new("orders", unknown.as_bytes().to_vec()))
+            .expect_err("unknown type");
+        assert!(err.is_permanent(), "{err}");
+        assert_eq!(err.category, Some(Category::SchemaMismatch));
     }
 }

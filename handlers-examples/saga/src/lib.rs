@@ -17,7 +17,7 @@
 //! id) gets the recorded decision, not a second payment.
 
 use serde::{Deserialize, Serialize};
-use weir_sdk::{Event, Handler, HandlerError, config, emit, export_handler, log, state};
+use weir_sdk::{Category, Event, Handler, HandlerError, config, emit, export_handler, log, state};
 
 /// The fields of an order event this step needs.
 #[derive(Debug, Deserialize)]
@@ -57,7 +57,7 @@ pub fn step(event: &Event) -> Result<(), HandlerError> {
         return Ok(());
     }
     if order.aggregate_id.trim().is_empty() {
-        return Err(HandlerError::permanent("aggregate_id is empty"));
+        return Err(HandlerError::permanent("aggregate_id is empty").category(Category::Validation));
     }
     let key = format!("step/{}", order.aggregate_id);
     if let Some(earlier) = state::get_json::<Decision>(&key)? {
@@ -70,9 +70,10 @@ pub fn step(event: &Event) -> Result<(), HandlerError> {
         );
         return Ok(());
     }
-    let amount = order.data["amount_cents"]
-        .as_u64()
-        .ok_or_else(|| HandlerError::permanent("OrderPlaced without data.amount_cents"))?;
+    let amount = order.data["amount_cents"].as_u64().ok_or_else(|| {
+        HandlerError::permanent("OrderPlaced without data.amount_cents")
+            .category(Category::Validation)
+    })?;
     let limit: u64 = config::parse("max_amount_cents").unwrap_or(1500);
     let (decision, topic) = if amount <= limit {
         let decision = Decision {
@@ -173,10 +174,10 @@ mod tests {
             Ok(())
         );
         let no_amount = r#"{"event_type":"OrderPlaced","aggregate_id":"o1"}"#;
-        assert!(matches!(
-            Saga::handle(Event::new("orders", no_amount.as_bytes().to_vec())),
-            Err(HandlerError::Permanent(_))
-        ));
+        let err = Saga::handle(Event::new("orders", no_amount.as_bytes().to_vec()))
+            .expect_err("no amount");
+        assert!(err.is_permanent(), "{err}");
+        assert_eq!(err.category, Some(Category::Validation));
         assert!(emit::take_sent().is_empty());
     }
 }

@@ -4,7 +4,8 @@
 //! Return `Ok(())` when done; `HandlerError::retryable` for a transient
 //! failure (retried with backoff, then dead-lettered); and
 //! `HandlerError::permanent` for an event that can never succeed
-//! (dead-lettered at once).
+//! (dead-lettered at once). `.category(Category::…)` on an error says what
+//! kind of failure it was, for operators counting failures by cause.
 
 use serde::{Deserialize, Serialize};
 use weir_sdk::{Event, Handler, HandlerError, config, export_handler, log, state};
@@ -26,7 +27,8 @@ struct {{type_name}};
 
 impl Handler for {{type_name}} {
     fn handle(event: Event) -> Result<(), HandlerError> {
-        // Malformed JSON becomes a permanent error: dead-lettered, not retried.
+        // Malformed JSON becomes a permanent error (category `validation`):
+        // dead-lettered, not retried.
         let message: Message = event.json()?;
         let key = format!("seen/{}", event.key_str().unwrap_or("-"));
         // State writes commit with the event's outcome, or not at all.
@@ -59,7 +61,8 @@ mod tests {
 
     #[test]
     fn malformed_json_is_permanent() {
-        let result = {{type_name}}::handle(Event::new("{{name}}", "not json"));
-        assert!(matches!(result, Err(HandlerError::Permanent(_))));
+        let err = {{type_name}}::handle(Event::new("{{name}}", "not json")).expect_err("not JSON");
+        assert!(err.is_permanent(), "{err}");
+        assert_eq!(err.category, Some(weir_sdk::Category::Validation));
     }
 }

@@ -28,7 +28,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::HandlerError;
+use crate::{Category, HandlerError};
 
 /// Largest event (key, payload and headers), in bytes.
 pub const MAX_EVENT_BYTES: usize = 1 << 20;
@@ -64,10 +64,11 @@ impl fmt::Display for EmitError {
 
 impl std::error::Error for EmitError {}
 
-/// A bad topic or an oversized event never succeeds on retry: permanent.
+/// A bad topic or an oversized event never succeeds on retry: permanent,
+/// category `internal` (the handler's own doing).
 impl From<EmitError> for HandlerError {
     fn from(err: EmitError) -> Self {
-        HandlerError::permanent(err.to_string())
+        HandlerError::permanent(err.to_string()).category(Category::Internal)
     }
 }
 

@@ -29,7 +29,7 @@ use std::fmt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::HandlerError;
+use crate::{Category, HandlerError};
 
 /// Longest key, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -72,13 +72,17 @@ impl fmt::Display for StateError {
 
 impl std::error::Error for StateError {}
 
-/// Limits are the handler's own doing and will not change on retry:
-/// permanent. An unavailable store is transient: retryable.
+/// An unavailable store is transient: retryable, category
+/// `service-unavailable`. Limits (and a stored value that is not the JSON
+/// expected) are the handler's own doing and will not change on retry:
+/// permanent, category `internal`.
 impl From<StateError> for HandlerError {
     fn from(err: StateError) -> Self {
         match err {
-            StateError::Unavailable(_) => HandlerError::retryable(err.to_string()),
-            _ => HandlerError::permanent(err.to_string()),
+            StateError::Unavailable(_) => {
+                HandlerError::retryable(err.to_string()).category(Category::ServiceUnavailable)
+            }
+            _ => HandlerError::permanent(err.to_string()).category(Category::Internal),
         }
     }
 }
