@@ -9,11 +9,12 @@
 //   `customer/<key>`, and a points event goes to `output_topic`.
 // - `OrderCancelled` takes the order's points back (and emits the change).
 // - `OrderPaid` / `OrderShipped` only check that the order is known.
-// - An event about an order not placed yet is *retryable*: its `OrderPlaced`
-//   may still be on its way under another key. After the manifest's last
-//   attempt it is dead-lettered.
-// - Malformed JSON, a missing field or an unknown `event_type` is permanent:
-//   dead-lettered at once.
+// - An event about an order not placed yet is *retryable* (category
+//   `not-found`): its `OrderPlaced` may still be on its way under another
+//   key. After the manifest's last attempt it is dead-lettered.
+// - Malformed JSON or a missing field (category `validation`), an unknown
+//   `event_type` (`schema-mismatch`) or a bad `points_per_euro` setting
+//   (`configuration`) is permanent: dead-lettered at once.
 //
 // The state writes, the dedup mark and the emitted event commit in one
 // transaction, so a redelivered event never earns points twice. The same
@@ -23,7 +24,11 @@
 // `./weir.js` is the SDK (sdk/js/weir.js): the build copies it beside this
 // file, because the component is built from one directory.
 
-import { handler, Permanent, Retryable, state, emit, config, log } from "./weir.js";
+import { handler, Category, Permanent, Retryable, state, emit, config, log } from "./weir.js";
+
+const invalid = (reason) => new Permanent(reason, { category: Category.VALIDATION });
+const notPlaced = (orderId) =>
+  new Retryable(`order ${orderId} is not placed yet`, { category: Category.NOT_FOUND });
 
 function balanceOf(customer) {
   return state.getJson(`customer/${customer}`, { points: 0 }).points;
@@ -32,12 +37,12 @@ function balanceOf(customer) {
 export const handle = handler((event) => {
   const order = event.json();
   if (order === null || typeof order !== "object" || Array.isArray(order)) {
-    throw new Permanent("an order event must be a JSON object");
+    throw invalid("an order event must be a JSON object");
   }
   const kind = order.event_type;
   const orderId = order.aggregate_id;
   if (typeof kind !== "string" || typeof orderId !== "string" || orderId === "") {
-    throw new Permanent("event_type and aggregate_id must be non-empty strings");
+    throw invalid("event_type and aggregate_id must be non-empty strings");
   }
   let customer = event.keyString() ?? "anonymous";
   const orderKey = `order/${orderId}`;
@@ -46,23 +51,23 @@ export const handle = handler((event) => {
   if (kind === "OrderPlaced") {
     const amount = (order.data || {}).amount_cents;
     if (!Number.isInteger(amount) || amount < 0) {
-      throw new Permanent("data.amount_cents must be a non-negative integer");
+      throw invalid("data.amount_cents must be a non-negative integer");
     }
     const points = Math.floor(amount / 100) * config.getInt("points_per_euro", 1);
     state.setJson(orderKey, { customer, points });
     change = points;
   } else if (kind === "OrderCancelled") {
     const placed = state.getJson(orderKey);
-    if (placed === undefined) throw new Retryable(`order ${orderId} is not placed yet`);
+    if (placed === undefined) throw notPlaced(orderId);
     state.delete(orderKey);
     customer = placed.customer;
     change = -placed.points;
   } else if (kind === "OrderPaid" || kind === "OrderShipped") {
-    if (state.get(orderKey) === undefined) throw new Retryable(`order ${orderId} is not placed yet`);
+    if (state.get(orderKey) === undefined) throw notPlaced(orderId);
     log.debug("order progressed", { order_id: orderId, event_type: kind });
     return;
   } else {
-    throw new Permanent(`unknown event_type ${JSON.stringify(kind)}`);
+    throw new Permanent(`unknown event_type ${JSON.stringify(kind)}`, { category: Category.SCHEMA_MISMATCH });
   }
 
   const balance = balanceOf(customer) + change;

@@ -3,58 +3,112 @@
 // A handler is a function wrapped with `handler()` and exported as `handle`.
 // Build it into a WebAssembly component with componentize-js, put the
 // `.wasm` beside a manifest naming its topics, and Weir calls it once per
-// message:
+// message, from whichever broker it consumes (components built with this
+// SDK use the contract `weir:handler@0.2.0`):
 //
-//     import { handler, Permanent, log } from "./weir.js";
+//     import { handler, Permanent, Category, log } from "./weir.js";
 //
 //     export const handle = handler((event) => {
-//       const order = event.json();        // malformed JSON: Permanent
+//       const order = event.json();        // malformed JSON: Permanent, category "validation"
 //       if (!(order.amount_cents > 0)) {
-//         throw new Permanent("an order must have a positive amount");
+//         throw new Permanent("an order must have a positive amount", { category: Category.VALIDATION });
 //       }
-//       log.info("order accepted", { order_id: order.order_id });
+//       log.info("order accepted", { order_id: order.order_id, broker: event.broker });
 //     });
 //
 // Returning normally marks the event done. Throw `Retryable` for a
 // transient failure (retried with the manifest's backoff, dead-lettered
 // after the last attempt; pass `{ delayMs }` to choose the delay), and
-// `Permanent` for an event that can never succeed (dead-lettered at once).
-// Any other exception is logged with its stack and treated as retryable,
-// like a panic in a Rust handler.
+// `Permanent` for an event that can never succeed (dead-lettered at once);
+// either takes a `{ category }` (a `Category` value, or a kebab-case name
+// of your own) so that operators can count failures by cause. Any other
+// exception is logged with its stack and treated as retryable (category
+// `internal`), like a panic in a Rust handler.
+//
+// `event.position` says where the message sits in its broker, in that
+// broker's terms (`{ broker: "kafka", partition, offset }`,
+// `{ broker: "jetstream", stream, sequence, delivered }`, …), and
+// `event.broker` which broker it is.
 //
 // `state` is a key-value store private to the handler, `emit` sends events
 // through an outbox and `config` reads the manifest's `[config]` table.
 // State writes and emitted events of one call are committed with the
 // event's outcome in one transaction, or discarded if the call fails.
 
-import { log as hostLog } from "weir:handler/log@0.1.0";
-import * as hostState from "weir:handler/state@0.1.0";
-import { send as hostSend } from "weir:handler/emit@0.1.0";
-import * as hostConfig from "weir:handler/config@0.1.0";
+import { log as hostLog } from "weir:handler/log@0.2.0";
+import * as hostState from "weir:handler/state@0.2.0";
+import { send as hostSend } from "weir:handler/emit@0.2.0";
+import * as hostConfig from "weir:handler/config@0.2.0";
+
+/** The version of the `weir:handler` contract this SDK builds components for. */
+export const CONTRACT = "weir:handler@0.2.0";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder("utf-8", { fatal: true });
+
+/**
+ * What kind of failure a handler met, so that operators can count and alert
+ * on failures by cause (Weir records it with the failure, e.g. in the dead
+ * letter). It does not change whether the event is retried. Any other
+ * kebab-case string is a category of the handler's own
+ * (`"payment-declined"`).
+ */
+export const Category = Object.freeze({
+  /** A dependency did not answer in time. */
+  TIMEOUT: "timeout",
+  /** A dependency (a database, a service, the state store) is down,
+   *  unreachable or refused the connection. */
+  SERVICE_UNAVAILABLE: "service-unavailable",
+  /** A dependency or quota throttled the handler. */
+  RATE_LIMITED: "rate-limited",
+  /** The event is malformed or breaks a rule (bad JSON, a missing field). */
+  VALIDATION: "validation",
+  /** The event is well-formed but of a type, shape or schema version the
+   *  handler does not understand. */
+  SCHEMA_MISMATCH: "schema-mismatch",
+  /** Something the event refers to does not exist (or not yet). */
+  NOT_FOUND: "not-found",
+  /** The event conflicts with the current state (a duplicate, a concurrent
+   *  change, a failed precondition). */
+  CONFLICT: "conflict",
+  /** Credentials were missing or refused, or lack the permission. */
+  UNAUTHORIZED: "unauthorized",
+  /** The handler's settings (the manifest's `[config]`) are missing or
+   *  invalid. */
+  CONFIGURATION: "configuration",
+  /** A bug or an unexpected condition in the handler itself. */
+  INTERNAL: "internal",
+});
+
+const NAMED_CATEGORIES = new Set(Object.values(Category));
 
 /** A transient failure: the event is tried again after a backoff. */
 export class Retryable extends Error {
   /**
    * @param {string} reason
-   * @param {{ delayMs?: number }} [options] choose the delay before the next
-   *   attempt instead of the manifest's backoff
+   * @param {{ delayMs?: number, category?: string }} [options] `delayMs`
+   *   chooses the delay before the next attempt instead of the manifest's
+   *   backoff; `category` says what kind of failure it was (see `Category`)
    */
   constructor(reason, options = {}) {
     super(reason);
     this.name = "Retryable";
     this.delayMs = options.delayMs;
+    this.category = options.category;
   }
 }
 
 /** The event can never succeed: it is dead-lettered without retries. */
 export class Permanent extends Error {
-  /** @param {string} reason */
-  constructor(reason) {
+  /**
+   * @param {string} reason
+   * @param {{ category?: string }} [options] what kind of failure it was
+   *   (see `Category`)
+   */
+  constructor(reason, options = {}) {
     super(reason);
     this.name = "Permanent";
+    this.category = options.category;
   }
 }
 
@@ -115,12 +169,66 @@ function text(value) {
   }
 }
 
+// The WIT's 64-bit values arrive as BigInt; offsets, sequences, tags and
+// millisecond timestamps stay far below 2^53, so plain numbers are exact.
+const num = (v) => (v === undefined ? undefined : Number(v));
+
+/**
+ * A position from the WIT variant ({ tag, val }) as one plain object whose
+ * `broker` names the case, with camelCase fields and numbers:
+ * `{ broker: "kafka", partition, offset }`,
+ * `{ broker: "jetstream", stream, sequence, delivered }`,
+ * `{ broker: "rabbitmq", exchange, routingKey, deliveryTag, redelivered }`,
+ * `{ broker: "redis", stream, entryId }`,
+ * `{ broker: "sqs", queue, messageId, receiveCount, sequenceNumber }`,
+ * `{ broker: "pulsar", ledgerId, entryId, partition, batchIndex, redeliveryCount }`.
+ * `wit/handler.wit` documents every field.
+ */
+function position({ tag, val }) {
+  switch (tag) {
+    case "kafka":
+      return { broker: tag, partition: val.partition, offset: num(val.offset) };
+    case "jetstream":
+      return { broker: tag, stream: val.stream, sequence: num(val.sequence), delivered: num(val.delivered) };
+    case "rabbitmq":
+      return {
+        broker: tag,
+        exchange: val.exchange,
+        routingKey: val.routingKey,
+        deliveryTag: num(val.deliveryTag),
+        redelivered: val.redelivered,
+      };
+    case "redis":
+      return { broker: tag, stream: val.stream, entryId: val.entryId };
+    case "sqs":
+      return {
+        broker: tag,
+        queue: val.queue,
+        messageId: val.messageId,
+        receiveCount: val.receiveCount,
+        sequenceNumber: val.sequenceNumber,
+      };
+    case "pulsar":
+      return {
+        broker: tag,
+        ledgerId: num(val.ledgerId),
+        entryId: num(val.entryId),
+        partition: val.partition,
+        batchIndex: val.batchIndex,
+        redeliveryCount: val.redeliveryCount,
+      };
+    default:
+      return { broker: String(tag), ...val };
+  }
+}
+
 /** One message from the broker. Bytes stay bytes; helpers decode them. */
 export class Event {
   constructor(raw) {
     /** Stable identity, used for deduplication. */
     this.id = raw.id;
-    /** Topic the message was consumed from. */
+    /** Where the message was consumed from: a Kafka topic, a NATS subject,
+     *  a queue or a stream, in the broker's terms. */
     this.topic = raw.topic;
     /** Message key (Uint8Array, not necessarily UTF-8), or undefined. */
     this.key = raw.key;
@@ -128,15 +236,19 @@ export class Event {
     this.payload = raw.payload;
     /** Headers in broker order, as [name, Uint8Array] pairs. */
     this.headers = raw.headers;
-    this.partition = raw.partition;
-    // The WIT's s64 values arrive as BigInt; offsets and millisecond
-    // timestamps stay far below 2^53, so plain numbers are exact.
-    /** Offset within the partition. */
-    this.offset = Number(raw.offset);
+    /** Where the message sits in its broker, in its terms; `position.broker`
+     *  says which broker (see `position()` above for the shapes). */
+    this.position = position(raw.position);
     /** Producer or broker timestamp, ms since the Unix epoch, or undefined. */
-    this.timestampMs = raw.timestampMs === undefined ? undefined : Number(raw.timestampMs);
+    this.timestampMs = num(raw.timestampMs);
     /** 1 on the first call, 2 on the first retry, and so on. */
     this.attempt = raw.attempt;
+  }
+
+  /** Which broker delivered the message: `kafka`, `jetstream`, `rabbitmq`,
+   *  `redis`, `sqs` or `pulsar`. */
+  get broker() {
+    return this.position.broker;
   }
 
   /** The key as text, or undefined when absent or not UTF-8. */
@@ -144,20 +256,22 @@ export class Event {
     return this.key === undefined ? undefined : text(this.key);
   }
 
-  /** The payload as text; throws Permanent when it is not UTF-8. */
+  /** The payload as text; throws Permanent (category `validation`) when
+   *  it is not UTF-8. */
   text() {
     const t = text(this.payload);
-    if (t === undefined) throw new Permanent("payload is not UTF-8");
+    if (t === undefined) throw new Permanent("payload is not UTF-8", { category: Category.VALIDATION });
     return t;
   }
 
-  /** The payload parsed as JSON; throws Permanent when it is not. */
+  /** The payload parsed as JSON; throws Permanent (category `validation`)
+   *  when it is not. */
   json() {
     try {
       return JSON.parse(this.text());
     } catch (e) {
       if (e instanceof Permanent) throw e;
-      throw new Permanent(`payload is not valid JSON: ${e.message}`);
+      throw new Permanent(`payload is not valid JSON: ${e.message}`, { category: Category.VALIDATION });
     }
   }
 
@@ -232,30 +346,51 @@ export const config = {
   /** The setting `key`, or `fallback` when unset. */
   get: (key, fallback = undefined) => hostConfig.get(key) ?? fallback,
   /** The setting `key` as an integer, or `fallback` when unset; throws
-   *  Permanent when set but not an integer. */
+   *  Permanent (category `configuration`) when set but not an integer. */
   getInt(key, fallback) {
     const v = hostConfig.get(key);
     if (v === undefined) return fallback;
-    if (!/^-?\d+$/.test(v.trim())) throw new Permanent(`config ${key} = ${JSON.stringify(v)} is not an integer`);
+    if (!/^-?\d+$/.test(v.trim())) {
+      throw new Permanent(`config ${key} = ${JSON.stringify(v)} is not an integer`, {
+        category: Category.CONFIGURATION,
+      });
+    }
     return Number.parseInt(v, 10);
   },
   /** Every setting, as an object. */
   all: () => Object.fromEntries(hostConfig.getAll()),
 };
 
+// A category name as the WIT's `error-category` variant, or undefined.
+function witCategory(category) {
+  if (category === undefined || category === null) return undefined;
+  const name = String(category);
+  return NAMED_CATEGORIES.has(name) ? { tag: name } : { tag: "other", val: name };
+}
+
+function failure(reason, category) {
+  return { reason, category: witCategory(category) };
+}
+
 function toWitError(e) {
-  if (e instanceof Permanent) return { tag: "permanent", val: e.message };
+  if (e instanceof Permanent) return { tag: "permanent", val: failure(e.message, e.category) };
   if (e instanceof Retryable) {
     return e.delayMs === undefined
-      ? { tag: "retryable", val: e.message }
-      : { tag: "retry-after", val: { delayMs: BigInt(e.delayMs), reason: e.message } };
+      ? { tag: "retryable", val: failure(e.message, e.category) }
+      : {
+          tag: "retry-after",
+          val: { delayMs: BigInt(e.delayMs), reason: e.message, category: witCategory(e.category) },
+        };
   }
   if (e instanceof HostError) {
     // An unavailable store is transient; a limit is the handler's own doing.
-    return e.kind === "unavailable" ? { tag: "retryable", val: e.message } : { tag: "permanent", val: e.message };
+    return e.kind === "unavailable"
+      ? { tag: "retryable", val: failure(e.message, Category.SERVICE_UNAVAILABLE) }
+      : { tag: "permanent", val: failure(e.message, Category.INTERNAL) };
   }
   const name = (e && e.name) || "Error";
-  return { tag: "retryable", val: `${name}: ${e && e.message !== undefined ? e.message : String(e)}` };
+  const reason = `${name}: ${e && e.message !== undefined ? e.message : String(e)}`;
+  return { tag: "retryable", val: failure(reason, Category.INTERNAL) };
 }
 
 /**

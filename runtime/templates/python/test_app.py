@@ -19,8 +19,9 @@ class HandlerTest(unittest.TestCase):
         self.assertEqual(weir.testing.state()["seen/k"], b'{"count":2}')
 
     def test_malformed_json_is_permanent(self) -> None:
-        with self.assertRaises(weir.Permanent):
+        with self.assertRaises(weir.Permanent) as raised:
             weir.run(weir.Event(b"not json"))
+        self.assertEqual(raised.exception.category, weir.Category.VALIDATION)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,19 @@
 
 A handler is a function decorated with `@weir.handler`. Build it into a
 WebAssembly component with componentize-py, put the `.wasm` beside a
-manifest naming its topics, and Weir calls it once per message::
+manifest naming its topics, and Weir calls it once per message, from
+whichever broker it consumes (components built with this SDK use the
+contract `weir:handler@0.2.0`)::
 
     import weir
 
     @weir.handler
     def handle(event: weir.Event) -> None:
-        order = event.json()              # malformed JSON: weir.Permanent
+        order = event.json()              # malformed JSON: weir.Permanent, category "validation"
         if order.get("amount_cents", 0) <= 0:
-            raise weir.Permanent("an order must have a positive amount")
-        weir.log.info("order accepted", order_id=order["order_id"])
+            raise weir.Permanent("an order must have a positive amount",
+                                 category=weir.Category.VALIDATION)
+        weir.log.info("order accepted", order_id=order["order_id"], broker=event.broker)
 
     # The component's export: componentize-py looks for `WitWorld`.
     WitWorld = weir.WitWorld
@@ -20,8 +23,14 @@ Returning normally marks the event done. Raise `weir.Retryable` for a
 transient failure (retried with the manifest's backoff, dead-lettered after
 the last attempt; pass `delay_ms` to choose the delay), and
 `weir.Permanent` for an event that can never succeed (dead-lettered at
-once). Any other exception is logged with its traceback and treated as
-retryable, like a panic in a Rust handler.
+once); either takes a `category=` (a `weir.Category`, or a kebab-case name
+of your own) so that operators can count failures by cause. Any other
+exception is logged with its traceback and treated as retryable (category
+`internal`), like a panic in a Rust handler.
+
+`event.position` says where the message sits in its broker, in that
+broker's terms (`weir.KafkaPosition`, `weir.JetStreamPosition`, …), and
+`event.broker` which broker it is.
 
 `weir.state` is a key-value store private to the handler, `weir.emit` sends
 events through an outbox and `weir.config` reads the manifest's `[config]`
@@ -29,18 +38,29 @@ table. State writes and emitted events of one call are committed with the
 event's outcome in one transaction, or discarded if the call fails.
 """
 
+import enum as _enum
 import json as _json
 import traceback as _traceback
-from typing import Any, Callable, List, Optional, Tuple, Union
+from dataclasses import dataclass as _dataclass
+from typing import Any, Callable, ClassVar, List, Optional, Tuple, Union
 
 from . import _host, config, log, state
 from ._host import HostError, IN_WEIR
 
 __all__ = [
+    "CONTRACT",
     "Event",
+    "Category",
     "Retryable",
     "Permanent",
     "HostError",
+    "KafkaPosition",
+    "JetStreamPosition",
+    "RabbitMQPosition",
+    "RedisPosition",
+    "SQSPosition",
+    "PulsarPosition",
+    "Position",
     "handler",
     "emit",
     "state",
@@ -50,32 +70,182 @@ __all__ = [
     "IN_WEIR",
 ]
 
+#: The version of the `weir:handler` contract this SDK builds components for.
+CONTRACT = "weir:handler@0.2.0"
+
+
+class Category(str, _enum.Enum):
+    """What kind of failure a handler met, so that operators can count and
+    alert on failures by cause (Weir records it with the failure, e.g. in
+    the dead letter). It does not change whether the event is retried.
+
+    Pass a member, its value (`"service-unavailable"`), or a short
+    kebab-case name of your own (`"payment-declined"`), which Weir records
+    as it is (lowercased; other characters than letters, digits and `-`
+    become `-`).
+    """
+
+    #: A dependency did not answer in time.
+    TIMEOUT = "timeout"
+    #: A dependency (a database, a service, the state store) is down,
+    #: unreachable or refused the connection.
+    SERVICE_UNAVAILABLE = "service-unavailable"
+    #: A dependency or quota throttled the handler.
+    RATE_LIMITED = "rate-limited"
+    #: The event is malformed or breaks a rule (bad JSON, a missing field).
+    VALIDATION = "validation"
+    #: The event is well-formed but of a type, shape or schema version the
+    #: handler does not understand.
+    SCHEMA_MISMATCH = "schema-mismatch"
+    #: Something the event refers to does not exist (or not yet).
+    NOT_FOUND = "not-found"
+    #: The event conflicts with the current state (a duplicate, a
+    #: concurrent change, a failed precondition).
+    CONFLICT = "conflict"
+    #: Credentials were missing or refused, or lack the permission.
+    UNAUTHORIZED = "unauthorized"
+    #: The handler's settings (the manifest's `[config]`) are missing or
+    #: invalid.
+    CONFIGURATION = "configuration"
+    #: A bug or an unexpected condition in the handler itself.
+    INTERNAL = "internal"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _category(category: Union[Category, str, None]) -> Optional[str]:
+    if category is None:
+        return None
+    if isinstance(category, Category):
+        return category.value
+    return str(category)
+
 
 class Retryable(Exception):
     """A transient failure: the event is tried again after a backoff.
 
     `delay_ms` chooses the delay before the next attempt instead of the
     manifest's backoff (for example from a rate limiter's answer).
+    `category` says what kind of failure it was (see `Category`).
     """
 
-    def __init__(self, reason: str, delay_ms: Optional[int] = None):
+    def __init__(
+        self,
+        reason: str,
+        delay_ms: Optional[int] = None,
+        *,
+        category: Union[Category, str, None] = None,
+    ):
         super().__init__(reason)
         self.reason = reason
         self.delay_ms = delay_ms
+        #: The category's kebab-case name, or None.
+        self.category: Optional[str] = _category(category)
 
 
 class Permanent(Exception):
-    """The event can never succeed: it is dead-lettered without retries."""
+    """The event can never succeed: it is dead-lettered without retries.
 
-    def __init__(self, reason: str):
+    `category` says what kind of failure it was (see `Category`).
+    """
+
+    def __init__(self, reason: str, *, category: Union[Category, str, None] = None):
         super().__init__(reason)
         self.reason = reason
+        #: The category's kebab-case name, or None.
+        self.category: Optional[str] = _category(category)
+
+
+# Positions: where a message sits in its broker, in that broker's terms.
+# `wit/handler.wit` documents every field.
+
+
+@_dataclass(frozen=True)
+class KafkaPosition:
+    """A Kafka record: partition and offset."""
+
+    broker: ClassVar[str] = "kafka"
+    partition: int
+    offset: int
+
+
+@_dataclass(frozen=True)
+class JetStreamPosition:
+    """A NATS JetStream message: its stream, stream sequence, and how often
+    the server has delivered it (this delivery included)."""
+
+    broker: ClassVar[str] = "jetstream"
+    stream: str
+    sequence: int
+    delivered: int = 1
+
+
+@_dataclass(frozen=True)
+class RabbitMQPosition:
+    """A RabbitMQ (AMQP 0-9-1) delivery; the event's topic is the queue."""
+
+    broker: ClassVar[str] = "rabbitmq"
+    exchange: str
+    routing_key: str
+    delivery_tag: int
+    redelivered: bool = False
+
+
+@_dataclass(frozen=True)
+class RedisPosition:
+    """A Redis Streams entry: the stream's key and the entry ID."""
+
+    broker: ClassVar[str] = "redis"
+    stream: str
+    entry_id: str
+
+
+@_dataclass(frozen=True)
+class SQSPosition:
+    """An Amazon SQS message; the event's topic is the queue's name."""
+
+    broker: ClassVar[str] = "sqs"
+    queue: str
+    message_id: str
+    receive_count: int = 1
+    sequence_number: Optional[str] = None
+
+
+@_dataclass(frozen=True)
+class PulsarPosition:
+    """An Apache Pulsar message: the parts of its message ID."""
+
+    broker: ClassVar[str] = "pulsar"
+    ledger_id: int
+    entry_id: int
+    partition: Optional[int] = None
+    batch_index: Optional[int] = None
+    redelivery_count: int = 0
+
+
+Position = Union[KafkaPosition, JetStreamPosition, RabbitMQPosition, RedisPosition, SQSPosition, PulsarPosition]
+
+_POSITIONS = {
+    "Position_Kafka": KafkaPosition,
+    "Position_Jetstream": JetStreamPosition,
+    "Position_Rabbitmq": RabbitMQPosition,
+    "Position_Redis": RedisPosition,
+    "Position_Sqs": SQSPosition,
+    "Position_Pulsar": PulsarPosition,
+}
+
+
+def _position_from_wit(p: Any) -> Position:
+    """`Position_Kafka(value=KafkaPosition(...))` -> `weir.KafkaPosition(...)`."""
+    cls = _POSITIONS[type(p).__name__]
+    return cls(**vars(p.value))
 
 
 class Event:
     """One message from the broker. Bytes stay bytes; helpers decode them."""
 
-    __slots__ = ("id", "topic", "key", "payload", "headers", "partition", "offset", "timestamp_ms", "attempt")
+    __slots__ = ("id", "topic", "key", "payload", "headers", "position", "timestamp_ms", "attempt")
 
     def __init__(
         self,
@@ -85,14 +255,14 @@ class Event:
         topic: str = "test",
         key: Union[bytes, str, None] = None,
         headers: Optional[List[Tuple[str, bytes]]] = None,
-        partition: int = 0,
-        offset: int = 0,
+        position: Optional[Position] = None,
         timestamp_ms: Optional[int] = None,
         attempt: int = 1,
     ):
         #: Stable identity, used for deduplication.
         self.id = id
-        #: Topic the message was consumed from.
+        #: Where the message was consumed from: a Kafka topic, a NATS
+        #: subject, a queue or a stream, in the broker's terms.
         self.topic = topic
         #: Message key, if any (not necessarily UTF-8).
         self.key: Optional[bytes] = key.encode() if isinstance(key, str) else key
@@ -100,12 +270,19 @@ class Event:
         self.payload: bytes = payload.encode() if isinstance(payload, str) else payload
         #: Headers in broker order; names may repeat.
         self.headers: List[Tuple[str, bytes]] = list(headers or [])
-        self.partition = partition
-        self.offset = offset
+        #: Where the message sits in its broker (default: Kafka partition 0,
+        #: offset 0).
+        self.position: Position = KafkaPosition(0, 0) if position is None else position
         #: Producer or broker timestamp, ms since the Unix epoch.
         self.timestamp_ms = timestamp_ms
         #: 1 on the first call, 2 on the first retry, and so on.
         self.attempt = attempt
+
+    @property
+    def broker(self) -> str:
+        """Which broker delivered the message: `kafka`, `jetstream`,
+        `rabbitmq`, `redis`, `sqs` or `pulsar`."""
+        return self.position.broker
 
     @classmethod
     def _from_wit(cls, e: Any) -> "Event":
@@ -115,8 +292,7 @@ class Event:
             topic=e.topic,
             key=e.key,
             headers=e.headers,
-            partition=e.partition,
-            offset=e.offset,
+            position=_position_from_wit(e.position),
             timestamp_ms=e.timestamp_ms,
             attempt=e.attempt,
         )
@@ -131,18 +307,20 @@ class Event:
             return None
 
     def text(self) -> str:
-        """The payload as text; raises `Permanent` when it is not UTF-8."""
+        """The payload as text; raises `Permanent` (category `validation`)
+        when it is not UTF-8."""
         try:
             return self.payload.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise Permanent(f"payload is not UTF-8: {e}") from None
+            raise Permanent(f"payload is not UTF-8: {e}", category=Category.VALIDATION) from None
 
     def json(self) -> Any:
-        """The payload parsed as JSON; raises `Permanent` when it is not."""
+        """The payload parsed as JSON; raises `Permanent` (category
+        `validation`) when it is not."""
         try:
             return _json.loads(self.payload)
         except ValueError as e:
-            raise Permanent(f"payload is not valid JSON: {e}") from None
+            raise Permanent(f"payload is not valid JSON: {e}", category=Category.VALIDATION) from None
 
     def header(self, name: str) -> Optional[bytes]:
         """The first header called `name` (case-sensitive), if any."""
@@ -162,7 +340,10 @@ class Event:
             return None
 
     def __repr__(self) -> str:
-        return f"Event(id={self.id!r}, topic={self.topic!r}, key={self.key!r}, attempt={self.attempt})"
+        return (
+            f"Event(id={self.id!r}, topic={self.topic!r}, key={self.key!r}, "
+            f"position={self.position!r}, attempt={self.attempt})"
+        )
 
 
 def _bytes(value: Union[bytes, str, None]) -> Optional[bytes]:
@@ -205,22 +386,55 @@ def handler(fn: Callable[[Event], None]) -> Callable[[Event], None]:
     return fn
 
 
-def _to_wit_error(e: BaseException) -> Any:
-    from wit_world.imports import types
+_CATEGORIES = {
+    "timeout": "ErrorCategory_Timeout",
+    "service-unavailable": "ErrorCategory_ServiceUnavailable",
+    "rate-limited": "ErrorCategory_RateLimited",
+    "validation": "ErrorCategory_Validation",
+    "schema-mismatch": "ErrorCategory_SchemaMismatch",
+    "not-found": "ErrorCategory_NotFound",
+    "conflict": "ErrorCategory_Conflict",
+    "unauthorized": "ErrorCategory_Unauthorized",
+    "configuration": "ErrorCategory_Configuration",
+    "internal": "ErrorCategory_Internal",
+}
 
+
+def _wit_category(types: Any, category: Optional[str]) -> Any:
+    if category is None:
+        return None
+    name = _CATEGORIES.get(category)
+    if name is None:
+        return types.ErrorCategory_Other(category)
+    return getattr(types, name)()
+
+
+def _failure(e: BaseException) -> Tuple[str, str, Optional[str], Optional[int]]:
+    """(kind, reason, category, delay_ms) of what `handle` raised."""
     if isinstance(e, Permanent):
-        return types.HandlerError_Permanent(e.reason)
+        return ("permanent", e.reason, e.category, None)
     if isinstance(e, Retryable):
-        if e.delay_ms is not None:
-            return types.HandlerError_RetryAfter(types.RetryAfter(int(e.delay_ms), e.reason))
-        return types.HandlerError_Retryable(e.reason)
+        kind = "retryable" if e.delay_ms is None else "retry-after"
+        return (kind, e.reason, e.category, e.delay_ms)
     if isinstance(e, HostError):
         # An unavailable store is transient; a limit is the handler's own
         # doing and will not change on retry.
         if e.kind == "Unavailable":
-            return types.HandlerError_Retryable(str(e))
-        return types.HandlerError_Permanent(str(e))
-    return types.HandlerError_Retryable(f"{type(e).__name__}: {e}")
+            return ("retryable", str(e), Category.SERVICE_UNAVAILABLE.value, None)
+        return ("permanent", str(e), Category.INTERNAL.value, None)
+    return ("retryable", f"{type(e).__name__}: {e}", Category.INTERNAL.value, None)
+
+
+def _to_wit_error(e: BaseException) -> Any:
+    from wit_world.imports import types
+
+    kind, reason, category, delay_ms = _failure(e)
+    wit_category = _wit_category(types, category)
+    if kind == "permanent":
+        return types.HandlerError_Permanent(types.Failure(reason, wit_category))
+    if kind == "retry-after":
+        return types.HandlerError_RetryAfter(types.RetryAfter(int(delay_ms or 0), reason, wit_category))
+    return types.HandlerError_Retryable(types.Failure(reason, wit_category))
 
 
 def run(event: Event) -> None:

@@ -14,8 +14,8 @@ def get(key: str, default: Optional[str] = None) -> Optional[str]:
 def get_int(key: str, default: int) -> int:
     """The setting `key` as an integer, or `default` when unset.
 
-    Raises `weir.Permanent` when it is set but not an integer: a
-    misconfigured handler cannot succeed by retrying.
+    Raises `weir.Permanent` (category `configuration`) when it is set but
+    not an integer: a misconfigured handler cannot succeed by retrying.
     """
     value = _host.config_get(key)
     if value is None:
@@ -23,9 +23,9 @@ def get_int(key: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        from . import Permanent
+        from . import Category, Permanent
 
-        raise Permanent(f"config {key} = {value!r} is not an integer") from None
+        raise Permanent(f"config {key} = {value!r} is not an integer", category=Category.CONFIGURATION) from None
 
 
 def all() -> Dict[str, str]:  # noqa: A001
