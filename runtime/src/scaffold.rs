@@ -13,8 +13,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-/// Version of the WIT package and of the SDKs.
+/// Version of the SDKs (the runtime's version).
 const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The contract a new project builds against: the newest one served.
+const CONTRACT: &str = crate::host::WORLD_PACKAGE;
 /// componentize-py release the Python projects are built with.
 pub const COMPONENTIZE_PY: &str = "0.25.1";
 /// componentize-js release the JavaScript projects are built with.
@@ -214,6 +216,7 @@ fn fill(template: &str, name: &str, language: Language) -> String {
             },
         )
         .replace("{{version}}", VERSION)
+        .replace("{{contract}}", CONTRACT)
         .replace("{{componentize_py}}", COMPONENTIZE_PY)
         .replace("{{componentize_js}}", COMPONENTIZE_JS)
 }
@@ -284,6 +287,7 @@ mod tests {
         "{{lang}}",
         "{{language}}",
         "{{version}}",
+        "{{contract}}",
         "{{componentize_py}}",
         "{{componentize_js}}",
         "{{files}}",
@@ -319,7 +323,8 @@ mod tests {
             }
             crate::registry::Manifest::load(&dir.join("order-totals.toml"))
                 .expect("the manifest is valid");
-            assert!(dir.join("wit/handler.wit").is_file());
+            let wit = std::fs::read_to_string(dir.join("wit/handler.wit")).expect("the WIT");
+            assert!(wit.contains(&format!("package {CONTRACT};")), "{language}");
             assert!(dir.join("order-totals.toml").is_file());
             // A second run refuses to overwrite.
             let err = create(language, "order-totals", &dir).expect_err("not empty");
