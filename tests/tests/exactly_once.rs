@@ -2,9 +2,9 @@
 //!
 //! The `counter` test handler increments a per-key counter in `state` and
 //! emits one event per input carrying the new count. The input stream has
-//! duplicate event ids. Weir is killed again and again at random moments
-//! (SIGKILL), or aborts itself at the worst moments (fault points), and is
-//! restarted; at the end:
+//! duplicate event ids. Weir aborts itself at the worst moments (fault
+//! points: before and after the commit, after a publish) and is restarted;
+//! at the end:
 //!
 //! - every per-key count in `state` equals the number of distinct input
 //!   events with that key: nothing lost, nothing applied twice;
@@ -13,16 +13,16 @@
 //!   counts carried by the distinct emitted events are exactly 1..=n: after
 //!   deduplication by event id, each effect appears exactly once.
 //!
-//! `WEIR_CRASH_CYCLES` sets the number of kill/restart cycles (default 12).
+//! The SIGKILL-at-random-moments loop runs on every broker in
+//! `conformance.rs` (`WEIR_CRASH_CYCLES` cycles, 4 by default).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use weir_tests::{
-    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, header, poll_until, stop,
-    unhex,
+    Broker, Deployment, KafkaTool, Record, Rng, broker_test, header, poll_until, stop, unhex,
 };
 
 const INPUT: &str = "events";
@@ -30,45 +30,6 @@ const OUTPUT: &str = "counts";
 const PARTITIONS: i32 = 3;
 const KEYS: u64 = 8;
 const WAIT: Duration = Duration::from_secs(120);
-
-fn cycles() -> usize {
-    std::env::var("WEIR_CRASH_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(12)
-}
-
-/// A small deterministic generator, so that a failing run can be repeated
-/// with the seed it prints.
-struct Rng(u64);
-
-impl Rng {
-    fn from_env() -> Self {
-        let seed = std::env::var("WEIR_CRASH_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-            });
-        eprintln!("crash test seed: WEIR_CRASH_SEED={seed}");
-        Rng(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// The input so far: every record produced, and the distinct events.
 struct Input {
@@ -168,24 +129,6 @@ fn setup() -> Result<(Broker, KafkaTool, Deployment)> {
         ),
     )?;
     Ok((broker, kafka, deployment))
-}
-
-/// "counted" records logged by the handler in this process.
-fn counted(weir: &WeirProcess) -> usize {
-    weir.guest_records("counter", "counted").len()
-}
-
-/// Waits until the process has handled something (it has joined the group
-/// and is working), up to `timeout`.
-fn wait_for_work(weir: &WeirProcess, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if counted(weir) > 0 {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
 }
 
 /// Runs weir to completion and checks every promise.
@@ -297,36 +240,6 @@ fn finish_and_verify(kafka: &KafkaTool, deployment: &Deployment, input: &Input) 
         by_id.len()
     );
     Ok(())
-}
-
-#[test]
-fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() -> Result<()> {
-    let Some(_serial) = broker_test() else {
-        return Ok(());
-    };
-    let (_broker, kafka, deployment) = setup()?;
-    let mut rng = Rng::from_env();
-    let mut input = Input::new();
-    let cycles = cycles();
-    let mut kills_mid_work = 0;
-    for cycle in 0..cycles {
-        input.produce(&kafka, &mut rng, 40, 10)?;
-        let mut weir = deployment.start(&format!("cycle-{cycle}"))?;
-        // Kill at a random moment once it is working (or after a while, if
-        // it has nothing left to do).
-        let working = wait_for_work(&weir, Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(rng.below(400)));
-        if working && weir.wait_exit(Duration::ZERO)?.is_none() {
-            kills_mid_work += 1;
-        }
-        weir.kill()?;
-    }
-    eprintln!("{cycles} SIGKILL cycles, {kills_mid_work} while handling");
-    ensure!(
-        kills_mid_work * 2 >= cycles,
-        "only {kills_mid_work} of {cycles} kills landed while weir was working"
-    );
-    finish_and_verify(&kafka, &deployment, &input)
 }
 
 #[test]

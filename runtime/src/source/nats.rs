@@ -150,6 +150,7 @@ impl NatsConnection {
                         async_nats::Event::Connected => tracing::info!(url, "connected to NATS"),
                         async_nats::Event::Disconnected => tracing::warn!(url,
                             "disconnected from NATS; reconnecting (nothing is acknowledged meanwhile)"),
+                        async_nats::Event::Closed => tracing::info!(url, "NATS connection closed"),
                         async_nats::Event::ClientError(err) => tracing::warn!(url, error = %err,
                             "cannot reach NATS; retrying with backoff (nothing is consumed or acknowledged meanwhile)"),
                         other => tracing::warn!(url, event = %other, "NATS connection event"),
