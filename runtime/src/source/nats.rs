@@ -339,14 +339,25 @@ impl NatsConsumer {
                 },
                 ..Default::default()
             };
-            let consumer: jetstream::consumer::PullConsumer = stream
-                .get_or_create_consumer(&durable, config)
+            // Creates the durable, or updates it to this manifest's ack wait
+            // and max_ack_pending. A change the server refuses (the deliver
+            // policy of an existing durable) keeps the durable as it is.
+            let consumer: jetstream::consumer::PullConsumer = match stream
+                .create_consumer(config)
                 .await
-                .map_err(|err| {
-                    anyhow::anyhow!(
-                        "cannot create consumer {durable:?} on stream {stream_name:?}: {err}"
-                    )
-                })?;
+            {
+                Ok(consumer) => consumer,
+                Err(err) => {
+                    let existing = stream.get_consumer(&durable).await.map_err(|_| {
+                        anyhow::anyhow!(
+                            "cannot create consumer {durable:?} on stream {stream_name:?}: {err}"
+                        )
+                    })?;
+                    tracing::warn!(durable = %durable, stream = %stream_name, error = %err,
+                            "the durable consumer cannot take this manifest's settings; using it as it is (delete it to start over)");
+                    existing
+                }
+            };
             let messages = consumer
                 .stream()
                 .max_messages_per_batch(self.spec.max_ack_pending.clamp(1, 256))
