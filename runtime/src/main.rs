@@ -363,12 +363,16 @@ async fn handlers(config: &Config) -> anyhow::Result<()> {
     let host = weir::runtime::host_for(config)?;
     let dir = &config.runtime.handlers_dir;
     let (loaded, failed) = load_handlers(&host, dir, &config.limits, config.broker_kind()).await?;
-    println!("{:<16} {:<13} {:<24} topics", "handler", "version", "group");
+    println!(
+        "{:<16} {:<13} {:<9} {:<24} topics",
+        "handler", "version", "contract", "group"
+    );
     for handler in &loaded {
         println!(
-            "{:<16} {:<13} {:<24} {}",
+            "{:<16} {:<13} {:<9} {:<24} {}",
             handler.name,
             handler.compiled.version(),
+            handler.compiled.contract().version(),
             handler.group(),
             handler.manifest.topics.join(", ")
         );

@@ -209,7 +209,8 @@ impl Runtime {
     fn serve(&mut self, handler: LoadedHandler) -> anyhow::Result<()> {
         let fingerprint = fingerprint(&handler.wasm_path)?;
         let group = handler.group();
-        tracing::info!(handler = %handler.name, version = %handler.compiled.version(), group = %group,
+        tracing::info!(handler = %handler.name, version = %handler.compiled.version(),
+            contract = handler.compiled.contract().version(), group = %group,
             topics = %handler.manifest.topics.join(","), broker = self.broker.kind().as_str(), "serving");
         let stats = Arc::new(HandlerStats::default());
         let (stop, stopped) = watch::channel(false);

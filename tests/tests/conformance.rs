@@ -65,6 +65,7 @@ conformance!(
     a_permanent_error_is_dead_lettered_after_one_attempt,
     a_bad_component_is_reported_while_the_others_serve,
     sigkill_in_a_loop_loses_no_state_and_emits_each_event_once,
+    contracts_0_1_and_0_2_serve_side_by_side,
 );
 
 // ---------------------------------------------------------------------------
@@ -528,6 +529,124 @@ fn ensure_dead_letter(
         "{payload}: weir.failed-at {:?}",
         dead.header("weir.failed-at")
     );
+    Ok(())
+}
+
+/// A component built for contract 0.1.0 (`probe`) and one built for 0.2.0
+/// (`sdk-probe`, as handler `modern`) serve one topic side by side: each
+/// handles every message once; the 0.1.0 one sees a partition and an offset
+/// (on JetStream: partition 0 and the stream sequence), the 0.2.0 one the
+/// broker's own position; a 0.2.0 error category reaches its dead letter.
+fn contracts_0_1_and_0_2_serve_side_by_side(broker: &dyn TestBroker) -> Result<()> {
+    broker.create_topic("events", 1)?;
+    broker.create_output_topic("events.dlq")?;
+    let deployment = broker.deployment()?;
+    deployment.add_handler("probe", "probe", "topics = [\"events\"]\n")?;
+    deployment.add_handler("sdk-probe", "modern", "topics = [\"events\"]\n")?;
+    let mut records: Vec<Record> = (0..10)
+        .map(|i| {
+            let id = format!("e{i}");
+            record(
+                &format!("k{i}"),
+                &format!("m-{i}"),
+                &[("ce_id", id.as_str())],
+            )
+        })
+        .collect();
+    // The 0.2.0 handler fails it as `validation`; the 0.1.0 one cannot
+    // name a category (and refuses the request as not understood).
+    records.push(record(
+        "k-bad",
+        "bad",
+        &[("ce_id", "e-bad"), ("probe.fail", "permanent:validation")],
+    ));
+    let produced = broker.produce("events", &records)?;
+    let mut weir = deployment.start("run")?;
+    let modern = |weir: &WeirProcess| weir.guest_records("modern", "sdk-probe");
+    let modern_oks = |weir: &WeirProcess| {
+        modern(weir)
+            .into_iter()
+            .filter(|r| r["outcome"] == "ok")
+            .count()
+    };
+    wait_oks(&weir, 10)?;
+    poll_until(
+        WAIT,
+        "10 successful calls of the 0.2.0 handler",
+        || Ok((modern_oks(&weir) >= 10).then_some(())),
+        || format!("{} so far; log: {}", modern_oks(&weir), weir.log.display()),
+    )?;
+    let dead = wait_read(broker, "events.dlq", 2, &weir)?;
+    wait_caught_up(broker, "weir.probe", "events", &produced, &weir)?;
+    wait_caught_up(broker, "weir.modern", "events", &produced, &weir)?;
+    stop(&mut weir)?;
+
+    let expected: BTreeSet<String> = (0..10).map(|i| format!("m-{i}")).collect();
+    ensure_each_once(&handled_counts([&weir]), &expected)?;
+    let position_of: BTreeMap<String, &Position> = records
+        .iter()
+        .filter_map(|r| {
+            let id = r.headers.iter().find(|(n, _)| n == "ce_id")?;
+            Some(String::from_utf8_lossy(&id.1).into_owned())
+        })
+        .zip(&produced)
+        .collect();
+    for call in oks(&weir) {
+        let (partition, offset) = position_of
+            .get(&call.id)
+            .map(|p| p.partition_offset())
+            .ok_or_else(|| anyhow!("no position for {}", call.id))?;
+        ensure!(
+            call.partition == Some(partition) && call.offset == Some(offset),
+            "0.1.0 handler saw {:?}/{:?} for {}, expected {partition}/{offset}",
+            call.partition,
+            call.offset,
+            call.id
+        );
+    }
+    let modern_calls = modern(&weir);
+    let ok_ids: BTreeSet<String> = modern_calls
+        .iter()
+        .filter(|r| r["outcome"] == "ok")
+        .filter_map(|r| r["id"].as_str().map(str::to_string))
+        .collect();
+    let expected_ids: BTreeSet<String> = (0..10).map(|i| format!("e{i}")).collect();
+    ensure!(ok_ids == expected_ids, "0.2.0 handler handled {ok_ids:?}");
+    for call in &modern_calls {
+        let id = call["id"].as_str().unwrap_or_default();
+        let position = position_of
+            .get(id)
+            .ok_or_else(|| anyhow!("0.2.0 handler saw an unknown event {id:?}"))?;
+        let seen = match position {
+            Position::Kafka { partition, offset } => {
+                call["broker"] == "kafka"
+                    && field(call, "partition") == Some(i64::from(*partition))
+                    && field(call, "offset") == Some(*offset)
+            }
+            Position::JetStream { stream, sequence } => {
+                call["broker"] == "jetstream"
+                    && call["stream"].as_str() == Some(stream.as_str())
+                    && field(call, "sequence") == i64::try_from(*sequence).ok()
+                    && call.get("partition").is_none()
+            }
+        };
+        ensure!(seen, "0.2.0 handler saw {call} for {position:?}");
+    }
+    ensure!(dead.len() == 2, "dead letters: {dead:?}");
+    for letter in &dead {
+        let category = letter.header("weir.error.category");
+        match letter.header("weir.handler").as_deref() {
+            Some("modern") => ensure!(
+                category.as_deref() == Some("validation"),
+                "0.2.0 dead letter category {category:?}"
+            ),
+            Some("probe") => ensure!(
+                category.is_none(),
+                "0.1.0 dead letter has a category {category:?}"
+            ),
+            other => anyhow::bail!("dead letter from {other:?}"),
+        }
+    }
     Ok(())
 }
 

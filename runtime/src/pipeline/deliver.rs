@@ -163,7 +163,8 @@ pub(super) async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
         }
         tracing::warn!(handler = name, version = %shared.invoker.version(), topic = %event.topic,
             position = %event.position, event_id = %event.id, attempt = event.attempt,
-            kind = failure.kind.as_str(), error = %failure.message, retry_in_ms = delay.as_millis() as u64,
+            kind = failure.kind.as_str(), category = failure.category.as_deref().unwrap_or("none"),
+            error = %failure.message, retry_in_ms = delay.as_millis() as u64,
             "attempt failed; will retry");
         if !pause(shared.shutdown.clone(), delay).await || !shared.source.owns(delivery) {
             return Settled::Released;
@@ -295,7 +296,8 @@ async fn dead_letter<S: Source, F: HandlerFactory, D: Publisher>(
                     .fetch_add(1, AtomicOrdering::Relaxed);
                 tracing::warn!(handler = name, topic = %event.topic, position = %event.position,
                     event_id = %event.id, attempts = event.attempt,
-                    kind = failure.kind.as_str(), error = %failure.message, dlq = %topic, "dead-lettered");
+                    kind = failure.kind.as_str(), category = failure.category.as_deref().unwrap_or("none"),
+                    error = %failure.message, dlq = %topic, "dead-lettered");
                 // Marks the event done (dedup mark, attempts cleared). A
                 // duplicate here means another delivery finished first.
                 return match commit(shared, event, Effects::default(), delivery).await {

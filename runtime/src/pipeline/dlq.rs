@@ -6,6 +6,8 @@ use std::time::SystemTime;
 use crate::host::{Event, Failure};
 
 /// The headers added to a dead letter, after the original ones.
+/// `weir.error.category` is there when the handler named a category
+/// (contract 0.2.0).
 pub fn headers(
     handler: &str,
     event: &Event,
@@ -18,10 +20,18 @@ pub fn headers(
         ("weir.handler", handler.to_string()),
         ("weir.error", failure.message.clone()),
         ("weir.error.kind", failure.kind.as_str().to_string()),
-        ("weir.attempts", attempts.to_string()),
-        ("weir.origin.topic", event.topic.clone()),
     ]
     .into_iter()
+    .chain(
+        failure
+            .category
+            .clone()
+            .map(|category| ("weir.error.category", category)),
+    )
+    .chain([
+        ("weir.attempts", attempts.to_string()),
+        ("weir.origin.topic", event.topic.clone()),
+    ])
     .chain(event.position.origin_headers())
     .chain([
         ("weir.event-id", event.id.clone()),
@@ -56,7 +66,7 @@ mod tests {
             kind: FailureKind::Permanent,
             message: "bad json".into(),
             poisoned: false,
-            category: None,
+            category: Some("validation".into()),
         };
         let h = headers("orders", &event, &failure, 3);
         let get = |n: &str| {
@@ -68,6 +78,7 @@ mod tests {
         assert_eq!(get("weir.handler").as_deref(), Some("orders"));
         assert_eq!(get("weir.error").as_deref(), Some("bad json"));
         assert_eq!(get("weir.error.kind").as_deref(), Some("permanent"));
+        assert_eq!(get("weir.error.category").as_deref(), Some("validation"));
         assert_eq!(get("weir.attempts").as_deref(), Some("3"));
         assert_eq!(get("weir.origin.topic").as_deref(), Some("orders"));
         assert_eq!(get("weir.origin.partition").as_deref(), Some("1"));
