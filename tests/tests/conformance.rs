@@ -10,8 +10,8 @@
 //! offset a 0.1.0 handler sees) the expectation comes from the position the
 //! broker acknowledged when the message was produced.
 //!
-//! `WEIR_CRASH_CYCLES` sets the kill/restart cycles of the crash case
-//! (default 4 here; `WEIR_CRASH_SEED` repeats a run).
+//! `WEIR_CRASH_CYCLES` sets the kill/restart cycles of the SIGKILL case
+//! (default 4); `WEIR_CRASH_SEED` repeats a run of the crash cases.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -65,6 +65,8 @@ conformance!(
     a_permanent_error_is_dead_lettered_after_one_attempt,
     a_bad_component_is_reported_while_the_others_serve,
     sigkill_in_a_loop_loses_no_state_and_emits_each_event_once,
+    aborting_at_the_worst_moments_loses_nothing_and_applies_nothing_twice,
+    effects_of_failed_attempts_are_discarded,
     contracts_0_1_and_0_2_serve_side_by_side,
 );
 
@@ -792,8 +794,9 @@ fn a_bad_component_is_reported_while_the_others_serve(broker: &dyn TestBroker) -
 }
 
 // ---------------------------------------------------------------------------
-// Crash loop: the `counter` handler counts per key in state and emits one
-// event per input (see tests/tests/exactly_once.rs for the long version).
+// Exactly-once effects, proven by crashing the process: the `counter`
+// handler counts per key in state and emits one event per input carrying the
+// new count; the input has duplicate event ids.
 
 const INPUT: &str = "events";
 const OUTPUT: &str = "counts";
@@ -881,18 +884,7 @@ fn wait_for_work(weir: &WeirProcess, timeout: Duration) -> bool {
 fn sigkill_in_a_loop_loses_no_state_and_emits_each_event_once(
     broker: &dyn TestBroker,
 ) -> Result<()> {
-    broker.create_topic(INPUT, 3)?;
-    broker.create_output_topic(OUTPUT)?;
-    let deployment = broker.deployment()?;
-    broker.prepare_for_kills(&deployment)?;
-    deployment.add_handler(
-        "counter",
-        "counter",
-        &format!(
-            "topics = [\"{INPUT}\"]\nmax_in_flight = 32\n\n[config]\noutput_topic = \"{OUTPUT}\"\nwork_ms = \"3\"\n{}",
-            broker.manifest_for_kills()
-        ),
-    )?;
+    let deployment = counter_deployment(broker, "")?;
     let mut rng = Rng::from_env();
     let mut input = Input::default();
     let cycles = crash_cycles();
@@ -912,6 +904,93 @@ fn sigkill_in_a_loop_loses_no_state_and_emits_each_event_once(
         kills_mid_work * 2 >= cycles,
         "only {kills_mid_work} of {cycles} kills landed while weir was working"
     );
+    finish_and_verify(broker, &deployment, &input)
+}
+
+/// A counter deployment on `INPUT` that emits to `OUTPUT`, ready for kills.
+fn counter_deployment(broker: &dyn TestBroker, extra: &str) -> Result<Deployment> {
+    broker.create_topic(INPUT, 3)?;
+    broker.create_output_topic(OUTPUT)?;
+    let deployment = broker.deployment()?;
+    broker.prepare_for_kills(&deployment)?;
+    deployment.add_handler(
+        "counter",
+        "counter",
+        &format!(
+            "topics = [\"{INPUT}\"]\nmax_in_flight = 32\n{extra}\n[config]\noutput_topic = \"{OUTPUT}\"\nwork_ms = \"3\"\n{}",
+            broker.manifest_for_kills()
+        ),
+    )?;
+    Ok(deployment)
+}
+
+/// Weir aborts itself, like a power cut, at the moments a crash hurts
+/// most (`WEIR_FAULT`, see `runtime/src/fault.rs`): before the group
+/// commit, after it (nobody told, nothing acknowledged), and after a
+/// publish (the outbox row not yet deleted); each several times, at a
+/// random hit. Then the same checks as the SIGKILL loop.
+fn aborting_at_the_worst_moments_loses_nothing_and_applies_nothing_twice(
+    broker: &dyn TestBroker,
+) -> Result<()> {
+    let deployment = counter_deployment(broker, "")?;
+    let mut rng = Rng::from_env();
+    let mut input = Input::default();
+    let points = ["after-commit", "after-publish", "before-commit"];
+    let mut aborted = BTreeMap::new();
+    for cycle in 0..points.len() * 3 {
+        let point = points[cycle % points.len()];
+        input.produce(broker, &mut rng, 30, 8)?;
+        let fault = format!("{point}@{}", 1 + rng.below(6));
+        let mut weir =
+            deployment.start_with_env(&format!("fault-{cycle}"), &[("WEIR_FAULT", &fault)])?;
+        match weir.wait_exit(Duration::from_secs(60))? {
+            Some(status) => {
+                ensure!(!status.success(), "weir exited cleanly with {fault} armed");
+                ensure!(
+                    weir.lines()
+                        .iter()
+                        .any(|l| l.contains("fault injection: aborting")),
+                    "weir died without reaching {fault}; log: {}",
+                    weir.log.display()
+                );
+                *aborted.entry(point).or_insert(0) += 1;
+            }
+            // It never reached the chosen hit: nothing to prove this cycle.
+            None => weir.kill()?,
+        }
+    }
+    eprintln!("aborts per fault point: {aborted:?}");
+    for point in points {
+        ensure!(
+            aborted.get(point).copied().unwrap_or(0) >= 1,
+            "never aborted at {point}: {aborted:?}"
+        );
+    }
+    finish_and_verify(broker, &deployment, &input)
+}
+
+/// A call that writes state and emits, then fails, leaves nothing behind:
+/// only the effects of the attempt that succeeded are committed.
+fn effects_of_failed_attempts_are_discarded(broker: &dyn TestBroker) -> Result<()> {
+    let deployment = counter_deployment(
+        broker,
+        "[retry]\nmax_attempts = 5\ninitial_delay = \"50ms\"\njitter = 0.0\n",
+    )?;
+    let mut input = Input::default();
+    let records: Vec<Record> = (0..6)
+        .map(|i| {
+            let id = format!("ev-{i}");
+            input.events.insert(id.clone(), "k1".into());
+            let mut headers = vec![("event_id", id.as_str())];
+            // Every other event writes, emits, then fails its first two
+            // attempts.
+            if i % 2 == 0 {
+                headers.push(("counter.fail-attempts", "2"));
+            }
+            record("k1", &format!("{{\"id\":\"{id}\"}}"), &headers)
+        })
+        .collect();
+    input.produced = broker.produce(INPUT, &records)?;
     finish_and_verify(broker, &deployment, &input)
 }
 
