@@ -256,8 +256,14 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
                 shared.source.settle(&front.delivery, settled);
             }
         }
+        let mut released = 0usize;
         for pending in lanes.into_values().flatten() {
             shared.source.settle(&pending.delivery, Settled::Released);
+            released += 1;
+        }
+        if released > 0 {
+            tracing::info!(handler = %shared.name, released,
+                "messages received but not started are left to the broker to deliver again");
         }
         let fatal = shared
             .fatal

@@ -293,11 +293,9 @@ impl Source for KafkaConsumer {
     fn settle(&self, delivery: &KafkaDelivery, outcome: Settled) {
         let slot = &delivery.slot;
         if outcome == Settled::Released {
-            if slot.owned() {
-                tracing::warn!(group = %self.group, topic = %slot.topic, partition = slot.partition,
-                    offset = delivery.offset,
-                    "record released: the committed position stays below it until the partition is reassigned or weir restarts");
-            }
+            // The pipeline says why (shutdown, or a message it gave up on).
+            tracing::debug!(group = %self.group, topic = %slot.topic, partition = slot.partition,
+                offset = delivery.offset, "record released; the committed position stays below it");
             return;
         }
         let Some(next) = slot.complete(delivery.offset) else {
