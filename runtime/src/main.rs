@@ -15,10 +15,11 @@ use weir::telemetry::{self, LogFormat};
 
 /// Weir runs event handlers written as WebAssembly components.
 ///
-/// It consumes messages from Kafka (or its embedded broker), hands each one to
-/// the handler components in a directory, retries failures with backoff,
-/// dead-letters poison messages to `<topic>.dlq`, and commits a message's
-/// offset only once its outcome is durable.
+/// It consumes messages from Kafka, NATS JetStream or its embedded
+/// Kafka-protocol broker, hands each one to the handler components in a
+/// directory, retries failures with backoff, dead-letters poison messages to
+/// `<topic>.dlq`, and acknowledges a message only once its outcome is
+/// durable.
 ///
 /// A handler is `<name>.wasm` (a component of the `weir:handler` world) plus
 /// `<name>.toml` beside it, naming at least its topics: `topics = ["orders"]`.
@@ -56,10 +57,13 @@ handled message, WEIR_LOG=weir::guest=off to silence handler logs).";
 enum Command {
     /// Serve every handler in the handlers directory until Ctrl-C or SIGTERM.
     ///
-    /// With no [source.kafka] in the configuration an embedded broker is
-    /// started on loopback and its address printed, so any Kafka client can
-    /// produce to it. On Ctrl-C/SIGTERM in-flight messages finish, offsets are
-    /// committed and the process exits 0.
+    /// The broker is the configuration's one [source.kafka] or [source.nats]
+    /// table (config/production.toml and config/nats.toml show each). With
+    /// neither, an embedded Kafka-protocol broker is started on loopback and
+    /// its address printed, so any Kafka client can produce to it. On
+    /// Ctrl-C/SIGTERM in-flight messages finish, what finished is
+    /// acknowledged and the process exits 0; if the database's writer dies it
+    /// exits 1 with the reason.
     Run {
         /// Configuration file.
         #[arg(long, short, default_value = "config/weir.toml", env = "WEIR_CONFIG")]
