@@ -273,7 +273,7 @@ pub struct LimitsSection {
     #[serde(default = "default_instances")]
     pub instances: u32,
     /// Most calls of one handler running at once (each holds an instance
-    /// and a thread). Default: the number of CPU cores.
+    /// and a thread). Default: four per CPU core.
     #[serde(default)]
     pub concurrency: Option<usize>,
 }
