@@ -585,27 +585,21 @@ impl Publisher for NatsPublisher {
         let ack = self
             .connection
             .js
-            .publish_with_headers(topic.to_string(), map.clone(), payload.clone())
+            .publish_with_headers(topic.to_string(), map, payload)
             .await
             .map_err(|err| anyhow::anyhow!("publish to {topic:?} failed: {err}"))?;
         match ack.await {
             Ok(_) => Ok(()),
-            Err(err) if err.kind() == PublishErrorKind::StreamNotFound => {
-                // The stream went away since: make it again, once.
-                lock(&self.connection.covered).remove(topic);
-                self.connection.stream_for(topic).await?;
-                self.connection
-                    .js
-                    .publish_with_headers(topic.to_string(), map, payload)
-                    .await
-                    .map_err(|err| anyhow::anyhow!("publish to {topic:?} failed: {err}"))?
-                    .await
-                    .map(|_| ())
-                    .map_err(|err| anyhow::anyhow!("publish to {topic:?} not acknowledged: {err}"))
+            Err(err) => {
+                if err.kind() == PublishErrorKind::StreamNotFound {
+                    // The stream went away since: the caller's next try
+                    // makes it again.
+                    lock(&self.connection.covered).remove(topic);
+                }
+                Err(anyhow::anyhow!(
+                    "publish to {topic:?} not acknowledged: {err}"
+                ))
             }
-            Err(err) => Err(anyhow::anyhow!(
-                "publish to {topic:?} not acknowledged: {err}"
-            )),
         }
     }
 }
