@@ -22,6 +22,19 @@
 //! offset, or the message is redelivered and either found done (skipped) or
 //! handled again with its persisted attempt count.
 //!
+//! # Lookups
+//!
+//! [`Store::seen`] runs for every message, so it does not open a read
+//! transaction of its own: it reads the dedup and attempt tables of the
+//! snapshot the writer publishes after each commit. Invariant: the writer
+//! publishes the snapshot of a commit *before* it answers any write of
+//! that commit, so a lookup that starts after a write returned sees it —
+//! exactly what a fresh read transaction would see from this process,
+//! which is the database's only writer. (A lookup racing a commit may see
+//! the state before it; so could a fresh read transaction.) If taking a
+//! snapshot fails, none is published and lookups open their own read
+//! transaction until a later commit publishes one again.
+//!
 //! # One transaction per outcome
 //!
 //! A [`Write::Finished`] carries the handler's [`Effects`]: its state writes
@@ -44,14 +57,13 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, RwLock, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition,
+    Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
+    ReadableTableMetadata, TableDefinition,
 };
 use tokio::sync::{Notify, oneshot};
 
@@ -309,11 +321,44 @@ pub struct CommitStats {
     pub conflicts: AtomicU64,
 }
 
+/// The dedup and attempt tables as of one commit (see "Lookups" above).
+struct Snapshot {
+    dedup: ReadOnlyTable<(&'static str, &'static str), u64>,
+    attempts: ReadOnlyTable<(&'static str, &'static str), u32>,
+}
+
+impl Snapshot {
+    fn take(db: &Database) -> Result<Self, String> {
+        let txn = db.begin_read().map_err(|e| e.to_string())?;
+        Ok(Self {
+            dedup: txn.open_table(DEDUP).map_err(|e| e.to_string())?,
+            attempts: txn.open_table(ATTEMPTS).map_err(|e| e.to_string())?,
+        })
+    }
+
+    fn seen(&self, handler: &str, id: &str) -> Result<Seen, redb::StorageError> {
+        let done = match self.dedup.get((handler, id))? {
+            Some(expires) => expires.value() > now_ms(),
+            None => false,
+        };
+        let attempts = self
+            .attempts
+            .get((handler, id))?
+            .map(|a| a.value())
+            .unwrap_or(0);
+        Ok(Seen { done, attempts })
+    }
+}
+
+/// The snapshot of the last commit, when there is a current one.
+type Latest = Arc<RwLock<Option<Arc<Snapshot>>>>;
+
 /// Handle to the database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
     path: Arc<PathBuf>,
+    latest: Latest,
     writer: mpsc::Sender<Request>,
     stats: Arc<CommitStats>,
     outbox_ready: Arc<Notify>,
@@ -363,6 +408,9 @@ impl Store {
                 .map_err(|e| open_error(e.to_string()))?;
         }
         txn.commit().map_err(|e| open_error(e.to_string()))?;
+        let latest: Latest = Arc::new(RwLock::new(Some(Arc::new(
+            Snapshot::take(&db).map_err(open_error)?,
+        ))));
         let db = Arc::new(db);
         let path = Arc::new(path.to_path_buf());
         let (writer, requests) = mpsc::channel();
@@ -372,6 +420,7 @@ impl Store {
         let writer_state = WriterState {
             db: db.clone(),
             path: path.clone(),
+            latest: latest.clone(),
             stats: stats.clone(),
             outbox_ready: outbox_ready.clone(),
             faults: faults.clone(),
@@ -383,6 +432,7 @@ impl Store {
         Ok(Self {
             db,
             path,
+            latest,
             writer,
             stats,
             outbox_ready,
@@ -413,25 +463,23 @@ impl Store {
         io_error(&self.path, err)
     }
 
-    /// Looks an event up. A read transaction: never blocks on writers.
+    /// Looks an event up, in the snapshot of the last commit (see
+    /// "Lookups" in the module documentation). Never blocks on writers.
     ///
     /// # Errors
     ///
     /// When the database cannot be read.
     pub fn seen(&self, handler: &str, id: &str) -> Result<Seen, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
-        let dedup = txn.open_table(DEDUP).map_err(|e| self.io(e))?;
-        let attempts = txn.open_table(ATTEMPTS).map_err(|e| self.io(e))?;
-        let done = match dedup.get((handler, id)).map_err(|e| self.io(e))? {
-            Some(expires) => expires.value() > now_ms(),
-            None => false,
+        let latest = self
+            .latest
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let snapshot = match latest {
+            Some(snapshot) => snapshot,
+            None => Arc::new(Snapshot::take(&self.db).map_err(|e| self.io(e))?),
         };
-        let attempts = attempts
-            .get((handler, id))
-            .map_err(|e| self.io(e))?
-            .map(|a| a.value())
-            .unwrap_or(0);
-        Ok(Seen { done, attempts })
+        snapshot.seen(handler, id).map_err(|e| self.io(e))
     }
 
     /// A consistent snapshot of all handlers' state, as committed now.
@@ -615,6 +663,7 @@ fn now_ms() -> u64 {
 struct WriterState {
     db: Arc<Database>,
     path: Arc<PathBuf>,
+    latest: Latest,
     stats: Arc<CommitStats>,
     outbox_ready: Arc<Notify>,
     faults: Arc<Faults>,
@@ -658,6 +707,7 @@ impl WriterState {
                     // Fault point: the transaction is durable, nobody has been
                     // told, so no offset has been stored for it.
                     fault::point("after-commit");
+                    self.publish_snapshot();
                     self.stats.commits.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .writes
@@ -684,6 +734,21 @@ impl WriterState {
                 let _ = request.reply.send(reply);
             }
         }
+    }
+}
+
+impl WriterState {
+    /// Makes the commit just made visible to lookups, before anyone is told
+    /// of it (the "Lookups" invariant in the module documentation).
+    fn publish_snapshot(&self) {
+        let snapshot = match Snapshot::take(&self.db) {
+            Ok(snapshot) => Some(Arc::new(snapshot)),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot take a snapshot for lookups; they read the database directly until the next commit");
+                None
+            }
+        };
+        *self.latest.write().unwrap_or_else(|p| p.into_inner()) = snapshot;
     }
 }
 
