@@ -51,7 +51,7 @@ fn event(i: usize) -> Event {
     }
 }
 
-fn measure(path: &PathBuf, events: usize, store: &Store) -> anyhow::Result<Figures> {
+async fn measure(path: &PathBuf, events: usize, store: &Store) -> anyhow::Result<Figures> {
     let bytes = std::fs::read(path).with_context(|| {
         format!(
             "cannot read {} (give absolute paths: cargo runs benches in runtime/)",
@@ -94,11 +94,12 @@ fn measure(path: &PathBuf, events: usize, store: &Store) -> anyhow::Result<Figur
     let started = Instant::now();
     let mut instance = compiled
         .instantiate()
+        .await
         .map_err(|f| anyhow::anyhow!("{name}: {}", f.message))?;
     let first_instance = started.elapsed();
 
     let started = Instant::now();
-    let outcome = instance.handle(&event(0));
+    let outcome = instance.handle(&event(0)).await;
     let first_event = started.elapsed();
     if let Outcome::Failed(failure) = outcome {
         anyhow::bail!("{name}: the first event failed: {}", failure.message);
@@ -108,13 +109,14 @@ fn measure(path: &PathBuf, events: usize, store: &Store) -> anyhow::Result<Figur
     drop(
         compiled
             .instantiate()
+            .await
             .map_err(|f| anyhow::anyhow!("{name}: {}", f.message))?,
     );
     let next_instance = started.elapsed();
 
     let started = Instant::now();
     for i in 1..=events {
-        if let Outcome::Failed(failure) = instance.handle(&event(i)) {
+        if let Outcome::Failed(failure) = instance.handle(&event(i)).await {
             anyhow::bail!("{name}: event {i} failed: {}", failure.message);
         }
     }
@@ -150,6 +152,10 @@ fn main() -> anyhow::Result<()> {
     }
     let tmp = tempfile::tempdir()?;
     let store = Store::open(&tmp.path().join("weir.redb"))?;
+    // Calls are futures (as in `weir run`); one thread drives them here.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
 
     println!("{events} events per component; times are wall-clock on this machine\n");
     println!(
@@ -166,7 +172,7 @@ fn main() -> anyhow::Result<()> {
     );
     let mut baseline: Option<Duration> = None;
     for file in &files {
-        let f = measure(file, events, &store)?;
+        let f = runtime.block_on(measure(file, events, &store))?;
         let base = *baseline.get_or_insert(f.per_event);
         println!(
             "{:<14} {:>9} {:>8.0}ms {:>7.1}ms {:>10.2}ms {:>8.2}ms {:>7.3}ms {:>8.1}µs {:>7.1}×",

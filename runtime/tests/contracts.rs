@@ -142,11 +142,19 @@ fn event(topic: &str, position: Position, headers: &[(&str, &str)]) -> Event {
 fn call(compiled: &CompiledHandler, event: &Event) -> Result<(Outcome, Vec<Record>)> {
     let capture = Capture::default();
     let subscriber = tracing_subscriber::registry().with(capture.clone());
+    // Calls are futures (as in `weir run`): driven on this thread, so the
+    // thread's subscriber sees the guest's records.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let outcome = tracing::subscriber::with_default(subscriber, || {
-        let mut instance = compiled
-            .instantiate()
-            .map_err(|f| anyhow!("instantiating {}: {}", compiled.name(), f.message))?;
-        Ok::<_, anyhow::Error>(instance.handle(event))
+        runtime.block_on(async {
+            let mut instance = compiled
+                .instantiate()
+                .await
+                .map_err(|f| anyhow!("instantiating {}: {}", compiled.name(), f.message))?;
+            Ok::<_, anyhow::Error>(instance.handle(event).await)
+        })
     })?;
     Ok((outcome, capture.take()))
 }

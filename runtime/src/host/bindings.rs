@@ -22,6 +22,8 @@ pub mod v0_1 {
     wasmtime::component::bindgen!({
         path: "../wit/0.1.0",
         world: "weir:handler/handler",
+        // Called on the async runtime; see "Calls" in `host/mod.rs`.
+        exports: { default: async },
     });
 }
 
@@ -34,6 +36,7 @@ pub mod v0_2 {
         path: "../wit",
         world: "weir:handler/handler",
         additional_derives: [PartialEq],
+        exports: { default: async },
     });
 }
 

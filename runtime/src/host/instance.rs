@@ -3,16 +3,20 @@
 //! A [`CompiledHandler`] is one version of a handler, linked and ready to
 //! instantiate (`InstancePre`); a [`HandlerInstance`] is one live instance
 //! with its own store, reused across calls until it traps.
+//!
+//! Instantiation and calls are futures run on the async runtime (see
+//! "Calls" in `host/mod.rs`): a guest yields at every epoch tick, and the
+//! tick that finds its timeout passed interrupts it (the same trap, and the
+//! same `timeout` failure, as a deadline counted in ticks).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
-use super::EPOCH_TICK;
 use super::bindings::{Contract, v0_1, v0_2};
 use super::check::WorldPre;
 use super::event::{Event, Origin};
@@ -37,6 +41,8 @@ pub struct StoreState {
     txn: Option<Transaction>,
     /// The manifest's `[config]`.
     pub(super) config: Arc<BTreeMap<String, String>>,
+    /// When the running instantiation or call times out.
+    deadline: Instant,
 }
 
 impl StoreState {
@@ -164,7 +170,7 @@ impl CompiledHandler {
     ///
     /// When the guest's start function traps or a limit is hit while
     /// instantiating.
-    pub fn instantiate(&self) -> Result<HandlerInstance, Failure> {
+    pub async fn instantiate(&self) -> Result<HandlerInstance, Failure> {
         let limits = StoreLimitsBuilder::new()
             .memory_size(usize::try_from(self.limits.memory).unwrap_or(usize::MAX))
             .table_elements(self.limits.table_elements as usize)
@@ -200,19 +206,31 @@ impl CompiledHandler {
             store: self.store.clone(),
             txn: None,
             config: self.config.clone(),
+            deadline: Instant::now() + self.limits.timeout,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(deadline_ticks(self.limits.timeout));
+        // Every tick: interrupt a guest past its deadline (a timeout trap),
+        // else let other tasks run and go on at the next tick.
+        store.epoch_deadline_callback(|store| {
+            if Instant::now() >= store.data().deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
+            }
+        });
+        store.set_epoch_deadline(1);
         if self.metered {
             // Cannot fail: the engine meters fuel.
             let _ = store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
         }
         let outputs = [stdout, stderr];
         let bindings = match &self.pre {
-            WorldPre::V0_1(pre) => pre.instantiate(&mut store).map(World::V0_1),
-            WorldPre::V0_2(pre) => pre.instantiate(&mut store).map(World::V0_2),
+            WorldPre::V0_1(pre) => pre.instantiate_async(&mut store).await.map(World::V0_1),
+            WorldPre::V0_2(pre) => pre.instantiate_async(&mut store).await.map(World::V0_2),
         };
         outputs.iter().for_each(GuestOutput::end);
         let bindings = bindings.map_err(|err| {
@@ -230,10 +248,6 @@ impl CompiledHandler {
             outputs,
         })
     }
-}
-
-fn deadline_ticks(timeout: Duration) -> u64 {
-    (timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1
 }
 
 /// What became of one call to `handle`.
@@ -382,10 +396,10 @@ pub struct HandlerInstance {
 }
 
 impl HandlerInstance {
-    /// Calls `handle` once. Blocks the calling thread for as long as the
-    /// guest runs (bounded by the handler's timeout): call it from a
-    /// blocking thread.
-    pub fn handle(&mut self, event: &Event) -> Outcome {
+    /// Calls `handle` once. The guest yields to other tasks at every epoch
+    /// tick ([`EPOCH_TICK`](super::EPOCH_TICK)) and is interrupted at the first tick past the
+    /// handler's timeout.
+    pub async fn handle(&mut self, event: &Event) -> Outcome {
         let origin = event.origin();
         for output in &self.outputs {
             output.begin(Some(origin.clone()));
@@ -393,8 +407,8 @@ impl HandlerInstance {
         let state = self.store.data_mut();
         state.current = Some(origin);
         state.txn = Some(Transaction::new(state.store.clone(), state.handler.clone()));
-        self.store
-            .set_epoch_deadline(deadline_ticks(self.limits.timeout));
+        state.deadline = Instant::now() + self.limits.timeout;
+        self.store.set_epoch_deadline(1);
         if self.metered {
             // Each call gets the full budget. Cannot fail: the engine meters.
             let _ = self.store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
@@ -408,12 +422,14 @@ impl HandlerInstance {
                     &mut self.store,
                     &v0_1::weir::handler::types::Event::from(event),
                 )
+                .await
                 .map(|r| r.map_err(Failure::from)),
             World::V0_2(bindings) => bindings
                 .call_handle(
                     &mut self.store,
                     &v0_2::weir::handler::types::Event::from(event),
                 )
+                .await
                 .map(|r| r.map_err(Failure::from)),
         };
         for output in &self.outputs {

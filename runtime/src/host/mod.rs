@@ -8,6 +8,16 @@
 //! contract ([`Contract`]) from one linker: `check` finds the version a
 //! component was built for, and each call converts the event to that
 //! version's shape.
+//!
+//! # Calls
+//!
+//! Instantiating and calling a handler are futures, run on the async
+//! runtime like everything else: no thread hand-off per call. A guest
+//! cannot hold a runtime thread: at every epoch tick ([`EPOCH_TICK`]) it
+//! yields to other tasks, and the first tick past its timeout interrupts it
+//! (a trap, reported as a `timeout` failure). Host functions (state reads,
+//! emits, logs) are synchronous and short: they read the embedded store or
+//! buffer in memory.
 
 /// Emits a tracing event at a constant `$level`, tagged with where the
 /// event being handled sits (`$at`: an `Option<&Origin>`): `topic`,
@@ -119,7 +129,7 @@ impl Host {
             }
         };
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         // Every released contract, side by side: their interfaces have
         // distinct versioned names, so each component links to its own.
         bindings::v0_1::Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(

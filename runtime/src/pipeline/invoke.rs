@@ -99,14 +99,14 @@ impl<F: HandlerFactory> Invoker<F> {
         lock(&self.served).factory.version().to_string()
     }
 
-    /// Calls the handler on a blocking thread with an idle instance (or a
-    /// new one), once a call permit is free; returns the instance to the
-    /// idle set unless the call poisoned it.
+    /// Calls the handler with an idle instance (or a new one), once a call
+    /// permit is free, on this task (see "Calls" in `host/mod.rs`); returns
+    /// the instance to the idle set unless the call poisoned it.
     pub(super) async fn call(&self, event: Arc<Event>, stats: &HandlerStats) -> Outcome {
         let mut waited = Duration::from_millis(5);
         loop {
             // Never closed: the semaphore lives as long as the invoker.
-            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            let Ok(_permit) = self.permits.acquire().await else {
                 return Outcome::Failed(Failure {
                     kind: FailureKind::Retryable,
                     message: "handler stopped".into(),
@@ -114,59 +114,54 @@ impl<F: HandlerFactory> Invoker<F> {
                     category: None,
                 });
             };
-            let served = self.served.clone();
-            let concurrency = self.concurrency;
-            let call_event = event.clone();
             let started = Instant::now();
-            let joined = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                let (factory, idle, generation) = {
-                    let mut served = lock(&served);
-                    (served.factory.clone(), served.idle.pop(), served.generation)
-                };
-                let mut instance = match idle {
-                    Some(instance) => instance,
-                    None => match factory.instantiate() {
-                        Ok(instance) => instance,
-                        Err(failure) => return Err(failure),
-                    },
-                };
-                let outcome = instance.handle(&call_event);
-                let poisoned = matches!(&outcome, Outcome::Failed(f) if f.poisoned);
-                let mut served = lock(&served);
+            let (factory, idle, generation) = {
+                let mut served = lock(&self.served);
+                (served.factory.clone(), served.idle.pop(), served.generation)
+            };
+            let mut instance = match idle {
+                Some(instance) => instance,
+                None => match factory.instantiate().await {
+                    Ok(instance) => instance,
+                    Err(failure) if pool_exhausted(&failure) => {
+                        // Backpressure from the engine, not the message's fault.
+                        tracing::debug!(handler = %self.name, retry_in_ms = waited.as_millis() as u64,
+                            "no free instance slot; waiting");
+                        drop(_permit);
+                        tokio::time::sleep(waited).await;
+                        waited = (waited * 2).min(Duration::from_millis(500));
+                        continue;
+                    }
+                    Err(failure) => {
+                        self.record(stats, started);
+                        return Outcome::Failed(failure);
+                    }
+                },
+            };
+            let outcome = instance.handle(&event).await;
+            let poisoned = matches!(&outcome, Outcome::Failed(f) if f.poisoned);
+            {
+                let mut served = lock(&self.served);
                 // An instance of a replaced version finishes its call and
                 // is dropped; the next call uses the new version.
-                if !poisoned && served.generation == generation && served.idle.len() < concurrency {
+                if !poisoned
+                    && served.generation == generation
+                    && served.idle.len() < self.concurrency
+                {
                     served.idle.push(instance);
                 }
-                Ok(outcome)
-            })
-            .await;
-            let outcome = match joined {
-                Ok(Ok(outcome)) => outcome,
-                Ok(Err(failure)) if pool_exhausted(&failure) => {
-                    // Backpressure from the engine, not the message's fault.
-                    tracing::debug!(handler = %self.name, retry_in_ms = waited.as_millis() as u64,
-                        "no free instance slot; waiting");
-                    tokio::time::sleep(waited).await;
-                    waited = (waited * 2).min(Duration::from_millis(500));
-                    continue;
-                }
-                Ok(Err(failure)) => Outcome::Failed(failure),
-                Err(err) => Outcome::Failed(Failure {
-                    kind: FailureKind::Retryable,
-                    message: format!("handler invocation aborted: {err}"),
-                    poisoned: true,
-                    category: None,
-                }),
-            };
-            let latency_us = started.elapsed().as_micros() as u64;
-            stats.calls.fetch_add(1, AtomicOrdering::Relaxed);
-            stats
-                .busy_micros
-                .fetch_add(latency_us, AtomicOrdering::Relaxed);
-            tracing::debug!(handler = %self.name, latency_us, "handle returned");
+            }
+            self.record(stats, started);
             return outcome;
         }
+    }
+
+    fn record(&self, stats: &HandlerStats, started: Instant) {
+        let latency_us = started.elapsed().as_micros() as u64;
+        stats.calls.fetch_add(1, AtomicOrdering::Relaxed);
+        stats
+            .busy_micros
+            .fetch_add(latency_us, AtomicOrdering::Relaxed);
+        tracing::trace!(handler = %self.name, latency_us, "handle returned");
     }
 }

@@ -58,20 +58,21 @@ pub trait HandlerFactory: Send + Sync + 'static {
     /// # Errors
     ///
     /// A retryable failure if instantiation traps or hits a limit.
-    fn instantiate(&self) -> Result<Self::Instance, Failure>;
+    fn instantiate(&self) -> impl Future<Output = Result<Self::Instance, Failure>> + Send;
     /// The version being served, for logs.
     fn version(&self) -> &str;
 }
 
-/// One call of `handle`. Blocks: runs on a blocking thread.
+/// One call of `handle`: a future run on the async runtime, which must not
+/// hold a runtime thread for long (a Wasm guest yields at every epoch tick).
 pub trait HandlerCall {
     /// Handles one event.
-    fn handle(&mut self, event: &Event) -> Outcome;
+    fn handle(&mut self, event: &Event) -> impl Future<Output = Outcome> + Send;
 }
 
 impl HandlerFactory for CompiledHandler {
     type Instance = HandlerInstance;
-    fn instantiate(&self) -> Result<HandlerInstance, Failure> {
+    fn instantiate(&self) -> impl Future<Output = Result<HandlerInstance, Failure>> + Send {
         CompiledHandler::instantiate(self)
     }
     fn version(&self) -> &str {
@@ -80,7 +81,7 @@ impl HandlerFactory for CompiledHandler {
 }
 
 impl HandlerCall for HandlerInstance {
-    fn handle(&mut self, event: &Event) -> Outcome {
+    fn handle(&mut self, event: &Event) -> impl Future<Output = Outcome> + Send {
         HandlerInstance::handle(self, event)
     }
 }

@@ -1,10 +1,10 @@
 //! An in-memory source, dead-letter sink and native handler, to run the
 //! pipeline without a broker or Wasm: for tests and benchmarks.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 
 use super::{HandlerCall, HandlerFactory};
 use crate::host::{Event, Failure, Outcome};
@@ -217,6 +217,23 @@ pub struct MemoryPublisher {
     /// When set, the next send panics (and clears it): a bug in the path
     /// that publishes.
     pub panic_once: Arc<std::sync::atomic::AtomicBool>,
+    /// Per-topic switches: see [`stall`](Self::stall),
+    /// [`fail_topic`](Self::fail_topic) and [`fail_once`](Self::fail_once).
+    topics: Arc<Mutex<HashMap<String, TopicSwitch>>>,
+}
+
+/// How a [`MemoryPublisher`] treats one topic.
+#[derive(Default)]
+struct TopicSwitch {
+    /// Sends wait, unanswered, in `parked`.
+    stalled: bool,
+    /// Every send fails.
+    failing: bool,
+    /// Payloads whose next send fails.
+    fail_once: HashSet<Vec<u8>>,
+    /// Sends waiting while stalled, in the order they were made, with
+    /// where to answer them.
+    parked: VecDeque<(Published, oneshot::Sender<anyhow::Result<()>>)>,
 }
 
 impl MemoryPublisher {
@@ -226,6 +243,72 @@ impl MemoryPublisher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn switches(&self) -> std::sync::MutexGuard<'_, HashMap<String, TopicSwitch>> {
+        self.topics.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// From now on, sends to `topic` wait and are not answered (a broker
+    /// that does not acknowledge) until [`release`](Self::release).
+    pub fn stall(&self, topic: &str) {
+        self.switches()
+            .entry(topic.to_string())
+            .or_default()
+            .stalled = true;
+    }
+
+    /// Answers the sends waiting on `topic`, in the order they were made
+    /// (as one broker partition would), and lets later sends through.
+    pub fn release(&self, topic: &str) {
+        let mut switches = self.switches();
+        let Some(switch) = switches.get_mut(topic) else {
+            return;
+        };
+        switch.stalled = false;
+        // Answered under the lock, so a send made meanwhile cannot land
+        // before the ones that waited.
+        while let Some((record, reply)) = switch.parked.pop_front() {
+            let result = self.deliver(Some(switch), record);
+            let _ = reply.send(result);
+        }
+    }
+
+    /// While `failing`, every send to `topic` fails.
+    pub fn fail_topic(&self, topic: &str, failing: bool) {
+        self.switches()
+            .entry(topic.to_string())
+            .or_default()
+            .failing = failing;
+    }
+
+    /// The next send of `payload` to `topic` fails.
+    pub fn fail_once(&self, topic: &str, payload: &[u8]) {
+        self.switches()
+            .entry(topic.to_string())
+            .or_default()
+            .fail_once
+            .insert(payload.to_vec());
+    }
+
+    /// Records `record` as published, unless a switch says this send fails.
+    fn deliver(&self, switch: Option<&mut TopicSwitch>, record: Published) -> anyhow::Result<()> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            anyhow::bail!("broker unavailable (simulated)");
+        }
+        if let Some(switch) = switch {
+            if switch.failing {
+                anyhow::bail!("topic {:?} unavailable (simulated)", record.topic);
+            }
+            if switch.fail_once.remove(&record.payload) {
+                anyhow::bail!("publish to {:?} failed once (simulated)", record.topic);
+            }
+        }
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(record);
+        Ok(())
     }
 }
 
@@ -244,35 +327,56 @@ impl Publisher for MemoryPublisher {
         {
             panic!("publisher panicked (injected)");
         }
-        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
-            anyhow::bail!("broker unavailable (simulated)");
-        }
-        self.written
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Published {
-                topic: topic.to_string(),
-                key: key.map(<[u8]>::to_vec),
-                payload: payload.to_vec(),
-                headers: headers.to_vec(),
-            });
-        Ok(())
+        let record = Published {
+            topic: topic.to_string(),
+            key: key.map(<[u8]>::to_vec),
+            payload: payload.to_vec(),
+            headers: headers.to_vec(),
+        };
+        let answer = {
+            let mut switches = self.switches();
+            match switches.get_mut(topic) {
+                Some(switch) if switch.stalled => {
+                    // Parked now, at the first poll: the order of the
+                    // sends is the order they were handed over.
+                    let (reply, answer) = oneshot::channel();
+                    switch.parked.push_back((record, reply));
+                    answer
+                }
+                switch => return self.deliver(switch, record),
+            }
+        };
+        answer
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("publisher dropped (simulated)")))
     }
 }
 
 /// A handler written in Rust, called like a Wasm one.
 pub struct NativeHandler<F> {
     handle: Arc<F>,
+    blocking: bool,
 }
 
 impl<F> NativeHandler<F>
 where
     F: Fn(&Event) -> Outcome + Send + Sync + 'static,
 {
-    /// Wraps `handle`.
+    /// Wraps `handle`, which may block (sleep, wait): each call runs on a
+    /// blocking thread.
     pub fn new(handle: F) -> Self {
         Self {
             handle: Arc::new(handle),
+            blocking: true,
+        }
+    }
+
+    /// Wraps `handle`, which never blocks and returns quickly: each call
+    /// runs in place on the async runtime, as a Wasm call does.
+    pub fn inline(handle: F) -> Self {
+        Self {
+            handle: Arc::new(handle),
+            blocking: false,
         }
     }
 }
@@ -280,14 +384,29 @@ where
 /// One instance of a [`NativeHandler`].
 pub struct NativeInstance<F> {
     handle: Arc<F>,
+    blocking: bool,
 }
 
 impl<F> HandlerCall for NativeInstance<F>
 where
-    F: Fn(&Event) -> Outcome,
+    F: Fn(&Event) -> Outcome + Send + Sync + 'static,
 {
-    fn handle(&mut self, event: &Event) -> Outcome {
-        (self.handle)(event)
+    async fn handle(&mut self, event: &Event) -> Outcome {
+        if !self.blocking {
+            return (self.handle)(event);
+        }
+        let handle = self.handle.clone();
+        let event = event.clone();
+        tokio::task::spawn_blocking(move || handle(&event))
+            .await
+            .unwrap_or_else(|err| {
+                Outcome::Failed(Failure {
+                    kind: crate::host::FailureKind::Retryable,
+                    message: format!("native handler panicked: {err}"),
+                    poisoned: true,
+                    category: None,
+                })
+            })
     }
 }
 
@@ -297,9 +416,10 @@ where
 {
     type Instance = NativeInstance<F>;
 
-    fn instantiate(&self) -> Result<Self::Instance, Failure> {
+    async fn instantiate(&self) -> Result<Self::Instance, Failure> {
         Ok(NativeInstance {
             handle: self.handle.clone(),
+            blocking: self.blocking,
         })
     }
 
