@@ -5,8 +5,11 @@
 //! transactional effects add: a per-key counter in state (read, write,
 //! validated at commit) and one emitted event (an outbox row) per message.
 //!
-//! Run: `cargo bench -p weir --bench pipeline` (optionally `-- 50000` for
-//! the message count).
+//! Reported per run: messages/s, wall time and process CPU time (all
+//! threads) per message, and how many outcomes shared one commit.
+//!
+//! Run: `cargo bench -p weir --bench pipeline` (optionally `-- 100000` for
+//! the message count; default 50000).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,6 +25,8 @@ use weir::store::Store;
 
 struct Run {
     elapsed: Duration,
+    /// Process CPU time (user + system, all threads) over the run.
+    cpu: Duration,
     commits: u64,
     writes: u64,
 }
@@ -62,7 +67,7 @@ async fn run(count: u64, manifest_text: &str, effects: bool) -> Run {
     let worker = Worker::new(
         "bench".into(),
         manifest,
-        NativeHandler::new(handler),
+        NativeHandler::inline(handler),
         weir::runtime::default_concurrency(),
         source.clone(),
         store.clone(),
@@ -83,26 +88,47 @@ async fn run(count: u64, manifest_text: &str, effects: bool) -> Run {
         })
         .collect();
     let started = Instant::now();
+    let cpu_before = process_cpu();
     source.push(messages);
     while stats.finished() < count {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let elapsed = started.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu_before);
     let _ = stop.send(true);
     task.await.expect("worker").expect("worker ended well");
     let commit_stats = store.commit_stats();
     Run {
         elapsed,
+        cpu,
         commits: commit_stats.commits.load(Ordering::Relaxed),
         writes: commit_stats.writes.load(Ordering::Relaxed),
     }
+}
+
+/// CPU time this process has used, user and system, over all threads
+/// (`/proc/self/stat`, in ticks of 10 ms; zero where it cannot be read).
+fn process_cpu() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    Duration::from_millis(fields.iter().sum::<u64>() * 10)
 }
 
 fn main() {
     let count: u64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(50_000);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -122,8 +148,8 @@ fn main() {
         "pipeline: {count} messages, 3 partitions, 100 keys, ordering = key, max_in_flight = 256, native handler"
     );
     println!(
-        "{:<22} {:>12} {:>10} {:>9} {:>14}",
-        "", "messages/s", "µs/msg", "commits", "msgs/commit"
+        "{:<22} {:>12} {:>10} {:>12} {:>9} {:>14}",
+        "", "messages/s", "µs/msg", "CPU µs/msg", "commits", "msgs/commit"
     );
     for (name, r) in [
         ("dedup off", &without),
@@ -136,9 +162,10 @@ fn main() {
             r.writes as f64 / r.commits as f64
         };
         println!(
-            "{name:<22} {:>12.0} {:>10.2} {:>9} {:>14.1}",
+            "{name:<22} {:>12.0} {:>10.2} {:>12.2} {:>9} {:>14.1}",
             rate(r),
             per_msg(r),
+            r.cpu.as_secs_f64() * 1e6 / count as f64,
             r.commits,
             batch
         );

@@ -725,6 +725,31 @@ impl WeirProcess {
 }
 
 impl WeirProcess {
+    /// CPU time the process has used so far, user and system, over all its
+    /// threads (from `/proc/<pid>/stat`, in clock ticks of 10 ms).
+    ///
+    /// # Errors
+    ///
+    /// When the process is gone or the file cannot be read.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // Fields after the command name, which is in parentheses and may
+        // hold spaces: state is field 3, utime 14 and stime 15.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .ok_or_else(|| anyhow!("unexpected /proc stat: {stat}"))?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> Result<u64> {
+            Ok(fields
+                .get(i)
+                .ok_or_else(|| anyhow!("short /proc stat: {stat}"))?
+                .parse()?)
+        };
+        // USER_HZ is 100 on every Linux platform.
+        Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+    }
+
     /// Waits up to `timeout` for the process to exit on its own; `None` if
     /// it is still running.
     ///
