@@ -100,6 +100,9 @@ struct Row {
     cpu_us: Option<f64>,
 }
 
+/// (sequence number, latency in ms) of each message read back.
+type Samples = std_mpsc::Receiver<(usize, f64)>;
+
 struct Latency {
     broker: &'static str,
     what: &'static str,
@@ -400,10 +403,7 @@ async fn kafka_paced(bootstrap: &str, topic: &str, first: usize, secs: u64) -> R
 
 /// Reads `topic` from its start on a thread, sending each payload's
 /// latency (ms) with its sequence number.
-fn kafka_latency_reader(
-    bootstrap: &str,
-    topic: &str,
-) -> Result<(std_mpsc::Receiver<(usize, f64)>, std_mpsc::Sender<()>)> {
+fn kafka_latency_reader(bootstrap: &str, topic: &str) -> Result<(Samples, std_mpsc::Sender<()>)> {
     let consumer: BaseConsumer = kafka_config(bootstrap)
         .set("group.id", format!("latency-{topic}"))
         .set("enable.auto.commit", "false")
@@ -442,7 +442,7 @@ fn kafka_latency_reader(
 async fn measure_latency(
     produce_one: impl AsyncFn(usize) -> Result<()>,
     paced: impl AsyncFnOnce(usize) -> Result<usize>,
-    received: &std_mpsc::Receiver<(usize, f64)>,
+    received: &Samples,
 ) -> Result<Vec<f64>> {
     const WARMUP_BASE: usize = 1_000_000_000;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -884,7 +884,7 @@ async fn nats_bench(
 /// Spawns a task that turns received payloads into (seq, latency ms).
 fn forward_latencies(
     payloads: impl futures_util::Stream<Item = Vec<u8>> + Send + 'static,
-) -> std_mpsc::Receiver<(usize, f64)> {
+) -> Samples {
     let (samples, received) = std_mpsc::channel();
     tokio::spawn(async move {
         let mut payloads = std::pin::pin!(payloads);
