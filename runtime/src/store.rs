@@ -305,9 +305,42 @@ pub struct Seen {
     pub attempts: u32,
 }
 
-struct Request {
-    write: Write,
-    reply: oneshot::Sender<Result<Applied, StoreError>>,
+/// One caller's writes: a single one, or several applied in order in the
+/// same transaction (all or none).
+enum Request {
+    One(Write, oneshot::Sender<Result<Applied, StoreError>>),
+    All(
+        Vec<Write>,
+        oneshot::Sender<Result<Vec<Applied>, StoreError>>,
+    ),
+}
+
+impl Request {
+    fn writes(&self) -> &[Write] {
+        match self {
+            Request::One(write, _) => std::slice::from_ref(write),
+            Request::All(writes, _) => writes,
+        }
+    }
+
+    /// Answers with this request's share of `outcome` (from `at` on);
+    /// returns how many writes it had.
+    fn answer(self, outcome: &Result<Vec<Applied>, StoreError>, at: usize) -> usize {
+        let n = self.writes().len();
+        let mine = outcome
+            .as_ref()
+            .map(|applied| applied[at..at + n].to_vec())
+            .map_err(Clone::clone);
+        match self {
+            Request::One(_, reply) => {
+                let _ = reply.send(mine.map(|a| a[0]));
+            }
+            Request::All(_, reply) => {
+                let _ = reply.send(mine);
+            }
+        }
+        n
+    }
 }
 
 /// Group-commit counters.
@@ -553,7 +586,23 @@ impl Store {
     pub async fn write(&self, write: Write) -> Result<Applied, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writer
-            .send(Request { write, reply })
+            .send(Request::One(write, reply))
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Applies `writes` in order in one transaction, all or none, durably
+    /// (with whatever else is queued); one answer per write. Cancel-safe as
+    /// [`write`](Self::write) is.
+    ///
+    /// # Errors
+    ///
+    /// When the transaction fails (none of them is applied) or the writer
+    /// has stopped.
+    pub async fn write_all(&self, writes: Vec<Write>) -> Result<Vec<Applied>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(Request::All(writes, reply))
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
@@ -673,10 +722,14 @@ impl WriterState {
     /// One transaction, one fsync, per batch of requests.
     fn run(&self, requests: &mpsc::Receiver<Request>) {
         while let Ok(first) = requests.recv() {
+            let mut queued = first.writes().len();
             let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
+            while queued < MAX_BATCH {
                 match requests.try_recv() {
-                    Ok(request) => batch.push(request),
+                    Ok(request) => {
+                        queued += request.writes().len();
+                        batch.push(request);
+                    }
                     Err(_) => break,
                 }
             }
@@ -684,7 +737,7 @@ impl WriterState {
                 tracing::error!("the database writer stops (injected)");
                 return;
             }
-            let writes: Vec<&Write> = batch.iter().map(|r| &r.write).collect();
+            let writes: Vec<&Write> = batch.iter().flat_map(Request::writes).collect();
             let injected = self
                 .faults
                 .fail_batches
@@ -701,7 +754,7 @@ impl WriterState {
             });
             match &result {
                 Err(err) => {
-                    tracing::error!(error = %err, writes = batch.len(), "database write failed");
+                    tracing::error!(error = %err, writes = writes.len(), "database write failed");
                 }
                 Ok(outcome) => {
                     // Fault point: the transaction is durable, nobody has been
@@ -711,7 +764,7 @@ impl WriterState {
                     self.stats.commits.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .writes
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        .fetch_add(writes.len() as u64, Ordering::Relaxed);
                     let conflicts = outcome
                         .applied
                         .iter()
@@ -723,15 +776,14 @@ impl WriterState {
                     if outcome.outbox_rows > 0 {
                         self.outbox_ready.notify_one();
                     }
-                    tracing::trace!(writes = batch.len(), "group commit");
+                    tracing::trace!(writes = writes.len(), "group commit");
                 }
             }
-            for (i, request) in batch.into_iter().enumerate() {
-                let reply = match &result {
-                    Ok(outcome) => Ok(outcome.applied[i]),
-                    Err(err) => Err(err.clone()),
-                };
-                let _ = request.reply.send(reply);
+            drop(writes);
+            let result = result.map(|outcome| outcome.applied);
+            let mut at = 0;
+            for request in batch {
+                at += request.answer(&result, at);
             }
         }
     }
