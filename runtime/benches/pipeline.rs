@@ -3,7 +3,9 @@
 //! redb read before, and a group-committed durable write after, every
 //! message) costs per message, how many outcomes share one commit, and what
 //! transactional effects add: a per-key counter in state (read, write,
-//! validated at commit) and one emitted event (an outbox row) per message.
+//! validated at commit) and one emitted event (an outbox row) per message;
+//! and dedup with `ordering = "partition"` on one partition (one lane: its
+//! outcomes are committed a run at a time).
 //!
 //! Reported per run: messages/s, wall time and process CPU time (all
 //! threads) per message, and how many outcomes shared one commit.
@@ -141,6 +143,11 @@ fn main() {
     ));
     let with = runtime.block_on(run(count, base, false));
     let effects = runtime.block_on(run(count, base, true));
+    let one_lane = runtime.block_on(run(
+        count,
+        &format!("{base}ordering = \"partition\"\n"),
+        false,
+    ));
 
     let per_msg = |r: &Run| r.elapsed.as_secs_f64() * 1e6 / count as f64;
     let rate = |r: &Run| count as f64 / r.elapsed.as_secs_f64();
@@ -155,6 +162,7 @@ fn main() {
         ("dedup off", &without),
         ("dedup on (durable)", &with),
         ("+ state and emit", &effects),
+        ("dedup on, one lane", &one_lane),
     ] {
         let batch = if r.commits == 0 {
             0.0

@@ -17,6 +17,32 @@
 //! `pipeline/mod.rs`). The machine leaves with `Released` only at shutdown,
 //! when the delivery is no longer this consumer's, or when the store has
 //! stopped for good.
+//!
+//! # Runs
+//!
+//! A lane's task takes the messages queued in it (up to [`MAX_RUN`]) as a
+//! *run* and drives them one after another, in order. A handled outcome
+//! that read and wrote no state (it may have emitted events) does not wait
+//! for its own commit: it is deferred, and the run's deferred outcomes are
+//! committed together in one transaction (one fsync) — at the end of the
+//! run, or before any other write of the run, so that effects keep the
+//! run's order. What this relies on, and keeps:
+//!
+//! - Such an outcome depends on no earlier one (it read no state) and no
+//!   later one depends on it (it wrote none), so running the next message
+//!   before it is durable changes nothing the next message sees.
+//! - Nothing of a run is settled before the run's task returns, which is
+//!   after every commit of the run is durable: the pipeline invariant
+//!   holds for each message. (The price: earlier messages of a run are
+//!   acknowledged with its last one.)
+//! - Deferred outcomes are committed all or none, before anything later in
+//!   the run. If they cannot be (shutdown, the delivery lost, the store
+//!   stopped), they are released, and so is every later message.
+//! - A second delivery of one event within a run is caught at commit, as
+//!   between lanes: the writer rejects the later outcome as a duplicate.
+//!
+//! A stateful outcome, a failure, a retry or a dead letter takes the
+//! ordinary path, one message at a time.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering as AtomicOrdering;
@@ -38,18 +64,122 @@ const MAX_CONFLICTS: u64 = 100;
 /// Longest wait between two tries of a failing store write.
 const MAX_STORE_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Drives one message to its outcome.
-pub(super) async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
+/// Most outcomes of one run committed together.
+pub(super) const MAX_RUN: usize = 64;
+
+/// Outcomes of a run waiting to be committed together (see "Runs" above).
+#[derive(Default)]
+pub(super) struct Group {
+    /// Index in the run of the message being delivered.
+    current: usize,
+    /// Deferred outcomes, in run order: (index, event, its `Finished`).
+    pending: Vec<(usize, Arc<Event>, Write)>,
+    /// Outcomes decided by a flush: (index, settled).
+    decided: Vec<(usize, Settled)>,
+}
+
+/// Drives the messages of a run (consecutive messages of one lane, in
+/// order) to their outcomes, one after another, and returns the outcomes
+/// of the first ones: all of them, or fewer if the worker is stopping (the
+/// rest were not started). Never fewer than one.
+pub(super) async fn deliver_run<S: Source, F: HandlerFactory, D: Publisher>(
+    shared: &Shared<S, F, D>,
+    run: &[(Arc<Event>, Arc<S::Delivery>)],
+) -> Vec<Settled> {
+    let mut group = Group::default();
+    let mut settled: Vec<Option<Settled>> = Vec::with_capacity(run.len());
+    for (index, (event, delivery)) in run.iter().enumerate() {
+        if index > 0 && *shared.shutdown.borrow() {
+            break;
+        }
+        group.current = index;
+        let outcome = deliver(shared, event.clone(), delivery, &mut group, run.len() > 1).await;
+        settled.push(outcome);
+        for (at, decided) in group.decided.drain(..) {
+            settled[at] = Some(decided);
+        }
+    }
+    if let Some((_, delivery)) = run.get(settled.len().saturating_sub(1)) {
+        flush(shared, delivery, &mut group).await;
+        for (at, decided) in group.decided.drain(..) {
+            settled[at] = Some(decided);
+        }
+    }
+    // Every index is decided: by `deliver`, or by a flush (which decides
+    // every deferred outcome, committed or released).
+    settled
+        .into_iter()
+        .map(|s| s.unwrap_or(Settled::Released))
+        .collect()
+}
+
+/// Commits the deferred outcomes of `group` in one transaction (retrying
+/// while the store fails and the run is still ours) and decides them.
+/// `false`: they could not be committed and were released; then nothing
+/// after them in the run may be committed either.
+async fn flush<S: Source, F: HandlerFactory, D: Publisher>(
+    shared: &Shared<S, F, D>,
+    delivery: &S::Delivery,
+    group: &mut Group,
+) -> bool {
+    if group.pending.is_empty() {
+        return true;
+    }
+    let pending = std::mem::take(&mut group.pending);
+    let writes: Vec<Write> = pending.iter().map(|(_, _, w)| w.clone()).collect();
+    let mut failures = 0u32;
+    let applied = loop {
+        match shared.store.write_all(writes.clone()).await {
+            Ok(applied) => break Some(applied),
+            Err(err) => {
+                if !hold_on(shared, delivery, &err, "record the outcomes", failures).await {
+                    break None;
+                }
+                failures += 1;
+            }
+        }
+    };
+    let Some(applied) = applied else {
+        group
+            .decided
+            .extend(pending.iter().map(|(at, _, _)| (*at, Settled::Released)));
+        return false;
+    };
+    for ((at, event, _), applied) in pending.iter().zip(applied) {
+        match applied {
+            Applied::Done => {
+                shared.stats.handled.fetch_add(1, AtomicOrdering::Relaxed);
+            }
+            // No reads were deferred, so no conflict; a duplicate means
+            // another delivery of the event committed first.
+            Applied::Duplicate | Applied::Conflict => {
+                shared
+                    .stats
+                    .duplicates
+                    .fetch_add(1, AtomicOrdering::Relaxed);
+                tracing::debug!(handler = %shared.name, event_id = %event.id, "duplicate found at commit; its effects were dropped");
+            }
+        }
+        group.decided.push((*at, Settled::Done));
+    }
+    true
+}
+
+/// Drives one message to its outcome. `None`: its outcome waits in `group`
+/// (only when `defer`: the run has more messages).
+async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
     shared: &Shared<S, F, D>,
     mut event: Arc<Event>,
     delivery: &S::Delivery,
-) -> Settled {
+    group: &mut Group,
+    defer: bool,
+) -> Option<Settled> {
     let manifest = &shared.manifest;
     let name = shared.name.as_str();
     // A message queued behind its key may outlive its delivery's
     // ownership: leave it to the new owner rather than handle it twice.
     if !shared.source.owns(delivery) {
-        return Settled::Released;
+        return Some(Settled::Released);
     }
     let dedup = manifest.dedup.enabled;
     let seen = loop {
@@ -57,7 +187,7 @@ pub(super) async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
             Ok(seen) => break seen,
             Err(err) => {
                 if !hold_on(shared, delivery, &err, "read the dedup mark", 0).await {
-                    return Settled::Released;
+                    return Some(Settled::Released);
                 }
             }
         }
@@ -69,7 +199,7 @@ pub(super) async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
             .fetch_add(1, AtomicOrdering::Relaxed);
         tracing::debug!(handler = name, topic = %event.topic, position = %event.position,
             event_id = %event.id, "duplicate; skipped");
-        return Settled::Done;
+        return Some(Settled::Done);
     }
     if seen.attempts > 0 {
         Arc::make_mut(&mut event).attempt = seen.attempts + 1;
@@ -88,13 +218,35 @@ pub(super) async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
                 poisoned: false,
                 category: None,
             };
-            return dead_letter(shared, &event, &failure, delivery).await;
+            return Some(dead_letter(shared, &event, &failure, delivery, group).await);
         }
         let failure = match shared.invoker.call(event.clone(), &shared.stats).await {
-            Outcome::Handled(effects) => match commit(shared, &event, effects, delivery).await {
+            // An outcome that read or wrote no state depends on no other
+            // and no other depends on it: it may wait for the run's end
+            // and be committed with the rest (see "Runs" above).
+            Outcome::Handled(effects)
+                if defer
+                    && effects.reads.is_empty()
+                    && effects.scans.is_empty()
+                    && effects.writes.is_empty() =>
+            {
+                match finished(shared, &event, effects) {
+                    Some(write) => {
+                        group.pending.push((group.current, event.clone(), write));
+                        return None;
+                    }
+                    None => {
+                        shared.stats.handled.fetch_add(1, AtomicOrdering::Relaxed);
+                        return Some(Settled::Done);
+                    }
+                }
+            }
+            Outcome::Handled(effects) => match commit(shared, &event, effects, delivery, group)
+                .await
+            {
                 Some(Applied::Done) => {
                     shared.stats.handled.fetch_add(1, AtomicOrdering::Relaxed);
-                    return Settled::Done;
+                    return Some(Settled::Done);
                 }
                 Some(Applied::Duplicate) => {
                     // Another delivery of this event committed first; its
@@ -104,7 +256,7 @@ pub(super) async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
                         .duplicates
                         .fetch_add(1, AtomicOrdering::Relaxed);
                     tracing::debug!(handler = name, event_id = %event.id, "duplicate found at commit; its effects were dropped");
-                    return Settled::Done;
+                    return Some(Settled::Done);
                 }
                 Some(Applied::Conflict) => {
                     conflicts += 1;
@@ -115,7 +267,7 @@ pub(super) async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
                         if conflicts > 2 {
                             let delay = Duration::from_millis(fastrand::u64(1..=conflicts.min(50)));
                             if !pause(shared.shutdown.clone(), delay).await {
-                                return Settled::Released;
+                                return Some(Settled::Released);
                             }
                         }
                         continue;
@@ -130,7 +282,7 @@ pub(super) async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
                         category: None,
                     }
                 }
-                None => return Settled::Released,
+                None => return Some(Settled::Released),
             },
             Outcome::Failed(failure) => failure,
         };
@@ -145,7 +297,7 @@ pub(super) async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
                 .next(event.attempt, requested, fastrand::f64()),
         };
         let Next::RetryIn(delay) = next else {
-            return dead_letter(shared, &event, &failure, delivery).await;
+            return Some(dead_letter(shared, &event, &failure, delivery, group).await);
         };
         shared.stats.retries.fetch_add(1, AtomicOrdering::Relaxed);
         // The attempt count is durable before the retry is scheduled, so a
@@ -155,11 +307,11 @@ pub(super) async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
             id: event.id.clone(),
             attempts: event.attempt,
         };
-        if durable(shared, delivery, attempted, "record the attempt")
+        if durable(shared, delivery, attempted, "record the attempt", group)
             .await
             .is_none()
         {
-            return Settled::Released;
+            return Some(Settled::Released);
         }
         tracing::warn!(handler = name, version = %shared.invoker.version(), topic = %event.topic,
             position = %event.position, event_id = %event.id, attempt = event.attempt,
@@ -167,36 +319,55 @@ pub(super) async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
             error = %failure.message, retry_in_ms = delay.as_millis() as u64,
             "attempt failed; will retry");
         if !pause(shared.shutdown.clone(), delay).await || !shared.source.owns(delivery) {
-            return Settled::Released;
+            return Some(Settled::Released);
         }
         Arc::make_mut(&mut event).attempt += 1;
     }
 }
 
-/// Commits a handled event: its dedup mark, cleared attempts, state writes
-/// and emitted events, in one transaction. Without deduplication and
-/// without effects there is nothing to record unless attempts were
-/// persisted. `None`: the message is to be released.
-async fn commit<S: Source, F: HandlerFactory, D: Publisher>(
+/// The write that records a handled event: its dedup mark, cleared
+/// attempts, state writes and emitted events, in one transaction. `None`:
+/// nothing to record (no deduplication, no effects, no attempts
+/// persisted).
+fn finished<S: Source, F: HandlerFactory, D: Publisher>(
     shared: &Shared<S, F, D>,
     event: &Event,
     mut effects: Effects,
-    delivery: &S::Delivery,
-) -> Option<Applied> {
+) -> Option<Write> {
     let dedup = shared.manifest.dedup.enabled;
     if !dedup && event.attempt == 1 && effects.is_empty() {
-        return Some(Applied::Done);
+        return None;
     }
     outbox::stamp(&shared.name, &event.id, &mut effects.emits);
-    let effects = (!effects.is_empty()).then(|| Arc::new(effects));
-    let finished = || Write::Finished {
+    Some(Write::Finished {
         handler: shared.name.clone(),
         id: event.id.clone(),
         ttl: shared.manifest.dedup.ttl,
         dedup,
-        effects: effects.clone(),
+        effects: (!effects.is_empty()).then(|| Arc::new(effects)),
+    })
+}
+
+/// Commits a handled event (see [`finished`]). `None`: the message is to
+/// be released.
+async fn commit<S: Source, F: HandlerFactory, D: Publisher>(
+    shared: &Shared<S, F, D>,
+    event: &Event,
+    effects: Effects,
+    delivery: &S::Delivery,
+    group: &mut Group,
+) -> Option<Applied> {
+    let Some(write) = finished(shared, event, effects) else {
+        return Some(Applied::Done);
     };
-    durable(shared, delivery, finished, "record the outcome").await
+    durable(
+        shared,
+        delivery,
+        || write.clone(),
+        "record the outcome",
+        group,
+    )
+    .await
 }
 
 /// Applies a write, retrying while the store fails and the message is still
@@ -207,7 +378,13 @@ async fn durable<S: Source, F: HandlerFactory, D: Publisher>(
     delivery: &S::Delivery,
     write: impl Fn() -> Write,
     what: &str,
+    group: &mut Group,
 ) -> Option<Applied> {
+    // Outcomes deferred earlier in the run are committed first, so that
+    // effects keep the run's order; if they cannot be, neither can this.
+    if !flush(shared, delivery, group).await {
+        return None;
+    }
     let mut failures = 0u32;
     loop {
         match shared.store.write(write()).await {
@@ -262,6 +439,7 @@ async fn dead_letter<S: Source, F: HandlerFactory, D: Publisher>(
     event: &Event,
     failure: &Failure,
     delivery: &S::Delivery,
+    group: &mut Group,
 ) -> Settled {
     let name = shared.name.as_str();
     let topic = shared.manifest.dlq.destination(&event.topic);
@@ -300,7 +478,7 @@ async fn dead_letter<S: Source, F: HandlerFactory, D: Publisher>(
                     error = %failure.message, dlq = %topic, "dead-lettered");
                 // Marks the event done (dedup mark, attempts cleared). A
                 // duplicate here means another delivery finished first.
-                return match commit(shared, event, Effects::default(), delivery).await {
+                return match commit(shared, event, Effects::default(), delivery, group).await {
                     Some(Applied::Done | Applied::Duplicate) => Settled::DeadLettered,
                     Some(Applied::Conflict) | None => Settled::Released,
                 };

@@ -6,13 +6,18 @@
 //! - **Bounded.** At most `max_in_flight` messages are held (running, waiting
 //!   for a retry, queued behind their key). At the bound the worker stops
 //!   calling `recv`; nothing is dropped or paused.
-//! - **A lane moves on only when its message is settled.** The message at
-//!   the front of a lane is the one running; the next starts when it is
-//!   settled (never earlier, whatever failed).
-//! - **A panic frees nothing it should not.** A message task that panics
-//!   (a bug) is found by its task id; its message is tried again after a
-//!   delay, up to the handler's `max_attempts`, then released to the broker
-//!   and its lane moves on, with an error in the log.
+//! - **A lane moves on only when its run is settled.** The messages at the
+//!   front of a lane form the run its task drives, one after another, in
+//!   order (see "Runs" in `deliver.rs`); the next run starts when every
+//!   message of this one is settled (never earlier, whatever failed). A
+//!   new lane starts with a run of one; later runs take what queued up
+//!   meanwhile.
+//! - **A panic frees nothing it should not.** A lane's task that panics
+//!   (a bug) is found by its task id; the first message of its run is
+//!   tried again alone after a delay (an outcome of the run committed
+//!   before the panic is then found done), up to the handler's
+//!   `max_attempts`, then released to the broker and its lane moves on,
+//!   with an error in the log.
 //! - **Settled once.** Every delivery received is settled exactly once:
 //!   by its task's outcome, or `Released` at shutdown.
 
@@ -25,7 +30,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::task::{Id, JoinSet};
 
-use super::deliver::{deliver, event_of, pause};
+use super::deliver::{MAX_RUN, deliver_run, event_of, pause};
 use super::invoke::{HandlerSwap, Invoker};
 use super::{HandlerFactory, HandlerStats, decode};
 use crate::host::Event;
@@ -161,7 +166,7 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
         let mut running: HashMap<Id, Lane> = HashMap::new();
         let mut held = 0usize;
         let mut seq = 0u64;
-        let mut tasks: JoinSet<Settled> = JoinSet::new();
+        let mut tasks: JoinSet<Vec<Settled>> = JoinSet::new();
 
         loop {
             tokio::select! {
@@ -188,27 +193,27 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
                                 tracing::error!(handler = %shared.name, event_id = %front.event.id,
                                     panics = front.panics, retry_in_ms = delay.as_millis() as u64,
                                     "the task handling a message panicked (a bug in weir); trying it again");
-                                let handle = tasks.spawn(process(shared.clone(), front.event.clone(), front.delivery.clone(), delay));
+                                // Alone this time: whatever panicked, the rest
+                                // of its run waits behind it.
+                                let handle = tasks.spawn(process(shared.clone(), run_of(queue, 1), delay));
                                 running.insert(handle.id(), lane);
                                 continue;
                             }
                             tracing::error!(handler = %shared.name, event_id = %front.event.id, panics = front.panics,
                                 "the task handling a message panicked every time (a bug in weir); releasing it to the broker and moving its key on");
-                            Settled::Released
+                            vec![Settled::Released]
                         }
                     };
-                    held -= 1;
-                    if let Some(done) = queue.pop_front() {
-                        shared.source.settle(&done.delivery, settled);
+                    for outcome in settled {
+                        let Some(done) = queue.pop_front() else { break };
+                        held -= 1;
+                        shared.source.settle(&done.delivery, outcome);
                     }
-                    match queue.front() {
-                        Some(next) => {
-                            let handle = tasks.spawn(process(shared.clone(), next.event.clone(), next.delivery.clone(), Duration::ZERO));
-                            running.insert(handle.id(), lane);
-                        }
-                        None => {
-                            lanes.remove(&lane);
-                        }
+                    if queue.is_empty() {
+                        lanes.remove(&lane);
+                    } else {
+                        let handle = tasks.spawn(process(shared.clone(), run_of(queue, MAX_RUN), Duration::ZERO));
+                        running.insert(handle.id(), lane);
                     }
                 }
                 received = shared.source.recv(), if held < max_in_flight => {
@@ -231,11 +236,11 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
                         panics: 0,
                     };
                     let queue = lanes.entry(lane).or_default();
-                    if queue.is_empty() {
-                        let handle = tasks.spawn(process(shared.clone(), pending.event.clone(), pending.delivery.clone(), Duration::ZERO));
+                    queue.push_back(pending);
+                    if queue.len() == 1 {
+                        let handle = tasks.spawn(process(shared.clone(), run_of(queue, 1), Duration::ZERO));
                         running.insert(handle.id(), lane);
                     }
-                    queue.push_back(pending);
                 }
             }
         }
@@ -246,14 +251,13 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
         while let Some(joined) = tasks.join_next_with_id().await {
             let (id, settled) = match joined {
                 Ok((id, settled)) => (id, settled),
-                Err(err) => (err.id(), Settled::Released),
+                Err(err) => (err.id(), vec![Settled::Released]),
             };
-            if let Some(front) = running
-                .remove(&id)
-                .and_then(|lane| lanes.get_mut(&lane))
-                .and_then(VecDeque::pop_front)
-            {
-                shared.source.settle(&front.delivery, settled);
+            if let Some(queue) = running.remove(&id).and_then(|lane| lanes.get_mut(&lane)) {
+                for outcome in settled {
+                    let Some(done) = queue.pop_front() else { break };
+                    shared.source.settle(&done.delivery, outcome);
+                }
             }
         }
         let mut released = 0usize;
@@ -284,15 +288,24 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
     }
 }
 
-/// One message from dedup to its outcome, after `delay`.
+/// The first `max` messages of a lane: the run its next task takes.
+fn run_of<D>(queue: &VecDeque<Pending<D>>, max: usize) -> Vec<(Arc<Event>, Arc<D>)> {
+    queue
+        .iter()
+        .take(max)
+        .map(|p| (p.event.clone(), p.delivery.clone()))
+        .collect()
+}
+
+/// A run of one lane's messages from dedup to their outcomes, after
+/// `delay`: the outcomes of the first ones, in order (at least one).
 async fn process<S: Source, F: HandlerFactory, D: Publisher>(
     shared: Arc<Shared<S, F, D>>,
-    event: Arc<Event>,
-    delivery: Arc<S::Delivery>,
+    run: Vec<(Arc<Event>, Arc<S::Delivery>)>,
     delay: Duration,
-) -> Settled {
+) -> Vec<Settled> {
     if !delay.is_zero() && !pause(shared.shutdown.clone(), delay).await {
-        return Settled::Released;
+        return vec![Settled::Released];
     }
-    deliver(&shared, event, &delivery).await
+    deliver_run(&shared, &run).await
 }
