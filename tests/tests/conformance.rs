@@ -68,6 +68,7 @@ conformance!(
     aborting_at_the_worst_moments_loses_nothing_and_applies_nothing_twice,
     effects_of_failed_attempts_are_discarded,
     contracts_0_1_and_0_2_serve_side_by_side,
+    runs_committed_together_survive_aborts,
 );
 
 // ---------------------------------------------------------------------------
@@ -992,6 +993,122 @@ fn effects_of_failed_attempts_are_discarded(broker: &dyn TestBroker) -> Result<(
         .collect();
     input.produced = broker.produce(INPUT, &records)?;
     finish_and_verify(broker, &deployment, &input)
+}
+
+/// A handler that keeps no state and emits (the no-op handler echoing each
+/// event), with one lane per partition: its outcomes are committed a run
+/// at a time, many per transaction (see "Runs" in
+/// `runtime/src/pipeline/deliver.rs`). Weir aborts before and after such
+/// a commit and after a publish, several times; a final run catches up.
+/// Then: the input is acknowledged to its end, every distinct input event
+/// was echoed under one emitted id, and every copy of an emitted id is
+/// identical.
+fn runs_committed_together_survive_aborts(broker: &dyn TestBroker) -> Result<()> {
+    broker.create_topic(INPUT, 2)?;
+    broker.create_output_topic(OUTPUT)?;
+    let deployment = broker.deployment()?;
+    broker.prepare_for_kills(&deployment)?;
+    deployment.add_handler(
+        "noop",
+        "echo",
+        &format!(
+            "topics = [\"{INPUT}\"]\nordering = \"partition\"\nmax_in_flight = 64\n\n[config]\necho_topic = \"{OUTPUT}\"\n{}",
+            broker.manifest_for_kills()
+        ),
+    )?;
+    let mut rng = Rng::from_env();
+    let mut input = Input::default();
+    let points = ["before-commit", "after-commit", "after-publish"];
+    let mut aborted = BTreeMap::new();
+    for cycle in 0..points.len() * 2 {
+        let point = points[cycle % points.len()];
+        input.produce(broker, &mut rng, 60, 15)?;
+        let fault = format!("{point}@{}", 1 + rng.below(3));
+        let mut weir =
+            deployment.start_with_env(&format!("fault-{cycle}"), &[("WEIR_FAULT", &fault)])?;
+        match weir.wait_exit(Duration::from_secs(60))? {
+            Some(status) => {
+                ensure!(!status.success(), "weir exited cleanly with {fault} armed");
+                *aborted.entry(point).or_insert(0) += 1;
+            }
+            None => weir.kill()?,
+        }
+    }
+    eprintln!("aborts per fault point: {aborted:?}");
+    for point in points {
+        ensure!(
+            aborted.get(point).copied().unwrap_or(0) >= 1,
+            "never aborted at {point}: {aborted:?}"
+        );
+    }
+    let mut last = deployment.start("final")?;
+    poll_until(
+        CRASH_WAIT,
+        "everything produced to be acknowledged",
+        || {
+            Ok(broker
+                .caught_up("weir.echo", INPUT, &input.produced)?
+                .then_some(()))
+        },
+        || {
+            format!(
+                "{}; log: {}",
+                broker.progress("weir.echo", INPUT),
+                last.log.display()
+            )
+        },
+    )?;
+    let distinct = input.events.len();
+    let output = poll_until(
+        CRASH_WAIT,
+        "an echo of every distinct input event",
+        || {
+            let stored = broker.read(OUTPUT)?;
+            let sources: BTreeSet<String> = stored
+                .iter()
+                .filter_map(|r| r.header("weir.source-event-id"))
+                .collect();
+            Ok((sources.len() >= distinct).then_some(stored))
+        },
+        || format!("log: {}", last.log.display()),
+    )?;
+    stop(&mut last)?;
+    let mut by_id: BTreeMap<String, (String, Vec<u8>, Option<String>)> = BTreeMap::new();
+    for r in &output {
+        let id = r.header("event_id").context("echo without event_id")?;
+        let source = r
+            .header("weir.source-event-id")
+            .context("echo without weir.source-event-id")?;
+        let this = (source, r.value.clone(), r.key_text());
+        match by_id.get(&id) {
+            Some(first) => ensure!(
+                *first == this,
+                "emitted event {id} published with different contents: {first:?} and {this:?}"
+            ),
+            None => {
+                by_id.insert(id, this);
+            }
+        }
+    }
+    let sources: BTreeSet<&String> = by_id.values().map(|(s, _, _)| s).collect();
+    let inputs: BTreeSet<&String> = input.events.keys().collect();
+    ensure!(
+        sources == inputs,
+        "echoes' sources differ from the input: missing {:?}, unexpected {:?}",
+        inputs.difference(&sources).take(10).collect::<Vec<_>>(),
+        sources.difference(&inputs).take(10).collect::<Vec<_>>()
+    );
+    ensure!(
+        by_id.len() == distinct,
+        "{} distinct emitted ids for {distinct} distinct inputs",
+        by_id.len()
+    );
+    eprintln!(
+        "verified: {} records produced, {distinct} distinct events, {} echoes read",
+        input.produced.len(),
+        output.len()
+    );
+    Ok(())
 }
 
 fn finish_and_verify(
