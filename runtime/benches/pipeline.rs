@@ -64,7 +64,10 @@ async fn run(count: u64, manifest_text: &str, effects: bool) -> Run {
     };
     let manifest: Manifest = toml::from_str(manifest_text).expect("manifest");
     let source = SyntheticSource::new();
-    let stats = Arc::new(HandlerStats::default());
+    // Metrics recorded as `weir run` records them.
+    let stats = Arc::new(HandlerStats::recording(
+        weir::metrics::Metrics::new().handler("bench", "weir.bench"),
+    ));
     let (stop, shutdown) = watch::channel(false);
     let worker = Worker::new(
         "bench".into(),

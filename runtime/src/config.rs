@@ -76,6 +76,38 @@ pub struct Config {
     /// Runtime-wide defaults for handler sandbox limits.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// The admin HTTP server: metrics, health, handlers.
+    #[serde(default)]
+    pub admin: AdminSection,
+}
+
+/// `[admin]`: the HTTP server for `/metrics`, `/health/live`,
+/// `/health/ready` and `/handlers`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Serve it at all.
+    #[serde(default = "default_admin_enabled")]
+    pub enabled: bool,
+    /// `host:port` to listen on; port 0 picks a free one (logged).
+    #[serde(default = "default_admin_listen")]
+    pub listen: std::net::SocketAddr,
+}
+
+fn default_admin_enabled() -> bool {
+    true
+}
+fn default_admin_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            enabled: default_admin_enabled(),
+            listen: default_admin_listen(),
+        }
+    }
 }
 
 /// `[runtime]`: directories and lifecycle.

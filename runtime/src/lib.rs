@@ -14,11 +14,13 @@
 //! - [`registry`]: handler files, manifests, loading.
 //! - [`runtime`]: wiring the above into a running process.
 
+pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod fault;
 pub mod host;
 pub mod message;
+pub mod metrics;
 pub mod pipeline;
 pub mod registry;
 pub mod runtime;

@@ -261,6 +261,17 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     }
     let store = open_store(&config)?;
     let mut runtime = Runtime::start(handlers, &broker, &store, config.limits.concurrency)?;
+    let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
+    if config.admin.enabled {
+        weir::admin::serve(
+            config.admin.listen,
+            runtime.metrics(),
+            runtime.status(),
+            store.clone(),
+            admin_stopped,
+        )
+        .await;
+    }
     // Hot reload: new, changed and removed files in the handlers directory.
     let (_watcher, mut changes) = registry::watch::watch(dir)
         .with_context(|| format!("[runtime] handlers_dir {}: cannot watch it", dir.display()))?;
@@ -293,6 +304,7 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     }
     tracing::info!("stopping: finishing in-flight messages and committing offsets");
     runtime.stop(config.runtime.shutdown_timeout).await;
+    let _ = admin_stop.send(true);
     drop(embedded);
     tracing::info!("stopped");
     match failure {

@@ -8,7 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -16,6 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, LimitsSection};
 use crate::host::{CompiledHandler, Host};
+use crate::metrics::Metrics;
 use crate::pipeline::outbox::{Relay, RelayStats};
 use crate::pipeline::{HandlerStats, HandlerSwap, Worker};
 use crate::registry::{self, BrokerKind, LoadError, LoadedHandler, Manifest};
@@ -78,8 +80,63 @@ fn fingerprint(wasm: &Path) -> std::io::Result<Fingerprint> {
     })
 }
 
+/// What the admin server shows of one handler being served.
+#[derive(Clone)]
+pub struct HandlerView {
+    /// Its name (file stem).
+    pub name: String,
+    /// The version being served (content hash).
+    pub version: String,
+    /// The contract it was built for (`0.1.0`, `0.2.0`).
+    pub contract: String,
+    /// Its consumer group (Kafka) or durable (NATS JetStream).
+    pub group: String,
+    /// The topics or subjects it consumes.
+    pub topics: Vec<String>,
+    /// Its counters.
+    pub stats: Arc<HandlerStats>,
+    /// False once its worker stopped on its own.
+    pub alive: Arc<AtomicBool>,
+}
+
+/// The runtime as the admin server sees it: the handlers served and the
+/// files rejected, kept current by the runtime. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Status {
+    inner: Arc<RwLock<StatusInner>>,
+}
+
+#[derive(Default)]
+struct StatusInner {
+    handlers: BTreeMap<String, HandlerView>,
+    rejected: BTreeMap<String, String>,
+}
+
+impl Status {
+    /// The handlers served, by name.
+    pub fn handlers(&self) -> Vec<HandlerView> {
+        self.read().handlers.values().cloned().collect()
+    }
+
+    /// Files that failed to load, with why (the version served before, if
+    /// any, keeps serving).
+    pub fn rejected(&self) -> BTreeMap<String, String> {
+        self.read().rejected.clone()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, StatusInner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, StatusInner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// The running set of workers.
 pub struct Runtime {
+    metrics: Metrics,
+    status: Status,
     running: BTreeMap<String, RunningHandler>,
     broker: Broker,
     store: Store,
@@ -169,7 +226,12 @@ impl Runtime {
         store: &Store,
         concurrency: Option<usize>,
     ) -> anyhow::Result<Self> {
-        let relay_stats = Arc::new(RelayStats::default());
+        let metrics = Metrics::new();
+        store.record_to(metrics.clone());
+        let relay_stats = Arc::new(RelayStats {
+            metrics: Some(metrics.clone()),
+            ..RelayStats::default()
+        });
         let (relay_stop, relay_watch) = watch::channel(false);
         let relay = match broker {
             Broker::Kafka { producer, .. } => tokio::spawn(
@@ -182,6 +244,8 @@ impl Runtime {
         };
         let (fatal, fatal_rx) = mpsc::unbounded_channel();
         let mut runtime = Self {
+            metrics,
+            status: Status::default(),
             running: BTreeMap::new(),
             broker: broker.clone(),
             store: store.clone(),
@@ -215,7 +279,10 @@ impl Runtime {
         tracing::info!(handler = %handler.name, version = %handler.compiled.version(),
             contract = handler.compiled.contract().version(), group = %group,
             topics = %handler.manifest.topics.join(","), broker = self.broker.kind().as_str(), "serving");
-        let stats = Arc::new(HandlerStats::default());
+        let stats = Arc::new(HandlerStats::recording(
+            self.metrics.handler(&handler.name, &group),
+        ));
+        let alive = Arc::new(AtomicBool::new(true));
         let (stop, stopped) = watch::channel(false);
         let (swap, task) = match &self.broker {
             Broker::Kafka { cluster, producer } => {
@@ -226,7 +293,14 @@ impl Runtime {
                     &handler.manifest.topics,
                     handler.manifest.start,
                 )?;
-                self.spawn(&handler, consumer, producer.clone(), &stats, stopped)
+                self.spawn(
+                    &handler,
+                    consumer,
+                    producer.clone(),
+                    &stats,
+                    &alive,
+                    stopped,
+                )
             }
             Broker::Nats(connection) => {
                 let settings = handler.manifest.nats.clone().unwrap_or_default();
@@ -237,9 +311,30 @@ impl Runtime {
                     ack_wait: settings.ack_wait,
                     max_ack_pending: handler.manifest.max_in_flight,
                 });
-                self.spawn(&handler, consumer, connection.publisher(), &stats, stopped)
+                self.spawn(
+                    &handler,
+                    consumer,
+                    connection.publisher(),
+                    &stats,
+                    &alive,
+                    stopped,
+                )
             }
         };
+        self.metrics
+            .serving(&handler.name, &group, Some(handler.compiled.version()));
+        self.status.write().handlers.insert(
+            handler.name.clone(),
+            HandlerView {
+                name: handler.name.clone(),
+                version: handler.compiled.version().to_string(),
+                contract: handler.compiled.contract().version().to_string(),
+                group: group.clone(),
+                topics: handler.manifest.topics.clone(),
+                stats: stats.clone(),
+                alive,
+            },
+        );
         self.running.insert(
             handler.name.clone(),
             RunningHandler {
@@ -262,6 +357,7 @@ impl Runtime {
         source: S,
         publisher: D,
         stats: &Arc<HandlerStats>,
+        alive: &Arc<AtomicBool>,
         stopped: watch::Receiver<bool>,
     ) -> (HandlerSwap<CompiledHandler>, tokio::task::JoinHandle<()>) {
         let concurrency = handler
@@ -282,8 +378,11 @@ impl Runtime {
         );
         let swap = worker.swapper();
         let fatal = self.fatal.clone();
+        let alive = alive.clone();
         let task = tokio::spawn(async move {
-            if let Err(why) = worker.run().await {
+            let result = worker.run().await;
+            alive.store(false, AtomicOrdering::SeqCst);
+            if let Err(why) = result {
                 let _ = fatal.send(why);
             }
         });
@@ -293,6 +392,16 @@ impl Runtime {
     /// The handlers being served, by name.
     pub fn handlers(&self) -> Vec<&RunningHandler> {
         self.running.values().collect()
+    }
+
+    /// The process's metrics.
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
+    }
+
+    /// What the admin server shows, kept current.
+    pub fn status(&self) -> Status {
+        self.status.clone()
     }
 
     /// Counters of the outbox relay.
@@ -342,6 +451,8 @@ impl Runtime {
         for name in gone {
             if let Some(running) = self.running.remove(&name) {
                 tracing::info!(handler = %name, version = %running.swap.version(), "handler removed; draining");
+                self.metrics.serving(&name, "", None);
+                self.status.write().handlers.remove(&name);
                 retire(running, drain).await;
                 tracing::info!(handler = %name, "handler removed; left its group");
             }
@@ -379,11 +490,23 @@ impl Runtime {
                     tracing::error!(handler = %name, file = %err.file().display(), error = %err,
                         still_serving = serving.as_deref().unwrap_or("nothing"),
                         "new version rejected");
+                    self.metrics.reload(&name, false);
+                    self.status
+                        .write()
+                        .rejected
+                        .insert(file.display().to_string(), err.to_string());
                     self.rejected.insert(file, current);
                     continue;
                 }
             };
+            self.status
+                .write()
+                .rejected
+                .remove(&file.display().to_string());
             self.rejected.remove(&file);
+            if self.running.contains_key(&name) {
+                self.metrics.reload(&name, true);
+            }
             let compile_ms = started.elapsed().as_millis() as u64;
             match self.running.get_mut(&name) {
                 Some(running) if same_consumer(&running.handler.manifest, &handler.manifest) => {
@@ -393,6 +516,12 @@ impl Runtime {
                         .swap(handler.compiled.clone().with_store(self.store.clone()));
                     tracing::info!(handler = %name, old_version = %old, version = %handler.compiled.version(),
                         compile_ms, "new version serving");
+                    self.metrics
+                        .serving(&name, &handler.group(), Some(handler.compiled.version()));
+                    if let Some(view) = self.status.write().handlers.get_mut(&name) {
+                        view.version = handler.compiled.version().to_string();
+                        view.contract = handler.compiled.contract().version().to_string();
+                    }
                     running.handler = handler;
                     running.fingerprint = current;
                 }

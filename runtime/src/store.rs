@@ -396,6 +396,9 @@ pub struct Store {
     stats: Arc<CommitStats>,
     outbox_ready: Arc<Notify>,
     faults: Arc<Faults>,
+    metrics: Arc<std::sync::OnceLock<crate::metrics::Metrics>>,
+    /// False once the writer thread has ended.
+    writer_alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Failures a test can inject into the writer thread.
@@ -450,7 +453,9 @@ impl Store {
         let stats = Arc::new(CommitStats::default());
         let outbox_ready = Arc::new(Notify::new());
         let faults = Arc::new(Faults::default());
+        let metrics = Arc::new(std::sync::OnceLock::new());
         let writer_state = WriterState {
+            metrics: metrics.clone(),
             db: db.clone(),
             path: path.clone(),
             latest: latest.clone(),
@@ -458,9 +463,14 @@ impl Store {
             outbox_ready: outbox_ready.clone(),
             faults: faults.clone(),
         };
+        let writer_alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let alive = writer_alive.clone();
         std::thread::Builder::new()
             .name("weir-store".into())
-            .spawn(move || writer_state.run(&requests))
+            .spawn(move || {
+                writer_state.run(&requests);
+                alive.store(false, Ordering::SeqCst);
+            })
             .map_err(|e| open_error(e.to_string()))?;
         Ok(Self {
             db,
@@ -470,7 +480,21 @@ impl Store {
             stats,
             outbox_ready,
             faults,
+            metrics,
+            writer_alive,
         })
+    }
+
+    /// Whether the writer thread still runs (it ends only when it fails for
+    /// good, or with the last handle).
+    pub fn writer_alive(&self) -> bool {
+        self.writer_alive.load(Ordering::SeqCst)
+    }
+
+    /// Records each group commit (its size and time) to `metrics` from now
+    /// on. The first call wins.
+    pub fn record_to(&self, metrics: crate::metrics::Metrics) {
+        let _ = self.metrics.set(metrics);
     }
 
     /// Test support: the next `batches` group commits fail with an I/O
@@ -710,6 +734,7 @@ fn now_ms() -> u64 {
 
 /// The writer thread's handles.
 struct WriterState {
+    metrics: Arc<std::sync::OnceLock<crate::metrics::Metrics>>,
     db: Arc<Database>,
     path: Arc<PathBuf>,
     latest: Latest,
@@ -743,6 +768,7 @@ impl WriterState {
                 .fail_batches
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok();
+            let started = std::time::Instant::now();
             let result = if injected {
                 Err("injected write failure".to_string())
             } else {
@@ -761,6 +787,9 @@ impl WriterState {
                     // told, so no offset has been stored for it.
                     fault::point("after-commit");
                     self.publish_snapshot();
+                    if let Some(metrics) = self.metrics.get() {
+                        metrics.commit(writes.len(), started.elapsed().as_secs_f64());
+                    }
                     self.stats.commits.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .writes

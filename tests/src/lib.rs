@@ -401,6 +401,10 @@ pub(crate) fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir> {
     Ok(dir)
 }
 
+/// Every test's weir serves its admin routes on a port of its own, so that
+/// processes running side by side never contend for one.
+const ADMIN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+
 /// A directory with a weir configuration and handlers, for one test.
 pub struct Deployment {
     /// The temporary directory (kept after the test when
@@ -434,7 +438,7 @@ impl Deployment {
         std::fs::write(
             dir.path().join("weir.toml"),
             format!(
-                "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\nshutdown_timeout = \"20s\"\n\n{source}"
+                "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\nshutdown_timeout = \"20s\"\n\n{ADMIN}\n{source}"
             ),
         )?;
         Ok(Self { dir })
@@ -450,7 +454,9 @@ impl Deployment {
         std::fs::create_dir_all(dir.path().join("handlers"))?;
         std::fs::write(
             dir.path().join("weir.toml"),
-            "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\n\n[source.embedded]\npartitions = 3\n",
+            format!(
+                "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\n\n{ADMIN}\n[source.embedded]\npartitions = 3\n"
+            ),
         )?;
         Ok(Self { dir })
     }
@@ -551,6 +557,22 @@ impl Deployment {
             &self.dir.path().join(format!("{label}.log")),
             env,
         )
+    }
+
+    /// Serves the admin routes on `port` (instead of a free port chosen by
+    /// weir).
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be written.
+    pub fn admin_port(&self, port: u16) -> Result<()> {
+        let path = self.dir.path().join("weir.toml");
+        let config = std::fs::read_to_string(&path)?.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        );
+        std::fs::write(path, config)?;
+        Ok(())
     }
 
     /// Appends `text` to the configuration file (e.g. a

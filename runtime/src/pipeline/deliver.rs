@@ -45,7 +45,6 @@
 //! ordinary path, one message at a time.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -148,15 +147,12 @@ async fn flush<S: Source, F: HandlerFactory, D: Publisher>(
     for ((at, event, _), applied) in pending.iter().zip(applied) {
         match applied {
             Applied::Done => {
-                shared.stats.handled.fetch_add(1, AtomicOrdering::Relaxed);
+                shared.stats.handled(&event.topic);
             }
             // No reads were deferred, so no conflict; a duplicate means
             // another delivery of the event committed first.
             Applied::Duplicate | Applied::Conflict => {
-                shared
-                    .stats
-                    .duplicates
-                    .fetch_add(1, AtomicOrdering::Relaxed);
+                shared.stats.duplicate(&event.topic);
                 tracing::debug!(handler = %shared.name, event_id = %event.id, "duplicate found at commit; its effects were dropped");
             }
         }
@@ -193,10 +189,7 @@ async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
         }
     };
     if dedup && seen.done {
-        shared
-            .stats
-            .duplicates
-            .fetch_add(1, AtomicOrdering::Relaxed);
+        shared.stats.duplicate(&event.topic);
         tracing::debug!(handler = name, topic = %event.topic, position = %event.position,
             event_id = %event.id, "duplicate; skipped");
         return Some(Settled::Done);
@@ -236,7 +229,7 @@ async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
                         return None;
                     }
                     None => {
-                        shared.stats.handled.fetch_add(1, AtomicOrdering::Relaxed);
+                        shared.stats.handled(&event.topic);
                         return Some(Settled::Done);
                     }
                 }
@@ -245,22 +238,19 @@ async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
                 .await
             {
                 Some(Applied::Done) => {
-                    shared.stats.handled.fetch_add(1, AtomicOrdering::Relaxed);
+                    shared.stats.handled(&event.topic);
                     return Some(Settled::Done);
                 }
                 Some(Applied::Duplicate) => {
                     // Another delivery of this event committed first; its
                     // effects stand, this one's are dropped.
-                    shared
-                        .stats
-                        .duplicates
-                        .fetch_add(1, AtomicOrdering::Relaxed);
+                    shared.stats.duplicate(&event.topic);
                     tracing::debug!(handler = name, event_id = %event.id, "duplicate found at commit; its effects were dropped");
                     return Some(Settled::Done);
                 }
                 Some(Applied::Conflict) => {
                     conflicts += 1;
-                    shared.stats.conflicts.fetch_add(1, AtomicOrdering::Relaxed);
+                    shared.stats.conflict();
                     if conflicts < MAX_CONFLICTS {
                         // Run again at once on the new state; back off a
                         // little when it keeps colliding.
@@ -284,7 +274,10 @@ async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
                 }
                 None => return Some(Settled::Released),
             },
-            Outcome::Failed(failure) => failure,
+            Outcome::Failed(failure) => {
+                shared.stats.failed(&event.topic);
+                failure
+            }
         };
         let requested = match failure.kind {
             FailureKind::RetryAfter(delay) => Some(delay),
@@ -299,7 +292,7 @@ async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
         let Next::RetryIn(delay) = next else {
             return Some(dead_letter(shared, &event, &failure, delivery, group).await);
         };
-        shared.stats.retries.fetch_add(1, AtomicOrdering::Relaxed);
+        shared.stats.retried(&event.topic);
         // The attempt count is durable before the retry is scheduled, so a
         // crash during the backoff does not reset it.
         let attempted = || Write::Attempted {
@@ -470,8 +463,7 @@ async fn dead_letter<S: Source, F: HandlerFactory, D: Publisher>(
             Ok(()) => {
                 shared
                     .stats
-                    .dead_lettered
-                    .fetch_add(1, AtomicOrdering::Relaxed);
+                    .dead_lettered(&event.topic, dlq::error_type(failure), &topic);
                 tracing::warn!(handler = name, topic = %event.topic, position = %event.position,
                     event_id = %event.id, attempts = event.attempt,
                     kind = failure.kind.as_str(), category = failure.category.as_deref().unwrap_or("none"),

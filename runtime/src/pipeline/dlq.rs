@@ -42,6 +42,28 @@ pub fn headers(
     headers
 }
 
+/// What failed, in one word, for the `error_type` label of
+/// `dlq_messages_total`: the handler's error category where it named one,
+/// else what the runtime saw (`timeout`, `trap`, `memory_limit`,
+/// `fuel_limit`, `table_limit`), else the error kind (`retryable`,
+/// `retry-after`, `permanent`).
+pub fn error_type(failure: &Failure) -> &str {
+    if let Some(category) = failure.category.as_deref() {
+        return category;
+    }
+    let message = failure.message.as_str();
+    [
+        ("timeout:", "timeout"),
+        ("trap while", "trap"),
+        ("memory limit:", "memory_limit"),
+        ("fuel limit:", "fuel_limit"),
+        ("table limit:", "table_limit"),
+    ]
+    .into_iter()
+    .find(|(prefix, _)| message.starts_with(prefix))
+    .map_or(failure.kind.as_str(), |(_, kind)| kind)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +106,38 @@ mod tests {
         assert_eq!(get("weir.origin.partition").as_deref(), Some("1"));
         assert_eq!(get("weir.origin.offset").as_deref(), Some("99"));
         assert!(get("weir.failed-at").is_some_and(|t| t.ends_with('Z')));
+    }
+
+    #[test]
+    fn error_type_is_the_category_else_what_the_runtime_saw_else_the_kind() {
+        let failure = |message: &str, category: Option<&str>, kind| Failure {
+            kind,
+            message: message.into(),
+            poisoned: false,
+            category: category.map(Into::into),
+        };
+        use crate::host::FailureKind::{Permanent, Retryable};
+        assert_eq!(
+            error_type(&failure("x", Some("validation"), Permanent)),
+            "validation"
+        );
+        assert_eq!(
+            error_type(&failure("timeout: handling ran longer", None, Retryable)),
+            "timeout"
+        );
+        assert_eq!(
+            error_type(&failure(
+                "trap while handling: unreachable",
+                None,
+                Retryable
+            )),
+            "trap"
+        );
+        assert_eq!(
+            error_type(&failure("memory limit: …", None, Retryable)),
+            "memory_limit"
+        );
+        assert_eq!(error_type(&failure("boom", None, Retryable)), "retryable");
+        assert_eq!(error_type(&failure("bad", None, Permanent)), "permanent");
     }
 }

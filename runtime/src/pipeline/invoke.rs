@@ -13,7 +13,6 @@
 //! - **A swap never mixes versions within a call**, and instances of a
 //!   replaced version are dropped, not pooled.
 
-use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -133,7 +132,7 @@ impl<F: HandlerFactory> Invoker<F> {
                         continue;
                     }
                     Err(failure) => {
-                        self.record(stats, started);
+                        self.record(stats, &event.topic, started);
                         return Outcome::Failed(failure);
                     }
                 },
@@ -151,17 +150,14 @@ impl<F: HandlerFactory> Invoker<F> {
                     served.idle.push(instance);
                 }
             }
-            self.record(stats, started);
+            self.record(stats, &event.topic, started);
             return outcome;
         }
     }
 
-    fn record(&self, stats: &HandlerStats, started: Instant) {
-        let latency_us = started.elapsed().as_micros() as u64;
-        stats.calls.fetch_add(1, AtomicOrdering::Relaxed);
-        stats
-            .busy_micros
-            .fetch_add(latency_us, AtomicOrdering::Relaxed);
-        tracing::trace!(handler = %self.name, latency_us, "handle returned");
+    fn record(&self, stats: &HandlerStats, topic: &str, started: Instant) {
+        let took = started.elapsed();
+        stats.call(topic, took);
+        tracing::trace!(handler = %self.name, latency_us = took.as_micros() as u64, "handle returned");
     }
 }

@@ -44,6 +44,7 @@ pub mod worker;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
 use crate::host::{CompiledHandler, Event, Failure, HandlerInstance, Outcome};
+use crate::metrics::HandlerMetrics;
 
 pub use invoke::HandlerSwap;
 pub use worker::Worker;
@@ -86,7 +87,8 @@ impl HandlerCall for HandlerInstance {
     }
 }
 
-/// Counters for one handler, readable while it runs.
+/// Counters for one handler, readable while it runs, and its Prometheus
+/// metrics when it has a recorder (see `metrics.rs`).
 #[derive(Debug, Default)]
 pub struct HandlerStats {
     /// Messages whose handler returned `ok`.
@@ -103,13 +105,82 @@ pub struct HandlerStats {
     pub busy_micros: AtomicU64,
     /// Calls to `handle`.
     pub calls: AtomicU64,
+    /// Messages held now (running, waiting for a retry, queued).
+    pub in_flight: AtomicU64,
+    /// Where the same events go as metrics.
+    recorder: Option<HandlerMetrics>,
 }
 
 impl HandlerStats {
+    /// Counters that also record `metrics`.
+    pub fn recording(metrics: HandlerMetrics) -> Self {
+        Self {
+            recorder: Some(metrics),
+            ..Self::default()
+        }
+    }
+
     /// Messages with a final outcome (handled, dead-lettered or duplicate).
     pub fn finished(&self) -> u64 {
         self.handled.load(AtomicOrdering::Relaxed)
             + self.dead_lettered.load(AtomicOrdering::Relaxed)
             + self.duplicates.load(AtomicOrdering::Relaxed)
+    }
+
+    pub(crate) fn handled(&self, topic: &str) {
+        self.handled.fetch_add(1, AtomicOrdering::Relaxed);
+        self.consumed(topic, "handled");
+    }
+
+    pub(crate) fn duplicate(&self, topic: &str) {
+        self.duplicates.fetch_add(1, AtomicOrdering::Relaxed);
+        self.consumed(topic, "duplicate");
+    }
+
+    pub(crate) fn retried(&self, topic: &str) {
+        self.retries.fetch_add(1, AtomicOrdering::Relaxed);
+        self.consumed(topic, "retried");
+    }
+
+    pub(crate) fn failed(&self, topic: &str) {
+        self.consumed(topic, "failed");
+    }
+
+    pub(crate) fn dead_lettered(&self, topic: &str, error_type: &str, dlq: &str) {
+        self.dead_lettered.fetch_add(1, AtomicOrdering::Relaxed);
+        self.consumed(topic, "dead_lettered");
+        if let Some(recorder) = &self.recorder {
+            recorder.dead_letter(topic, error_type);
+            recorder.produced(dlq);
+        }
+    }
+
+    pub(crate) fn conflict(&self) {
+        self.conflicts.fetch_add(1, AtomicOrdering::Relaxed);
+        if let Some(recorder) = &self.recorder {
+            recorder.conflict();
+        }
+    }
+
+    pub(crate) fn call(&self, topic: &str, took: std::time::Duration) {
+        self.calls.fetch_add(1, AtomicOrdering::Relaxed);
+        self.busy_micros
+            .fetch_add(took.as_micros() as u64, AtomicOrdering::Relaxed);
+        if let Some(recorder) = &self.recorder {
+            recorder.call(topic, took.as_secs_f64());
+        }
+    }
+
+    pub(crate) fn held(&self, held: usize) {
+        self.in_flight.store(held as u64, AtomicOrdering::Relaxed);
+        if let Some(recorder) = &self.recorder {
+            recorder.in_flight(held);
+        }
+    }
+
+    fn consumed(&self, topic: &str, status: &'static str) {
+        if let Some(recorder) = &self.recorder {
+            recorder.consumed(topic, status);
+        }
     }
 }

@@ -149,6 +149,8 @@ pub struct RelayStats {
     pub published: AtomicU64,
     /// Publish attempts that failed (and will be retried).
     pub failures: AtomicU64,
+    /// Where acknowledged records are also counted, by topic.
+    pub metrics: Option<crate::metrics::Metrics>,
 }
 
 /// The broker's answer for one row: its sequence number, its record, and
@@ -339,6 +341,9 @@ impl Books {
         match result {
             Ok(()) => {
                 self.stats.published.fetch_add(1, Ordering::Relaxed);
+                if let Some(metrics) = &self.stats.metrics {
+                    metrics.produced(&record.topic);
+                }
                 let (left, _) = lane.answer(seq, true, now, self.finishing);
                 self.held = self.held.saturating_sub(left);
                 // "Delete after acknowledgement": only acknowledged rows

@@ -209,6 +209,7 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
                         held -= 1;
                         shared.source.settle(&done.delivery, outcome);
                     }
+                    shared.stats.held(held);
                     if queue.is_empty() {
                         lanes.remove(&lane);
                     } else {
@@ -229,6 +230,7 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
                     }
                     seq += 1;
                     held += 1;
+                    shared.stats.held(held);
                     let lane = lane_of(shared.manifest.ordering, &message, seq);
                     let pending = Pending {
                         event: Arc::new(event_of(message, &shared.manifest)),
@@ -265,6 +267,7 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
             shared.source.settle(&pending.delivery, Settled::Released);
             released += 1;
         }
+        shared.stats.held(0);
         if released > 0 {
             tracing::info!(handler = %shared.name, released,
                 "messages received but not started are left to the broker to deliver again");

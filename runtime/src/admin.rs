@@ -1,0 +1,167 @@
+//! The admin HTTP server: what an operator and Prometheus look at.
+//!
+//! | route | answer |
+//! | --- | --- |
+//! | `GET /metrics` | every metric (see `metrics.rs`), Prometheus text format |
+//! | `GET /health/live` | 200 while the process serves requests |
+//! | `GET /health/ready` | 200 when every handler file loaded and every worker runs and the store's writer is alive, else 503; JSON saying what is not ready and why |
+//! | `GET /handlers` | JSON: each handler's name, version, contract, group, topics, in flight and counters |
+//!
+//! It listens on `[admin] listen` (default `127.0.0.1:9464`). Invariants:
+//! it only reads (nothing it answers changes what the runtime does); a port
+//! it cannot bind is reported once and the process goes on consuming
+//! without it; listening beyond loopback is said in the log.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::runtime::Status;
+use crate::store::Store;
+
+/// What the routes read.
+#[derive(Clone)]
+struct Admin {
+    metrics: Metrics,
+    status: Status,
+    store: Store,
+}
+
+/// Serves the admin routes on `listen` until `stop` turns true. Returns the
+/// address bound (useful with port 0), or `None` when it cannot listen
+/// (logged).
+pub async fn serve(
+    listen: SocketAddr,
+    metrics: Metrics,
+    status: Status,
+    store: Store,
+    mut stop: watch::Receiver<bool>,
+) -> Option<SocketAddr> {
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!(listen = %listen, error = %err,
+                "[admin] listen: cannot listen; metrics, health and the admin API are unavailable (weir goes on consuming)");
+            return None;
+        }
+    };
+    let bound = listener.local_addr().unwrap_or(listen);
+    if bound.ip().is_loopback() {
+        tracing::info!(address = %bound, "admin server listening (metrics at /metrics, health at /health/ready)");
+    } else {
+        tracing::warn!(address = %bound,
+            "admin server listening beyond loopback: anyone who can reach this address can read metrics, handler state and versions");
+    }
+    let app = Router::new()
+        .route("/metrics", get(metrics_route))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/handlers", get(handlers))
+        .with_state(Admin {
+            metrics,
+            status,
+            store,
+        });
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(err) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %err, "admin server stopped");
+        }
+    });
+    Some(bound)
+}
+
+async fn metrics_route(State(admin): State<Admin>) -> Response {
+    if let Ok(rows) = admin.store.outbox_len() {
+        admin.metrics.outbox_rows(rows);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        admin.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn live() -> Response {
+    (StatusCode::OK, axum::Json(json!({"live": true}))).into_response()
+}
+
+/// What keeps the process from being ready, one reason per line.
+fn not_ready(admin: &Admin) -> Vec<Value> {
+    let mut problems = Vec::new();
+    let handlers = admin.status.handlers();
+    if handlers.is_empty() {
+        problems.push(json!({"check": "handlers", "reason": "no handlers"}));
+    }
+    for view in &handlers {
+        if !view.alive.load(Ordering::SeqCst) {
+            problems.push(json!({"check": "worker", "handler": view.name,
+                "reason": "its worker stopped (see the log)"}));
+        }
+    }
+    for (file, error) in admin.status.rejected() {
+        problems.push(json!({"check": "load", "file": file, "reason": error}));
+    }
+    if !admin.store.writer_alive() {
+        problems.push(json!({"check": "store", "reason": "the database writer has stopped"}));
+    }
+    problems
+}
+
+async fn ready(State(admin): State<Admin>) -> Response {
+    let problems = not_ready(&admin);
+    let code = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        axum::Json(json!({"ready": problems.is_empty(), "not_ready": problems})),
+    )
+        .into_response()
+}
+
+async fn handlers(State(admin): State<Admin>) -> Response {
+    let list: Vec<Value> = admin
+        .status
+        .handlers()
+        .iter()
+        .map(|view| {
+            let stats = &view.stats;
+            let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+            json!({
+                "name": view.name,
+                "version": view.version,
+                "contract": view.contract,
+                "group": view.group,
+                "topics": view.topics,
+                "running": view.alive.load(Ordering::SeqCst),
+                "in_flight": load(&stats.in_flight),
+                "handled": load(&stats.handled),
+                "duplicates": load(&stats.duplicates),
+                "dead_lettered": load(&stats.dead_lettered),
+                "retries": load(&stats.retries),
+                "conflicts": load(&stats.conflicts),
+                "calls": load(&stats.calls),
+            })
+        })
+        .collect();
+    axum::Json(json!({"handlers": list})).into_response()
+}

@@ -1,0 +1,221 @@
+//! The admin server of a running `weir`, against a real broker (Kafka on
+//! tansu, NATS JetStream on nats-server): `/metrics` counts exactly what
+//! the test produced, handled, retried and dead-lettered, under the
+//! standard names; `/health/ready` says ready, and not ready (naming the
+//! file) once a broken handler is dropped in; `/handlers` lists what runs.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, ensure};
+use serde_json::Value;
+use weir_tests::{BrokerKind, Record, TestBroker, broker_test, free_port, poll_until, stop};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// `GET path` on `port`: (status code, body).
+fn get(port: u16, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no end of headers in {response:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    Ok((code, body.to_string()))
+}
+
+/// The samples of a Prometheus text exposition: `name{labels}` → value.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn record(key: &str, id: &str, fail: Option<&str>) -> Record {
+    let mut headers = vec![("event_id".to_string(), id.as_bytes().to_vec())];
+    if let Some(fail) = fail {
+        headers.push(("probe.fail".to_string(), fail.as_bytes().to_vec()));
+    }
+    Record {
+        partition: None,
+        key: Some(key.as_bytes().to_vec()),
+        value: format!("{{\"id\":\"{id}\"}}").into_bytes(),
+        headers,
+    }
+}
+
+fn metrics_match(kind: BrokerKind) -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let broker = kind.start()?;
+    let broker: &dyn TestBroker = broker.as_ref();
+    broker.create_topic("events", 2)?;
+    broker.create_output_topic("events.dlq")?;
+    // 20 handled; 5 copies of handled ids on their key (duplicates); 3
+    // permanent failures (validation); 2 that fail both of their attempts.
+    let mut records = Vec::new();
+    for i in 0..20 {
+        records.push(record(&format!("k{}", i % 4), &format!("ev-{i}"), None));
+    }
+    for i in 0..5 {
+        records.push(record(&format!("k{}", i % 4), &format!("ev-{i}"), None));
+    }
+    for i in 0..3 {
+        records.push(record(
+            "bad",
+            &format!("perm-{i}"),
+            Some("permanent:validation"),
+        ));
+    }
+    for i in 0..2 {
+        records.push(record("flaky", &format!("retry-{i}"), Some("retryable")));
+    }
+    broker.produce("events", &records)?;
+
+    let deployment = broker.deployment()?;
+    let port = free_port()?;
+    deployment.admin_port(port)?;
+    deployment.add_handler(
+        "sdk-probe",
+        "probe",
+        "topics = [\"events\"]\n\n[retry]\nmax_attempts = 2\ninitial_delay = \"10ms\"\njitter = 0.0\n",
+    )?;
+    let mut weir = deployment.start("run")?;
+    let log = weir.log.clone();
+
+    let consumed = |status: &str| {
+        format!(
+            "messages_consumed_total{{topic=\"events\",consumer_group=\"weir.probe\",status=\"{status}\"}}"
+        )
+    };
+    let text = poll_until(
+        WAIT,
+        "the metrics to count every message",
+        || {
+            let Ok((200, text)) = get(port, "/metrics") else {
+                return Ok(None);
+            };
+            let s = samples(&text);
+            let done = s.get(&consumed("handled")).copied() == Some(20.0)
+                && s.get(&consumed("duplicate")).copied() == Some(5.0)
+                && s.get(&consumed("dead_lettered")).copied() == Some(5.0);
+            Ok(done.then_some(text))
+        },
+        || format!("log: {}", log.display()),
+    )?;
+    let s = samples(&text);
+    let expect = |name: String, value: f64| -> Result<()> {
+        ensure!(
+            s.get(&name).copied() == Some(value),
+            "{name} = {:?}, expected {value}; exposition:\n{text}",
+            s.get(&name)
+        );
+        Ok(())
+    };
+    expect(consumed("handled"), 20.0)?;
+    expect(consumed("duplicate"), 5.0)?;
+    expect(consumed("dead_lettered"), 5.0)?;
+    // Every failed attempt: 3 permanent + 2 × 2 retryable.
+    expect(consumed("failed"), 7.0)?;
+    expect(consumed("retried"), 2.0)?;
+    expect(
+        "dlq_messages_total{topic=\"events\",error_type=\"validation\"}".into(),
+        3.0,
+    )?;
+    expect(
+        "dlq_messages_total{topic=\"events\",error_type=\"retryable\"}".into(),
+        2.0,
+    )?;
+    expect("messages_produced_total{topic=\"events.dlq\"}".into(), 5.0)?;
+    // Calls: 20 handled + 7 failed attempts, and a copy of a handled id
+    // only when it ran in the same run as its original, before the
+    // original's mark was committed (then caught at commit).
+    let calls = s
+        .get("message_processing_duration_seconds_count{topic=\"events\",consumer_group=\"weir.probe\"}")
+        .copied()
+        .unwrap_or_default();
+    ensure!(
+        (27.0..=32.0).contains(&calls),
+        "{calls} calls timed, expected 27 to 32:\n{text}"
+    );
+    ensure!(
+        s.keys()
+            .any(|k| k.starts_with("weir_handler_info{handler=\"probe\",version=")),
+        "no weir_handler_info for probe:\n{text}"
+    );
+
+    let (code, body) = get(port, "/health/live")?;
+    ensure!(code == 200, "live: {code} {body}");
+    let (code, body) = get(port, "/health/ready")?;
+    ensure!(code == 200, "ready: {code} {body}");
+    let (code, body) = get(port, "/handlers")?;
+    ensure!(code == 200, "handlers: {code} {body}");
+    let handlers: Value = serde_json::from_str(&body).context("handlers JSON")?;
+    let probe = &handlers["handlers"][0];
+    ensure!(
+        probe["name"] == "probe"
+            && probe["group"] == "weir.probe"
+            && probe["topics"][0] == "events"
+            && probe["handled"] == 20
+            && probe["dead_lettered"] == 5
+            && probe["in_flight"] == 0,
+        "handlers: {body}"
+    );
+
+    // A broken file makes the process not ready, naming it; the good
+    // handler keeps serving.
+    std::fs::write(deployment.handlers().join("broken.wasm"), b"not wasm")?;
+    std::fs::write(
+        deployment.handlers().join("broken.toml"),
+        "topics = [\"events\"]\n",
+    )?;
+    let body = poll_until(
+        WAIT,
+        "ready to turn false for the broken handler",
+        || {
+            let (code, body) = get(port, "/health/ready")?;
+            Ok((code == 503).then_some(body))
+        },
+        || format!("log: {}", log.display()),
+    )?;
+    let ready: Value = serde_json::from_str(&body).context("ready JSON")?;
+    ensure!(
+        ready["ready"] == false
+            && ready["not_ready"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["check"] == "load"
+                    && p["file"]
+                        .as_str()
+                        .is_some_and(|f| f.ends_with("broken.wasm")))),
+        "ready: {body}"
+    );
+    stop(&mut weir)?;
+    Ok(())
+}
+
+#[test]
+fn kafka_metrics_count_what_happened_and_health_tells_why() -> Result<()> {
+    metrics_match(BrokerKind::Kafka)
+}
+
+#[test]
+fn nats_metrics_count_what_happened_and_health_tells_why() -> Result<()> {
+    metrics_match(BrokerKind::Nats)
+}
