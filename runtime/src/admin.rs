@@ -6,6 +6,7 @@
 //! | `GET /health/live` | 200 while the process serves requests |
 //! | `GET /health/ready` | 200 when every handler file loaded and every worker runs and the store's writer is alive, else 503; JSON saying what is not ready and why |
 //! | `GET /handlers` | JSON: each handler's name, version, contract, group, topics, in flight and counters |
+//! | `GET /handlers/{name}/state?prefix=&limit=` | JSON: the handler's committed state entries (key order), and the outbox length; `?key=K` for one key |
 //!
 //! It listens on `[admin] listen` (default `127.0.0.1:9464`). Invariants:
 //! it only reads (nothing it answers changes what the runtime does); a port
@@ -16,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -65,6 +66,7 @@ pub async fn serve(
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/handlers", get(handlers))
+        .route("/handlers/{name}/state", get(state))
         .with_state(Admin {
             metrics,
             status,
@@ -164,4 +166,108 @@ async fn handlers(State(admin): State<Admin>) -> Response {
         })
         .collect();
     axum::Json(json!({"handlers": list})).into_response()
+}
+
+/// The query of `GET /handlers/{name}/state`.
+#[derive(serde::Deserialize)]
+struct StateQuery {
+    /// Entries whose key starts with this.
+    #[serde(default)]
+    prefix: String,
+    /// Most entries returned (default 100).
+    limit: Option<usize>,
+    /// Just this key.
+    key: Option<String>,
+}
+
+/// One state entry as JSON: the value as text when it is UTF-8, and always
+/// as hex.
+fn entry(key: &str, version: u64, value: &[u8]) -> Value {
+    json!({
+        "key": key,
+        "value": std::str::from_utf8(value).ok(),
+        "value_hex": value.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        "version": version,
+    })
+}
+
+async fn state(
+    State(admin): State<Admin>,
+    Path(name): Path<String>,
+    Query(query): Query<StateQuery>,
+) -> Response {
+    let read = || -> Result<Value, crate::store::StoreError> {
+        let view = admin.store.state_view()?;
+        let entries: Vec<Value> = match &query.key {
+            Some(key) => view
+                .get(&name, key)?
+                .map(|(version, value)| entry(key, version, &value))
+                .into_iter()
+                .collect(),
+            None => view
+                .scan(&name, &query.prefix, None, query.limit.unwrap_or(100))?
+                .iter()
+                .map(|(key, version, value)| entry(key, *version, value))
+                .collect(),
+        };
+        Ok(json!({
+            "handler": name,
+            "entries": entries,
+            "outbox": admin.store.outbox_len()?,
+        }))
+    };
+    match read() {
+        Ok(body) => axum::Json(body).into_response(),
+        Err(err) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({"error": err.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET path` from a running weir's admin server at `listen` (an unspecified
+/// address means this host): the status code and body. For `weir state`
+/// while `weir run` holds the database.
+///
+/// # Errors
+///
+/// When nothing answers there, or the answer is not HTTP.
+pub fn fetch(listen: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .map_err(|err| anyhow::anyhow!("no admin server answers at {addr}: {err}"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("the admin server at {addr} sent no HTTP answer"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("the admin server at {addr} sent no HTTP status"))?;
+    Ok((code, body.to_string()))
+}
+
+/// `text` escaped for a URL's path or query.
+pub fn url_escape(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -126,8 +126,8 @@ enum Command {
     /// Read a handler's state, and see how many emitted events wait in the
     /// outbox.
     ///
-    /// Reads the database in [runtime] data_dir. A running weir holds it
-    /// locked: stop it first (Ctrl-C commits everything in flight).
+    /// Reads the database in [runtime] data_dir. While `weir run` holds
+    /// it, asks that process's admin server ([admin] listen) instead.
     State {
         /// Configuration file naming the data directory.
         #[arg(
@@ -324,8 +324,16 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
 }
 
 fn state(config: &Config, action: StateAction) -> anyhow::Result<()> {
-    let store = open_store(config)
-        .context("cannot read the state (is weir running on this data_dir? stop it first)")?;
+    let store = match open_store(config) {
+        Ok(store) => store,
+        // A running weir holds the database: ask it instead.
+        Err(err) if format!("{err:#}").contains("already open") && config.admin.enabled => {
+            return state_via_admin(config, action).with_context(|| {
+                format!("{err:#}; asking the running weir's admin server failed")
+            });
+        }
+        Err(err) => return Err(err).context("cannot read the state"),
+    };
     let view = store.state_view()?;
     let show = |value: &[u8]| match std::str::from_utf8(value) {
         Ok(text) => text.to_string(),
@@ -367,6 +375,73 @@ fn state(config: &Config, action: StateAction) -> anyhow::Result<()> {
                     format!(" starting with {prefix:?}")
                 },
                 store.outbox_len()?
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `weir state` through a running weir's admin server
+/// (`GET /handlers/{name}/state`), printing what reading the database
+/// directly would.
+fn state_via_admin(config: &Config, action: StateAction) -> anyhow::Result<()> {
+    use weir::admin::{fetch, url_escape};
+    let (handler, query, json) = match &action {
+        StateAction::Get { handler, key } => {
+            (handler.clone(), format!("key={}", url_escape(key)), false)
+        }
+        StateAction::List {
+            handler,
+            prefix,
+            limit,
+            json,
+        } => (
+            handler.clone(),
+            format!("prefix={}&limit={limit}", url_escape(prefix)),
+            *json,
+        ),
+    };
+    let path = format!("/handlers/{}/state?{query}", url_escape(&handler));
+    let (code, body) = fetch(config.admin.listen, &path)?;
+    let answer: serde_json::Value = serde_json::from_str(&body)
+        .with_context(|| format!("the admin server answered {code} with {body:?}"))?;
+    anyhow::ensure!(
+        code == 200,
+        "the admin server answered {code}: {}",
+        answer["error"].as_str().unwrap_or(&body)
+    );
+    let entries = answer["entries"].as_array().cloned().unwrap_or_default();
+    let show = |e: &serde_json::Value| match e["value"].as_str() {
+        Some(text) => text.to_string(),
+        None => format!("0x{}", e["value_hex"].as_str().unwrap_or_default()),
+    };
+    match &action {
+        StateAction::Get { key, .. } => match entries.first() {
+            Some(entry) => println!("{}", show(entry)),
+            None => anyhow::bail!("handler {handler:?} has no key {key:?}"),
+        },
+        StateAction::List { prefix, .. } => {
+            for entry in &entries {
+                if json {
+                    println!("{entry}");
+                } else {
+                    println!(
+                        "{} = {}",
+                        entry["key"].as_str().unwrap_or_default(),
+                        show(entry)
+                    );
+                }
+            }
+            eprintln!(
+                "{} entr{} of {handler:?}{}; {} emitted event(s) waiting in the outbox (read from the running weir)",
+                entries.len(),
+                if entries.len() == 1 { "y" } else { "ies" },
+                if prefix.is_empty() {
+                    String::new()
+                } else {
+                    format!(" starting with {prefix:?}")
+                },
+                answer["outbox"]
             );
         }
     }

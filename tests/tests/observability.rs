@@ -68,6 +68,7 @@ fn metrics_match(kind: BrokerKind) -> Result<()> {
     let broker: &dyn TestBroker = broker.as_ref();
     broker.create_topic("events", 2)?;
     broker.create_output_topic("events.dlq")?;
+    broker.create_output_topic("counts")?;
     // 20 handled; 5 copies of handled ids on their key (duplicates); 3
     // permanent failures (validation); 2 that fail both of their attempts.
     let mut records = Vec::new();
@@ -96,6 +97,13 @@ fn metrics_match(kind: BrokerKind) -> Result<()> {
         "sdk-probe",
         "probe",
         "topics = [\"events\"]\n\n[retry]\nmax_attempts = 2\ninitial_delay = \"10ms\"\njitter = 0.0\n",
+    )?;
+    // Beside it, a handler that keeps state: read through the admin server
+    // while weir holds the database.
+    deployment.add_handler(
+        "counter",
+        "counter",
+        "topics = [\"events\"]\n\n[config]\noutput_topic = \"counts\"\n",
     )?;
     let mut weir = deployment.start("run")?;
     let log = weir.log.clone();
@@ -168,7 +176,10 @@ fn metrics_match(kind: BrokerKind) -> Result<()> {
     let (code, body) = get(port, "/handlers")?;
     ensure!(code == 200, "handlers: {code} {body}");
     let handlers: Value = serde_json::from_str(&body).context("handlers JSON")?;
-    let probe = &handlers["handlers"][0];
+    let probe = handlers["handlers"]
+        .as_array()
+        .and_then(|list| list.iter().find(|h| h["name"] == "probe"))
+        .ok_or_else(|| anyhow!("no probe in {body}"))?;
     ensure!(
         probe["name"] == "probe"
             && probe["group"] == "weir.probe"
@@ -178,6 +189,26 @@ fn metrics_match(kind: BrokerKind) -> Result<()> {
             && probe["in_flight"] == 0,
         "handlers: {body}"
     );
+
+    // `weir state` while weir runs (and holds the database): through the
+    // admin server. 25 distinct events; the 3 on key "bad" count 3.
+    poll_until(
+        WAIT,
+        "the counter to count every distinct event",
+        || {
+            let listing =
+                deployment.weir(&["state", "list", "counter", "--prefix", "count/", "--json"])?;
+            let total: u64 = listing
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter_map(|e| e["value"].as_str()?.parse::<u64>().ok())
+                .sum();
+            Ok((total == 25).then_some(()))
+        },
+        || format!("log: {}", log.display()),
+    )?;
+    let bad = deployment.weir(&["state", "get", "counter", "count/bad"])?;
+    ensure!(bad.trim() == "3", "count/bad = {bad:?}");
 
     // A broken file makes the process not ready, naming it; the good
     // handler keeps serving.
