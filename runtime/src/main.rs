@@ -238,12 +238,11 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     for err in &failed {
         tracing::error!(file = %err.file().display(), error = %err, "handler failed to load");
     }
-    anyhow::ensure!(
-        !handlers.is_empty(),
-        "no handler to serve in {} ({} failed to load); put <name>.wasm and <name>.toml there",
-        dir.display(),
-        failed.len()
-    );
+    if handlers.is_empty() {
+        // Deploying is copying files: wait for them (not ready meanwhile).
+        tracing::warn!(dir = %dir.display(), failed = failed.len(),
+            "no handler to serve yet; waiting for <name>.wasm and <name>.toml to appear there");
+    }
     let mut topics: Vec<String> = Vec::new();
     for handler in &handlers {
         for topic in &handler.manifest.topics {
@@ -261,6 +260,13 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     }
     let store = open_store(&config)?;
     let mut runtime = Runtime::start(handlers, &broker, &store, config.limits.concurrency)?;
+    if !failed.is_empty() {
+        // Records the files that failed as rejected, so that readiness
+        // names them from the start.
+        runtime
+            .reload(&host, dir, &config.limits, config.runtime.shutdown_timeout)
+            .await?;
+    }
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
     if config.admin.enabled {
         weir::admin::serve(

@@ -14,6 +14,7 @@ use serde_json::Value;
 use weir_tests::{BrokerKind, Record, TestBroker, broker_test, free_port, poll_until, stop};
 
 const WAIT: Duration = Duration::from_secs(90);
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 /// `GET path` on `port`: (status code, body).
 fn get(port: u16, path: &str) -> Result<(u16, String)> {
@@ -75,6 +76,14 @@ fn metrics_match(kind: BrokerKind) -> Result<()> {
     for i in 0..20 {
         records.push(record(&format!("k{}", i % 4), &format!("ev-{i}"), None));
     }
+    // Correlation: ev-19 carries a correlation id and trace context in
+    // headers, perm-0 (below) a correlation id in its JSON envelope.
+    if let Some(last) = records.last_mut() {
+        for (name, value) in [("correlation_id", "c-19"), ("traceparent", TRACEPARENT)] {
+            last.headers
+                .push((name.to_string(), value.as_bytes().to_vec()));
+        }
+    }
     for i in 0..5 {
         records.push(record(&format!("k{}", i % 4), &format!("ev-{i}"), None));
     }
@@ -85,6 +94,7 @@ fn metrics_match(kind: BrokerKind) -> Result<()> {
             Some("permanent:validation"),
         ));
     }
+    records[25].value = br#"{"id":"perm-0","metadata":{"correlation_id":"c-perm"}}"#.to_vec();
     for i in 0..2 {
         records.push(record("flaky", &format!("retry-{i}"), Some("retryable")));
     }
@@ -210,6 +220,37 @@ fn metrics_match(kind: BrokerKind) -> Result<()> {
     let bad = deployment.weir(&["state", "get", "counter", "count/bad"])?;
     ensure!(bad.trim() == "3", "count/bad = {bad:?}");
 
+    // The counter's event for ev-19 carries its correlation id, trace
+    // context and causation; perm-0's dead letter its envelope's id.
+    let counts = poll_until(
+        WAIT,
+        "the counter's event for ev-19",
+        || {
+            let stored = broker.read("counts")?;
+            Ok(stored
+                .into_iter()
+                .find(|r| r.header("weir.source-event-id").as_deref() == Some("ev-19")))
+        },
+        || format!("log: {}", log.display()),
+    )?;
+    ensure!(
+        counts.header("correlation_id").as_deref() == Some("c-19")
+            && counts.header("traceparent").as_deref() == Some(TRACEPARENT)
+            && counts.header("causation_id").as_deref() == Some("ev-19"),
+        "emitted event headers: {:?}",
+        counts.headers
+    );
+    let dead = broker.read("events.dlq")?;
+    let perm = dead
+        .iter()
+        .find(|r| r.header("weir.event-id").as_deref() == Some("perm-0"))
+        .ok_or_else(|| anyhow!("no dead letter for perm-0"))?;
+    ensure!(
+        perm.header("correlation_id").as_deref() == Some("c-perm"),
+        "dead letter headers: {:?}",
+        perm.headers
+    );
+
     // A broken file makes the process not ready, naming it; the good
     // handler keeps serving.
     std::fs::write(deployment.handlers().join("broken.wasm"), b"not wasm")?;
@@ -249,4 +290,54 @@ fn kafka_metrics_count_what_happened_and_health_tells_why() -> Result<()> {
 #[test]
 fn nats_metrics_count_what_happened_and_health_tells_why() -> Result<()> {
     metrics_match(BrokerKind::Nats)
+}
+
+/// With nothing deployed, weir starts, says it is not ready ("no
+/// handlers"), and serves a handler as soon as its files are copied in.
+#[test]
+fn an_empty_handlers_directory_waits_for_a_deployment() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let broker = BrokerKind::Kafka.start()?;
+    let broker: &dyn TestBroker = broker.as_ref();
+    broker.create_topic("events", 1)?;
+    let deployment = broker.deployment()?;
+    let port = free_port()?;
+    deployment.admin_port(port)?;
+    let mut weir = deployment.start("empty")?;
+    let log = weir.log.clone();
+    let body = poll_until(
+        WAIT,
+        "the admin server to say there are no handlers",
+        || {
+            let Ok((code, body)) = get(port, "/health/ready") else {
+                return Ok(None);
+            };
+            Ok((code == 503 && body.contains("no handlers")).then_some(body))
+        },
+        || format!("log: {}", log.display()),
+    )?;
+    ensure!(body.contains("\"ready\":false"), "ready: {body}");
+    deployment.add_handler("sdk-probe", "probe", "topics = [\"events\"]\n")?;
+    broker.produce("events", &[record("k", "ev-1", None)])?;
+    poll_until(
+        WAIT,
+        "the deployed handler to serve and weir to be ready",
+        || {
+            let Ok((200, text)) = get(port, "/metrics") else {
+                return Ok(None);
+            };
+            let handled = samples(&text)
+                .get("messages_consumed_total{topic=\"events\",consumer_group=\"weir.probe\",status=\"handled\"}")
+                .copied();
+            let ready = get(port, "/health/ready")
+                .map(|(code, _)| code)
+                .unwrap_or(0);
+            Ok((handled == Some(1.0) && ready == 200).then_some(()))
+        },
+        || format!("log: {}", log.display()),
+    )?;
+    stop(&mut weir)?;
+    Ok(())
 }

@@ -50,7 +50,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::worker::Shared;
-use super::{HandlerFactory, decode, dlq, outbox};
+use super::{HandlerFactory, correlation, decode, dlq, outbox};
 use crate::host::{Event, Failure, FailureKind, Outcome};
 use crate::pipeline::retry::Next;
 use crate::source::{Publisher, Settled, Source};
@@ -332,6 +332,7 @@ fn finished<S: Source, F: HandlerFactory, D: Publisher>(
         return None;
     }
     outbox::stamp(&shared.name, &event.id, &mut effects.emits);
+    correlation::carry(event, &mut effects.emits);
     Some(Write::Finished {
         handler: shared.name.clone(),
         id: event.id.clone(),

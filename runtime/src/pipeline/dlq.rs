@@ -39,6 +39,8 @@ pub fn headers(
     ]) {
         headers.push((name.to_string(), value.into_bytes()));
     }
+    // A correlation id found only in a JSON envelope becomes a header too.
+    super::correlation::add(&super::correlation::context(event), &mut headers);
     headers
 }
 

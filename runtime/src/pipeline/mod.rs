@@ -30,6 +30,7 @@
 //! > for good; while the store merely fails, its lane holds it and retries
 //! > the write, so later messages of its key never run ahead of it.
 
+pub mod correlation;
 pub mod decode;
 mod deliver;
 pub mod dlq;
