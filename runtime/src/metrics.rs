@@ -7,6 +7,7 @@
 //! | `message_processing_duration_seconds` | `topic`, `consumer_group` | time inside `handle`, every attempt |
 //! | `dlq_messages_total` | `topic`, `error_type` | dead letters published, by the handler's error category, else the error kind |
 //! | `messages_produced_total` | `topic` | emitted events and dead letters the broker acknowledged |
+//! | `consumer_lag` | `topic`, `consumer_group`, `partition` | messages behind the broker's end (Kafka: high watermark minus committed offset; JetStream: pending plus unacknowledged, partition `0`), as the consumer last saw it |
 //! | `weir_messages_in_flight` | `handler` | messages held (running, waiting for a retry, queued behind their key) |
 //! | `weir_state_conflicts_total` | `handler` | calls run again because state they read changed before their commit |
 //! | `weir_handler_info` | `handler`, `version`, `consumer_group` | 1 for the version being served |
@@ -30,6 +31,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::source::lag::Lag;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Consumed {
     topic: String,
@@ -41,6 +44,13 @@ struct Consumed {
 struct TopicGroup {
     topic: String,
     consumer_group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Partition {
+    topic: String,
+    consumer_group: String,
+    partition: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -92,6 +102,9 @@ pub struct Metrics {
     duration: Family<TopicGroup, Histogram>,
     dead_letters: Family<DeadLetters, Counter>,
     produced: Family<Topic, Counter>,
+    lag: Family<Partition, Gauge>,
+    /// Each consumer group's lag, as its source keeps it.
+    lag_boards: Arc<Mutex<Vec<(String, Lag)>>>,
     in_flight: Family<HandlerLabel, Gauge>,
     conflicts: Family<HandlerLabel, Counter>,
     info: Family<HandlerInfo, Gauge>,
@@ -144,6 +157,12 @@ impl Metrics {
             "Emitted events and dead letters acknowledged by the broker",
             produced.clone(),
         );
+        let lag = Family::<Partition, Gauge>::default();
+        registry.register(
+            "consumer_lag",
+            "Messages behind the broker's end, per partition, as the consumer last saw it",
+            lag.clone(),
+        );
         let in_flight = Family::<HandlerLabel, Gauge>::default();
         registry.register(
             "weir_messages_in_flight",
@@ -192,6 +211,8 @@ impl Metrics {
             duration,
             dead_letters,
             produced,
+            lag,
+            lag_boards: Arc::default(),
             in_flight,
             conflicts,
             info,
@@ -203,8 +224,38 @@ impl Metrics {
         }
     }
 
-    /// The text exposition of every family.
+    /// The lag board of `consumer_group`, for its source to keep current
+    /// (the same board for every consumer of the group in this process).
+    pub fn lag(&self, consumer_group: &str) -> Lag {
+        let mut boards = self.lag_boards.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, lag)) = boards.iter().find(|(g, _)| g == consumer_group) {
+            return lag.clone();
+        }
+        let lag = Lag::default();
+        boards.push((consumer_group.to_string(), lag.clone()));
+        lag
+    }
+
+    /// The text exposition of every family (the lag as the sources last
+    /// saw it).
     pub fn encode(&self) -> String {
+        self.lag.clear();
+        for (group, board) in self
+            .lag_boards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            for (topic, partition, lag) in board.snapshot() {
+                self.lag
+                    .get_or_create(&Partition {
+                        topic,
+                        consumer_group: group.clone(),
+                        partition: partition.to_string(),
+                    })
+                    .set(lag);
+            }
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -292,6 +292,7 @@ impl Runtime {
                     &group,
                     &handler.manifest.topics,
                     handler.manifest.start,
+                    self.metrics.lag(&group),
                 )?;
                 self.spawn(
                     &handler,
@@ -310,6 +311,7 @@ impl Runtime {
                     start: handler.manifest.start,
                     ack_wait: settings.ack_wait,
                     max_ack_pending: handler.manifest.max_in_flight,
+                    lag: self.metrics.lag(&group),
                 });
                 self.spawn(
                     &handler,

@@ -179,6 +179,34 @@ fn metrics_match(kind: BrokerKind) -> Result<()> {
         "no weir_handler_info for probe:\n{text}"
     );
 
+    // Lag: every partition of `events` the probe consumes reaches 0, as
+    // the consumer reports it (every 5 s).
+    poll_until(
+        WAIT,
+        "consumer_lag of weir.probe to reach 0 on every partition",
+        || {
+            let (_, text) = get(port, "/metrics")?;
+            let lags: Vec<f64> = samples(&text)
+                .into_iter()
+                .filter(|(k, _)| {
+                    k.starts_with("consumer_lag{topic=\"events\",consumer_group=\"weir.probe\"")
+                })
+                .map(|(_, v)| v)
+                .collect();
+            Ok((!lags.is_empty() && lags.iter().all(|l| *l == 0.0)).then_some(()))
+        },
+        || match get(port, "/metrics") {
+            Ok((_, text)) => format!(
+                "lag lines: {:?}; log: {}",
+                text.lines()
+                    .filter(|l| l.starts_with("consumer_lag"))
+                    .collect::<Vec<_>>(),
+                log.display()
+            ),
+            Err(err) => format!("{err:#}"),
+        },
+    )?;
+
     let (code, body) = get(port, "/health/live")?;
     ensure!(code == 200, "live: {code} {body}");
     let (code, body) = get(port, "/health/ready")?;

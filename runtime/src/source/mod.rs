@@ -45,6 +45,7 @@
 
 pub mod embedded;
 pub mod kafka;
+pub mod lag;
 pub mod nats;
 
 use std::future::Future;

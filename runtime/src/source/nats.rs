@@ -56,6 +56,7 @@ use futures_util::StreamExt;
 use futures_util::stream::SelectAll;
 use tokio::sync::mpsc;
 
+use super::lag::Lag;
 use super::{Message, Position, Publisher, Settled, Source};
 use crate::registry::StartFrom;
 
@@ -239,6 +240,7 @@ impl NatsConnection {
             spec.durable.clone(),
         ));
         let acking = tokio::spawn(send_acks(queue));
+        let lag = tokio::spawn(watch_lag(self.clone(), spec.clone()));
         NatsConsumer {
             connection: self.clone(),
             spec,
@@ -246,7 +248,7 @@ impl NatsConnection {
             held,
             next_delivery: AtomicU64::new(0),
             acks,
-            tasks: [keepalive, acking],
+            tasks: [keepalive, acking, lag],
         }
     }
 
@@ -271,6 +273,8 @@ pub struct ConsumerSpec {
     pub ack_wait: Duration,
     /// Most unacknowledged messages out at once.
     pub max_ack_pending: usize,
+    /// Where the durable's lag is kept (see `source/lag.rs`).
+    pub lag: Lag,
 }
 
 impl ConsumerSpec {
@@ -300,7 +304,7 @@ pub struct NatsConsumer {
     next_delivery: AtomicU64,
     acks: mpsc::UnboundedSender<(Arc<Acker>, AckKind)>,
     /// The keep-alive ticker and the ack sender.
-    tasks: [tokio::task::JoinHandle<()>; 2],
+    tasks: [tokio::task::JoinHandle<()>; 3],
 }
 
 /// What a pull stream yields.
@@ -496,8 +500,12 @@ impl Source for NatsConsumer {
             ..
         } = self;
         drop(acks);
-        let [keepalive, acking] = tasks;
+        let [keepalive, acking, lag] = tasks;
         keepalive.abort();
+        lag.abort();
+        for topic in &spec.topics {
+            spec.lag.forget(topic, 0);
+        }
         // The ack sender ends once its queue is drained.
         if tokio::time::timeout(Duration::from_secs(5), acking)
             .await
@@ -516,6 +524,36 @@ async fn send_acks(mut queue: mpsc::UnboundedReceiver<(Arc<Acker>, AckKind)>) {
     while let Some((acker, kind)) = queue.recv().await {
         if let Err(err) = acker.ack_with(kind).await {
             tracing::warn!(error = %err, "cannot acknowledge a message; it will be redelivered and deduplicated");
+        }
+    }
+}
+
+/// How often a durable's lag is read from the server.
+const LAG_PERIOD: Duration = Duration::from_secs(5);
+
+/// Keeps `spec.lag` current: for each subject, what its durable has not
+/// yet had acknowledged (pending plus delivered and unacknowledged), read
+/// from the consumer's info every [`LAG_PERIOD`]. Ends when aborted.
+async fn watch_lag(connection: NatsConnection, spec: ConsumerSpec) {
+    let mut ticker = tokio::time::interval(LAG_PERIOD);
+    loop {
+        ticker.tick().await;
+        for topic in &spec.topics {
+            let Ok(stream_name) = connection.js.stream_by_subject(topic.as_str()).await else {
+                continue;
+            };
+            let Ok(stream) = connection.js.get_stream(&stream_name).await else {
+                continue;
+            };
+            let durable = spec.durable_for(topic);
+            let Ok(mut consumer) = stream.get_consumer::<pull::Config>(&durable).await else {
+                continue;
+            };
+            if let Ok(info) = consumer.info().await {
+                let behind = info.num_pending + info.num_ack_pending as u64;
+                spec.lag
+                    .set(topic, 0, i64::try_from(behind).unwrap_or(i64::MAX));
+            }
         }
     }
 }

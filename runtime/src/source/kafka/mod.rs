@@ -39,6 +39,7 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use super::lag::Lag;
 use super::{Message, Position, Settled, Source};
 use crate::registry::StartFrom;
 use ledger::{Ledger, Slot};
@@ -99,9 +100,23 @@ impl Cluster {
 pub struct WeirContext {
     group: String,
     ledger: Arc<Ledger>,
+    lag: Lag,
 }
 
-impl ClientContext for WeirContext {}
+impl ClientContext for WeirContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): each
+    /// assigned partition's lag, the high watermark minus the committed
+    /// offset, where both are known.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    self.lag.set(topic, *partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for WeirContext {
     /// Runs inside `recv` (on the worker's task), before librdkafka applies
@@ -122,6 +137,7 @@ impl ConsumerContext for WeirContext {
             Rebalance::Revoke(tpl) => {
                 let mut commit = TopicPartitionList::new();
                 for element in tpl.elements() {
+                    self.lag.forget(element.topic(), element.partition());
                     if let Some(next) = self.ledger.revoke(element.topic(), element.partition()) {
                         let _ = commit.add_partition_offset(
                             element.topic(),
@@ -202,6 +218,7 @@ impl KafkaConsumer {
         group: &str,
         topics: &[String],
         start: StartFrom,
+        lag: Lag,
     ) -> anyhow::Result<Self> {
         let ledger = Arc::new(Ledger::default());
         let mut config = cluster.client_config(client_id);
@@ -213,10 +230,15 @@ impl KafkaConsumer {
             .set("auto.offset.reset", start.as_offset_reset())
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("enable.partition.eof", "false");
+        if config.get("statistics.interval.ms").is_none() {
+            // For the lag: see `WeirContext::stats`.
+            config.set("statistics.interval.ms", "5000");
+        }
         let consumer: StreamConsumer<WeirContext> = config
             .create_with_context(WeirContext {
                 group: group.to_string(),
                 ledger: ledger.clone(),
+                lag,
             })
             .map_err(|err| {
                 anyhow::anyhow!("cannot create a consumer for group {group:?}: {err}")
