@@ -236,6 +236,21 @@ impl Metrics {
         lag
     }
 
+    /// Every consumer group's lag: (group, topic, partition, lag).
+    pub fn lags(&self) -> Vec<(String, String, i32, i64)> {
+        self.lag_boards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .flat_map(|(group, board)| {
+                board
+                    .snapshot()
+                    .into_iter()
+                    .map(move |(topic, partition, lag)| (group.clone(), topic, partition, lag))
+            })
+            .collect()
+    }
+
     /// The text exposition of every family (the lag as the sources last
     /// saw it).
     pub fn encode(&self) -> String {

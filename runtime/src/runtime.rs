@@ -149,6 +149,31 @@ pub struct Runtime {
     relay: tokio::task::JoinHandle<()>,
     relay_stop: watch::Sender<bool>,
     relay_stats: Arc<RelayStats>,
+    lag_log: tokio::task::JoinHandle<()>,
+}
+
+/// How often the consumer lag is logged.
+const LAG_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// Logs each consumer group's lag per topic (`event = "consumer_lag"`, at
+/// info) every [`LAG_LOG_PERIOD`]: the sum over its partitions, and the
+/// partitions known.
+async fn log_lag(metrics: Metrics) {
+    let mut ticker = tokio::time::interval(LAG_LOG_PERIOD);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let mut by_topic: BTreeMap<(String, String), (i64, usize)> = BTreeMap::new();
+        for (group, topic, _, lag) in metrics.lags() {
+            let entry = by_topic.entry((group, topic)).or_default();
+            entry.0 += lag;
+            entry.1 += 1;
+        }
+        for ((group, topic), (lag, partitions)) in by_topic {
+            tracing::info!(event = "consumer_lag", consumer_group = %group, topic = %topic, lag, partitions,
+                "consumer lag");
+        }
+    }
 }
 
 /// The Wasm host for `config`: fuel metering when `[limits] fuel` is set,
@@ -243,7 +268,9 @@ impl Runtime {
             ),
         };
         let (fatal, fatal_rx) = mpsc::unbounded_channel();
+        let lag_log = tokio::spawn(log_lag(metrics.clone()));
         let mut runtime = Self {
+            lag_log,
             metrics,
             status: Status::default(),
             running: BTreeMap::new(),
@@ -546,6 +573,7 @@ impl Runtime {
     /// unacknowledged messages are redelivered and unpublished events
     /// published on the next start.
     pub async fn stop(mut self, timeout: Duration) {
+        self.lag_log.abort();
         let deadline = tokio::time::Instant::now() + timeout;
         for running in self.running.values() {
             let _ = running.stop.send(true);

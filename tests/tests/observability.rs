@@ -115,7 +115,8 @@ fn metrics_match(kind: BrokerKind) -> Result<()> {
         "counter",
         "topics = [\"events\"]\n\n[config]\noutput_topic = \"counts\"\n",
     )?;
-    let mut weir = deployment.start("run")?;
+    // Weir's own per-message log events are at debug.
+    let mut weir = deployment.start_with_env("run", &[("WEIR_LOG", "info,weir=debug")])?;
     let log = weir.log.clone();
 
     let consumed = |status: &str| {
@@ -204,6 +205,43 @@ fn metrics_match(kind: BrokerKind) -> Result<()> {
                 log.display()
             ),
             Err(err) => format!("{err:#}"),
+        },
+    )?;
+
+    // The standard log events, with their context fields.
+    let mut wanted = vec![
+        "message_consumed",
+        "message_acked",
+        "message_dlq",
+        "message_produced",
+        "consumer_lag",
+    ];
+    if kind == BrokerKind::Kafka {
+        wanted.push("rebalance");
+    }
+    poll_until(
+        WAIT,
+        "every standard log event",
+        || {
+            let records = weir.records();
+            let seen = |name: &str| {
+                // JSON logs carry their fields at the top level.
+                records.iter().any(|f| {
+                    f["event"] == name
+                        && (name == "rebalance" || f["topic"].is_string())
+                        && (name != "message_acked"
+                            || (f["latency_ms"].is_number() && f["consumer_group"] == "weir.probe"))
+                })
+            };
+            Ok(wanted.iter().all(|name| seen(name)).then_some(()))
+        },
+        || {
+            let seen: std::collections::BTreeSet<String> = weir
+                .records()
+                .iter()
+                .filter_map(|r| r["event"].as_str().map(String::from))
+                .collect();
+            format!("events seen: {seen:?}; log: {}", log.display())
         },
     )?;
 

@@ -465,7 +465,7 @@ async fn dead_letter<S: Source, F: HandlerFactory, D: Publisher>(
                 shared
                     .stats
                     .dead_lettered(&event.topic, dlq::error_type(failure), &topic);
-                tracing::warn!(handler = name, topic = %event.topic, position = %event.position,
+                tracing::warn!(event = "message_dlq", handler = name, topic = %event.topic, position = %event.position,
                     event_id = %event.id, attempts = event.attempt,
                     kind = failure.kind.as_str(), category = failure.category.as_deref().unwrap_or("none"),
                     error = %failure.message, dlq = %topic, "dead-lettered");

@@ -344,6 +344,7 @@ impl Books {
                 if let Some(metrics) = &self.stats.metrics {
                     metrics.produced(&record.topic);
                 }
+                tracing::debug!(event = "message_produced", topic = %record.topic, seq, "message_produced");
                 let (left, _) = lane.answer(seq, true, now, self.finishing);
                 self.held = self.held.saturating_sub(left);
                 // "Delete after acknowledgement": only acknowledged rows

@@ -34,7 +34,7 @@ use super::deliver::{MAX_RUN, deliver_run, event_of, pause};
 use super::invoke::{HandlerSwap, Invoker};
 use super::{HandlerFactory, HandlerStats, decode};
 use crate::host::Event;
-use crate::message::Message;
+use crate::message::{Message, Position};
 use crate::registry::{Manifest, Ordering};
 use crate::source::{Publisher, Settled, Source};
 use crate::store::Store;
@@ -95,6 +95,8 @@ fn lane_of(ordering: Ordering, message: &Message, seq: u64) -> Lane {
 struct Pending<D> {
     event: Arc<Event>,
     delivery: Arc<D>,
+    /// When it was received, for `latency_ms`.
+    received: std::time::Instant,
     /// Times its task panicked.
     panics: u32,
 }
@@ -207,7 +209,7 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
                     for outcome in settled {
                         let Some(done) = queue.pop_front() else { break };
                         held -= 1;
-                        shared.source.settle(&done.delivery, outcome);
+                        settle(&shared, &done, outcome);
                     }
                     shared.stats.held(held);
                     if queue.is_empty() {
@@ -235,8 +237,10 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
                     let pending = Pending {
                         event: Arc::new(event_of(message, &shared.manifest)),
                         delivery: Arc::new(delivery),
+                        received: std::time::Instant::now(),
                         panics: 0,
                     };
+                    log_message(&shared, "message_consumed", &pending);
                     let queue = lanes.entry(lane).or_default();
                     queue.push_back(pending);
                     if queue.len() == 1 {
@@ -258,13 +262,13 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
             if let Some(queue) = running.remove(&id).and_then(|lane| lanes.get_mut(&lane)) {
                 for outcome in settled {
                     let Some(done) = queue.pop_front() else { break };
-                    shared.source.settle(&done.delivery, outcome);
+                    settle(&shared, &done, outcome);
                 }
             }
         }
         let mut released = 0usize;
         for pending in lanes.into_values().flatten() {
-            shared.source.settle(&pending.delivery, Settled::Released);
+            settle(&shared, &pending, Settled::Released);
             released += 1;
         }
         shared.stats.held(0);
@@ -288,6 +292,50 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
             }
         }
         fatal.map_or(Ok(()), Err)
+    }
+}
+
+/// Settles `pending` with the source, and logs it (`message_acked` or
+/// `message_nacked`, at debug).
+fn settle<S: Source, F: HandlerFactory, D: Publisher>(
+    shared: &Shared<S, F, D>,
+    pending: &Pending<S::Delivery>,
+    outcome: Settled,
+) {
+    shared.source.settle(&pending.delivery, outcome);
+    let event = match outcome {
+        Settled::Done | Settled::DeadLettered => "message_acked",
+        Settled::Released => "message_nacked",
+    };
+    log_message(shared, event, pending);
+}
+
+/// A per-message log event (debug) with the standard fields: `event`,
+/// `topic`, the position (`partition` and `offset`, or `stream` and
+/// `sequence`), `consumer_group`, `handler`, `event_id` and `latency_ms`
+/// since the message was received.
+fn log_message<S: Source, F: HandlerFactory, D: Publisher>(
+    shared: &Shared<S, F, D>,
+    name: &'static str,
+    pending: &Pending<S::Delivery>,
+) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let event = &pending.event;
+    let latency_ms = pending.received.elapsed().as_secs_f64() * 1e3;
+    let group = shared.manifest.group_for(&shared.name);
+    match &event.position {
+        Position::Kafka { partition, offset } => {
+            tracing::debug!(event = name, topic = %event.topic,
+            partition, offset, consumer_group = %group, handler = %shared.name, event_id = %event.id,
+            latency_ms, "{name}")
+        }
+        Position::JetStream {
+            stream, sequence, ..
+        } => tracing::debug!(event = name, topic = %event.topic,
+            stream = %stream, sequence, consumer_group = %group, handler = %shared.name, event_id = %event.id,
+            latency_ms, "{name}"),
     }
 }
 

@@ -132,7 +132,7 @@ impl ConsumerContext for WeirContext {
                 for element in tpl.elements() {
                     self.ledger.assign(element.topic(), element.partition());
                 }
-                tracing::info!(group = %self.group, partitions = %describe(tpl), "partitions assigned");
+                tracing::info!(event = "rebalance", consumer_group = %self.group, change = "assigned", partitions = %describe(tpl), "partitions assigned");
             }
             Rebalance::Revoke(tpl) => {
                 let mut commit = TopicPartitionList::new();
@@ -154,7 +154,7 @@ impl ConsumerContext for WeirContext {
                         tracing::warn!(group = %self.group, error = %err, "cannot commit final offsets of revoked partitions");
                     }
                 }
-                tracing::info!(group = %self.group, partitions = %describe(tpl), committed = %describe(&commit), "partitions revoked");
+                tracing::info!(event = "rebalance", consumer_group = %self.group, change = "revoked", partitions = %describe(tpl), committed = %describe(&commit), "partitions revoked");
             }
             Rebalance::Error(err) => {
                 tracing::warn!(group = %self.group, error = %err, "rebalance error")
