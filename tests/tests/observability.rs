@@ -407,3 +407,86 @@ fn an_empty_handlers_directory_waits_for_a_deployment() -> Result<()> {
     stop(&mut weir)?;
     Ok(())
 }
+
+/// Chromium from `$CHROMIUM_BIN`, else Debian's `/usr/bin/chromium`.
+fn chromium() -> Result<std::path::PathBuf> {
+    let path = std::env::var_os("CHROMIUM_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/bin/chromium".into());
+    weir_tests::require(
+        path,
+        "a Chromium browser for the status page test",
+        "install Debian's chromium (`bash .ci/install-test-tools` does, as root) or set CHROMIUM_BIN",
+    )
+}
+
+/// The status page, loaded from a running weir in a real headless browser,
+/// shows the handler with its version and what it handled.
+#[test]
+fn the_status_page_shows_each_handler_in_a_browser() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let browser = chromium()?;
+    let broker = BrokerKind::Kafka.start()?;
+    let broker: &dyn TestBroker = broker.as_ref();
+    broker.create_topic("events", 1)?;
+    let records: Vec<Record> = (0..10)
+        .map(|i| record("k", &format!("ev-{i}"), None))
+        .collect();
+    broker.produce("events", &records)?;
+    let deployment = broker.deployment()?;
+    let port = free_port()?;
+    deployment.admin_port(port)?;
+    deployment.add_handler("sdk-probe", "probe", "topics = [\"events\"]\n")?;
+    let mut weir = deployment.start("page")?;
+    let log = weir.log.clone();
+    let version = poll_until(
+        WAIT,
+        "the probe to handle all ten",
+        || {
+            let Ok((200, body)) = get(port, "/handlers") else {
+                return Ok(None);
+            };
+            let handlers: Value = serde_json::from_str(&body)?;
+            let probe = &handlers["handlers"][0];
+            Ok((probe["handled"] == 10).then(|| probe["version"].as_str().map(String::from)))
+        },
+        || format!("log: {}", log.display()),
+    )?
+    .context("no version")?;
+    let profile = tempfile::tempdir()?;
+    let output = std::process::Command::new(&browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .context("cannot run chromium")?;
+    let dom = String::from_utf8_lossy(&output.stdout);
+    let row = dom
+        .split("<tr data-handler=\"probe\">")
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .ok_or_else(|| {
+            anyhow!(
+                "no row for probe in the page; chromium exited {}: {}\nDOM:\n{dom}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+    ensure!(
+        row.contains(&format!("<td class=\"text\">{version}</td>"))
+            && row.contains("<td>10</td>")
+            && row.contains("running"),
+        "probe's row: {row}"
+    );
+    ensure!(dom.contains("ready ·"), "page state: {dom}");
+    stop(&mut weir)?;
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //!
 //! | route | answer |
 //! | --- | --- |
+//! | `GET /` | a status page (`status.html`, self-contained): each handler's rate, lag, in flight, retries, dead letters and version, refreshed every 2 s |
 //! | `GET /metrics` | every metric (see `metrics.rs`), Prometheus text format |
 //! | `GET /health/live` | 200 while the process serves requests |
 //! | `GET /health/ready` | 200 when every handler file loaded and every worker runs and the store's writer is alive, else 503; JSON saying what is not ready and why |
@@ -62,6 +63,7 @@ pub async fn serve(
             "admin server listening beyond loopback: anyone who can reach this address can read metrics, handler state and versions");
     }
     let app = Router::new()
+        .route("/", get(page))
         .route("/metrics", get(metrics_route))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
@@ -98,6 +100,13 @@ async fn metrics_route(State(admin): State<Admin>) -> Response {
         admin.metrics.encode(),
     )
         .into_response()
+}
+
+/// The status page: one file, no external resources.
+const STATUS_PAGE: &str = include_str!("status.html");
+
+async fn page() -> Response {
+    axum::response::Html(STATUS_PAGE).into_response()
 }
 
 async fn live() -> Response {
@@ -141,11 +150,19 @@ async fn ready(State(admin): State<Admin>) -> Response {
 }
 
 async fn handlers(State(admin): State<Admin>) -> Response {
+    let lags = admin.metrics.lags();
     let list: Vec<Value> = admin
         .status
         .handlers()
         .iter()
         .map(|view| {
+            // The group's lag over its partitions, where any is known.
+            let known: Vec<i64> = lags
+                .iter()
+                .filter(|(group, ..)| *group == view.group)
+                .map(|(.., lag)| *lag)
+                .collect();
+            let lag = (!known.is_empty()).then(|| known.iter().sum::<i64>());
             let stats = &view.stats;
             let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
             json!({
@@ -156,6 +173,7 @@ async fn handlers(State(admin): State<Admin>) -> Response {
                 "topics": view.topics,
                 "running": view.alive.load(Ordering::SeqCst),
                 "in_flight": load(&stats.in_flight),
+                "lag": lag,
                 "handled": load(&stats.handled),
                 "duplicates": load(&stats.duplicates),
                 "dead_lettered": load(&stats.dead_lettered),
