@@ -23,7 +23,14 @@ const EVENT_TYPES: &[&str] = &["OrderPlaced", "OrderPaid", "OrderShipped", "Orde
 ///
 /// When no handler loads, the broker cannot start, or the stream is not
 /// fully handled within `deadline`.
-pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::Result<()> {
+/// With `serve`, the handlers and the status page stay up after the summary
+/// until Ctrl-C.
+pub async fn run(
+    config: &Config,
+    events: usize,
+    deadline: Duration,
+    serve: bool,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     // The same compiled-component cache as `weir run`: a second demo, or a
     // `weir run` after it, does not compile the components again.
@@ -86,6 +93,19 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
         producer: crate::source::kafka::KafkaProducer::new(&cluster, "weir-producer")?,
     };
     let runtime = Runtime::start(handlers, &broker, &store, config.limits.concurrency)?;
+    let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
+    if config.admin.enabled
+        && let Some(address) = crate::admin::serve(
+            config.admin.listen,
+            runtime.metrics(),
+            runtime.status(),
+            store.clone(),
+            admin_stopped,
+        )
+        .await
+    {
+        println!("status page: http://{address}/ (metrics at /metrics)");
+    }
     let produced = produce(&cluster, &topics, events).await?;
     println!(
         "produced {events} events: {}",
@@ -161,7 +181,14 @@ pub async fn run(config: &Config, events: usize, deadline: Duration) -> anyhow::
         .map(|r| r.stats.conflicts.load(Ordering::Relaxed))
         .sum();
     let relay = runtime.relay_stats();
+    if serve {
+        println!("serving the handlers and the status page until Ctrl-C");
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot listen for Ctrl-C")?;
+    }
     runtime.stop(config.runtime.shutdown_timeout).await;
+    let _ = admin_stop.send(true);
     println!();
     println!(
         "(handled can exceed produced: handlers also get what other handlers emit to their topics)"

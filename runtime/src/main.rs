@@ -85,6 +85,10 @@ enum Command {
         /// Give up if the stream is not handled within this time.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         deadline: Duration,
+        /// After the summary, keep serving the handlers and the status page
+        /// ([admin] listen, http://127.0.0.1:9464/ by default) until Ctrl-C.
+        #[arg(long)]
+        serve: bool,
     },
     /// Create a handler project: the handler, its manifest, the WIT world
     /// and the language's SDK, ready to build.
@@ -194,9 +198,10 @@ fn main() -> ExitCode {
                 config,
                 events,
                 deadline,
+                serve,
             } => {
                 let config = load_config(&config)?;
-                weir::demo::run(&config, events, deadline).await
+                weir::demo::run(&config, events, deadline, serve).await
             }
             Command::New {
                 language,
