@@ -335,84 +335,83 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
 }
 
 fn state(config: &Config, action: StateAction) -> anyhow::Result<()> {
-    let store = match open_store(config) {
-        Ok(store) => store,
-        // A running weir holds the database: ask it instead.
-        Err(err) if format!("{err:#}").contains("already open") && config.admin.enabled => {
-            return state_via_admin(config, action).with_context(|| {
-                format!("{err:#}; asking the running weir's admin server failed")
-            });
-        }
-        Err(err) => return Err(err).context("cannot read the state"),
-    };
-    let view = store.state_view()?;
-    let show = |value: &[u8]| match std::str::from_utf8(value) {
-        Ok(text) => text.to_string(),
-        Err(_) => format!("0x{}", hex(value)),
-    };
-    match action {
-        StateAction::Get { handler, key } => match view.get(&handler, &key)? {
-            Some((_, value)) => println!("{}", show(&value)),
-            None => anyhow::bail!("handler {handler:?} has no key {key:?}"),
-        },
+    let (handler, key, prefix, limit, json) = match &action {
+        StateAction::Get { handler, key } => (handler, Some(key.as_str()), "", 1, false),
         StateAction::List {
             handler,
             prefix,
             limit,
             json,
-        } => {
-            let entries = view.scan(&handler, &prefix, None, limit)?;
-            for (key, version, value) in &entries {
-                if json {
-                    let text = std::str::from_utf8(value).ok();
-                    let line = serde_json::json!({
-                        "key": key,
-                        "value": text,
-                        "value_hex": hex(value),
-                        "version": version,
-                    });
-                    println!("{line}");
-                } else {
-                    println!("{key} = {}", show(value));
-                }
+        } => (handler, None, prefix.as_str(), *limit, *json),
+    };
+    let (answer, from) = match open_store(config) {
+        Ok(store) => (
+            weir::admin::read_state(&store, handler, key, prefix, limit)?,
+            "",
+        ),
+        // A running weir holds the database: ask it instead.
+        Err(err) if format!("{err:#}").contains("already open") && config.admin.enabled => (
+            state_via_admin(config, handler, key, prefix, limit).with_context(|| {
+                format!("{err:#}; asking the running weir's admin server failed")
+            })?,
+            " (read from the running weir)",
+        ),
+        Err(err) => return Err(err).context("cannot read the state"),
+    };
+    let entries = answer["entries"].as_array().cloned().unwrap_or_default();
+    let show = |e: &serde_json::Value| match e["value"].as_str() {
+        Some(text) => text.to_string(),
+        None => format!("0x{}", e["value_hex"].as_str().unwrap_or_default()),
+    };
+    if let Some(key) = key {
+        return match entries.first() {
+            Some(entry) => {
+                println!("{}", show(entry));
+                Ok(())
             }
-            eprintln!(
-                "{} entr{} of {handler:?}{}; {} emitted event(s) waiting in the outbox",
-                entries.len(),
-                if entries.len() == 1 { "y" } else { "ies" },
-                if prefix.is_empty() {
-                    String::new()
-                } else {
-                    format!(" starting with {prefix:?}")
-                },
-                store.outbox_len()?
+            None => anyhow::bail!("handler {handler:?} has no key {key:?}"),
+        };
+    }
+    for entry in &entries {
+        if json {
+            println!("{entry}");
+        } else {
+            println!(
+                "{} = {}",
+                entry["key"].as_str().unwrap_or_default(),
+                show(entry)
             );
         }
     }
+    eprintln!(
+        "{} entr{} of {handler:?}{}; {} emitted event(s) waiting in the outbox{from}",
+        entries.len(),
+        if entries.len() == 1 { "y" } else { "ies" },
+        if prefix.is_empty() {
+            String::new()
+        } else {
+            format!(" starting with {prefix:?}")
+        },
+        answer["outbox"]
+    );
     Ok(())
 }
 
-/// `weir state` through a running weir's admin server
-/// (`GET /handlers/{name}/state`), printing what reading the database
-/// directly would.
-fn state_via_admin(config: &Config, action: StateAction) -> anyhow::Result<()> {
+/// What [`weir::admin::read_state`] answers, asked of a running weir's
+/// admin server (`GET /handlers/{name}/state`).
+fn state_via_admin(
+    config: &Config,
+    handler: &str,
+    key: Option<&str>,
+    prefix: &str,
+    limit: usize,
+) -> anyhow::Result<serde_json::Value> {
     use weir::admin::{fetch, url_escape};
-    let (handler, query, json) = match &action {
-        StateAction::Get { handler, key } => {
-            (handler.clone(), format!("key={}", url_escape(key)), false)
-        }
-        StateAction::List {
-            handler,
-            prefix,
-            limit,
-            json,
-        } => (
-            handler.clone(),
-            format!("prefix={}&limit={limit}", url_escape(prefix)),
-            *json,
-        ),
+    let query = match key {
+        Some(key) => format!("key={}", url_escape(key)),
+        None => format!("prefix={}&limit={limit}", url_escape(prefix)),
     };
-    let path = format!("/handlers/{}/state?{query}", url_escape(&handler));
+    let path = format!("/handlers/{}/state?{query}", url_escape(handler));
     let (code, body) = fetch(config.admin.listen, &path)?;
     let answer: serde_json::Value = serde_json::from_str(&body)
         .with_context(|| format!("the admin server answered {code} with {body:?}"))?;
@@ -421,42 +420,7 @@ fn state_via_admin(config: &Config, action: StateAction) -> anyhow::Result<()> {
         "the admin server answered {code}: {}",
         answer["error"].as_str().unwrap_or(&body)
     );
-    let entries = answer["entries"].as_array().cloned().unwrap_or_default();
-    let show = |e: &serde_json::Value| match e["value"].as_str() {
-        Some(text) => text.to_string(),
-        None => format!("0x{}", e["value_hex"].as_str().unwrap_or_default()),
-    };
-    match &action {
-        StateAction::Get { key, .. } => match entries.first() {
-            Some(entry) => println!("{}", show(entry)),
-            None => anyhow::bail!("handler {handler:?} has no key {key:?}"),
-        },
-        StateAction::List { prefix, .. } => {
-            for entry in &entries {
-                if json {
-                    println!("{entry}");
-                } else {
-                    println!(
-                        "{} = {}",
-                        entry["key"].as_str().unwrap_or_default(),
-                        show(entry)
-                    );
-                }
-            }
-            eprintln!(
-                "{} entr{} of {handler:?}{}; {} emitted event(s) waiting in the outbox (read from the running weir)",
-                entries.len(),
-                if entries.len() == 1 { "y" } else { "ies" },
-                if prefix.is_empty() {
-                    String::new()
-                } else {
-                    format!(" starting with {prefix:?}")
-                },
-                answer["outbox"]
-            );
-        }
-    }
-    Ok(())
+    Ok(answer)
 }
 
 /// The Wasm host as `weir run` configures it: fuel metering when
@@ -489,10 +453,6 @@ async fn handlers(config: &Config) -> anyhow::Result<()> {
         failed.len()
     );
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn new_project(

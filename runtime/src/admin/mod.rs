@@ -209,32 +209,53 @@ fn entry(key: &str, version: u64, value: &[u8]) -> Value {
     })
 }
 
+/// A handler's committed state as `weir state` and
+/// `GET /handlers/{name}/state` show it: `{"handler", "entries": [...],
+/// "outbox"}` with one entry for `key`, else up to `limit` entries whose key
+/// starts with `prefix`.
+///
+/// # Errors
+///
+/// When the database cannot be read.
+pub fn read_state(
+    store: &Store,
+    handler: &str,
+    key: Option<&str>,
+    prefix: &str,
+    limit: usize,
+) -> Result<Value, crate::store::StoreError> {
+    let view = store.state_view()?;
+    let entries: Vec<Value> = match key {
+        Some(key) => view
+            .get(handler, key)?
+            .map(|(version, value)| entry(key, version, &value))
+            .into_iter()
+            .collect(),
+        None => view
+            .scan(handler, prefix, None, limit)?
+            .iter()
+            .map(|(key, version, value)| entry(key, *version, value))
+            .collect(),
+    };
+    Ok(json!({
+        "handler": handler,
+        "entries": entries,
+        "outbox": store.outbox_len()?,
+    }))
+}
+
 async fn state(
     State(admin): State<Admin>,
     Path(name): Path<String>,
     Query(query): Query<StateQuery>,
 ) -> Response {
-    let read = || -> Result<Value, crate::store::StoreError> {
-        let view = admin.store.state_view()?;
-        let entries: Vec<Value> = match &query.key {
-            Some(key) => view
-                .get(&name, key)?
-                .map(|(version, value)| entry(key, version, &value))
-                .into_iter()
-                .collect(),
-            None => view
-                .scan(&name, &query.prefix, None, query.limit.unwrap_or(100))?
-                .iter()
-                .map(|(key, version, value)| entry(key, *version, value))
-                .collect(),
-        };
-        Ok(json!({
-            "handler": name,
-            "entries": entries,
-            "outbox": admin.store.outbox_len()?,
-        }))
-    };
-    match read() {
+    match read_state(
+        &admin.store,
+        &name,
+        query.key.as_deref(),
+        &query.prefix,
+        query.limit.unwrap_or(100),
+    ) {
         Ok(body) => axum::Json(body).into_response(),
         Err(err) => (
             StatusCode::INTERNAL_SERVER_ERROR,
