@@ -1041,38 +1041,8 @@ fn runs_committed_together_survive_aborts(broker: &dyn TestBroker) -> Result<()>
             "never aborted at {point}: {aborted:?}"
         );
     }
-    let mut last = deployment.start("final")?;
-    poll_until(
-        CRASH_WAIT,
-        "everything produced to be acknowledged",
-        || {
-            Ok(broker
-                .caught_up("weir.echo", INPUT, &input.produced)?
-                .then_some(()))
-        },
-        || {
-            format!(
-                "{}; log: {}",
-                broker.progress("weir.echo", INPUT),
-                last.log.display()
-            )
-        },
-    )?;
     let distinct = input.events.len();
-    let output = poll_until(
-        CRASH_WAIT,
-        "an echo of every distinct input event",
-        || {
-            let stored = broker.read(OUTPUT)?;
-            let sources: BTreeSet<String> = stored
-                .iter()
-                .filter_map(|r| r.header("weir.source-event-id"))
-                .collect();
-            Ok((sources.len() >= distinct).then_some(stored))
-        },
-        || format!("log: {}", last.log.display()),
-    )?;
-    stop(&mut last)?;
+    let output = catch_up_and_read(broker, &deployment, "weir.echo", &input)?;
     let mut by_id: BTreeMap<String, (String, Vec<u8>, Option<String>)> = BTreeMap::new();
     for r in &output {
         let id = r.header("event_id").context("echo without event_id")?;
@@ -1111,24 +1081,28 @@ fn runs_committed_together_survive_aborts(broker: &dyn TestBroker) -> Result<()>
     Ok(())
 }
 
-fn finish_and_verify(
+/// A final run catches up: every produced record of `input` acknowledged
+/// by `group`, and an emitted event in `OUTPUT` for every distinct input
+/// event; returns what `OUTPUT` holds.
+fn catch_up_and_read(
     broker: &dyn TestBroker,
     deployment: &Deployment,
+    group: &str,
     input: &Input,
-) -> Result<()> {
+) -> Result<Vec<weir_tests::Stored>> {
     let mut last = deployment.start("final")?;
     poll_until(
         CRASH_WAIT,
         "everything produced to be acknowledged",
         || {
             Ok(broker
-                .caught_up("weir.counter", INPUT, &input.produced)?
+                .caught_up(group, INPUT, &input.produced)?
                 .then_some(()))
         },
         || {
             format!(
                 "{}; log: {}",
-                broker.progress("weir.counter", INPUT),
+                broker.progress(group, INPUT),
                 last.log.display()
             )
         },
@@ -1149,6 +1123,16 @@ fn finish_and_verify(
         || format!("log: {}", last.log.display()),
     )?;
     stop(&mut last)?;
+    Ok(output)
+}
+
+fn finish_and_verify(
+    broker: &dyn TestBroker,
+    deployment: &Deployment,
+    input: &Input,
+) -> Result<()> {
+    let distinct = input.events.len();
+    let output = catch_up_and_read(broker, deployment, "weir.counter", input)?;
 
     // 1. State: every count equals the number of distinct events of its key.
     let listing = deployment.weir(&["state", "list", "counter", "--prefix", "count/", "--json"])?;
