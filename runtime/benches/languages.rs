@@ -48,6 +48,7 @@ fn event(i: usize) -> Event {
         },
         timestamp_ms: None,
         attempt: 1,
+        correlation_id: None,
     }
 }
 

@@ -126,6 +126,10 @@ pub struct RuntimeSection {
     /// it (unfinished messages are redelivered on the next start).
     #[serde(default = "default_shutdown_timeout", with = "duration")]
     pub shutdown_timeout: Duration,
+    /// How often each consumer group's lag is logged (`event =
+    /// "consumer_lag"`, at info); `"0s"` turns the line off.
+    #[serde(default = "default_lag_log_interval", with = "duration")]
+    pub lag_log_interval: Duration,
 }
 
 fn default_handlers_dir() -> PathBuf {
@@ -137,6 +141,9 @@ fn default_data_dir() -> PathBuf {
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_lag_log_interval() -> Duration {
+    Duration::from_secs(60)
+}
 
 impl Default for RuntimeSection {
     fn default() -> Self {
@@ -144,6 +151,7 @@ impl Default for RuntimeSection {
             handlers_dir: default_handlers_dir(),
             data_dir: default_data_dir(),
             shutdown_timeout: default_shutdown_timeout(),
+            lag_log_interval: default_lag_log_interval(),
         }
     }
 }

@@ -264,7 +264,7 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
         println!("embedded broker: {bootstrap}");
     }
     let store = open_store(&config)?;
-    let mut runtime = Runtime::start(handlers, &broker, &store, config.limits.concurrency)?;
+    let mut runtime = Runtime::start(handlers, &broker, &store, &config)?;
     if !failed.is_empty() {
         // Records the files that failed as rejected, so that readiness
         // names them from the start.

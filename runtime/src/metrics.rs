@@ -6,13 +6,17 @@
 //! | `messages_consumed_total` | `topic`, `consumer_group`, `status` | messages by outcome: `handled`, `duplicate`, `dead_lettered` (final, once per message); `retried` and `failed` (per failed attempt) |
 //! | `message_processing_duration_seconds` | `topic`, `consumer_group` | time inside `handle`, every attempt |
 //! | `dlq_messages_total` | `topic`, `error_type` | dead letters published, by the handler's error category, else the error kind |
-//! | `messages_produced_total` | `topic` | emitted events and dead letters the broker acknowledged |
+//! | `messages_produced_total` | `topic`, `partition` | emitted events and dead letters the broker acknowledged, by where it put them (partition `0` for brokers without partitions) |
 //! | `consumer_lag` | `topic`, `consumer_group`, `partition` | messages behind the broker's end (Kafka: high watermark minus committed offset; JetStream: pending plus unacknowledged, partition `0`), as the consumer last saw it |
+//! | `weir_committed_position_age_seconds` | `topic`, `consumer_group`, `partition` | time since the partition's committed position last advanced, while messages are behind it; `0` when none are (a value that keeps growing is a stuck partition) |
 //! | `weir_messages_in_flight` | `handler` | messages held (running, waiting for a retry, queued behind their key) |
+//! | `weir_handler_instances` | `handler`, `state` | instances `busy` running a call and `idle` kept for the next ones |
 //! | `weir_state_conflicts_total` | `handler` | calls run again because state they read changed before their commit |
 //! | `weir_handler_info` | `handler`, `version`, `consumer_group` | 1 for the version being served |
 //! | `weir_handler_reloads_total` | `handler`, `result` | hot reloads: `applied`, `rejected` |
+//! | `weir_circuit_breaker_state` | `handler`, `state` | 1 for the state a handler's breaker is in (`closed`, `open`, `half_open`), 0 for the others; only handlers with `[breaker]` |
 //! | `weir_outbox_rows` | | emitted events committed and not yet acknowledged by the broker |
+//! | `weir_outbox_oldest_age_seconds` | | age of the oldest of those rows, since its commit (`0` when none wait) |
 //! | `weir_store_commit_writes` | | outcomes per durable group commit |
 //! | `weir_store_commit_seconds` | | time of one durable group commit |
 //!
@@ -22,7 +26,9 @@
 //! them.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -31,7 +37,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::source::lag::Lag;
+use crate::source::progress::{PartitionView, Progress};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Consumed {
@@ -60,8 +66,17 @@ struct DeadLetters {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct Topic {
+struct TopicPartition {
     topic: String,
+    partition: String,
+}
+
+/// A handler and one of its states (instances: `busy`, `idle`; breaker:
+/// `closed`, `open`, `half_open`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Instances {
+    handler: String,
+    state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -101,17 +116,21 @@ pub struct Metrics {
     consumed: Family<Consumed, Counter>,
     duration: Family<TopicGroup, Histogram>,
     dead_letters: Family<DeadLetters, Counter>,
-    produced: Family<Topic, Counter>,
+    produced: Family<TopicPartition, Counter>,
     lag: Family<Partition, Gauge>,
-    /// Each consumer group's lag, as its source keeps it.
-    lag_boards: Arc<Mutex<Vec<(String, Lag)>>>,
+    position_age: Family<Partition, Gauge<f64, AtomicU64>>,
+    /// Each consumer group's progress, as its source keeps it.
+    boards: Arc<Mutex<Vec<(String, Progress)>>>,
     in_flight: Family<HandlerLabel, Gauge>,
+    instances: Family<Instances, Gauge>,
     conflicts: Family<HandlerLabel, Counter>,
     info: Family<HandlerInfo, Gauge>,
     /// The info labels set for each handler, to remove when it changes.
     serving: Arc<Mutex<HashMap<String, HandlerInfo>>>,
     reloads: Family<Reload, Counter>,
+    breakers: Family<Instances, Gauge>,
     outbox_rows: Gauge,
+    outbox_oldest_age: Gauge<f64, AtomicU64>,
     commit_writes: Histogram,
     commit_seconds: Histogram,
 }
@@ -151,10 +170,10 @@ impl Metrics {
             "Dead letters published, by the handler's error category or else the error kind",
             dead_letters.clone(),
         );
-        let produced = Family::<Topic, Counter>::default();
+        let produced = Family::<TopicPartition, Counter>::default();
         registry.register(
             "messages_produced",
-            "Emitted events and dead letters acknowledged by the broker",
+            "Emitted events and dead letters acknowledged by the broker, by partition",
             produced.clone(),
         );
         let lag = Family::<Partition, Gauge>::default();
@@ -163,11 +182,23 @@ impl Metrics {
             "Messages behind the broker's end, per partition, as the consumer last saw it",
             lag.clone(),
         );
+        let position_age = Family::<Partition, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "weir_committed_position_age_seconds",
+            "Time since the partition's committed position last advanced, while messages are behind it",
+            position_age.clone(),
+        );
         let in_flight = Family::<HandlerLabel, Gauge>::default();
         registry.register(
             "weir_messages_in_flight",
             "Messages held per handler: running, waiting for a retry, or queued behind their key",
             in_flight.clone(),
+        );
+        let instances = Family::<Instances, Gauge>::default();
+        registry.register(
+            "weir_handler_instances",
+            "Instances per handler: busy running a call, idle kept for the next ones",
+            instances.clone(),
         );
         let conflicts = Family::<HandlerLabel, Counter>::default();
         registry.register(
@@ -187,11 +218,23 @@ impl Metrics {
             "Hot reloads of a handler: applied or rejected",
             reloads.clone(),
         );
+        let breakers = Family::<Instances, Gauge>::default();
+        registry.register(
+            "weir_circuit_breaker_state",
+            "1 for the state each handler's circuit breaker is in (closed, open, half_open), 0 for the others",
+            breakers.clone(),
+        );
         let outbox_rows = Gauge::default();
         registry.register(
             "weir_outbox_rows",
             "Emitted events committed and not yet acknowledged by the broker",
             outbox_rows.clone(),
+        );
+        let outbox_oldest_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "weir_outbox_oldest_age_seconds",
+            "Age of the oldest emitted event waiting in the outbox, since its commit",
+            outbox_oldest_age.clone(),
         );
         let commit_writes = batch_histogram();
         registry.register(
@@ -212,33 +255,38 @@ impl Metrics {
             dead_letters,
             produced,
             lag,
-            lag_boards: Arc::default(),
+            position_age,
+            boards: Arc::default(),
             in_flight,
+            instances,
             conflicts,
             info,
             serving: Arc::default(),
             reloads,
+            breakers,
             outbox_rows,
+            outbox_oldest_age,
             commit_writes,
             commit_seconds,
         }
     }
 
-    /// The lag board of `consumer_group`, for its source to keep current
-    /// (the same board for every consumer of the group in this process).
-    pub fn lag(&self, consumer_group: &str) -> Lag {
-        let mut boards = self.lag_boards.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, lag)) = boards.iter().find(|(g, _)| g == consumer_group) {
-            return lag.clone();
+    /// The progress board of `consumer_group`, for its source to keep
+    /// current (the same board for every consumer of the group in this
+    /// process).
+    pub fn progress(&self, consumer_group: &str) -> Progress {
+        let mut boards = self.boards.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, progress)) = boards.iter().find(|(g, _)| g == consumer_group) {
+            return progress.clone();
         }
-        let lag = Lag::default();
-        boards.push((consumer_group.to_string(), lag.clone()));
-        lag
+        let progress = Progress::default();
+        boards.push((consumer_group.to_string(), progress.clone()));
+        progress
     }
 
-    /// Every consumer group's lag: (group, topic, partition, lag).
-    pub fn lags(&self) -> Vec<(String, String, i32, i64)> {
-        self.lag_boards
+    /// Every consumer group's partitions: (group, partition view).
+    pub fn partitions(&self) -> Vec<(String, PartitionView)> {
+        self.boards
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
@@ -246,30 +294,28 @@ impl Metrics {
                 board
                     .snapshot()
                     .into_iter()
-                    .map(move |(topic, partition, lag)| (group.clone(), topic, partition, lag))
+                    .map(move |view| (group.clone(), view))
             })
             .collect()
     }
 
-    /// The text exposition of every family (the lag as the sources last
-    /// saw it).
+    /// The text exposition of every family (the partitions as the sources
+    /// last saw them).
     pub fn encode(&self) -> String {
         self.lag.clear();
-        for (group, board) in self
-            .lag_boards
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            for (topic, partition, lag) in board.snapshot() {
-                self.lag
-                    .get_or_create(&Partition {
-                        topic,
-                        consumer_group: group.clone(),
-                        partition: partition.to_string(),
-                    })
-                    .set(lag);
+        self.position_age.clear();
+        for (group, view) in self.partitions() {
+            let labels = Partition {
+                topic: view.topic,
+                consumer_group: group,
+                partition: view.partition.to_string(),
+            };
+            if let Some(lag) = view.lag {
+                self.lag.get_or_create(&labels).set(lag);
             }
+            self.position_age
+                .get_or_create(&labels)
+                .set(view.position_age.as_secs_f64());
         }
         let mut out = String::new();
         // Writing to a String cannot fail.
@@ -287,24 +333,35 @@ impl Metrics {
             handler: handler.to_string(),
             consumer_group: consumer_group.to_string(),
             in_flight: self.in_flight.get_or_create(&label).clone(),
+            instances: ["busy", "idle"].map(|state| {
+                self.instances
+                    .get_or_create(&Instances {
+                        handler: handler.to_string(),
+                        state,
+                    })
+                    .clone()
+            }),
             conflicts: self.conflicts.get_or_create(&label).clone(),
             topics: Arc::default(),
         }
     }
 
-    /// A record published to `topic` was acknowledged by the broker.
-    pub fn produced(&self, topic: &str) {
+    /// A record published to `topic` was acknowledged by the broker, which
+    /// put it in `partition`.
+    pub fn produced(&self, topic: &str, partition: i32) {
         self.produced
-            .get_or_create(&Topic {
+            .get_or_create(&TopicPartition {
                 topic: topic.to_string(),
+                partition: partition.to_string(),
             })
             .inc();
     }
 
-    /// The outbox holds `rows` rows now.
-    pub fn outbox_rows(&self, rows: u64) {
+    /// The outbox holds `rows` rows now, the oldest `oldest_age` old.
+    pub fn outbox(&self, rows: u64, oldest_age: Duration) {
         self.outbox_rows
             .set(i64::try_from(rows).unwrap_or(i64::MAX));
+        self.outbox_oldest_age.set(oldest_age.as_secs_f64());
     }
 
     /// A durable group commit of `writes` outcomes took `seconds`.
@@ -349,6 +406,8 @@ pub struct HandlerMetrics {
     handler: String,
     consumer_group: String,
     in_flight: Gauge,
+    /// Busy and idle instances.
+    instances: [Gauge; 2],
     conflicts: Counter,
     /// This handler's series per topic, looked up without allocating.
     topics: Arc<std::sync::RwLock<HashMap<String, TopicSeries>>>,
@@ -448,14 +507,34 @@ impl HandlerMetrics {
             .inc();
     }
 
-    /// A record was published to `topic` and acknowledged.
-    pub fn produced(&self, topic: &str) {
-        self.metrics.produced(topic);
+    /// A record was published to `topic` and acknowledged, in `partition`.
+    pub fn produced(&self, topic: &str, partition: i32) {
+        self.metrics.produced(topic, partition);
+    }
+
+    /// `busy` instances run a call now; `idle` wait for the next ones.
+    pub fn instances(&self, busy: usize, idle: usize) {
+        let [busy_gauge, idle_gauge] = &self.instances;
+        busy_gauge.set(i64::try_from(busy).unwrap_or(i64::MAX));
+        idle_gauge.set(i64::try_from(idle).unwrap_or(i64::MAX));
     }
 
     /// The handler holds `held` messages now.
     pub fn in_flight(&self, held: usize) {
         self.in_flight.set(i64::try_from(held).unwrap_or(i64::MAX));
+    }
+
+    /// The handler's circuit breaker is now in `state`.
+    pub fn breaker(&self, state: &'static str) {
+        for each in ["closed", "open", "half_open"] {
+            self.metrics
+                .breakers
+                .get_or_create(&Instances {
+                    handler: self.handler.clone(),
+                    state: each,
+                })
+                .set(i64::from(each == state));
+        }
     }
 
     /// A call was run again because state it read had changed.
@@ -477,7 +556,9 @@ mod tests {
         orders.consumed("orders", "retried");
         orders.call("orders", 0.002);
         orders.dead_letter("orders", "validation");
-        metrics.produced("orders.dlq");
+        metrics.produced("orders.dlq", 2);
+        orders.instances(3, 1);
+        metrics.outbox(4, Duration::from_millis(1500));
         metrics.serving("orders", "weir.orders", Some("abc"));
         metrics.serving("orders", "weir.orders", Some("def"));
         let text = metrics.encode();
@@ -487,7 +568,11 @@ mod tests {
             r#"message_processing_duration_seconds_bucket{le="0.01",topic="orders",consumer_group="weir.orders"} 1"#,
             r#"message_processing_duration_seconds_bucket{le="0.001",topic="orders",consumer_group="weir.orders"} 0"#,
             r#"dlq_messages_total{topic="orders",error_type="validation"} 1"#,
-            r#"messages_produced_total{topic="orders.dlq"} 1"#,
+            r#"messages_produced_total{topic="orders.dlq",partition="2"} 1"#,
+            r#"weir_handler_instances{handler="orders",state="busy"} 3"#,
+            r#"weir_handler_instances{handler="orders",state="idle"} 1"#,
+            r#"weir_outbox_rows 4"#,
+            r#"weir_outbox_oldest_age_seconds 1.5"#,
             r#"weir_handler_info{handler="orders",version="def",consumer_group="weir.orders"} 1"#,
         ] {
             assert!(text.contains(line), "missing {line} in:\n{text}");

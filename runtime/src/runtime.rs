@@ -23,6 +23,7 @@ use crate::pipeline::{HandlerStats, HandlerSwap, Worker};
 use crate::registry::{self, BrokerKind, LoadError, LoadedHandler, Manifest};
 use crate::source::kafka::{Cluster, KafkaConsumer, KafkaProducer};
 use crate::source::nats::{self, ConsumerSpec, NatsConnection};
+use crate::source::progress::Progress;
 use crate::source::{Publisher, Source};
 use crate::store::Store;
 
@@ -97,6 +98,8 @@ pub struct HandlerView {
     pub stats: Arc<HandlerStats>,
     /// False once its worker stopped on its own.
     pub alive: Arc<AtomicBool>,
+    /// Its consumer as its source sees it: joined, partitions, lag.
+    pub progress: Progress,
 }
 
 /// The runtime as the admin server sees it: the handlers served and the
@@ -110,6 +113,7 @@ pub struct Status {
 struct StatusInner {
     handlers: BTreeMap<String, HandlerView>,
     rejected: BTreeMap<String, String>,
+    relay: Option<Arc<RelayStats>>,
 }
 
 impl Status {
@@ -122,6 +126,11 @@ impl Status {
     /// any, keeps serving).
     pub fn rejected(&self) -> BTreeMap<String, String> {
         self.read().rejected.clone()
+    }
+
+    /// The outbox relay's counters and failing topics.
+    pub fn relay(&self) -> Option<Arc<RelayStats>> {
+        self.read().relay.clone()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, StatusInner> {
@@ -149,29 +158,27 @@ pub struct Runtime {
     relay: tokio::task::JoinHandle<()>,
     relay_stop: watch::Sender<bool>,
     relay_stats: Arc<RelayStats>,
-    lag_log: tokio::task::JoinHandle<()>,
+    lag_log: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// How often the consumer lag is logged.
-const LAG_LOG_PERIOD: Duration = Duration::from_secs(10);
-
 /// Logs each consumer group's lag per topic (`event = "consumer_lag"`, at
-/// info) every [`LAG_LOG_PERIOD`]: the sum over its partitions, and the
-/// partitions known.
-async fn log_lag(metrics: Metrics) {
-    let mut ticker = tokio::time::interval(LAG_LOG_PERIOD);
+/// info) every `every`: the sum over its partitions, the partitions known,
+/// and the oldest committed position's age (see `source/progress.rs`).
+async fn log_lag(metrics: Metrics, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
     ticker.tick().await;
     loop {
         ticker.tick().await;
-        let mut by_topic: BTreeMap<(String, String), (i64, usize)> = BTreeMap::new();
-        for (group, topic, _, lag) in metrics.lags() {
-            let entry = by_topic.entry((group, topic)).or_default();
-            entry.0 += lag;
+        let mut by_topic: BTreeMap<(String, String), (i64, usize, Duration)> = BTreeMap::new();
+        for (group, view) in metrics.partitions() {
+            let entry = by_topic.entry((group, view.topic)).or_default();
+            entry.0 += view.lag.unwrap_or(0);
             entry.1 += 1;
+            entry.2 = entry.2.max(view.position_age);
         }
-        for ((group, topic), (lag, partitions)) in by_topic {
+        for ((group, topic), (lag, partitions, age)) in by_topic {
             tracing::info!(event = "consumer_lag", consumer_group = %group, topic = %topic, lag, partitions,
-                "consumer lag");
+                position_age_s = age.as_secs(), "consumer lag");
         }
     }
 }
@@ -249,14 +256,11 @@ impl Runtime {
         handlers: Vec<LoadedHandler>,
         broker: &Broker,
         store: &Store,
-        concurrency: Option<usize>,
+        config: &Config,
     ) -> anyhow::Result<Self> {
         let metrics = Metrics::new();
         store.record_to(metrics.clone());
-        let relay_stats = Arc::new(RelayStats {
-            metrics: Some(metrics.clone()),
-            ..RelayStats::default()
-        });
+        let relay_stats = Arc::new(RelayStats::recording(metrics.clone()));
         let (relay_stop, relay_watch) = watch::channel(false);
         let relay = match broker {
             Broker::Kafka { producer, .. } => tokio::spawn(
@@ -268,7 +272,12 @@ impl Runtime {
             ),
         };
         let (fatal, fatal_rx) = mpsc::unbounded_channel();
-        let lag_log = tokio::spawn(log_lag(metrics.clone()));
+        let every = config.runtime.lag_log_interval;
+        let lag_log = if every.is_zero() {
+            None
+        } else {
+            Some(tokio::spawn(log_lag(metrics.clone(), every)))
+        };
         let mut runtime = Self {
             lag_log,
             metrics,
@@ -276,7 +285,10 @@ impl Runtime {
             running: BTreeMap::new(),
             broker: broker.clone(),
             store: store.clone(),
-            concurrency: concurrency.unwrap_or_else(default_concurrency),
+            concurrency: config
+                .limits
+                .concurrency
+                .unwrap_or_else(default_concurrency),
             fatal,
             fatal_rx,
             rejected: BTreeMap::new(),
@@ -284,6 +296,7 @@ impl Runtime {
             relay_stop,
             relay_stats,
         };
+        runtime.status.write().relay = Some(runtime.relay_stats.clone());
         for handler in handlers {
             runtime.serve(handler)?;
         }
@@ -319,7 +332,7 @@ impl Runtime {
                     &group,
                     &handler.manifest.topics,
                     handler.manifest.start,
-                    self.metrics.lag(&group),
+                    self.metrics.progress(&group),
                 )?;
                 self.spawn(
                     &handler,
@@ -338,7 +351,7 @@ impl Runtime {
                     start: handler.manifest.start,
                     ack_wait: settings.ack_wait,
                     max_ack_pending: handler.manifest.max_in_flight,
-                    lag: self.metrics.lag(&group),
+                    progress: self.metrics.progress(&group),
                 });
                 self.spawn(
                     &handler,
@@ -362,6 +375,7 @@ impl Runtime {
                 topics: handler.manifest.topics.clone(),
                 stats: stats.clone(),
                 alive,
+                progress: self.metrics.progress(&group),
             },
         );
         self.running.insert(
@@ -573,7 +587,9 @@ impl Runtime {
     /// unacknowledged messages are redelivered and unpublished events
     /// published on the next start.
     pub async fn stop(mut self, timeout: Duration) {
-        self.lag_log.abort();
+        if let Some(lag_log) = &self.lag_log {
+            lag_log.abort();
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         for running in self.running.values() {
             let _ = running.stop.send(true);

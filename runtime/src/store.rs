@@ -123,12 +123,15 @@ pub struct OutboxRecord {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
-/// Format tag of an encoded [`OutboxRecord`].
-const OUTBOX_FORMAT: u8 = 1;
+/// Format tag of an encoded [`OutboxRecord`]: 2 adds the commit time after
+/// the tag; rows of format 1 (without it) are still read.
+const OUTBOX_FORMAT: u8 = 2;
+const OUTBOX_FORMAT_UNTIMED: u8 = 1;
 
 impl OutboxRecord {
-    /// The stored form: a format byte, then length-prefixed fields.
-    pub fn encode(&self) -> Vec<u8> {
+    /// The stored form: a format byte, the commit time (milliseconds since
+    /// the Unix epoch, u64 little-endian), then length-prefixed fields.
+    pub fn encode(&self, committed_ms: u64) -> Vec<u8> {
         fn put(out: &mut Vec<u8>, bytes: &[u8]) {
             out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
             out.extend_from_slice(bytes);
@@ -144,6 +147,7 @@ impl OutboxRecord {
                     .sum::<usize>(),
         );
         out.push(OUTBOX_FORMAT);
+        out.extend_from_slice(&committed_ms.to_le_bytes());
         put(&mut out, self.topic.as_bytes());
         match &self.key {
             Some(key) => {
@@ -190,9 +194,12 @@ impl OutboxRecord {
             }
         }
         let mut r = Reader(bytes);
-        let format = r.take(1)?[0];
-        if format != OUTBOX_FORMAT {
-            return Err(format!("unknown outbox record format {format}"));
+        match r.take(1)?[0] {
+            OUTBOX_FORMAT => {
+                r.take(8)?;
+            }
+            OUTBOX_FORMAT_UNTIMED => {}
+            format => return Err(format!("unknown outbox record format {format}")),
         }
         let topic = r.string()?;
         let key = match r.take(1)?[0] {
@@ -214,6 +221,15 @@ impl OutboxRecord {
             payload,
             headers,
         })
+    }
+}
+
+/// When the stored outbox record `bytes` was committed (milliseconds since
+/// the Unix epoch); `None` for rows written before commit times were kept.
+fn committed_ms(bytes: &[u8]) -> Option<u64> {
+    match bytes {
+        [OUTBOX_FORMAT, time @ ..] => Some(u64::from_le_bytes(time.get(..8)?.try_into().ok()?)),
+        _ => None,
     }
 }
 
@@ -592,6 +608,20 @@ impl Store {
         outbox.len().map_err(|e| self.io(e))
     }
 
+    /// When the oldest outbox row was committed (milliseconds since the
+    /// Unix epoch): `None` when the outbox is empty or its oldest row was
+    /// written by a version that did not keep commit times.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be read.
+    pub fn outbox_oldest_ms(&self) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let outbox = txn.open_table(OUTBOX).map_err(|e| self.io(e))?;
+        let first = outbox.first().map_err(|e| self.io(e))?;
+        Ok(first.and_then(|(_, bytes)| committed_ms(bytes.value())))
+    }
+
     /// Woken whenever a commit added outbox rows.
     pub fn outbox_ready(&self) -> Arc<Notify> {
         self.outbox_ready.clone()
@@ -904,7 +934,7 @@ fn apply(db: &Database, batch: &[&Write]) -> Result<BatchOutcome, String> {
                         for record in &effects.emits {
                             outbox_seq += 1;
                             outbox
-                                .insert(outbox_seq, record.encode().as_slice())
+                                .insert(outbox_seq, record.encode(now).as_slice())
                                 .map_err(err)?;
                             outbox_rows += 1;
                         }
@@ -1208,11 +1238,24 @@ mod tests {
         assert_eq!(value, b"e2");
         let rows = store.outbox_batch(None, 10).expect("outbox");
         assert_eq!(rows.len(), 2);
+        let oldest = store.outbox_oldest_ms().expect("oldest").expect("a time");
+        assert!(
+            oldest <= now_ms() && oldest + 60_000 > now_ms(),
+            "oldest row committed at {oldest}, now {}",
+            now_ms()
+        );
         assert!(rows[1].0 > seq, "outbox sequence reused after reopening");
         let record = rows[0].1.clone().expect("decodes");
         assert_eq!(record.key, Some(vec![0, 255]));
         assert_eq!(record.payload, b"e1");
-        assert_eq!(OutboxRecord::decode(&record.encode()), Ok(record));
+        let stored = record.encode(1_700_000_000_123);
+        assert_eq!(committed_ms(&stored), Some(1_700_000_000_123));
+        assert_eq!(OutboxRecord::decode(&stored), Ok(record.clone()));
+        // A row of the format without the commit time is still read.
+        let mut untimed = vec![OUTBOX_FORMAT_UNTIMED];
+        untimed.extend_from_slice(&stored[9..]);
+        assert_eq!(OutboxRecord::decode(&untimed), Ok(record));
+        assert_eq!(committed_ms(&untimed), None);
         assert!(OutboxRecord::decode(&[9]).is_err());
         assert!(OutboxRecord::decode(&[OUTBOX_FORMAT, 5, 0]).is_err());
         store

@@ -134,6 +134,7 @@ fn event(topic: &str, position: Position, headers: &[(&str, &str)]) -> Event {
         timestamp_ms: Some(1_700_000_000_000),
         position,
         attempt: 1,
+        correlation_id: None,
     }
 }
 

@@ -3,9 +3,11 @@
 Tested with nats-py 2.16.0 (Python 3.11-3.13) against nats-server 2.9.
 
 Subcommands print one JSON document on stdout:
-  add-stream --url U --stream S --subjects a,b
-               creates stream S capturing the subjects (file storage); if S
-               exists already, leaves it as it is  -> stream summary
+  add-stream --url U --stream S --subjects a,b [--max-msgs N]
+               creates stream S capturing the subjects (file storage; with
+               --max-msgs, it refuses publishes once it holds N messages);
+               if S exists already, leaves it as it is  -> stream summary
+  delete-stream --url U --stream S  -> {"deleted": S}
   publish    --url U [--subject S]  (JSON lines on stdin:
                {"subject": str|null, "value_hex": str,
                 "headers": [[name, value_str], ...], "msg_id": str|null};
@@ -45,7 +47,7 @@ import sys
 import time
 
 import nats
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 # JetStream API error codes (nats-server's errors.json).
@@ -112,8 +114,13 @@ async def add_stream(nc, args):
     subjects = [s for s in args.subjects.split(",") if s]
     js = nc.jetstream()
     try:
+        # --max-msgs N: a stream that refuses publishes once it holds N
+        # messages (discard "new"), as a full stream does.
+        limits = {}
+        if args.max_msgs >= 0:
+            limits = {"max_msgs": args.max_msgs, "discard": DiscardPolicy.NEW}
         await js.add_stream(StreamConfig(name=args.stream, subjects=subjects,
-                                         storage=StorageType.FILE))
+                                         storage=StorageType.FILE, **limits))
     except nats.js.errors.BadRequestError as err:
         if err.err_code != STREAM_NAME_IN_USE:
             raise
@@ -121,6 +128,13 @@ async def add_stream(nc, args):
     if api_error(info):
         raise SystemExit(f"stream {args.stream}: {info['error']}")
     return summary(info)
+
+
+async def delete_stream(nc, args):
+    response = await api(nc, f"STREAM.DELETE.{args.stream}")
+    if api_error(response):
+        raise SystemExit(f"stream {args.stream}: {response['error']}")
+    return {"deleted": args.stream}
 
 
 def parse_headers(raw):
@@ -281,6 +295,7 @@ COMMANDS = {
     "consumer": consumer,
     "ack": ack,
     "streams": streams,
+    "delete-stream": delete_stream,
 }
 
 
@@ -302,6 +317,9 @@ def main():
         if name == "add-stream":
             p.add_argument("--stream", required=True)
             p.add_argument("--subjects", required=True)
+            p.add_argument("--max-msgs", type=int, default=-1)
+        if name == "delete-stream":
+            p.add_argument("--stream", required=True)
         if name == "publish":
             p.add_argument("--subject")
         if name in ("read", "consumer", "ack"):

@@ -9,6 +9,7 @@
 //! until a deadline, and a timeout reports the last state seen and where the
 //! logs are.
 
+pub mod admin;
 mod broker;
 mod client;
 mod nats;
@@ -438,7 +439,7 @@ impl Deployment {
         std::fs::write(
             dir.path().join("weir.toml"),
             format!(
-                "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\nshutdown_timeout = \"20s\"\n\n{ADMIN}\n{source}"
+                "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\nshutdown_timeout = \"20s\"\nlag_log_interval = \"2s\"\n\n{ADMIN}\n{source}"
             ),
         )?;
         Ok(Self { dir })
@@ -455,7 +456,7 @@ impl Deployment {
         std::fs::write(
             dir.path().join("weir.toml"),
             format!(
-                "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\n\n{ADMIN}\n[source.embedded]\npartitions = 3\n"
+                "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\nlag_log_interval = \"2s\"\n\n{ADMIN}\n[source.embedded]\npartitions = 3\n"
             ),
         )?;
         Ok(Self { dir })

@@ -370,13 +370,40 @@ impl NatsTool {
     ///
     /// When the server refuses (e.g. another stream captures a subject).
     pub fn add_stream(&self, stream: &str, subjects: &[&str]) -> Result<StreamSummary> {
+        self.add_limited_stream(stream, subjects, None)
+    }
+
+    /// Like [`add_stream`](Self::add_stream); with `max_msgs`, the stream
+    /// refuses publishes once it holds that many messages (a full stream).
+    ///
+    /// # Errors
+    ///
+    /// When the server refuses.
+    pub fn add_limited_stream(
+        &self,
+        stream: &str,
+        subjects: &[&str],
+        max_msgs: Option<u64>,
+    ) -> Result<StreamSummary> {
         let subjects = subjects.join(",");
-        let out = self.client.call(
-            "add-stream",
-            &["--stream", stream, "--subjects", &subjects],
-            None,
-        )?;
+        let max = max_msgs.map(|n| n.to_string());
+        let mut args = vec!["--stream", stream, "--subjects", &subjects];
+        if let Some(max) = &max {
+            args.extend(["--max-msgs", max]);
+        }
+        let out = self.client.call("add-stream", &args, None)?;
         serde_json::from_value(out).context("unexpected add-stream result")
+    }
+
+    /// Deletes stream `stream` with its messages and consumers.
+    ///
+    /// # Errors
+    ///
+    /// When the server refuses (e.g. no such stream).
+    pub fn delete_stream(&self, stream: &str) -> Result<()> {
+        self.client
+            .call("delete-stream", &["--stream", stream], None)?;
+        Ok(())
     }
 
     /// Publishes `messages` through JetStream, one acknowledged publish at

@@ -2,51 +2,19 @@
 //! tansu, NATS JetStream on nats-server): `/metrics` counts exactly what
 //! the test produced, handled, retried and dead-lettered, under the
 //! standard names; `/health/ready` says ready, and not ready (naming the
-//! file) once a broken handler is dropped in; `/handlers` lists what runs.
+//! file) once a broken handler is dropped in, while the outbox cannot
+//! publish, and while the consumer has lost its server; `/handlers` lists
+//! what runs; the log records of an event carry its correlation id.
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
 use serde_json::Value;
+use weir_tests::admin::{get, samples};
 use weir_tests::{BrokerKind, Record, TestBroker, broker_test, free_port, poll_until, stop};
 
 const WAIT: Duration = Duration::from_secs(90);
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-
-/// `GET path` on `port`: (status code, body).
-fn get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no end of headers in {response:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
-    Ok((code, body.to_string()))
-}
-
-/// The samples of a Prometheus text exposition: `name{labels}` → value.
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
 
 fn record(key: &str, id: &str, fail: Option<&str>) -> Record {
     let mut headers = vec![("event_id".to_string(), id.as_bytes().to_vec())];
@@ -162,7 +130,23 @@ fn metrics_match(kind: BrokerKind) -> Result<()> {
         "dlq_messages_total{topic=\"events\",error_type=\"retryable\"}".into(),
         2.0,
     )?;
-    expect("messages_produced_total{topic=\"events.dlq\"}".into(), 5.0)?;
+    // Dead letters, over the partitions they went to.
+    let dead_letters: f64 = s
+        .iter()
+        .filter(|(k, _)| k.starts_with("messages_produced_total{topic=\"events.dlq\",partition="))
+        .map(|(_, v)| v)
+        .sum();
+    ensure!(
+        dead_letters == 5.0,
+        "{dead_letters} dead letters produced:\n{text}"
+    );
+    for family in [
+        "weir_handler_instances{handler=\"probe\",state=\"idle\"}",
+        "weir_outbox_rows",
+        "weir_outbox_oldest_age_seconds",
+    ] {
+        ensure!(s.contains_key(family), "no {family}:\n{text}");
+    }
     // Calls: 20 handled + 7 failed attempts, and a copy of a handled id
     // only when it ran in the same run as its original, before the
     // original's mark was committed (then caught at commit).
@@ -187,14 +171,22 @@ fn metrics_match(kind: BrokerKind) -> Result<()> {
         "consumer_lag of weir.probe to reach 0 on every partition",
         || {
             let (_, text) = get(port, "/metrics")?;
-            let lags: Vec<f64> = samples(&text)
-                .into_iter()
-                .filter(|(k, _)| {
-                    k.starts_with("consumer_lag{topic=\"events\",consumer_group=\"weir.probe\"")
-                })
-                .map(|(_, v)| v)
-                .collect();
-            Ok((!lags.is_empty() && lags.iter().all(|l| *l == 0.0)).then_some(()))
+            let s = samples(&text);
+            let of = |family: &str| -> Vec<f64> {
+                let prefix = format!("{family}{{topic=\"events\",consumer_group=\"weir.probe\"");
+                s.iter()
+                    .filter(|(k, _)| k.starts_with(&prefix))
+                    .map(|(_, v)| *v)
+                    .collect()
+            };
+            let lags = of("consumer_lag");
+            // Nothing behind: no committed position is ageing.
+            let ages = of("weir_committed_position_age_seconds");
+            Ok((!lags.is_empty()
+                && lags.iter().all(|l| *l == 0.0)
+                && ages.len() == lags.len()
+                && ages.iter().all(|a| *a == 0.0))
+            .then_some(()))
         },
         || match get(port, "/metrics") {
             Ok((_, text)) => format!(
@@ -316,6 +308,26 @@ fn metrics_match(kind: BrokerKind) -> Result<()> {
         "dead letter headers: {:?}",
         perm.headers
     );
+    // The log records of handling those events carry the same ids: the
+    // handler's own record, and weir's dead-letter event.
+    let records = weir.records();
+    let logged = |event_id: &str, what: &dyn Fn(&Value) -> bool| {
+        records.iter().any(|r| r["event_id"] == event_id && what(r))
+    };
+    ensure!(
+        logged("ev-19", &|r| r["target"] == "weir::guest"
+            && r["handler"] == "probe"
+            && r["correlation_id"] == "c-19"
+            && r["traceparent"] == TRACEPARENT),
+        "no handler log record for ev-19 with its correlation id and traceparent; log: {}",
+        log.display()
+    );
+    ensure!(
+        logged("perm-0", &|r| r["event"] == "message_dlq"
+            && r["correlation_id"] == "c-perm"),
+        "no message_dlq record for perm-0 with its correlation id; log: {}",
+        log.display()
+    );
 
     // A broken file makes the process not ready, naming it; the good
     // handler keeps serving.
@@ -404,6 +416,104 @@ fn an_empty_handlers_directory_waits_for_a_deployment() -> Result<()> {
         },
         || format!("log: {}", log.display()),
     )?;
+    stop(&mut weir)?;
+    Ok(())
+}
+
+/// `GET /health/ready` until `done` accepts the answer: the last answer.
+fn ready_until(
+    port: u16,
+    what: &str,
+    log: &std::path::Path,
+    done: impl Fn(u16, &Value) -> bool,
+) -> Result<Value> {
+    poll_until(
+        WAIT,
+        what,
+        || {
+            let Ok((code, body)) = get(port, "/health/ready") else {
+                return Ok(None);
+            };
+            let body: Value = serde_json::from_str(&body).context("ready JSON")?;
+            Ok(done(code, &body).then_some(body))
+        },
+        || {
+            let last = get(port, "/health/ready")
+                .map_or_else(|e| format!("{e:#}"), |(c, b)| format!("{c} {b}"));
+            format!("last answer: {last}; log: {}", log.display())
+        },
+    )
+}
+
+/// Whether `ready` names a problem of `check` whose reason contains `text`.
+fn names(ready: &Value, check: &str, text: &str) -> bool {
+    ready["not_ready"].as_array().is_some_and(|problems| {
+        problems
+            .iter()
+            .any(|p| p["check"] == check && p["reason"].as_str().is_some_and(|r| r.contains(text)))
+    })
+}
+
+/// Ready turns false, saying why, while the outbox cannot publish (its
+/// destination stream is full) and while the consumer has lost its server,
+/// and true again once each is fixed; the emitted events all arrive.
+#[test]
+fn ready_says_when_the_outbox_is_blocked_or_the_consumer_is_gone() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let mut nats = weir_tests::NatsBroker::start()?;
+    nats.create_topic("events", 1)?;
+    // The counter's output stream takes one message, then refuses.
+    nats.nats
+        .add_limited_stream("COUNTS", &["counts"], Some(1))?;
+    let deployment = nats.deployment()?;
+    let port = free_port()?;
+    deployment.admin_port(port)?;
+    deployment.add_handler(
+        "counter",
+        "counter",
+        "topics = [\"events\"]\n\n[config]\noutput_topic = \"counts\"\n",
+    )?;
+    let mut weir = deployment.start("ready")?;
+    let log = weir.log.clone();
+    ready_until(port, "ready at first", &log, |code, _| code == 200)?;
+
+    let records: Vec<Record> = (0..3)
+        .map(|i| record("k", &format!("ev-{i}"), None))
+        .collect();
+    nats.produce("events", &records)?;
+    let blocked = ready_until(
+        port,
+        "not ready: the outbox is blocked on counts",
+        &log,
+        |code, body| code == 503 && names(body, "outbox", "counts"),
+    )?;
+    ensure!(blocked["ready"] == false, "{blocked}");
+    // Room in the stream: the relay publishes the rest and ready returns.
+    nats.nats.delete_stream("COUNTS")?;
+    ready_until(port, "ready once counts takes messages", &log, |code, _| {
+        code == 200
+    })?;
+    poll_until(
+        WAIT,
+        "the emitted events after the stream was replaced",
+        || Ok((nats.read("counts")?.len() >= 2).then_some(())),
+        || format!("log: {}", log.display()),
+    )?;
+
+    // The server goes away: the consumer is not joined; back: ready.
+    nats.server.stop()?;
+    ready_until(
+        port,
+        "not ready: the consumer lost its server",
+        &log,
+        |code, body| code == 503 && names(body, "consumer", ""),
+    )?;
+    nats.server.restart()?;
+    ready_until(port, "ready once the server is back", &log, |code, _| {
+        code == 200
+    })?;
     stop(&mut weir)?;
     Ok(())
 }

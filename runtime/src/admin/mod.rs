@@ -5,8 +5,8 @@
 //! | `GET /` | a status page (`status.html`, self-contained): each handler's rate, lag, in flight, retries, dead letters and version, refreshed every 2 s |
 //! | `GET /metrics` | every metric (see `metrics.rs`), Prometheus text format |
 //! | `GET /health/live` | 200 while the process serves requests |
-//! | `GET /health/ready` | 200 when every handler file loaded and every worker runs and the store's writer is alive, else 503; JSON saying what is not ready and why |
-//! | `GET /handlers` | JSON: each handler's name, version, contract, group, topics, in flight and counters |
+//! | `GET /health/ready` | 200 when every handler file loaded, every worker runs, every consumer joined (Kafka: its group is up; JetStream: its durable answers), the store's writer is alive and the outbox relay is not blocked (no topic failing for 5 s), else 503; JSON saying what is not ready and why |
+//! | `GET /handlers` | JSON: each handler's name, version, contract, group, topics, whether its consumer joined, its partitions (lag, committed position age), in flight, instances, counters and last error |
 //! | `GET /handlers/{name}/state?prefix=&limit=` | JSON: the handler's committed state entries (key order), and the outbox length; `?key=K` for one key |
 //!
 //! It listens on `[admin] listen` (default `127.0.0.1:9464`). Invariants:
@@ -89,8 +89,14 @@ pub async fn serve(
 }
 
 async fn metrics_route(State(admin): State<Admin>) -> Response {
-    if let Ok(rows) = admin.store.outbox_len() {
-        admin.metrics.outbox_rows(rows);
+    if let (Ok(rows), Ok(oldest)) = (admin.store.outbox_len(), admin.store.outbox_oldest_ms()) {
+        let age = oldest.map_or(std::time::Duration::ZERO, |committed| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            now.saturating_sub(std::time::Duration::from_millis(committed))
+        });
+        admin.metrics.outbox(rows, age);
     }
     (
         [(
@@ -113,6 +119,10 @@ async fn live() -> Response {
     (StatusCode::OK, axum::Json(json!({"live": true}))).into_response()
 }
 
+/// How long publishing to a topic may keep failing before the outbox relay
+/// counts as blocked (shorter failures are retried without a word here).
+const RELAY_BLOCKED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What keeps the process from being ready, one reason per line.
 fn not_ready(admin: &Admin) -> Vec<Value> {
     let mut problems = Vec::new();
@@ -129,8 +139,19 @@ fn not_ready(admin: &Admin) -> Vec<Value> {
     for (file, error) in admin.status.rejected() {
         problems.push(json!({"check": "load", "file": file, "reason": error}));
     }
+    for view in &handlers {
+        if let Some(why) = view.progress.joining() {
+            problems.push(json!({"check": "consumer", "handler": view.name, "reason": why}));
+        }
+    }
     if !admin.store.writer_alive() {
         problems.push(json!({"check": "store", "reason": "the database writer has stopped"}));
+    }
+    if let Some(relay) = admin.status.relay() {
+        for (topic, failing, error) in relay.blocked(RELAY_BLOCKED_AFTER) {
+            problems.push(json!({"check": "outbox", "topic": topic,
+                "reason": format!("publishing emitted events to {topic:?} has failed for {} s: {error}", failing.as_secs())}));
+        }
     }
     problems
 }
@@ -150,19 +171,22 @@ async fn ready(State(admin): State<Admin>) -> Response {
 }
 
 async fn handlers(State(admin): State<Admin>) -> Response {
-    let lags = admin.metrics.lags();
     let list: Vec<Value> = admin
         .status
         .handlers()
         .iter()
         .map(|view| {
+            let partitions = view.progress.snapshot();
             // The group's lag over its partitions, where any is known.
-            let known: Vec<i64> = lags
-                .iter()
-                .filter(|(group, ..)| *group == view.group)
-                .map(|(.., lag)| *lag)
-                .collect();
+            let known: Vec<i64> = partitions.iter().filter_map(|p| p.lag).collect();
             let lag = (!known.is_empty()).then(|| known.iter().sum::<i64>());
+            let partitions: Vec<Value> = partitions
+                .iter()
+                .map(|p| {
+                    json!({"topic": p.topic, "partition": p.partition, "lag": p.lag,
+                        "position_age_seconds": p.position_age.as_secs_f64()})
+                })
+                .collect();
             let stats = &view.stats;
             let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
             json!({
@@ -172,8 +196,14 @@ async fn handlers(State(admin): State<Admin>) -> Response {
                 "group": view.group,
                 "topics": view.topics,
                 "running": view.alive.load(Ordering::SeqCst),
+                "joined": view.progress.joining().is_none(),
+                "partitions": partitions,
                 "in_flight": load(&stats.in_flight),
                 "lag": lag,
+                "instances_busy": load(&stats.instances_busy),
+                "instances_idle": load(&stats.instances_idle),
+                "last_error": stats.last_error(),
+                "breaker": stats.breaker_state(),
                 "handled": load(&stats.handled),
                 "duplicates": load(&stats.duplicates),
                 "dead_lettered": load(&stats.dead_lettered),

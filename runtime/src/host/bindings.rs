@@ -268,6 +268,7 @@ mod tests {
             timestamp_ms: Some(7),
             position,
             attempt: 2,
+            correlation_id: None,
         }
     }
 

@@ -34,7 +34,7 @@ pub struct StoreState {
     /// The version (content hash), for tagging log records.
     pub(super) version: Arc<str>,
     /// Where the event being handled came from, for tagging log records.
-    pub(super) current: Option<Origin>,
+    pub(super) current: Option<Arc<Origin>>,
     /// Where state is read from.
     store: Option<StateStore>,
     /// The effects of the call in progress.
@@ -351,7 +351,7 @@ impl Failure {
 fn log_trap(
     handler: &str,
     version: &str,
-    at: Option<&Origin>,
+    at: Option<&Arc<Origin>>,
     failure: &Failure,
     err: &wasmtime::Error,
 ) {

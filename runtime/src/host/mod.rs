@@ -19,26 +19,36 @@
 //! emits, logs) are synchronous and short: they read the embedded store or
 //! buffer in memory.
 
-/// Emits a tracing event at a constant `$level`, tagged with where the
-/// event being handled sits (`$at`: an `Option<&Origin>`): `topic`,
-/// `partition` and `offset` for a Kafka record; `topic`, `$stream` (the
-/// field name for the stream: `stream`, or another where a record already
-/// has a `stream` field) and `sequence` for a JetStream message; and
-/// outside a call `topic = ""`, `partition = -1`, `offset = -1`. The rest
-/// of the arguments are the event's own fields and message.
+/// Emits a tracing event at a constant `$level`, tagged with the event
+/// being handled (`$at`: an `Option<&Origin>`): `topic`, `partition` and
+/// `offset` for a Kafka record; `topic`, `$stream` (the field name for the
+/// stream: `stream`, or another where a record already has a `stream`
+/// field) and `sequence` for a JetStream message; and `event_id`, plus
+/// `correlation_id` and `traceparent` when the event has them. Outside a
+/// call: `topic = ""`, `partition = -1`, `offset = -1`. The rest of the
+/// arguments are the event's own fields and message.
 macro_rules! tagged_event {
     (target: $target:expr, $level:expr, $at:expr, $stream:ident, $($rest:tt)+) => {
         match $at {
-            Some($crate::host::event::Origin {
-                topic,
-                position: $crate::message::Position::Kafka { partition, offset },
-            }) => tracing::event!(target: $target, $level,
-                topic = topic.as_str(), partition = *partition, offset = *offset, $($rest)+),
-            Some($crate::host::event::Origin {
-                topic,
-                position: $crate::message::Position::JetStream { stream, sequence, .. },
-            }) => tracing::event!(target: $target, $level,
-                topic = topic.as_str(), $stream = stream.as_str(), sequence = *sequence, $($rest)+),
+            Some(origin) => {
+                let $crate::host::event::Origin {
+                    topic, position, event_id, correlation_id, traceparent,
+                } = &**origin;
+                match position {
+                    $crate::message::Position::Kafka { partition, offset } => {
+                        tracing::event!(target: $target, $level,
+                            topic = topic.as_str(), partition = *partition, offset = *offset,
+                            event_id = event_id.as_str(), correlation_id = correlation_id.as_deref(),
+                            traceparent = traceparent.as_deref(), $($rest)+)
+                    }
+                    $crate::message::Position::JetStream { stream, sequence, .. } => {
+                        tracing::event!(target: $target, $level,
+                            topic = topic.as_str(), $stream = stream.as_str(), sequence = *sequence,
+                            event_id = event_id.as_str(), correlation_id = correlation_id.as_deref(),
+                            traceparent = traceparent.as_deref(), $($rest)+)
+                    }
+                }
+            }
             None => tracing::event!(target: $target, $level,
                 topic = "", partition = -1, offset = -1, $($rest)+),
         }

@@ -33,7 +33,7 @@ struct Capture {
     logged: usize,
     /// Whether the truncation notice was given in this call.
     truncated: bool,
-    current: Option<Origin>,
+    current: Option<Arc<Origin>>,
 }
 
 impl Capture {
@@ -111,7 +111,7 @@ impl GuestOutput {
 
     /// A call for this event begins: tag lines with it and reset the
     /// per-call budget.
-    pub fn begin(&self, current: Option<Origin>) {
+    pub fn begin(&self, current: Option<Arc<Origin>>) {
         let mut capture = self.lock();
         capture.current = current;
         capture.logged = 0;

@@ -26,6 +26,36 @@ pub const CARRIED: [&str; 4] = [
 /// The header naming the event whose handling emitted an event.
 pub const CAUSATION_HEADER: &str = "causation_id";
 
+/// The correlation id of a message with these `headers` and `payload`: a
+/// `correlation_id` header, else a `ce_correlationid` header, else a JSON
+/// envelope's string `metadata.correlation_id` (the payload is parsed only
+/// when it holds that name). Headers that are not UTF-8 are skipped.
+pub fn correlation_id(headers: &[(String, Vec<u8>)], payload: &[u8]) -> Option<String> {
+    let header = |wanted: &str| {
+        headers
+            .iter()
+            .find(|(name, _)| name == wanted)
+            .and_then(|(_, value)| std::str::from_utf8(value).ok())
+            .filter(|id| !id.is_empty())
+            .map(str::to_string)
+    };
+    header("correlation_id")
+        .or_else(|| header("ce_correlationid"))
+        .or_else(|| {
+            const NAME: &[u8] = b"\"correlation_id\"";
+            if payload.first() != Some(&b'{') || !payload.windows(NAME.len()).any(|w| w == NAME) {
+                return None;
+            }
+            let envelope = serde_json::from_slice::<serde_json::Value>(payload).ok()?;
+            Some(
+                envelope
+                    .pointer("/metadata/correlation_id")?
+                    .as_str()?
+                    .to_string(),
+            )
+        })
+}
+
 /// The context of `event` to carry on (see the module documentation).
 pub fn context(event: &Event) -> Vec<(String, Vec<u8>)> {
     let mut context: Vec<(String, Vec<u8>)> = event
@@ -37,14 +67,8 @@ pub fn context(event: &Event) -> Vec<(String, Vec<u8>)> {
     let has_correlation = context
         .iter()
         .any(|(name, _)| name == "correlation_id" || name == "ce_correlationid");
-    if !has_correlation && event.payload.first() == Some(&b'{') {
-        let envelope = serde_json::from_slice::<serde_json::Value>(&event.payload).ok();
-        if let Some(id) = envelope
-            .as_ref()
-            .and_then(|v| v.pointer("/metadata/correlation_id")?.as_str())
-        {
-            context.push(("correlation_id".to_string(), id.as_bytes().to_vec()));
-        }
+    if let (false, Some(id)) = (has_correlation, &event.correlation_id) {
+        context.push(("correlation_id".to_string(), id.as_bytes().to_vec()));
     }
     context
 }
@@ -76,15 +100,17 @@ mod tests {
     use crate::message::Position;
 
     fn event(headers: &[(&str, &str)], payload: &str) -> Event {
+        let headers: Vec<(String, Vec<u8>)> = headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect();
         Event {
+            correlation_id: correlation_id(&headers, payload.as_bytes()),
             id: "ev-1".into(),
             topic: "orders".into(),
             key: None,
             payload: payload.as_bytes().to_vec(),
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-                .collect(),
+            headers,
             position: Position::Kafka {
                 partition: 0,
                 offset: 1,
@@ -144,5 +170,21 @@ mod tests {
             vec![("correlation_id".to_string(), b"c-9".to_vec())]
         );
         assert!(context(&event(&[], "not json")).is_empty());
+        assert!(context(&event(&[], r#"{"metadata":{"correlation_id":7}}"#)).is_empty());
+    }
+
+    #[test]
+    fn the_correlation_id_comes_from_a_header_before_the_envelope() {
+        let both = event(
+            &[("ce_correlationid", "ce-1")],
+            r#"{"metadata":{"correlation_id":"env"}}"#,
+        );
+        assert_eq!(both.correlation_id.as_deref(), Some("ce-1"));
+        let preferred = event(
+            &[("ce_correlationid", "ce-1"), ("correlation_id", "c-1")],
+            "",
+        );
+        assert_eq!(preferred.correlation_id.as_deref(), Some("c-1"));
+        assert_eq!(event(&[("correlation_id", "")], "{}").correlation_id, None);
     }
 }

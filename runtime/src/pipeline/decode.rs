@@ -77,6 +77,7 @@ pub fn key(message: &Message, sources: &[KeySource]) -> Option<Vec<u8>> {
 /// Builds the event for delivery attempt `attempt`, moving the message's
 /// bytes (no copy).
 pub fn to_event(message: Message, id: String, attempt: u32) -> Event {
+    let correlation_id = super::correlation::correlation_id(&message.headers, &message.payload);
     Event {
         id,
         topic: message.topic,
@@ -86,6 +87,7 @@ pub fn to_event(message: Message, id: String, attempt: u32) -> Event {
         position: message.position,
         timestamp_ms: message.timestamp_ms,
         attempt,
+        correlation_id,
     }
 }
 

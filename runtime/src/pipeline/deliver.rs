@@ -49,6 +49,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::breaker::{CallResult, Permit};
 use super::worker::Shared;
 use super::{HandlerFactory, correlation, decode, dlq, outbox};
 use crate::host::{Event, Failure, FailureKind, Outcome};
@@ -213,7 +214,33 @@ async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
             };
             return Some(dead_letter(shared, &event, &failure, delivery, group).await);
         }
-        let failure = match shared.invoker.call(event.clone(), &shared.stats).await {
+        // "Waiting is not an attempt" (`breaker.rs`): the call starts only
+        // once the breaker lets it.
+        let permit = match &shared.breaker {
+            Some(breaker) => match breaker.admit(&mut shared.shutdown.clone()).await {
+                Some(permit) => permit,
+                None => return Some(Settled::Released),
+            },
+            None => Permit::unguarded(),
+        };
+        let outcome = shared.invoker.call(event.clone(), &shared.stats).await;
+        let counts = permit.report(match &outcome {
+            Outcome::Handled(_) => CallResult::Success,
+            Outcome::Failed(failure) if failure.kind == FailureKind::Permanent => {
+                CallResult::Neutral
+            }
+            Outcome::Failed(_) => CallResult::Failure,
+        });
+        if !counts {
+            // A failed probe: the breaker is open again, and the attempt is
+            // not this message's ("A failed probe is not held against its
+            // message" in `breaker.rs`). It waits for the next probe.
+            if let Outcome::Failed(failure) = &outcome {
+                shared.stats.failed(&event, failure);
+            }
+            continue;
+        }
+        let failure = match outcome {
             // An outcome that read or wrote no state depends on no other
             // and no other depends on it: it may wait for the run's end
             // and be committed with the rest (see "Runs" above).
@@ -275,7 +302,7 @@ async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
                 None => return Some(Settled::Released),
             },
             Outcome::Failed(failure) => {
-                shared.stats.failed(&event.topic);
+                shared.stats.failed(&event, &failure);
                 failure
             }
         };
@@ -307,8 +334,8 @@ async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
             return Some(Settled::Released);
         }
         tracing::warn!(handler = name, version = %shared.invoker.version(), topic = %event.topic,
-            position = %event.position, event_id = %event.id, attempt = event.attempt,
-            kind = failure.kind.as_str(), category = failure.category.as_deref().unwrap_or("none"),
+            position = %event.position, event_id = %event.id, correlation_id = event.correlation_id.as_deref(),
+            attempt = event.attempt, kind = failure.kind.as_str(), category = failure.category.as_deref().unwrap_or("none"),
             error = %failure.message, retry_in_ms = delay.as_millis() as u64,
             "attempt failed; will retry");
         if !pause(shared.shutdown.clone(), delay).await || !shared.source.owns(delivery) {
@@ -461,12 +488,15 @@ async fn dead_letter<S: Source, F: HandlerFactory, D: Publisher>(
             )
             .await
         {
-            Ok(()) => {
-                shared
-                    .stats
-                    .dead_lettered(&event.topic, dlq::error_type(failure), &topic);
+            Ok(receipt) => {
+                shared.stats.dead_lettered(
+                    &event.topic,
+                    dlq::error_type(failure),
+                    &topic,
+                    receipt.partition,
+                );
                 tracing::warn!(event = "message_dlq", handler = name, topic = %event.topic, position = %event.position,
-                    event_id = %event.id, attempts = event.attempt,
+                    event_id = %event.id, correlation_id = event.correlation_id.as_deref(), attempts = event.attempt,
                     kind = failure.kind.as_str(), category = failure.category.as_deref().unwrap_or("none"),
                     error = %failure.message, dlq = %topic, "dead-lettered");
                 // Marks the event done (dedup mark, attempts cleared). A

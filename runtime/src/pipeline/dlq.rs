@@ -85,6 +85,7 @@ mod tests {
             },
             timestamp_ms: None,
             attempt: 3,
+            correlation_id: None,
         };
         let failure = Failure {
             kind: FailureKind::Permanent,

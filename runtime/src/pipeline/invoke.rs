@@ -25,6 +25,8 @@ use crate::host::{Event, Failure, FailureKind, Outcome};
 struct Served<F: HandlerFactory> {
     factory: Arc<F>,
     idle: Vec<F::Instance>,
+    /// Instances running a call now, of any version.
+    busy: usize,
     /// Bumped on every swap, so instances of older versions are not pooled.
     generation: u64,
 }
@@ -80,6 +82,7 @@ impl<F: HandlerFactory> Invoker<F> {
             served: Arc::new(Mutex::new(Served {
                 factory: Arc::new(factory),
                 idle: Vec::new(),
+                busy: 0,
                 generation: 0,
             })),
             permits: Arc::new(Semaphore::new(concurrency)),
@@ -137,10 +140,16 @@ impl<F: HandlerFactory> Invoker<F> {
                     }
                 },
             };
+            {
+                let mut served = lock(&self.served);
+                served.busy += 1;
+                stats.instances(served.busy, served.idle.len());
+            }
             let outcome = instance.handle(&event).await;
             let poisoned = matches!(&outcome, Outcome::Failed(f) if f.poisoned);
             {
                 let mut served = lock(&self.served);
+                served.busy = served.busy.saturating_sub(1);
                 // An instance of a replaced version finishes its call and
                 // is dropped; the next call uses the new version.
                 if !poisoned
@@ -149,6 +158,7 @@ impl<F: HandlerFactory> Invoker<F> {
                 {
                     served.idle.push(instance);
                 }
+                stats.instances(served.busy, served.idle.len());
             }
             self.record(stats, &event.topic, started);
             return outcome;

@@ -30,6 +30,7 @@
 //! > for good; while the store merely fails, its lane holds it and retries
 //! > the write, so later messages of its key never run ahead of it.
 
+pub mod breaker;
 pub mod correlation;
 pub mod decode;
 mod deliver;
@@ -108,6 +109,14 @@ pub struct HandlerStats {
     pub calls: AtomicU64,
     /// Messages held now (running, waiting for a retry, queued).
     pub in_flight: AtomicU64,
+    /// Instances running a call now.
+    pub instances_busy: AtomicU64,
+    /// Instances kept idle for the next calls.
+    pub instances_idle: AtomicU64,
+    /// See [`HandlerStats::breaker_state`].
+    breaker: std::sync::Mutex<Option<&'static str>>,
+    /// The last failed attempt (see [`HandlerStats::last_error`]).
+    last_error: std::sync::Mutex<Option<serde_json::Value>>,
     /// Where the same events go as metrics.
     recorder: Option<HandlerMetrics>,
 }
@@ -143,16 +152,38 @@ impl HandlerStats {
         self.consumed(topic, "retried");
     }
 
-    pub(crate) fn failed(&self, topic: &str) {
-        self.consumed(topic, "failed");
+    pub(crate) fn failed(&self, event: &Event, failure: &Failure) {
+        self.consumed(&event.topic, "failed");
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let last = serde_json::json!({
+            "error": failure.message,
+            "kind": failure.kind.as_str(),
+            "category": failure.category,
+            "event_id": event.id,
+            "topic": event.topic,
+            "attempt": event.attempt,
+            "at_ms": at_ms,
+        });
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(last);
     }
 
-    pub(crate) fn dead_lettered(&self, topic: &str, error_type: &str, dlq: &str) {
+    /// The last failed attempt, if any: `{"error", "kind", "category",
+    /// "event_id", "topic", "attempt", "at_ms"}`.
+    pub fn last_error(&self) -> Option<serde_json::Value> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn dead_lettered(&self, topic: &str, error_type: &str, dlq: &str, partition: i32) {
         self.dead_lettered.fetch_add(1, AtomicOrdering::Relaxed);
         self.consumed(topic, "dead_lettered");
         if let Some(recorder) = &self.recorder {
             recorder.dead_letter(topic, error_type);
-            recorder.produced(dlq);
+            recorder.produced(dlq, partition);
         }
     }
 
@@ -176,6 +207,29 @@ impl HandlerStats {
         self.in_flight.store(held as u64, AtomicOrdering::Relaxed);
         if let Some(recorder) = &self.recorder {
             recorder.in_flight(held);
+        }
+    }
+
+    /// The state of the handler's circuit breaker (`closed`, `open`,
+    /// `half_open`); `None` without one.
+    pub fn breaker_state(&self) -> Option<&'static str> {
+        *self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn breaker(&self, state: &'static str) {
+        *self.breaker.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+        if let Some(recorder) = &self.recorder {
+            recorder.breaker(state);
+        }
+    }
+
+    pub(crate) fn instances(&self, busy: usize, idle: usize) {
+        self.instances_busy
+            .store(busy as u64, AtomicOrdering::Relaxed);
+        self.instances_idle
+            .store(idle as u64, AtomicOrdering::Relaxed);
+        if let Some(recorder) = &self.recorder {
+            recorder.instances(busy, idle);
         }
     }
 

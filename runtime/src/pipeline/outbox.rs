@@ -68,11 +68,11 @@
 //!   deadline), deletes what was acknowledged and reports what is left for
 //!   the next start.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::{Pin, pin};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -82,7 +82,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::fault;
-use crate::source::Publisher;
+use crate::source::{Publisher, Receipt};
 use crate::store::{Applied, OutboxRecord, Store, StoreError, Write};
 
 /// The header carrying an emitted event's deterministic id.
@@ -151,11 +151,41 @@ pub struct RelayStats {
     pub failures: AtomicU64,
     /// Where acknowledged records are also counted, by topic.
     pub metrics: Option<crate::metrics::Metrics>,
+    /// Topics whose publishes fail: since when (the first failure after a
+    /// success), and the last error. A topic leaves at its next success.
+    failing: Mutex<BTreeMap<String, (Instant, String)>>,
+}
+
+impl RelayStats {
+    /// Counters that also record `metrics`.
+    pub fn recording(metrics: crate::metrics::Metrics) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..Self::default()
+        }
+    }
+
+    fn failing(&self) -> MutexGuard<'_, BTreeMap<String, (Instant, String)>> {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Topics whose publishes have failed for at least `longer_than`, with
+    /// how long and the last error: the relay is blocked on them.
+    pub fn blocked(&self, longer_than: Duration) -> Vec<(String, Duration, String)> {
+        let now = Instant::now();
+        self.failing()
+            .iter()
+            .filter_map(|(topic, (since, error))| {
+                let failing = now.saturating_duration_since(*since);
+                (failing >= longer_than).then(|| (topic.clone(), failing, error.clone()))
+            })
+            .collect()
+    }
 }
 
 /// The broker's answer for one row: its sequence number, its record, and
 /// whether the broker acknowledged it.
-type Answer = (u64, Arc<OutboxRecord>, anyhow::Result<()>);
+type Answer = (u64, Arc<OutboxRecord>, anyhow::Result<Receipt>);
 /// A publish in flight.
 type Sending = Pin<Box<dyn Future<Output = Answer> + Send>>;
 /// A delete in flight, with the rows it deletes.
@@ -220,6 +250,9 @@ struct Lane {
     /// A publish failed during the last pass: the rest wait for the next
     /// start.
     given_up: bool,
+    /// Its last answer was a failure (the topic is in
+    /// [`RelayStats::blocked`]'s list).
+    failing: bool,
 }
 
 struct Row {
@@ -339,12 +372,18 @@ impl Books {
     fn settle(&mut self, lane: &mut Lane, (seq, record, result): Answer) {
         let now = Instant::now();
         match result {
-            Ok(()) => {
+            Ok(receipt) => {
                 self.stats.published.fetch_add(1, Ordering::Relaxed);
                 if let Some(metrics) = &self.stats.metrics {
-                    metrics.produced(&record.topic);
+                    metrics.produced(&record.topic, receipt.partition);
                 }
-                tracing::debug!(event = "message_produced", topic = %record.topic, seq, "message_produced");
+                if lane.failing {
+                    lane.failing = false;
+                    self.stats.failing().remove(&record.topic);
+                }
+                tracing::debug!(event = "message_produced", topic = %record.topic, seq,
+                    causation_id = text_header(&record.headers, super::correlation::CAUSATION_HEADER),
+                    correlation_id = text_header(&record.headers, "correlation_id"), "message_produced");
                 let (left, _) = lane.answer(seq, true, now, self.finishing);
                 self.held = self.held.saturating_sub(left);
                 // "Delete after acknowledgement": only acknowledged rows
@@ -353,6 +392,12 @@ impl Books {
             }
             Err(err) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                lane.failing = true;
+                self.stats
+                    .failing()
+                    .entry(record.topic.clone())
+                    .or_insert_with(|| (now, String::new()))
+                    .1 = format!("{err:#}");
                 let gave_up_before = lane.given_up;
                 let (left, backoff) = lane.answer(seq, false, now, self.finishing);
                 self.held = self.held.saturating_sub(left);
@@ -672,6 +717,14 @@ impl<P: Publisher> Relay<P> {
         let read = self.read_retry_at.filter(|_| self.behind);
         lanes.chain(delete).chain(read).min()
     }
+}
+
+/// The UTF-8 value of header `name`, for log records.
+fn text_header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .and_then(|(_, value)| std::str::from_utf8(value).ok())
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Backoff for failed attempts: exponential, capped, with jitter.
+//! Backoff for failed attempts: exponential, capped, with jitter; or an
+//! explicit schedule of delays, taken as written.
 
 use std::time::Duration;
 
@@ -27,6 +28,13 @@ impl RetryPolicy {
         if let Some(delay) = requested {
             return Next::RetryIn(delay.min(self.max_delay));
         }
+        if !self.delays.is_empty() {
+            // `max_attempts` is one more than there are delays, so the
+            // index is in range; past it, the longest delay.
+            let index = usize::try_from(attempt.saturating_sub(1)).unwrap_or(usize::MAX);
+            let delay = self.delays.get(index).copied().unwrap_or(self.max_delay);
+            return Next::RetryIn(delay);
+        }
         let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
         let base = self.initial_delay.as_secs_f64() * self.multiplier.powi(exponent);
         let spread = 1.0 + self.jitter * (2.0 * unit - 1.0);
@@ -46,6 +54,7 @@ mod tests {
             multiplier: 2.0,
             max_delay: Duration::from_secs(5),
             jitter,
+            delays: Vec::new(),
         }
     }
 
@@ -90,6 +99,24 @@ mod tests {
         let wanted = Duration::from_millis(1234);
         assert_eq!(p.next(1, Some(wanted), 0.3), Next::RetryIn(wanted));
         assert_eq!(p.next(5, Some(wanted), 0.3), Next::GiveUp);
+    }
+
+    #[test]
+    fn an_explicit_schedule_is_followed_then_gives_up() {
+        let p = RetryPolicy {
+            max_attempts: 4,
+            max_delay: Duration::from_secs(30),
+            delays: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ],
+            ..policy(0.2)
+        };
+        assert_eq!(p.next(1, None, 0.9), Next::RetryIn(Duration::from_secs(1)));
+        assert_eq!(p.next(2, None, 0.1), Next::RetryIn(Duration::from_secs(5)));
+        assert_eq!(p.next(3, None, 0.5), Next::RetryIn(Duration::from_secs(30)));
+        assert_eq!(p.next(4, None, 0.5), Next::GiveUp);
     }
 
     #[test]

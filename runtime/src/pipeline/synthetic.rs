@@ -9,7 +9,7 @@ use tokio::sync::{Notify, oneshot};
 use super::{HandlerCall, HandlerFactory};
 use crate::host::{Event, Failure, Outcome};
 use crate::message::{Message, Position};
-use crate::source::{Publisher, Settled, Source};
+use crate::source::{Publisher, Receipt, Settled, Source};
 
 type Partition = (String, i32);
 
@@ -320,7 +320,12 @@ impl Publisher for MemoryPublisher {
         payload: &[u8],
         headers: &[(String, Vec<u8>)],
         _id: Option<&str>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Receipt> {
+        // One partition; where in it does not matter to the tests.
+        let receipt = Receipt {
+            partition: 0,
+            offset: 0,
+        };
         if self
             .panic_once
             .swap(false, std::sync::atomic::Ordering::SeqCst)
@@ -343,12 +348,13 @@ impl Publisher for MemoryPublisher {
                     switch.parked.push_back((record, reply));
                     answer
                 }
-                switch => return self.deliver(switch, record),
+                switch => return self.deliver(switch, record).map(|()| receipt),
             }
         };
         answer
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("publisher dropped (simulated)")))
+            .map(|()| receipt)
     }
 }
 

@@ -5,7 +5,8 @@
 //!
 //! - **Bounded.** At most `max_in_flight` messages are held (running, waiting
 //!   for a retry, queued behind their key). At the bound the worker stops
-//!   calling `recv`; nothing is dropped or paused.
+//!   calling `recv`; nothing is dropped or paused. It also stops while the
+//!   handler's circuit breaker is open (`breaker.rs`).
 //! - **A lane moves on only when its run is settled.** The messages at the
 //!   front of a lane form the run its task drives, one after another, in
 //!   order (see "Runs" in `deliver.rs`); the next run starts when every
@@ -30,6 +31,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::task::{Id, JoinSet};
 
+use super::breaker::{Breaker, BreakerState};
 use super::deliver::{MAX_RUN, deliver_run, event_of, pause};
 use super::invoke::{HandlerSwap, Invoker};
 use super::{HandlerFactory, HandlerStats, decode};
@@ -48,6 +50,8 @@ pub(super) struct Shared<S: Source, F: HandlerFactory, D: Publisher> {
     pub(super) store: Store,
     pub(super) dead_letters: D,
     pub(super) stats: Arc<HandlerStats>,
+    /// The handler's circuit breaker, if its manifest asks for one.
+    pub(super) breaker: Option<Breaker>,
     /// Turns true when the worker stops (shutdown, or a fatal error).
     pub(super) shutdown: watch::Receiver<bool>,
     fatal: Mutex<Option<String>>,
@@ -126,9 +130,13 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let (stop, stopped) = watch::channel(false);
+        let breaker = manifest
+            .breaker
+            .map(|settings| Breaker::new(&name, settings, Some(stats.clone())));
         Self {
             shared: Arc::new(Shared {
                 invoker: Invoker::new(name.clone(), factory, concurrency),
+                breaker,
                 name,
                 manifest,
                 source,
@@ -169,12 +177,24 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
         let mut held = 0usize;
         let mut seq = 0u64;
         let mut tasks: JoinSet<Vec<Settled>> = JoinSet::new();
+        // While the breaker is open nothing is received (see
+        // `breaker.rs`).
+        let mut breaker = shared.breaker.as_ref().map(Breaker::watch);
 
         loop {
+            let paused = breaker
+                .as_ref()
+                .is_some_and(|state| *state.borrow() == BreakerState::Open);
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop) => break,
                 _ = shared.fatal_raised.notified() => break,
+                Some(()) = async {
+                    match breaker.as_mut() {
+                        Some(state) => state.changed().await.ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {}
                 Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     let (id, settled) = match joined {
                         Ok((id, settled)) => (id, Some(settled)),
@@ -219,7 +239,7 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
                         running.insert(handle.id(), lane);
                     }
                 }
-                received = shared.source.recv(), if held < max_in_flight => {
+                received = shared.source.recv(), if held < max_in_flight && !paused => {
                     let (mut message, delivery) = match received {
                         Ok(received) => received,
                         Err(err) => {
@@ -329,13 +349,13 @@ fn log_message<S: Source, F: HandlerFactory, D: Publisher>(
         Position::Kafka { partition, offset } => {
             tracing::debug!(event = name, topic = %event.topic,
             partition, offset, consumer_group = %group, handler = %shared.name, event_id = %event.id,
-            latency_ms, "{name}")
+            correlation_id = event.correlation_id.as_deref(), latency_ms, "{name}")
         }
         Position::JetStream {
             stream, sequence, ..
         } => tracing::debug!(event = name, topic = %event.topic,
             stream = %stream, sequence, consumer_group = %group, handler = %shared.name, event_id = %event.id,
-            latency_ms, "{name}"),
+            correlation_id = event.correlation_id.as_deref(), latency_ms, "{name}"),
     }
 }
 

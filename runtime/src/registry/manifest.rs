@@ -27,6 +27,8 @@
 //! multiplier = 2.0
 //! max_delay = "60s"
 //! jitter = 0.2
+//! # or an explicit schedule, then the dead letter (replaces the four above):
+//! # delays = ["1s", "5s", "30s"]
 //!
 //! [limits]
 //! memory = "64MiB"
@@ -34,6 +36,11 @@
 //!
 //! [dlq]
 //! suffix = ".dlq"
+//!
+//! [breaker]                    # optional: pause calls while a dependency is down
+//! failure_threshold = 10       # failed attempts in a row (permanent errors aside) that open it
+//! reset_timeout = "60s"        # then one probe call
+//! half_open_attempts = 1
 //!
 //! [config]
 //! greeting = "hello"
@@ -84,6 +91,9 @@ pub struct Manifest {
     /// Dead-letter settings.
     #[serde(default)]
     pub dlq: DlqSettings,
+    /// A circuit breaker, when the table is there (see
+    /// `pipeline/breaker.rs`).
+    pub breaker: Option<BreakerSettings>,
     /// Values the handler can read (through the `config` import).
     #[serde(default)]
     pub config: BTreeMap<String, String>,
@@ -283,23 +293,27 @@ impl StartFrom {
     }
 }
 
-/// `[retry]`: exponential backoff with jitter.
+/// `[retry]`: exponential backoff with jitter, or an explicit schedule
+/// (`delays`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(try_from = "RetryToml")]
 pub struct RetryPolicy {
     /// Total attempts including the first; after the last the event is
-    /// dead-lettered.
+    /// dead-lettered. With `delays`: one more than there are delays.
     pub max_attempts: u32,
     /// Delay before the second attempt.
-    #[serde(with = "duration")]
     pub initial_delay: Duration,
     /// Each further delay is the previous one times this.
     pub multiplier: f64,
     /// Upper bound for any delay.
-    #[serde(with = "duration")]
     pub max_delay: Duration,
     /// Random spread, as a fraction of the delay (0.2 = ±20 %).
     pub jitter: f64,
+    /// An explicit schedule: the delay after the first failed attempt,
+    /// after the second, and so on; after the last, the event is
+    /// dead-lettered. Empty: exponential backoff. Taken as written (no
+    /// jitter).
+    pub delays: Vec<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -310,7 +324,77 @@ impl Default for RetryPolicy {
             multiplier: 2.0,
             max_delay: Duration::from_secs(60),
             jitter: 0.2,
+            delays: Vec::new(),
         }
+    }
+}
+
+/// `[retry]` as written: every key optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryToml {
+    max_attempts: Option<u32>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    initial_delay: Option<Duration>,
+    multiplier: Option<f64>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    max_delay: Option<Duration>,
+    jitter: Option<f64>,
+    delays: Option<Vec<String>>,
+}
+
+impl TryFrom<RetryToml> for RetryPolicy {
+    type Error = String;
+
+    fn try_from(raw: RetryToml) -> Result<Self, String> {
+        let defaults = Self::default();
+        let delays = raw
+            .delays
+            .unwrap_or_default()
+            .iter()
+            .map(|text| {
+                humantime::parse_duration(text).map_err(|err| {
+                    format!("retry.delays: invalid duration {text:?} ({err}); write it like \"250ms\", \"5s\" or \"2m\"")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let max_attempts = if delays.is_empty() {
+            raw.max_attempts.unwrap_or(defaults.max_attempts)
+        } else {
+            let implied = u32::try_from(delays.len() + 1).unwrap_or(u32::MAX);
+            match raw.max_attempts {
+                Some(given) if given != implied => {
+                    return Err(format!(
+                        "retry.max_attempts: {given} disagrees with retry.delays, whose {} delays mean {implied} attempts; drop max_attempts",
+                        delays.len()
+                    ));
+                }
+                _ => implied,
+            }
+        };
+        if !delays.is_empty()
+            && (raw.initial_delay.is_some() || raw.multiplier.is_some() || raw.max_delay.is_some())
+        {
+            return Err(
+                "retry.delays: an explicit schedule replaces initial_delay, multiplier and max_delay; drop them".into(),
+            );
+        }
+        let max_delay = match delays.iter().max() {
+            // Caps a handler's `retry-after` like the schedule's longest.
+            Some(longest) => *longest,
+            None => raw.max_delay.unwrap_or(defaults.max_delay),
+        };
+        Ok(Self {
+            max_attempts,
+            initial_delay: raw
+                .initial_delay
+                .or(delays.first().copied())
+                .unwrap_or(defaults.initial_delay),
+            multiplier: raw.multiplier.unwrap_or(defaults.multiplier),
+            max_delay,
+            jitter: raw.jitter.unwrap_or(defaults.jitter),
+            delays,
+        })
     }
 }
 
@@ -368,6 +452,29 @@ impl ManifestLimits {
             fuel: self.fuel.or(defaults.fuel),
             table_elements: self.table_elements.unwrap_or(defaults.table_elements),
             instances: self.instances.unwrap_or(defaults.instances),
+        }
+    }
+}
+
+/// `[breaker]`: stop calling the handler while its dependency is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSettings {
+    /// Failed attempts in a row (permanent errors aside) that open it.
+    pub failure_threshold: u32,
+    /// How long it stays open before a probe runs.
+    #[serde(with = "duration")]
+    pub reset_timeout: Duration,
+    /// Calls run as probes at once when the timeout has passed.
+    pub half_open_attempts: u32,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 10,
+            reset_timeout: Duration::from_secs(60),
+            half_open_attempts: 1,
         }
     }
 }
@@ -443,6 +550,17 @@ impl Manifest {
         }
         if retry.max_delay < retry.initial_delay {
             return Err("retry.max_delay: must not be less than retry.initial_delay".into());
+        }
+        if let Some(breaker) = &self.breaker {
+            if breaker.failure_threshold == 0 {
+                return Err("breaker.failure_threshold: must be at least 1".into());
+            }
+            if breaker.half_open_attempts == 0 {
+                return Err("breaker.half_open_attempts: must be at least 1".into());
+            }
+            if breaker.reset_timeout.is_zero() {
+                return Err("breaker.reset_timeout: must be greater than zero".into());
+            }
         }
         if self.limits.memory.is_some_and(|m| m < (1 << 20)) {
             return Err("limits.memory: must be at least 1MiB".into());
@@ -641,6 +759,26 @@ mod tests {
         assert_eq!(limits.memory, 32 << 20);
         assert_eq!(limits.timeout, Duration::from_secs(5));
         assert_eq!(m.config["k"], "v");
+    }
+
+    #[test]
+    fn an_explicit_retry_schedule_sets_the_attempts() {
+        let m = parse("topics = [\"a\"]\n[retry]\ndelays = [\"1s\", \"5s\", \"30s\"]\n")
+            .expect("valid");
+        assert_eq!(m.retry.max_attempts, 4);
+        assert_eq!(m.retry.delays, [1, 5, 30].map(Duration::from_secs).to_vec());
+        assert!(
+            parse("topics = [\"a\"]\n[retry]\ndelays = [\"1s\"]\nmax_attempts = 2\n").is_ok(),
+            "an agreeing max_attempts is fine"
+        );
+        for (text, names) in [
+            ("delays = [\"1s\"]\nmax_attempts = 5", "retry.max_attempts"),
+            ("delays = [\"1s\"]\nmultiplier = 3.0", "retry.delays"),
+            ("delays = [\"soon\"]", "retry.delays"),
+        ] {
+            let err = parse(&format!("topics = [\"a\"]\n[retry]\n{text}\n")).expect_err(text);
+            assert!(err.contains(names), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 pub use manifest::{
-    BrokerKind, DedupSettings, DlqSettings, IdSource, KeySource, Limits, Manifest, ManifestLimits,
-    NatsSettings, Ordering, RetryPolicy, StartFrom,
+    BreakerSettings, BrokerKind, DedupSettings, DlqSettings, IdSource, KeySource, Limits, Manifest,
+    ManifestLimits, NatsSettings, Ordering, RetryPolicy, StartFrom,
 };
 
 use crate::config::{ConfigError, LimitsSection};

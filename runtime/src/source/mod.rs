@@ -45,8 +45,8 @@
 
 pub mod embedded;
 pub mod kafka;
-pub mod lag;
 pub mod nats;
+pub mod progress;
 
 use std::future::Future;
 
@@ -95,10 +95,20 @@ pub trait Source: Send + Sync + 'static {
     fn close(self) -> impl Future<Output = ()> + Send;
 }
 
+/// Where the broker put a published record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    /// Kafka: the partition; brokers without partitions: `0`.
+    pub partition: i32,
+    /// Kafka: the offset; JetStream: the stream sequence.
+    pub offset: i64,
+}
+
 /// Somewhere records can be published: dead letters and emitted events.
 pub trait Publisher: Send + Sync + 'static {
     /// Writes one record to `topic` (a Kafka topic, a JetStream subject)
-    /// and returns once the broker acknowledged it durably.
+    /// and returns once the broker acknowledged it durably, with where it
+    /// put it.
     ///
     /// Records are handed to the broker in the order their futures are
     /// first polled, so polling several together (as the outbox relay does)
@@ -119,5 +129,5 @@ pub trait Publisher: Send + Sync + 'static {
         payload: &[u8],
         headers: &[(String, Vec<u8>)],
         id: Option<&str>,
-    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+    ) -> impl Future<Output = anyhow::Result<Receipt>> + Send;
 }

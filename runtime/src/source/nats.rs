@@ -56,8 +56,8 @@ use futures_util::StreamExt;
 use futures_util::stream::SelectAll;
 use tokio::sync::mpsc;
 
-use super::lag::Lag;
-use super::{Message, Position, Publisher, Settled, Source};
+use super::progress::Progress;
+use super::{Message, Position, Publisher, Receipt, Settled, Source};
 use crate::registry::StartFrom;
 
 /// The header carrying a message's key (CloudEvents' `partitionkey`).
@@ -239,7 +239,7 @@ impl NatsConnection {
             spec.ack_wait,
             spec.durable.clone(),
         ));
-        let acking = tokio::spawn(send_acks(queue));
+        let acking = tokio::spawn(send_acks(queue, spec.clone()));
         let lag = tokio::spawn(watch_lag(self.clone(), spec.clone()));
         NatsConsumer {
             connection: self.clone(),
@@ -273,8 +273,8 @@ pub struct ConsumerSpec {
     pub ack_wait: Duration,
     /// Most unacknowledged messages out at once.
     pub max_ack_pending: usize,
-    /// Where the durable's lag is kept (see `source/lag.rs`).
-    pub lag: Lag,
+    /// Where the durable's progress is kept (see `source/progress.rs`).
+    pub progress: Progress,
 }
 
 impl ConsumerSpec {
@@ -292,6 +292,8 @@ impl ConsumerSpec {
 pub struct NatsDelivery {
     id: u64,
     acker: Arc<Acker>,
+    /// The index of its topic in the consumer's spec.
+    scope: u64,
 }
 
 /// A handler's JetStream consumers, read as one.
@@ -302,7 +304,7 @@ pub struct NatsConsumer {
     messages: tokio::sync::Mutex<Option<SelectAll<Tagged>>>,
     held: Arc<Mutex<HashMap<u64, Arc<Acker>>>>,
     next_delivery: AtomicU64,
-    acks: mpsc::UnboundedSender<(Arc<Acker>, AckKind)>,
+    acks: mpsc::UnboundedSender<Ack>,
     /// The keep-alive ticker and the ack sender.
     tasks: [tokio::task::JoinHandle<()>; 3],
 }
@@ -427,7 +429,7 @@ impl NatsConsumer {
                 },
                 scope,
             },
-            NatsDelivery { id, acker },
+            NatsDelivery { id, acker, scope },
         ))
     }
 }
@@ -484,7 +486,11 @@ impl Source for NatsConsumer {
             Settled::Done | Settled::DeadLettered => AckKind::Ack,
             Settled::Released => AckKind::Nak(Some(Duration::from_secs(1))),
         };
-        let _ = self.acks.send((delivery.acker.clone(), kind));
+        let _ = self.acks.send(Ack {
+            acker: delivery.acker.clone(),
+            kind,
+            scope: delivery.scope,
+        });
     }
 
     /// Stops pulling, sends the acknowledgements still queued, and flushes
@@ -504,7 +510,7 @@ impl Source for NatsConsumer {
         keepalive.abort();
         lag.abort();
         for topic in &spec.topics {
-            spec.lag.forget(topic, 0);
+            spec.progress.forget(topic, 0);
         }
         // The ack sender ends once its queue is drained.
         if tokio::time::timeout(Duration::from_secs(5), acking)
@@ -519,43 +525,106 @@ impl Source for NatsConsumer {
     }
 }
 
-/// Sends acknowledgements in the order they were settled.
-async fn send_acks(mut queue: mpsc::UnboundedReceiver<(Arc<Acker>, AckKind)>) {
-    while let Some((acker, kind)) = queue.recv().await {
-        if let Err(err) = acker.ack_with(kind).await {
-            tracing::warn!(error = %err, "cannot acknowledge a message; it will be redelivered and deduplicated");
+/// One settled message's acknowledgement, for [`send_acks`].
+struct Ack {
+    acker: Arc<Acker>,
+    kind: AckKind,
+    /// The index of its topic in the consumer's spec.
+    scope: u64,
+}
+
+/// Sends acknowledgements in the order they were settled. An `Ack` sent
+/// advances its durable's ack floor (its committed position): recorded in
+/// `spec.progress`.
+async fn send_acks(mut queue: mpsc::UnboundedReceiver<Ack>, spec: ConsumerSpec) {
+    while let Some(ack) = queue.recv().await {
+        let acked = matches!(ack.kind, AckKind::Ack);
+        match ack.acker.ack_with(ack.kind).await {
+            Ok(()) => {
+                if acked
+                    && let Some(topic) = usize::try_from(ack.scope)
+                        .ok()
+                        .and_then(|index| spec.topics.get(index))
+                {
+                    spec.progress.advanced(topic, 0);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot acknowledge a message; it will be redelivered and deduplicated")
+            }
         }
     }
 }
 
-/// How often a durable's lag is read from the server.
+/// How often a durable's info is read from the server once it answers;
+/// until then, every [`JOIN_PERIOD`].
 const LAG_PERIOD: Duration = Duration::from_secs(5);
+const JOIN_PERIOD: Duration = Duration::from_millis(500);
 
-/// Keeps `spec.lag` current: for each subject, what its durable has not
-/// yet had acknowledged (pending plus delivered and unacknowledged), read
-/// from the consumer's info every [`LAG_PERIOD`]. Ends when aborted.
+/// Keeps `spec.progress` current from each subject's durable consumer info:
+/// joined while every durable exists and the server answers for it; the
+/// lag is what the durable has not yet had acknowledged (pending plus
+/// delivered and unacknowledged). Ends when aborted.
 async fn watch_lag(connection: NatsConnection, spec: ConsumerSpec) {
-    let mut ticker = tokio::time::interval(LAG_PERIOD);
     loop {
-        ticker.tick().await;
+        let mut missing = None;
         for topic in &spec.topics {
-            let Ok(stream_name) = connection.js.stream_by_subject(topic.as_str()).await else {
-                continue;
-            };
-            let Ok(stream) = connection.js.get_stream(&stream_name).await else {
-                continue;
-            };
             let durable = spec.durable_for(topic);
-            let Ok(mut consumer) = stream.get_consumer::<pull::Config>(&durable).await else {
-                continue;
-            };
-            if let Ok(info) = consumer.info().await {
-                let behind = info.num_pending + info.num_ack_pending as u64;
-                spec.lag
-                    .set(topic, 0, i64::try_from(behind).unwrap_or(i64::MAX));
+            match durable_info(&connection, topic, &durable).await {
+                Ok(info) => {
+                    let behind = info.num_pending + info.num_ack_pending as u64;
+                    spec.progress
+                        .set_lag(topic, 0, i64::try_from(behind).unwrap_or(i64::MAX));
+                }
+                Err(why) => {
+                    missing.get_or_insert(format!(
+                        "JetStream consumer {durable:?} for {topic:?}: {why}"
+                    ));
+                }
             }
         }
+        let period = match missing {
+            None => {
+                spec.progress.joined();
+                LAG_PERIOD
+            }
+            Some(why) => {
+                spec.progress.not_joined(why);
+                JOIN_PERIOD
+            }
+        };
+        tokio::time::sleep(period).await;
     }
+}
+
+/// The info of durable `durable` on the stream capturing `topic`.
+async fn durable_info(
+    connection: &NatsConnection,
+    topic: &str,
+    durable: &str,
+) -> Result<jetstream::consumer::Info, String> {
+    if connection.client.connection_state() != async_nats::connection::State::Connected {
+        return Err("not connected to the server".to_string());
+    }
+    let stream_name = connection
+        .js
+        .stream_by_subject(topic)
+        .await
+        .map_err(|err| format!("no stream: {err}"))?;
+    let stream = connection
+        .js
+        .get_stream(&stream_name)
+        .await
+        .map_err(|err| format!("stream {stream_name:?}: {err}"))?;
+    let mut consumer = stream
+        .get_consumer::<pull::Config>(durable)
+        .await
+        .map_err(|err| format!("not set up: {err}"))?;
+    consumer
+        .info()
+        .await
+        .map(|info| info.clone())
+        .map_err(|err| format!("no answer: {err}"))
 }
 
 /// Keeps every held message from being redelivered: a progress
@@ -597,7 +666,7 @@ impl Publisher for NatsPublisher {
         payload: &[u8],
         headers: &[(String, Vec<u8>)],
         id: Option<&str>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Receipt> {
         let mut map = HeaderMap::new();
         for (name, value) in headers {
             match std::str::from_utf8(value) {
@@ -627,7 +696,10 @@ impl Publisher for NatsPublisher {
             .await
             .map_err(|err| anyhow::anyhow!("publish to {topic:?} failed: {err}"))?;
         match ack.await {
-            Ok(_) => Ok(()),
+            Ok(ack) => Ok(Receipt {
+                partition: 0,
+                offset: i64::try_from(ack.sequence).unwrap_or(i64::MAX),
+            }),
             Err(err) => {
                 if err.kind() == PublishErrorKind::StreamNotFound {
                     // The stream went away since: the caller's next try

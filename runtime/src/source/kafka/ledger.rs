@@ -118,6 +118,13 @@ impl Ledger {
         generation
     }
 
+    /// Whether the partition is owned now.
+    pub fn owns(&self, topic: &str, partition: i32) -> bool {
+        self.lock()
+            .get(topic)
+            .is_some_and(|partitions| partitions.contains_key(&partition))
+    }
+
     /// The partition is no longer owned. Returns its final watermark, to
     /// commit before it is released (`None` if nothing was received).
     pub fn revoke(&self, topic: &str, partition: i32) -> Option<i64> {

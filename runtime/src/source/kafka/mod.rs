@@ -39,7 +39,7 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::lag::Lag;
+use super::progress::Progress;
 use super::{Message, Position, Settled, Source};
 use crate::registry::StartFrom;
 use ledger::{Ledger, Slot};
@@ -100,18 +100,31 @@ impl Cluster {
 pub struct WeirContext {
     group: String,
     ledger: Arc<Ledger>,
-    lag: Lag,
+    progress: Progress,
 }
 
 impl ClientContext for WeirContext {
-    /// librdkafka's statistics (every `statistics.interval.ms`): each
+    /// librdkafka's statistics (every `statistics.interval.ms`): whether
+    /// the group is up (its coordinator known and joined), and each
     /// assigned partition's lag, the high watermark minus the committed
     /// offset, where both are known.
     fn stats(&self, statistics: rdkafka::Statistics) {
+        if let Some(group) = &statistics.cgrp {
+            if group.state == "up" {
+                self.progress.joined();
+            } else {
+                self.progress.not_joined(format!(
+                    "consumer group {:?} is not up: coordinator state {:?} for {} s",
+                    self.group,
+                    group.state,
+                    group.stateage / 1000
+                ));
+            }
+        }
         for (topic, stats) in &statistics.topics {
             for (partition, p) in &stats.partitions {
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    self.lag.set(topic, *partition, p.consumer_lag);
+                if *partition >= 0 && p.consumer_lag >= 0 && self.ledger.owns(topic, *partition) {
+                    self.progress.set_lag(topic, *partition, p.consumer_lag);
                 }
             }
         }
@@ -131,13 +144,15 @@ impl ConsumerContext for WeirContext {
             Rebalance::Assign(tpl) => {
                 for element in tpl.elements() {
                     self.ledger.assign(element.topic(), element.partition());
+                    self.progress.advanced(element.topic(), element.partition());
                 }
+                self.progress.joined();
                 tracing::info!(event = "rebalance", consumer_group = %self.group, change = "assigned", partitions = %describe(tpl), "partitions assigned");
             }
             Rebalance::Revoke(tpl) => {
                 let mut commit = TopicPartitionList::new();
                 for element in tpl.elements() {
-                    self.lag.forget(element.topic(), element.partition());
+                    self.progress.forget(element.topic(), element.partition());
                     if let Some(next) = self.ledger.revoke(element.topic(), element.partition()) {
                         let _ = commit.add_partition_offset(
                             element.topic(),
@@ -218,7 +233,7 @@ impl KafkaConsumer {
         group: &str,
         topics: &[String],
         start: StartFrom,
-        lag: Lag,
+        progress: Progress,
     ) -> anyhow::Result<Self> {
         let ledger = Arc::new(Ledger::default());
         let mut config = cluster.client_config(client_id);
@@ -231,14 +246,14 @@ impl KafkaConsumer {
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("enable.partition.eof", "false");
         if config.get("statistics.interval.ms").is_none() {
-            // For the lag: see `WeirContext::stats`.
+            // For the lag and the group's state: see `WeirContext::stats`.
             config.set("statistics.interval.ms", "5000");
         }
         let consumer: StreamConsumer<WeirContext> = config
             .create_with_context(WeirContext {
                 group: group.to_string(),
                 ledger: ledger.clone(),
-                lag,
+                progress,
             })
             .map_err(|err| {
                 anyhow::anyhow!("cannot create a consumer for group {group:?}: {err}")
@@ -330,9 +345,16 @@ impl Source for KafkaConsumer {
             tracing::error!(topic = %slot.topic, partition = slot.partition, error = %err, "cannot build offset list");
             return;
         }
-        if let Err(err) = self.consumer.store_offsets(&tpl) {
-            tracing::warn!(group = %self.group, topic = %slot.topic, partition = slot.partition, next_offset = next, error = %err,
-                "offset not stored (partition no longer assigned?); the record will be redelivered to its new owner");
+        match self.consumer.store_offsets(&tpl) {
+            Ok(()) => self
+                .consumer
+                .context()
+                .progress
+                .advanced(&slot.topic, slot.partition),
+            Err(err) => {
+                tracing::warn!(group = %self.group, topic = %slot.topic, partition = slot.partition, next_offset = next, error = %err,
+                    "offset not stored (partition no longer assigned?); the record will be redelivered to its new owner")
+            }
         }
     }
 

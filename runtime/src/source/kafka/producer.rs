@@ -7,7 +7,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::Cluster;
-use crate::source::Publisher;
+use crate::source::{Publisher, Receipt};
 
 /// An idempotent producer (acks from all in-sync replicas, no duplicates
 /// from internal retries).
@@ -76,11 +76,10 @@ impl Publisher for KafkaProducer {
         payload: &[u8],
         headers: &[(String, Vec<u8>)],
         _id: Option<&str>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Receipt> {
         // The idempotent producer already drops duplicates of its own
         // retries; consumers deduplicate by the `event_id` header.
-        KafkaProducer::send(self, topic, key, payload, headers)
-            .await
-            .map(|_| ())
+        let (partition, offset) = KafkaProducer::send(self, topic, key, payload, headers).await?;
+        Ok(Receipt { partition, offset })
     }
 }

@@ -23,6 +23,11 @@
 //! `CATEGORY` is a category's kebab-case name (`service-unavailable`, …);
 //! any other name is sent as `other(name)`. Anything else in the header is
 //! a permanent error saying so.
+//!
+//! With `[config] dependency = "down"` every call fails first with a
+//! retryable `service-unavailable` error, whatever the header says: a
+//! handler whose dependency is down (for circuit-breaker tests; a manifest
+//! reload brings it back).
 
 use std::time::Duration;
 
@@ -139,7 +144,12 @@ pub struct SdkProbe;
 
 impl Handler for SdkProbe {
     fn handle(event: Event) -> Result<(), HandlerError> {
-        let result = plan(event.header_str(FAIL_HEADER));
+        let result = if weir_sdk::config::get("dependency").as_deref() == Some("down") {
+            Err(HandlerError::retryable("sdk-probe: its dependency is down")
+                .category(Category::ServiceUnavailable))
+        } else {
+            plan(event.header_str(FAIL_HEADER))
+        };
         let fields = record(&event, &result);
         let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
         log::info("sdk-probe", &fields);
@@ -161,6 +171,16 @@ mod tests {
         let mut records = log::take_records();
         assert_eq!(records.len(), 1, "{records:?}");
         (result, records.remove(0))
+    }
+
+    #[test]
+    fn a_dependency_that_is_down_fails_every_call_retryably() {
+        weir_sdk::config::set_for_test("dependency", "down");
+        let (result, record) = logged(Event::new("orders", b"abc".to_vec()));
+        weir_sdk::config::clear_for_test();
+        let err = result.expect_err("down");
+        assert_eq!(err.kind, ErrorKind::Retryable);
+        assert_eq!(record.field("category"), Some("service-unavailable"));
     }
 
     #[test]

@@ -1,0 +1,53 @@
+//! Talking to a running weir's admin server: plain HTTP/1.1 `GET`s on
+//! loopback and the samples of a Prometheus text exposition.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+
+/// `GET path` on `127.0.0.1:port`: (status code, body).
+///
+/// # Errors
+///
+/// When nothing answers, or the answer is not HTTP.
+pub fn get(port: u16, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no end of headers in {response:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    Ok((code, body.to_string()))
+}
+
+/// The samples of a Prometheus text exposition: `name{labels}` → value.
+pub fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The samples of `/metrics` on `port` (empty when it cannot be read).
+pub fn scrape(port: u16) -> BTreeMap<String, f64> {
+    match get(port, "/metrics") {
+        Ok((200, text)) => samples(&text),
+        _ => BTreeMap::new(),
+    }
+}
