@@ -48,7 +48,10 @@ Examples:
   weir check target/handlers/orders.wasm does this component fit the weir:handler world?
   weir handlers                          which handlers and versions the directory holds
   weir state list projection --prefix customer/
-                                         what a handler keeps in its state (weir stopped)
+                                         what a handler keeps in its state
+  weir dlq list orders --since 1h        the dead letters of handler orders in the last hour
+  weir dlq replay orders --error-kind timeout
+                                         send them back to be handled again
 
 Logs go to stderr; filter them with WEIR_LOG (e.g. WEIR_LOG=weir=debug to see every
 handled message, WEIR_LOG=weir::guest=off to silence handler logs).";
@@ -145,6 +148,86 @@ enum Command {
         #[command(subcommand)]
         action: StateAction,
     },
+    /// List, replay and purge dead letters.
+    ///
+    /// Reads the dead-letter topics of the handlers in the handlers
+    /// directory (`<topic>.dlq`, or each manifest's `[dlq]`) straight from
+    /// the broker, so it works whether weir runs or not. TARGET is a
+    /// handler's name, a topic it consumes, or a dead-letter topic; without
+    /// it, every handler's.
+    Dlq {
+        /// Configuration file naming the broker and the handlers directory.
+        #[arg(
+            long,
+            short,
+            global = true,
+            default_value = "config/weir.toml",
+            env = "WEIR_CONFIG"
+        )]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+/// Which dead letters a `weir dlq` command acts on.
+#[derive(clap::Args)]
+struct DlqSelection {
+    /// A handler, a topic it consumes, or a dead-letter topic.
+    target: Option<String>,
+    /// Only those dead-lettered within this long (e.g. 1h, 2d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
+    /// Only those dead-lettered at least this long ago.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    older_than: Option<Duration>,
+    /// Only those of this error kind (permanent, retryable, retry-after),
+    /// category (validation, …) or runtime failure (timeout, trap, …).
+    #[arg(long)]
+    error_kind: Option<String>,
+    /// Only the dead letter of this event id (repeatable).
+    #[arg(long = "event-id")]
+    event_ids: Vec<String>,
+    /// At most this many, oldest first within each dead-letter topic.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Each dead letter (event id, handler, error, kind, attempts, origin,
+    /// age) and, per dead-letter topic, its depth and oldest age.
+    List {
+        #[command(flatten)]
+        selection: DlqSelection,
+    },
+    /// Send dead letters back to the topic they came from (key, payload,
+    /// original headers, plus weir.replay-of, weir.replay-id and
+    /// weir.replayed-at), so that each is handled again; replaying one
+    /// twice handles it once. The dead letters stay (purge them after).
+    Replay {
+        #[command(flatten)]
+        selection: DlqSelection,
+        /// Say what would be replayed; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove dead letters (Kafka: DeleteRecords, which removes only a
+    /// partition's oldest records; NATS JetStream: each message). Refuses
+    /// without a filter unless --all.
+    Purge {
+        #[command(flatten)]
+        selection: DlqSelection,
+        /// Say what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Allow removing every dead letter of the target.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -211,6 +294,7 @@ fn main() -> ExitCode {
             Command::Check { files } => check(&files),
             Command::State { config, action } => state(&load_config(&config)?, action),
             Command::Handlers { config } => handlers(&load_config(&config)?).await,
+            Command::Dlq { config, action } => dlq(&load_config(&config)?, action).await,
         }
     });
     match result {
@@ -220,6 +304,37 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn dlq(config: &Config, action: DlqAction) -> anyhow::Result<()> {
+    use weir::tools::dlq::Filter;
+    use weir::tools::dlq_command::{Action, Request};
+    let (action, selection, dry_run, all) = match action {
+        DlqAction::List { selection } => (Action::List, selection, false, false),
+        DlqAction::Replay { selection, dry_run } => (Action::Replay, selection, dry_run, false),
+        DlqAction::Purge {
+            selection,
+            dry_run,
+            all,
+        } => (Action::Purge, selection, dry_run, all),
+    };
+    let request = Request {
+        action,
+        target: selection.target,
+        filter: Filter {
+            handler: None,
+            since: selection.since,
+            older_than: selection.older_than,
+            error_kind: selection.error_kind,
+            event_ids: selection.event_ids,
+        },
+        limit: selection.limit,
+        dry_run,
+        all,
+        json: selection.json,
+    };
+    print!("{}", weir::tools::dlq_command::run(config, request).await?);
+    Ok(())
 }
 
 fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {

@@ -671,6 +671,27 @@ pub fn open_store(config: &Config) -> anyhow::Result<Store> {
     Store::open(&path).map_err(|err| anyhow::anyhow!("[runtime] data_dir: {err}"))
 }
 
+/// The connection settings of a `[source.nats]` table.
+pub fn nats_settings(source: crate::config::NatsSource) -> nats::NatsSettings {
+    nats::NatsSettings {
+        url: source.url,
+        user: source.user.zip(source.password),
+        token: source.token,
+        creds_file: source.creds_file,
+        nkey: source.nkey,
+        tls_required: source.tls.required,
+        tls_ca_file: source.tls.ca_file,
+        tls_client: source.tls.cert_file.zip(source.tls.key_file),
+        connect_timeout: source.connect_timeout,
+        streams: nats::StreamSettings {
+            memory: source.streams.storage == "memory",
+            max_age: source.streams.max_age,
+            replicas: source.streams.replicas,
+            duplicate_window: source.streams.duplicate_window,
+        },
+    }
+}
+
 /// Connects to the configured broker, starting the embedded one if no
 /// `[source]` is configured (creating `topics` on it). The embedded broker
 /// lives as long as the returned guard.
@@ -696,29 +717,10 @@ pub async fn connect(
             cluster.validate()?;
             Ok((kafka(cluster)?, None))
         }
-        crate::config::Source::Nats(source) => {
-            let settings = nats::NatsSettings {
-                url: source.url,
-                user: source.user.zip(source.password),
-                token: source.token,
-                creds_file: source.creds_file,
-                nkey: source.nkey,
-                tls_required: source.tls.required,
-                tls_ca_file: source.tls.ca_file,
-                tls_client: source.tls.cert_file.zip(source.tls.key_file),
-                connect_timeout: source.connect_timeout,
-                streams: nats::StreamSettings {
-                    memory: source.streams.storage == "memory",
-                    max_age: source.streams.max_age,
-                    replicas: source.streams.replicas,
-                    duplicate_window: source.streams.duplicate_window,
-                },
-            };
-            Ok((
-                Broker::Nats(NatsConnection::connect(&settings).await?),
-                None,
-            ))
-        }
+        crate::config::Source::Nats(source) => Ok((
+            Broker::Nats(NatsConnection::connect(&nats_settings(source)).await?),
+            None,
+        )),
         crate::config::Source::Embedded(embedded) => {
             let broker = crate::source::embedded::EmbeddedBroker::start(embedded.partitions)?;
             for topic in topics {

@@ -11,11 +11,20 @@ use crate::registry::{IdSource, KeySource};
 /// producer cannot bloat the dedup table, and equal ids stay equal.
 pub const MAX_ID_LEN: usize = 256;
 
-/// The event's identity: the first of `sources` that yields a non-empty id,
-/// else the broker position (`<topic>/<partition>/<offset>`,
+/// The event's identity: a replayed dead letter's `weir.replay-id` (see
+/// `pipeline/dlq.rs`), else the first of `sources` that yields a non-empty
+/// id, else the broker position (`<topic>/<partition>/<offset>`,
 /// `<stream>/<sequence>`). Malformed payloads or non-UTF-8 headers simply
 /// yield nothing. Ids longer than [`MAX_ID_LEN`] bytes are digested.
 pub fn event_id(message: &Message, sources: &[IdSource]) -> String {
+    let replayed = message
+        .header(super::dlq::REPLAY_ID)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(|id| id.trim().to_string())
+        .filter(|id| !id.is_empty());
+    if let Some(id) = replayed {
+        return cap(id);
+    }
     sources
         .iter()
         .find_map(|source| {
@@ -134,6 +143,17 @@ mod tests {
             delivered: 1,
         };
         assert_eq!(event_id(&nats, &d), "ORDERS/9");
+        // A replayed dead letter's id comes first.
+        assert_eq!(
+            event_id(
+                &message(vec![
+                    ("event_id", b"e"),
+                    ("weir.replay-id", b"e#replay:x/0@1")
+                ]),
+                &d
+            ),
+            "e#replay:x/0@1"
+        );
     }
 
     #[test]

@@ -5,6 +5,34 @@ use std::time::SystemTime;
 
 use crate::host::{Event, Failure};
 
+/// Headers a dead letter gets on top of the original message's (see
+/// [`headers`]); a replay (`weir dlq replay`) takes them off again.
+pub const ADDED: &[&str] = &[
+    "weir.handler",
+    "weir.error",
+    "weir.error.kind",
+    "weir.error.category",
+    "weir.attempts",
+    "weir.origin.topic",
+    "weir.origin.partition",
+    "weir.origin.offset",
+    "weir.origin.stream",
+    "weir.origin.sequence",
+    "weir.event-id",
+    "weir.failed-at",
+];
+
+/// On a replayed dead letter: where the dead letter sits
+/// (`<dlq>/<position>`).
+pub const REPLAY_OF: &str = "weir.replay-of";
+/// On a replayed dead letter: its event id, which Weir takes before any
+/// other (`decode::event_id`): the dead letter's event id with
+/// `#replay:<dlq>/<position>` appended, new to the dedup table and the
+/// same for every replay of that dead letter.
+pub const REPLAY_ID: &str = "weir.replay-id";
+/// On a replayed dead letter: when it was replayed.
+pub const REPLAYED_AT: &str = "weir.replayed-at";
+
 /// The headers added to a dead letter, after the original ones.
 /// `weir.error.category` is there when the handler named a category
 /// (contract 0.2.0).

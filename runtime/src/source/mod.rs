@@ -95,6 +95,36 @@ pub trait Source: Send + Sync + 'static {
     fn close(self) -> impl Future<Output = ()> + Send;
 }
 
+/// A topic read from its start and trimmed: what the dead-letter tools
+/// (`weir dlq`) need, apart from any consumer group. A message read this
+/// way is never acknowledged; nothing here moves a consumer's position.
+pub trait Archive: Send + Sync + 'static {
+    /// Every message `topic` holds now, in order within each partition
+    /// (`[]` when the topic does not exist).
+    ///
+    /// # Errors
+    ///
+    /// When the broker cannot be read.
+    fn read_all(&self, topic: &str) -> impl Future<Output = anyhow::Result<Vec<Message>>> + Send;
+
+    /// Removes the messages at `selected` from `topic`, as far as the
+    /// broker allows, given everything `read` from it (as
+    /// [`read_all`](Archive::read_all) returned it). Kafka can only remove
+    /// a partition's oldest records: per partition, the selected ones before
+    /// the first one that is not selected. JetStream removes each one.
+    /// Returns how many were removed.
+    ///
+    /// # Errors
+    ///
+    /// When the broker refuses.
+    fn remove(
+        &self,
+        topic: &str,
+        selected: &[Position],
+        read: &[Position],
+    ) -> impl Future<Output = anyhow::Result<usize>> + Send;
+}
+
 /// Where the broker put a published record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Receipt {

@@ -23,9 +23,11 @@
 //! leaves its group and rejoins: its partitions move, and the messages it
 //! held are redelivered (and deduplicated) by their next owner.
 
+mod archive;
 pub mod ledger;
 mod producer;
 
+pub use archive::KafkaArchive;
 pub use producer::KafkaProducer;
 
 use std::collections::BTreeMap;

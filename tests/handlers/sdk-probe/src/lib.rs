@@ -24,10 +24,10 @@
 //! any other name is sent as `other(name)`. Anything else in the header is
 //! a permanent error saying so.
 //!
-//! With `[config] dependency = "down"` every call fails first with a
-//! retryable `service-unavailable` error, whatever the header says: a
-//! handler whose dependency is down (for circuit-breaker tests; a manifest
-//! reload brings it back).
+//! With `[config] dependency = "down"` every call without a `probe.fail`
+//! header fails with a retryable `service-unavailable` error: a handler
+//! whose dependency is down (for circuit-breaker and dead-letter tests; a
+//! manifest reload brings it back).
 
 use std::time::Duration;
 
@@ -144,7 +144,8 @@ pub struct SdkProbe;
 
 impl Handler for SdkProbe {
     fn handle(event: Event) -> Result<(), HandlerError> {
-        let result = if weir_sdk::config::get("dependency").as_deref() == Some("down") {
+        let down = weir_sdk::config::get("dependency").as_deref() == Some("down");
+        let result = if down && event.header_str(FAIL_HEADER).is_none() {
             Err(HandlerError::retryable("sdk-probe: its dependency is down")
                 .category(Category::ServiceUnavailable))
         } else {

@@ -40,6 +40,8 @@
 //! their deterministic id as `Nats-Msg-Id`, so JetStream's duplicate window
 //! drops a republished copy.
 
+mod archive;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

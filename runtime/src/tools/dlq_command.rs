@@ -1,0 +1,275 @@
+//! The `weir dlq` command: which dead-letter topics a target means, the
+//! broker to read them from, and what is printed.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+
+use super::dlq::{self, DeadLetter, Filter};
+use crate::config::{Config, Source};
+use crate::registry::Manifest;
+use crate::source::kafka::{Cluster, KafkaArchive, KafkaProducer};
+use crate::source::nats::NatsConnection;
+
+/// What `weir dlq` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Print the selected dead letters and a summary per dead-letter topic.
+    List,
+    /// Send the selected dead letters back to their topics.
+    Replay,
+    /// Remove the selected dead letters.
+    Purge,
+}
+
+/// The command as given.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// What to do.
+    pub action: Action,
+    /// A handler's name, a topic it consumes, or a dead-letter topic; none:
+    /// every handler's dead-letter topics.
+    pub target: Option<String>,
+    /// Which dead letters.
+    pub filter: Filter,
+    /// At most this many (oldest first within each dead-letter topic).
+    pub limit: Option<usize>,
+    /// Say what would be done, do nothing.
+    pub dry_run: bool,
+    /// Purge: allowed without a filter.
+    pub all: bool,
+    /// Print JSON.
+    pub json: bool,
+}
+
+/// The dead-letter topics `target` means, given the handlers in `dir`, and
+/// the handler it names (if it names one).
+///
+/// # Errors
+///
+/// When the handlers directory cannot be read, or a manifest is invalid.
+pub fn resolve(dir: &Path, target: Option<&str>) -> anyhow::Result<(Vec<String>, Option<String>)> {
+    let mut handlers: Vec<(String, Manifest)> = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|err| {
+        anyhow::anyhow!(
+            "cannot read the handlers directory {}: {err}",
+            dir.display()
+        )
+    })?;
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") && path.with_extension("wasm").exists() {
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            handlers.push((name, Manifest::load(&path)?));
+        }
+    }
+    handlers.sort_by(|a, b| a.0.cmp(&b.0));
+    let dlqs_of = |manifest: &Manifest| -> Vec<String> {
+        manifest
+            .topics
+            .iter()
+            .map(|topic| manifest.dlq.destination(topic))
+            .collect()
+    };
+    let mut dlqs: Vec<String> = match target {
+        None => handlers.iter().flat_map(|(_, m)| dlqs_of(m)).collect(),
+        Some(target) => {
+            if let Some((name, manifest)) = handlers.iter().find(|(name, _)| name == target) {
+                let mut dlqs = dlqs_of(manifest);
+                dlqs.sort();
+                dlqs.dedup();
+                return Ok((dlqs, Some(name.clone())));
+            }
+            let consumed: Vec<String> = handlers
+                .iter()
+                .filter(|(_, m)| m.topics.iter().any(|t| t == target))
+                .map(|(_, m)| m.dlq.destination(target))
+                .collect();
+            if consumed.is_empty() {
+                // Taken as a dead-letter topic itself.
+                vec![target.to_string()]
+            } else {
+                consumed
+            }
+        }
+    };
+    dlqs.sort();
+    dlqs.dedup();
+    Ok((dlqs, None))
+}
+
+/// Runs `request` against the broker of `config`; returns what to print.
+///
+/// # Errors
+///
+/// When the broker cannot be reached or refuses, or the request is not
+/// allowed (a purge of everything without `--all`).
+pub async fn run(config: &Config, request: Request) -> anyhow::Result<String> {
+    let (dlqs, handler) = resolve(&config.runtime.handlers_dir, request.target.as_deref())?;
+    if dlqs.is_empty() {
+        anyhow::bail!(
+            "no dead-letter topic to read: no handler in {} (name a topic to read it directly)",
+            config.runtime.handlers_dir.display()
+        );
+    }
+    let mut request = request;
+    if handler.is_some() && request.filter.handler.is_none() {
+        // A dead-letter topic may hold several handlers' dead letters.
+        request.filter.handler = handler;
+    }
+    if request.action == Action::Purge && !request.all && no_filter(&request.filter) {
+        anyhow::bail!(
+            "refusing to purge without a filter (--since, --older-than, --error-kind, --event-id); \
+             add --all to remove every dead letter of {}",
+            dlqs.join(", ")
+        );
+    }
+    match config.source() {
+        Source::Kafka(source) => {
+            let cluster = Cluster {
+                bootstrap_servers: source.bootstrap_servers,
+                properties: source.properties,
+            };
+            cluster.validate()?;
+            let archive = KafkaArchive::new(cluster.clone());
+            let producer = KafkaProducer::new(&cluster, "weir-dlq")?;
+            execute(&archive, &producer, &dlqs, request).await
+        }
+        Source::Nats(source) => {
+            let connection =
+                NatsConnection::connect(&crate::runtime::nats_settings(source)).await?;
+            let publisher = connection.publisher();
+            execute(&connection, &publisher, &dlqs, request).await
+        }
+        Source::Embedded(_) => anyhow::bail!(
+            "the embedded broker lives inside `weir run` and keeps nothing after it; \
+             to read its dead letters, point [source.kafka] bootstrap_servers at the address it printed"
+        ),
+    }
+}
+
+/// A filter that selects by nothing but the handler.
+fn no_filter(filter: &Filter) -> bool {
+    filter.since.is_none()
+        && filter.older_than.is_none()
+        && filter.error_kind.is_none()
+        && filter.event_ids.is_empty()
+}
+
+async fn execute<A: crate::source::Archive, P: crate::source::Publisher>(
+    archive: &A,
+    publisher: &P,
+    dlqs: &[String],
+    request: Request,
+) -> anyhow::Result<String> {
+    let now = SystemTime::now();
+    let listing = dlq::list(archive, dlqs, &request.filter, now).await?;
+    let chosen: &[DeadLetter] = match request.limit {
+        Some(limit) => &listing.selected[..listing.selected.len().min(limit)],
+        None => &listing.selected,
+    };
+    let letters: Vec<Value> = chosen.iter().map(|l| l.to_json(now)).collect();
+    let summary: Vec<Value> = listing
+        .summary
+        .iter()
+        .map(|(dlq, (depth, oldest))| {
+            json!({"dlq": dlq, "depth": depth, "oldest_age_seconds": oldest.map(|a| a.as_secs())})
+        })
+        .collect();
+    let (done, verb) = match (request.action, request.dry_run) {
+        (Action::List, _) => (0, ""),
+        (Action::Replay, true) | (Action::Purge, true) => (0, "would"),
+        (Action::Replay, false) => (dlq::replay(publisher, chosen, now).await?, "replayed"),
+        (Action::Purge, false) => (dlq::purge(archive, &listing, chosen).await?, "removed"),
+    };
+    if request.json {
+        let mut out = json!({"dead_letters": letters, "summary": summary});
+        match request.action {
+            Action::List => {}
+            Action::Replay => {
+                out["replayed"] = json!(done);
+                out["dry_run"] = json!(request.dry_run);
+            }
+            Action::Purge => {
+                out["removed"] = json!(done);
+                out["dry_run"] = json!(request.dry_run);
+            }
+        }
+        return Ok(format!("{out}\n"));
+    }
+    let mut out = String::new();
+    for (dlq, (depth, oldest)) in &listing.summary {
+        let oldest = oldest.map_or(String::new(), |age| format!(", oldest {} ago", short(age)));
+        out.push_str(&format!("{dlq}: {depth} dead letter(s){oldest}\n"));
+    }
+    for letter in chosen {
+        out.push_str(&format!("  {}\n", line(letter, now)));
+    }
+    let selected = chosen.len();
+    match (request.action, request.dry_run) {
+        (Action::List, _) => {
+            if selected < listing.selected.len() {
+                out.push_str(&format!(
+                    "{selected} of {} selected shown (--limit)\n",
+                    listing.selected.len()
+                ));
+            }
+        }
+        (Action::Replay, true) => out.push_str(&format!(
+            "{verb} replay {selected} dead letter(s) to their topics (dry run: nothing sent)\n"
+        )),
+        (Action::Replay, false) => out.push_str(&format!(
+            "{verb} {done} dead letter(s) to their topics; each is handled again once (weir.replay-id)\n"
+        )),
+        (Action::Purge, true) => out.push_str(&format!(
+            "{verb} remove {selected} dead letter(s) (dry run: nothing removed)\n"
+        )),
+        (Action::Purge, false) => {
+            out.push_str(&format!("{verb} {done} of {selected} selected dead letter(s)\n"));
+            if done < selected {
+                out.push_str(
+                    "the rest sit behind dead letters the filter keeps: Kafka removes only a partition's oldest records\n",
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One dead letter on one line.
+fn line(letter: &DeadLetter, now: SystemTime) -> String {
+    let kind = match &letter.category {
+        Some(category) => format!("{}/{category}", letter.kind),
+        None => letter.kind.clone(),
+    };
+    let age = letter
+        .age(now)
+        .map_or_else(|| "?".to_string(), |a| format!("{} ago", short(a)));
+    format!(
+        "{position}  {handler}  {id}  {kind}  {attempts} attempt(s)  from {topic} {origin}  {age}  {error}",
+        position = letter.message.position,
+        handler = letter.handler,
+        id = letter.event_id,
+        attempts = letter
+            .attempts
+            .map_or_else(|| "?".to_string(), |a| a.to_string()),
+        topic = letter.origin_topic,
+        origin = letter.origin,
+        error = letter.error,
+    )
+}
+
+/// A duration in its largest unit or two: `45s`, `3m12s`, `2h5m`, `3d4h`.
+fn short(age: Duration) -> String {
+    let s = age.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}

@@ -1,0 +1,5 @@
+//! Operator commands that act on the broker (and, later, the store)
+//! outside the running pipeline: `weir dlq`.
+
+pub mod dlq;
+pub mod dlq_command;
