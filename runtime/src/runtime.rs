@@ -183,6 +183,54 @@ async fn log_lag(metrics: Metrics, every: Duration) {
     }
 }
 
+/// Makes sure `manifest`'s dead-letter topics exist, creating the missing
+/// ones when `[dlq] create` allows; a topic that is missing (and may not be
+/// created) or cannot be created is logged once and keeps the handler from
+/// being ready (`HandlerStats::dead_letters_blocked`) until a dead letter
+/// is written after all.
+async fn ensure_dead_letter_topics(
+    broker: Broker,
+    handler: String,
+    manifest: Manifest,
+    stats: Arc<HandlerStats>,
+) {
+    let mut seen = std::collections::BTreeSet::new();
+    for topic in &manifest.topics {
+        let dlq = manifest.dlq.destination(topic);
+        if !seen.insert(dlq.clone()) {
+            continue;
+        }
+        let (retention, create) = (manifest.dlq.retention, manifest.dlq.create);
+        let created =
+            match &broker {
+                Broker::Kafka { cluster, .. } => crate::source::kafka::topics::ensure_topic(
+                    cluster, &dlq, topic, retention, create,
+                )
+                .await
+                .map(|ensured| match ensured {
+                    crate::source::kafka::topics::Ensured::Existing => None,
+                    crate::source::kafka::topics::Ensured::Created(partitions) => Some(partitions),
+                }),
+                Broker::Nats(connection) => connection
+                    .ensure_dead_letters(&dlq, retention, create)
+                    .await
+                    .map(|created| created.then_some(1)),
+            };
+        match created {
+            Ok(None) => {}
+            Ok(Some(partitions)) => {
+                tracing::info!(handler = %handler, dlq = %dlq, partitions,
+                    retention_s = retention.as_secs(), "created the dead-letter topic");
+            }
+            Err(err) => {
+                tracing::error!(handler = %handler, dlq = %dlq, error = %format!("{err:#}"),
+                    "dead-letter topic unavailable: poison messages of this handler wait unacknowledged, and it is not ready, until dead letters can be written");
+                stats.dead_letter_problem(Some(format!("{err:#}")));
+            }
+        }
+    }
+}
+
 /// The Wasm host for `config`: fuel metering when `[limits] fuel` is set,
 /// and the compiled-component cache in `[runtime] data_dir/compiled`.
 ///
@@ -323,6 +371,12 @@ impl Runtime {
             self.metrics.handler(&handler.name, &group),
         ));
         let alive = Arc::new(AtomicBool::new(true));
+        tokio::spawn(ensure_dead_letter_topics(
+            self.broker.clone(),
+            handler.name.clone(),
+            handler.manifest.clone(),
+            stats.clone(),
+        ));
         let (stop, stopped) = watch::channel(false);
         let (swap, task) = match &self.broker {
             Broker::Kafka { cluster, producer } => {

@@ -169,11 +169,18 @@ fn dead_letters_are_listed_replayed_once_and_purged(kind: BrokerKind) -> Result<
     };
     let broker = kind.start()?;
     let broker: &dyn TestBroker = broker.as_ref();
+    // orders.dlq is not created here: weir creates it (Kafka: like orders).
     broker.create_topic("orders", 1)?;
-    broker.create_output_topic("orders.dlq")?;
+    broker.create_topic("other", 1)?;
     let deployment = broker.deployment()?;
     let port = free_port()?;
     deployment.admin_port(port)?;
+    // A handler whose dead-letter topic is missing and may not be created.
+    deployment.add_handler(
+        "sdk-probe",
+        "strict",
+        "topics = [\"other\"]\n\n[dlq]\ncreate = false\n",
+    )?;
     let manifest = |dependency: &str| {
         format!(
             "topics = [\"orders\"]\n\n[retry]\nmax_attempts = 2\ninitial_delay = \"10ms\"\njitter = 0.0\n\n\
@@ -183,6 +190,35 @@ fn dead_letters_are_listed_replayed_once_and_purged(kind: BrokerKind) -> Result<
     deployment.add_handler("sdk-probe", "dep", &manifest("down"))?;
     let mut weir = deployment.start("dlq")?;
     let log = weir.log.clone();
+    let ready = poll_until(
+        WAIT,
+        "ready to name strict's missing dead-letter topic",
+        || {
+            let Ok((503, body)) = get(port, "/health/ready") else {
+                return Ok(None);
+            };
+            let ready: Value = serde_json::from_str(&body).context("ready JSON")?;
+            let named = ready["not_ready"].as_array().is_some_and(|problems| {
+                problems.iter().any(|p| {
+                    p["check"] == "dead_letters"
+                        && p["handler"] == "strict"
+                        && p["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("other.dlq"))
+                })
+            });
+            Ok(named.then_some(ready))
+        },
+        || format!("log: {}", log.display()),
+    )?;
+    ensure!(
+        !ready["not_ready"]
+            .as_array()
+            .is_some_and(|problems| problems
+                .iter()
+                .any(|p| p["check"] == "dead_letters" && p["handler"] == "dep")),
+        "dep's dead-letter topic was not created: {ready}"
+    );
 
     // Six events fail while the dependency is down (retryable, two
     // attempts each); two are invalid (permanent, category validation).

@@ -5,7 +5,7 @@
 //! | `GET /` | a status page (`status.html`, self-contained): each handler's rate, lag, in flight, retries, dead letters and version, refreshed every 2 s |
 //! | `GET /metrics` | every metric (see `metrics.rs`), Prometheus text format |
 //! | `GET /health/live` | 200 while the process serves requests |
-//! | `GET /health/ready` | 200 when every handler file loaded, every worker runs, every consumer joined (Kafka: its group is up; JetStream: its durable answers), the store's writer is alive and the outbox relay is not blocked (no topic failing for 5 s), else 503; JSON saying what is not ready and why |
+//! | `GET /health/ready` | 200 when every handler file loaded, every worker runs, every consumer joined (Kafka: its group is up; JetStream: its durable answers), every handler's dead letters can be written (its dead-letter topic exists or was created), the store's writer is alive and the outbox relay is not blocked (no topic failing for 5 s), else 503; JSON saying what is not ready and why |
 //! | `GET /handlers` | JSON: each handler's name, version, contract, group, topics, whether its consumer joined, its partitions (lag, committed position age), in flight, instances, counters and last error |
 //! | `GET /handlers/{name}/state?prefix=&limit=` | JSON: the handler's committed state entries (key order), and the outbox length; `?key=K` for one key |
 //!
@@ -140,6 +140,9 @@ fn not_ready(admin: &Admin) -> Vec<Value> {
         problems.push(json!({"check": "load", "file": file, "reason": error}));
     }
     for view in &handlers {
+        if let Some(why) = view.stats.dead_letters_blocked() {
+            problems.push(json!({"check": "dead_letters", "handler": view.name, "reason": why}));
+        }
         if let Some(why) = view.progress.joining() {
             problems.push(json!({"check": "consumer", "handler": view.name, "reason": why}));
         }

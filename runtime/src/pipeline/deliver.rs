@@ -489,6 +489,9 @@ async fn dead_letter<S: Source, F: HandlerFactory, D: Publisher>(
             .await
         {
             Ok(receipt) => {
+                if shared.stats.dead_letters_blocked().is_some() {
+                    shared.stats.dead_letter_problem(None);
+                }
                 shared.stats.dead_lettered(
                     &event.topic,
                     dlq::error_type(failure),
@@ -509,6 +512,9 @@ async fn dead_letter<S: Source, F: HandlerFactory, D: Publisher>(
             Err(err) => {
                 tracing::error!(handler = name, dlq = %topic, error = %err, retry_in_ms = backoff.as_millis() as u64,
                     "cannot write dead letter; the message stays unacknowledged until it can");
+                shared.stats.dead_letter_problem(Some(format!(
+                    "cannot write dead letters to {topic:?}: {err:#}"
+                )));
                 if !pause(shared.shutdown.clone(), backoff).await {
                     return Settled::Released;
                 }

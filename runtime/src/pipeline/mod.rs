@@ -113,6 +113,8 @@ pub struct HandlerStats {
     pub instances_busy: AtomicU64,
     /// Instances kept idle for the next calls.
     pub instances_idle: AtomicU64,
+    /// See [`HandlerStats::dead_letters_blocked`].
+    dead_letters_blocked: std::sync::Mutex<Option<String>>,
     /// See [`HandlerStats::breaker_state`].
     breaker: std::sync::Mutex<Option<&'static str>>,
     /// The last failed attempt (see [`HandlerStats::last_error`]).
@@ -208,6 +210,25 @@ impl HandlerStats {
         if let Some(recorder) = &self.recorder {
             recorder.in_flight(held);
         }
+    }
+
+    /// Why the handler's dead letters cannot be written now (its
+    /// dead-letter topic is missing, or the broker refuses them); `None`
+    /// while they can.
+    pub fn dead_letters_blocked(&self) -> Option<String> {
+        self.dead_letters_blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Dead letters cannot be written because of `problem`, or (`None`)
+    /// they can again.
+    pub fn dead_letter_problem(&self, problem: Option<String>) {
+        *self
+            .dead_letters_blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = problem;
     }
 
     /// The state of the handler's circuit breaker (`closed`, `open`,

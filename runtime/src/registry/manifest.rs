@@ -36,6 +36,8 @@
 //!
 //! [dlq]
 //! suffix = ".dlq"
+//! create = true                # create <topic>.dlq when missing
+//! retention = "7d"             # ... keeping dead letters this long
 //!
 //! [breaker]                    # optional: pause calls while a dependency is down
 //! failure_threshold = 10       # failed attempts in a row (permanent errors aside) that open it
@@ -489,6 +491,15 @@ pub struct DlqSettings {
     /// instead of `<topic><suffix>`. Needed when a subscription with `>`
     /// would consume its own dead letters.
     pub topic: Option<String>,
+    /// Create the dead-letter topic (Kafka: same partition count and
+    /// replication as the topic it serves; NATS: a stream) when it is
+    /// missing. `false`: a missing one is reported and the handler is not
+    /// ready; its poison messages wait, unacknowledged.
+    pub create: bool,
+    /// How long a dead-letter topic Weir creates keeps its dead letters
+    /// (Kafka `retention.ms`, JetStream `max_age`).
+    #[serde(with = "duration")]
+    pub retention: Duration,
 }
 
 impl Default for DlqSettings {
@@ -496,6 +507,8 @@ impl Default for DlqSettings {
         Self {
             suffix: ".dlq".into(),
             topic: None,
+            create: true,
+            retention: Duration::from_secs(7 * 86_400),
         }
     }
 }

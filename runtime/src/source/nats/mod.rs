@@ -206,6 +206,36 @@ impl NatsConnection {
 
     /// The stream capturing `subject`, created when there is none.
     async fn stream_for(&self, subject: &str) -> anyhow::Result<String> {
+        self.stream_with(subject, self.streams.max_age).await
+    }
+
+    /// Makes sure a stream captures dead-letter subject `subject`: when none
+    /// does and `create` is set, creates one keeping messages for
+    /// `retention`. Returns whether it created one.
+    ///
+    /// # Errors
+    ///
+    /// When none exists and may not be created, or the server refuses.
+    pub async fn ensure_dead_letters(
+        &self,
+        subject: &str,
+        retention: Duration,
+        create: bool,
+    ) -> anyhow::Result<bool> {
+        if self.js.stream_by_subject(subject).await.is_ok() {
+            lock(&self.covered).insert(subject.to_string());
+            return Ok(false);
+        }
+        if !create {
+            anyhow::bail!(
+                "no stream captures dead-letter subject {subject:?} and [dlq] create = false: create one (or allow Weir to)"
+            );
+        }
+        self.stream_with(subject, retention).await?;
+        Ok(true)
+    }
+
+    async fn stream_with(&self, subject: &str, max_age: Duration) -> anyhow::Result<String> {
         if let Ok(name) = self.js.stream_by_subject(subject).await {
             lock(&self.covered).insert(subject.to_string());
             return Ok(name);
@@ -219,7 +249,7 @@ impl NatsConnection {
             } else {
                 StorageType::File
             },
-            max_age: self.streams.max_age,
+            max_age,
             num_replicas: self.streams.replicas,
             duplicate_window: self.streams.duplicate_window,
             ..Default::default()
