@@ -130,6 +130,10 @@ pub struct RuntimeSection {
     /// "consumer_lag"`, at info); `"0s"` turns the line off.
     #[serde(default = "default_lag_log_interval", with = "duration")]
     pub lag_log_interval: Duration,
+    /// How often the dead-letter topics are measured for
+    /// `weir_dlq_depth` and `weir_dlq_oldest_age_seconds`; `"0s"` never.
+    #[serde(default = "default_dlq_scan_interval", with = "duration")]
+    pub dlq_scan_interval: Duration,
 }
 
 fn default_handlers_dir() -> PathBuf {
@@ -144,6 +148,9 @@ fn default_shutdown_timeout() -> Duration {
 fn default_lag_log_interval() -> Duration {
     Duration::from_secs(60)
 }
+fn default_dlq_scan_interval() -> Duration {
+    Duration::from_secs(60)
+}
 
 impl Default for RuntimeSection {
     fn default() -> Self {
@@ -152,6 +159,7 @@ impl Default for RuntimeSection {
             data_dir: default_data_dir(),
             shutdown_timeout: default_shutdown_timeout(),
             lag_log_interval: default_lag_log_interval(),
+            dlq_scan_interval: default_dlq_scan_interval(),
         }
     }
 }

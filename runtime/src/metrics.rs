@@ -15,6 +15,8 @@
 //! | `weir_handler_info` | `handler`, `version`, `consumer_group` | 1 for the version being served |
 //! | `weir_handler_reloads_total` | `handler`, `result` | hot reloads: `applied`, `rejected` |
 //! | `weir_circuit_breaker_state` | `handler`, `state` | 1 for the state a handler's breaker is in (`closed`, `open`, `half_open`), 0 for the others; only handlers with `[breaker]` |
+//! | `weir_dlq_depth` | `topic` | dead letters each dead-letter topic holds, read from the broker every `[runtime] dlq_scan_interval` |
+//! | `weir_dlq_oldest_age_seconds` | `topic` | age of the oldest of them (`0` when empty) |
 //! | `weir_outbox_rows` | | emitted events committed and not yet acknowledged by the broker |
 //! | `weir_outbox_oldest_age_seconds` | | age of the oldest of those rows, since its commit (`0` when none wait) |
 //! | `weir_store_commit_writes` | | outcomes per durable group commit |
@@ -63,6 +65,11 @@ struct Partition {
 struct DeadLetters {
     topic: String,
     error_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Topic {
+    topic: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -129,6 +136,8 @@ pub struct Metrics {
     serving: Arc<Mutex<HashMap<String, HandlerInfo>>>,
     reloads: Family<Reload, Counter>,
     breakers: Family<Instances, Gauge>,
+    dlq_depth: Family<Topic, Gauge>,
+    dlq_oldest: Family<Topic, Gauge<f64, AtomicU64>>,
     outbox_rows: Gauge,
     outbox_oldest_age: Gauge<f64, AtomicU64>,
     commit_writes: Histogram,
@@ -224,6 +233,18 @@ impl Metrics {
             "1 for the state each handler's circuit breaker is in (closed, open, half_open), 0 for the others",
             breakers.clone(),
         );
+        let dlq_depth = Family::<Topic, Gauge>::default();
+        registry.register(
+            "weir_dlq_depth",
+            "Dead letters held by each dead-letter topic, as last read from the broker",
+            dlq_depth.clone(),
+        );
+        let dlq_oldest = Family::<Topic, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "weir_dlq_oldest_age_seconds",
+            "Age of the oldest dead letter in each dead-letter topic (0 when empty)",
+            dlq_oldest.clone(),
+        );
         let outbox_rows = Gauge::default();
         registry.register(
             "weir_outbox_rows",
@@ -264,6 +285,8 @@ impl Metrics {
             serving: Arc::default(),
             reloads,
             breakers,
+            dlq_depth,
+            dlq_oldest,
             outbox_rows,
             outbox_oldest_age,
             commit_writes,
@@ -362,6 +385,20 @@ impl Metrics {
         self.outbox_rows
             .set(i64::try_from(rows).unwrap_or(i64::MAX));
         self.outbox_oldest_age.set(oldest_age.as_secs_f64());
+    }
+
+    /// Dead-letter topic `topic` holds `depth` dead letters, the oldest
+    /// `oldest_age` old.
+    pub fn dlq(&self, topic: &str, depth: u64, oldest_age: Duration) {
+        let labels = Topic {
+            topic: topic.to_string(),
+        };
+        self.dlq_depth
+            .get_or_create(&labels)
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+        self.dlq_oldest
+            .get_or_create(&labels)
+            .set(oldest_age.as_secs_f64());
     }
 
     /// A durable group commit of `writes` outcomes took `seconds`.

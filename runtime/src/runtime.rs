@@ -24,7 +24,7 @@ use crate::registry::{self, BrokerKind, LoadError, LoadedHandler, Manifest};
 use crate::source::kafka::{Cluster, KafkaConsumer, KafkaProducer};
 use crate::source::nats::{self, ConsumerSpec, NatsConnection};
 use crate::source::progress::Progress;
-use crate::source::{Publisher, Source};
+use crate::source::{Archive, Publisher, Source};
 use crate::store::Store;
 
 /// The broker the runtime is connected to.
@@ -94,6 +94,8 @@ pub struct HandlerView {
     pub group: String,
     /// The topics or subjects it consumes.
     pub topics: Vec<String>,
+    /// Where its dead letters go.
+    pub dead_letter_topics: Vec<String>,
     /// Its counters.
     pub stats: Arc<HandlerStats>,
     /// False once its worker stopped on its own.
@@ -158,7 +160,8 @@ pub struct Runtime {
     relay: tokio::task::JoinHandle<()>,
     relay_stop: watch::Sender<bool>,
     relay_stats: Arc<RelayStats>,
-    lag_log: Option<tokio::task::JoinHandle<()>>,
+    /// The lag log and the dead-letter measurements.
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Logs each consumer group's lag per topic (`event = "consumer_lag"`, at
@@ -179,6 +182,47 @@ async fn log_lag(metrics: Metrics, every: Duration) {
         for ((group, topic), (lag, partitions, age)) in by_topic {
             tracing::info!(event = "consumer_lag", consumer_group = %group, topic = %topic, lag, partitions,
                 position_age_s = age.as_secs(), "consumer lag");
+        }
+    }
+}
+
+/// Measures every served handler's dead-letter topics every `every`, for
+/// `weir_dlq_depth` and `weir_dlq_oldest_age_seconds` (a topic that cannot
+/// be measured keeps its last values; why is logged at debug).
+async fn measure_dead_letters(broker: Broker, status: Status, metrics: Metrics, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        ticker.tick().await;
+        let mut dlqs: Vec<String> = status
+            .handlers()
+            .into_iter()
+            .flat_map(|view| view.dead_letter_topics)
+            .collect();
+        dlqs.sort();
+        dlqs.dedup();
+        for dlq in dlqs {
+            let measured = match &broker {
+                Broker::Kafka { cluster, .. } => {
+                    crate::source::kafka::KafkaArchive::new(cluster.clone())
+                        .depth(&dlq)
+                        .await
+                }
+                Broker::Nats(connection) => connection.depth(&dlq).await,
+            };
+            match measured {
+                Ok(depth) => {
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                    let age = depth.oldest_ms.map_or(Duration::ZERO, |oldest| {
+                        Duration::from_millis(u64::try_from(now_ms - oldest).unwrap_or(0))
+                    });
+                    metrics.dlq(&dlq, depth.messages, age);
+                }
+                Err(err) => {
+                    tracing::debug!(dlq = %dlq, error = %format!("{err:#}"), "cannot measure the dead-letter topic")
+                }
+            }
         }
     }
 }
@@ -320,16 +364,25 @@ impl Runtime {
             ),
         };
         let (fatal, fatal_rx) = mpsc::unbounded_channel();
+        let status = Status::default();
         let every = config.runtime.lag_log_interval;
-        let lag_log = if every.is_zero() {
-            None
-        } else {
-            Some(tokio::spawn(log_lag(metrics.clone(), every)))
-        };
+        let mut background = Vec::new();
+        if !every.is_zero() {
+            background.push(tokio::spawn(log_lag(metrics.clone(), every)));
+        }
+        let every = config.runtime.dlq_scan_interval;
+        if !every.is_zero() {
+            background.push(tokio::spawn(measure_dead_letters(
+                broker.clone(),
+                status.clone(),
+                metrics.clone(),
+                every,
+            )));
+        }
         let mut runtime = Self {
-            lag_log,
+            background,
             metrics,
-            status: Status::default(),
+            status,
             running: BTreeMap::new(),
             broker: broker.clone(),
             store: store.clone(),
@@ -427,6 +480,17 @@ impl Runtime {
                 contract: handler.compiled.contract().version().to_string(),
                 group: group.clone(),
                 topics: handler.manifest.topics.clone(),
+                dead_letter_topics: {
+                    let mut dlqs: Vec<String> = handler
+                        .manifest
+                        .topics
+                        .iter()
+                        .map(|topic| handler.manifest.dlq.destination(topic))
+                        .collect();
+                    dlqs.sort();
+                    dlqs.dedup();
+                    dlqs
+                },
                 stats: stats.clone(),
                 alive,
                 progress: self.metrics.progress(&group),
@@ -641,8 +705,8 @@ impl Runtime {
     /// unacknowledged messages are redelivered and unpublished events
     /// published on the next start.
     pub async fn stop(mut self, timeout: Duration) {
-        if let Some(lag_log) = &self.lag_log {
-            lag_log.abort();
+        for task in &self.background {
+            task.abort();
         }
         let deadline = tokio::time::Instant::now() + timeout;
         for running in self.running.values() {

@@ -439,7 +439,7 @@ impl Deployment {
         std::fs::write(
             dir.path().join("weir.toml"),
             format!(
-                "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\nshutdown_timeout = \"20s\"\nlag_log_interval = \"2s\"\n\n{ADMIN}\n{source}"
+                "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\nshutdown_timeout = \"20s\"\nlag_log_interval = \"2s\"\ndlq_scan_interval = \"1s\"\n\n{ADMIN}\n{source}"
             ),
         )?;
         Ok(Self { dir })
@@ -456,7 +456,7 @@ impl Deployment {
         std::fs::write(
             dir.path().join("weir.toml"),
             format!(
-                "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\nlag_log_interval = \"2s\"\n\n{ADMIN}\n[source.embedded]\npartitions = 3\n"
+                "[runtime]\nhandlers_dir = \"handlers\"\ndata_dir = \"data\"\nlag_log_interval = \"2s\"\ndlq_scan_interval = \"1s\"\n\n{ADMIN}\n[source.embedded]\npartitions = 3\n"
             ),
         )?;
         Ok(Self { dir })

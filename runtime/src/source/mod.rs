@@ -123,6 +123,23 @@ pub trait Archive: Send + Sync + 'static {
         selected: &[Position],
         read: &[Position],
     ) -> impl Future<Output = anyhow::Result<usize>> + Send;
+
+    /// How many messages `topic` holds, and when the oldest was written
+    /// (milliseconds since the Unix epoch), without reading them all.
+    ///
+    /// # Errors
+    ///
+    /// When the broker cannot be asked.
+    fn depth(&self, topic: &str) -> impl Future<Output = anyhow::Result<Depth>> + Send;
+}
+
+/// The size of a topic, as [`Archive::depth`] reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Depth {
+    /// Messages held.
+    pub messages: u64,
+    /// When the oldest was written, if any is held and its time is known.
+    pub oldest_ms: Option<i64>,
 }
 
 /// Where the broker put a published record.

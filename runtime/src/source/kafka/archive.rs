@@ -19,7 +19,7 @@ use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::Cluster;
-use crate::source::{Archive, Message, Position};
+use crate::source::{Archive, Depth, Message, Position};
 
 /// How long reading waits for a record before it takes a partition as
 /// read to its end.
@@ -113,6 +113,62 @@ impl KafkaArchive {
     }
 }
 
+impl KafkaArchive {
+    /// Sums the partitions' watermarks, and reads the first record of each
+    /// partition that holds any for the oldest time.
+    fn depth_blocking(&self, topic: &str) -> anyhow::Result<Depth> {
+        let mut config = self.cluster.client_config("weir-dlq");
+        config
+            .set("group.id", "weir-dlq-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
+        let consumer: BaseConsumer = config
+            .create()
+            .map_err(|err| anyhow::anyhow!("cannot create a reader: {err}"))?;
+        let metadata = consumer
+            .fetch_metadata(Some(topic), TIMEOUT)
+            .map_err(|err| anyhow::anyhow!("cannot read the metadata of {topic:?}: {err}"))?;
+        let Some(described) = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+        else {
+            return Ok(Depth::default());
+        };
+        let mut depth = Depth::default();
+        let mut firsts = TopicPartitionList::new();
+        let mut waiting: BTreeSet<i32> = BTreeSet::new();
+        for partition in described.partitions() {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, partition.id(), TIMEOUT)
+                .map_err(|err| anyhow::anyhow!("cannot read the offsets of {topic:?}: {err}"))?;
+            if high > low {
+                depth.messages += u64::try_from(high - low).unwrap_or(0);
+                firsts
+                    .add_partition_offset(topic, partition.id(), Offset::Offset(low))
+                    .map_err(|err| anyhow::anyhow!("cannot assign {topic:?}: {err}"))?;
+                waiting.insert(partition.id());
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(depth);
+        }
+        consumer
+            .assign(&firsts)
+            .map_err(|err| anyhow::anyhow!("cannot assign {topic:?}: {err}"))?;
+        let started = Instant::now();
+        while !waiting.is_empty() && started.elapsed() < IDLE {
+            if let Some(Ok(record)) = consumer.poll(Duration::from_millis(200))
+                && waiting.remove(&record.partition())
+                && let Some(ms) = record.timestamp().to_millis()
+            {
+                depth.oldest_ms = Some(depth.oldest_ms.map_or(ms, |o| o.min(ms)));
+            }
+        }
+        Ok(depth)
+    }
+}
+
 /// Per partition, the offset before which every record read is selected:
 /// where `DeleteRecords` may move the partition's start. Partitions whose
 /// oldest record is not selected are left out.
@@ -156,6 +212,14 @@ impl Archive for KafkaArchive {
         let archive = KafkaArchive::new(self.cluster.clone());
         let topic = topic.to_string();
         tokio::task::spawn_blocking(move || archive.read_blocking(&topic))
+            .await
+            .map_err(|err| anyhow::anyhow!("the reader stopped: {err}"))?
+    }
+
+    async fn depth(&self, topic: &str) -> anyhow::Result<Depth> {
+        let archive = KafkaArchive::new(self.cluster.clone());
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || archive.depth_blocking(&topic))
             .await
             .map_err(|err| anyhow::anyhow!("the reader stopped: {err}"))?
     }

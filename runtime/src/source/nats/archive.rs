@@ -9,7 +9,9 @@
 use async_nats::jetstream::stream::RawMessageErrorKind;
 
 use super::{KEY_HEADER, NatsConnection};
-use crate::source::{Archive, Message, Position};
+use futures_util::TryStreamExt;
+
+use crate::source::{Archive, Depth, Message, Position};
 
 impl Archive for NatsConnection {
     async fn read_all(&self, topic: &str) -> anyhow::Result<Vec<Message>> {
@@ -95,5 +97,46 @@ impl Archive for NatsConnection {
             }
         }
         Ok(removed)
+    }
+
+    async fn depth(&self, topic: &str) -> anyhow::Result<Depth> {
+        let Ok(stream_name) = self.js.stream_by_subject(topic).await else {
+            return Ok(Depth::default());
+        };
+        let stream = self
+            .js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot open stream {stream_name:?}: {err}"))?;
+        let mut subjects = stream
+            .info_with_subjects(topic)
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot read stream {stream_name:?}: {err}"))?;
+        let mut messages = 0u64;
+        while let Some((_, count)) = subjects
+            .try_next()
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot read stream {stream_name:?}: {err}"))?
+        {
+            messages += count as u64;
+        }
+        if messages == 0 {
+            return Ok(Depth::default());
+        }
+        let oldest = stream
+            .raw_message_builder()
+            .sequence(1)
+            .next_by_subject(topic.to_string())
+            .send()
+            .await;
+        let oldest_ms = match oldest {
+            Ok(message) => i64::try_from(message.time.unix_timestamp_nanos() / 1_000_000).ok(),
+            Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => None,
+            Err(err) => anyhow::bail!("cannot read {topic:?} from stream {stream_name:?}: {err}"),
+        };
+        Ok(Depth {
+            messages,
+            oldest_ms,
+        })
     }
 }
