@@ -52,6 +52,8 @@ Examples:
   weir dlq list orders --since 1h        the dead letters of handler orders in the last hour
   weir dlq replay orders --error-kind timeout
                                          send them back to be handled again
+  weir replay projection --from earliest --reset-state
+                                         rebuild a projection from its input (weir stopped)
 
 Logs go to stderr; filter them with WEIR_LOG (e.g. WEIR_LOG=weir=debug to see every
 handled message, WEIR_LOG=weir::guest=off to silence handler logs).";
@@ -147,6 +149,32 @@ enum Command {
         config: PathBuf,
         #[command(subcommand)]
         action: StateAction,
+    },
+    /// Handle a handler's input again: move its consumer back and forget
+    /// its dedup marks — with --reset-state also its state and pending
+    /// emitted events, to rebuild a projection from scratch.
+    ///
+    /// Works on a stopped weir (it refuses while one holds the database,
+    /// and the broker refuses while one consumes in the group). Says what
+    /// it will do; does it only with --yes.
+    Replay {
+        /// Configuration file naming the broker, handlers and data directory.
+        #[arg(long, short, default_value = "config/weir.toml", env = "WEIR_CONFIG")]
+        config: PathBuf,
+        /// The handler (its file stem).
+        handler: String,
+        /// Where to start again: `earliest`, an RFC 3339 time
+        /// (2026-11-26T10:00:00Z), or an offset (Kafka, every partition) /
+        /// stream sequence (NATS JetStream).
+        #[arg(long, value_parser = weir::tools::replay::parse_from)]
+        from: weir::source::Rewind,
+        /// Also delete the handler's state and its emitted events not yet
+        /// published, so the replay rebuilds them.
+        #[arg(long)]
+        reset_state: bool,
+        /// Do it (without: only say what would be done).
+        #[arg(long)]
+        yes: bool,
     },
     /// List, replay and purge dead letters.
     ///
@@ -295,6 +323,25 @@ fn main() -> ExitCode {
             Command::State { config, action } => state(&load_config(&config)?, action),
             Command::Handlers { config } => handlers(&load_config(&config)?).await,
             Command::Dlq { config, action } => dlq(&load_config(&config)?, action).await,
+            Command::Replay {
+                config,
+                handler,
+                from,
+                reset_state,
+                yes,
+            } => {
+                let request = weir::tools::replay::Request {
+                    handler,
+                    from,
+                    reset_state,
+                    yes,
+                };
+                print!(
+                    "{}",
+                    weir::tools::replay::run(&load_config(&config)?, &request).await?
+                );
+                Ok(())
+            }
         }
     });
     match result {

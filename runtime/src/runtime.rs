@@ -451,15 +451,11 @@ impl Runtime {
                 )
             }
             Broker::Nats(connection) => {
-                let settings = handler.manifest.nats.clone().unwrap_or_default();
-                let consumer = connection.consumer(ConsumerSpec {
-                    durable: settings.durable.unwrap_or_else(|| nats::name_for(&group)),
-                    topics: handler.manifest.topics.clone(),
-                    start: handler.manifest.start,
-                    ack_wait: settings.ack_wait,
-                    max_ack_pending: handler.manifest.max_in_flight,
-                    progress: self.metrics.progress(&group),
-                });
+                let consumer = connection.consumer(nats_consumer_spec(
+                    &handler.manifest,
+                    &group,
+                    self.metrics.progress(&group),
+                ));
                 self.spawn(
                     &handler,
                     consumer,
@@ -787,6 +783,20 @@ async fn retire(running: RunningHandler, drain: Duration) {
 pub fn open_store(config: &Config) -> anyhow::Result<Store> {
     let path = config.runtime.data_dir.join("weir.redb");
     Store::open(&path).map_err(|err| anyhow::anyhow!("[runtime] data_dir: {err}"))
+}
+
+/// The JetStream consumers of a handler with `manifest`, consuming as
+/// `group`.
+pub fn nats_consumer_spec(manifest: &Manifest, group: &str, progress: Progress) -> ConsumerSpec {
+    let settings = manifest.nats.clone().unwrap_or_default();
+    ConsumerSpec {
+        durable: settings.durable.unwrap_or_else(|| nats::name_for(group)),
+        topics: manifest.topics.clone(),
+        start: manifest.start,
+        ack_wait: settings.ack_wait,
+        max_ack_pending: manifest.max_in_flight,
+        progress,
+    }
 }
 
 /// The connection settings of a `[source.nats]` table.

@@ -299,6 +299,28 @@ pub enum Write {
         /// Their sequence numbers.
         seqs: Vec<u64>,
     },
+    /// Forget what `handler` has handled: its dedup marks and attempt
+    /// counts, and with `state` also its state and the outbox rows it
+    /// emitted and that wait to be published (a rebuild, `weir replay`).
+    Forget {
+        /// Handler name.
+        handler: String,
+        /// Also its state and pending outbox rows.
+        state: bool,
+    },
+}
+
+/// What the store holds for one handler (see [`Store::footprint`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Footprint {
+    /// Dedup marks (events whose outcome is final).
+    pub marks: u64,
+    /// Attempt counts of unfinished events.
+    pub attempts: u64,
+    /// State keys.
+    pub state_keys: u64,
+    /// Outbox rows it emitted, not yet published.
+    pub outbox_rows: u64,
 }
 
 /// What became of a write.
@@ -622,6 +644,28 @@ impl Store {
         Ok(first.and_then(|(_, bytes)| committed_ms(bytes.value())))
     }
 
+    /// What the store holds for `handler`: what a rebuild would forget.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be read.
+    pub fn footprint(&self, handler: &str) -> Result<Footprint, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let count = |found: Result<Vec<(String, u64)>, redb::StorageError>| {
+            found.map(|keys| keys.len() as u64).map_err(|e| self.io(e))
+        };
+        let dedup = txn.open_table(DEDUP).map_err(|e| self.io(e))?;
+        let attempts = txn.open_table(ATTEMPTS).map_err(|e| self.io(e))?;
+        let state = txn.open_table(STATE).map_err(|e| self.io(e))?;
+        let outbox = txn.open_table(OUTBOX).map_err(|e| self.io(e))?;
+        Ok(Footprint {
+            marks: count(keys_of(&dedup, handler, |v| v.value()))?,
+            attempts: count(keys_of(&attempts, handler, |v| u64::from(v.value())))?,
+            state_keys: count(keys_of(&state, handler, |_| 0))?,
+            outbox_rows: rows_of(&outbox, handler).map_err(|e| self.io(e))?.len() as u64,
+        })
+    }
+
     /// Woken whenever a commit added outbox rows.
     pub fn outbox_ready(&self) -> Arc<Notify> {
         self.outbox_ready.clone()
@@ -863,6 +907,45 @@ impl WriterState {
     }
 }
 
+/// The names of `handler`'s entries in a table keyed by (handler, name),
+/// each with `number` of its value.
+fn keys_of<V: redb::Value + 'static, T: ReadableTable<(&'static str, &'static str), V>>(
+    table: &T,
+    handler: &str,
+    number: impl Fn(redb::AccessGuard<'_, V>) -> u64,
+) -> Result<Vec<(String, u64)>, redb::StorageError> {
+    let mut keys = Vec::new();
+    for entry in table.range((handler, "")..)? {
+        let (key, value) = entry?;
+        let (owner, name) = key.value();
+        if owner != handler {
+            break;
+        }
+        keys.push((name.to_string(), number(value)));
+    }
+    Ok(keys)
+}
+
+/// The outbox rows `handler` emitted (their `weir.handler` header).
+fn rows_of<T: ReadableTable<u64, &'static [u8]>>(
+    outbox: &T,
+    handler: &str,
+) -> Result<Vec<u64>, redb::StorageError> {
+    let mut rows = Vec::new();
+    for entry in outbox.iter()? {
+        let (seq, bytes) = entry?;
+        let mine = OutboxRecord::decode(bytes.value()).is_ok_and(|record| {
+            record.headers.iter().any(|(name, value)| {
+                name == "weir.handler" && value.as_slice() == handler.as_bytes()
+            })
+        });
+        if mine {
+            rows.push(seq.value());
+        }
+    }
+    Ok(rows)
+}
+
 /// What one batch did.
 struct BatchOutcome {
     /// Per write, in order.
@@ -961,6 +1044,28 @@ fn apply(db: &Database, batch: &[&Write]) -> Result<BatchOutcome, String> {
                 Write::Published { seqs } => {
                     for seq in seqs {
                         outbox.remove(*seq).map_err(err)?;
+                    }
+                    applied.push(Applied::Done);
+                }
+                Write::Forget {
+                    handler,
+                    state: reset,
+                } => {
+                    let h = handler.as_str();
+                    for (id, expires) in keys_of(&dedup, h, |v| v.value()).map_err(err)? {
+                        dedup.remove((h, id.as_str())).map_err(err)?;
+                        expiry.remove((expires, h, id.as_str())).map_err(err)?;
+                    }
+                    for (id, _) in keys_of(&attempts, h, |v| u64::from(v.value())).map_err(err)? {
+                        attempts.remove((h, id.as_str())).map_err(err)?;
+                    }
+                    if *reset {
+                        for (key, _) in keys_of(&state, h, |_| 0).map_err(err)? {
+                            state.remove((h, key.as_str())).map_err(err)?;
+                        }
+                        for seq in rows_of(&outbox, h).map_err(err)? {
+                            outbox.remove(seq).map_err(err)?;
+                        }
                     }
                     applied.push(Applied::Done);
                 }
@@ -1203,6 +1308,83 @@ mod tests {
                 ..Effects::default()
             })),
         }
+    }
+
+    #[tokio::test]
+    async fn forgetting_a_handler_leaves_the_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("weir.redb")).expect("open");
+        let of = |handler: &str, write: Write| match write {
+            Write::Finished {
+                id,
+                ttl,
+                dedup,
+                effects,
+                ..
+            } => {
+                let effects = effects.map(|effects| {
+                    let mut effects = (*effects).clone();
+                    for record in &mut effects.emits {
+                        record
+                            .headers
+                            .push(("weir.handler".into(), handler.as_bytes().to_vec()));
+                    }
+                    Arc::new(effects)
+                });
+                Write::Finished {
+                    handler: handler.into(),
+                    id,
+                    ttl,
+                    dedup,
+                    effects,
+                }
+            }
+            other => other,
+        };
+        for (handler, id) in [("h", "e1"), ("h", "e2"), ("other", "e1")] {
+            let write = of(handler, emitting(id, id));
+            assert_eq!(store.write(write).await.expect("write"), Applied::Done);
+        }
+        store
+            .write(Write::Attempted {
+                handler: "h".into(),
+                id: "e3".into(),
+                attempts: 2,
+            })
+            .await
+            .expect("attempt");
+        let before = Footprint {
+            marks: 2,
+            attempts: 1,
+            state_keys: 2,
+            outbox_rows: 2,
+        };
+        assert_eq!(store.footprint("h").expect("footprint"), before);
+        let forget = |state| Write::Forget {
+            handler: "h".into(),
+            state,
+        };
+        store.write(forget(false)).await.expect("forget");
+        assert_eq!(
+            store.footprint("h").expect("footprint"),
+            Footprint {
+                marks: 0,
+                attempts: 0,
+                ..before
+            }
+        );
+        assert!(!store.seen("h", "e1").expect("seen").done);
+        store.write(forget(true)).await.expect("reset");
+        assert_eq!(
+            store.footprint("h").expect("footprint"),
+            Footprint::default()
+        );
+        let other = store.footprint("other").expect("footprint");
+        assert_eq!(
+            (other.marks, other.state_keys, other.outbox_rows),
+            (1, 1, 1)
+        );
+        assert!(store.seen("other", "e1").expect("seen").done);
     }
 
     #[tokio::test]

@@ -6,7 +6,9 @@
 //!   exactly once, in key order, once the dependency is back;
 //! - `weir dlq` lists dead letters with their origin, replays them so that
 //!   each is handled again exactly once (replaying twice included), and
-//!   purges what its filter selects, leaving the rest.
+//!   purges what its filter selects, leaving the rest;
+//! - `weir replay --reset-state` rebuilds a projection from its input: the
+//!   rebuilt state equals what the first run built.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -372,6 +374,132 @@ fn dead_letters_are_listed_replayed_once_and_purged(kind: BrokerKind) -> Result<
     }
     stop(&mut weir)?;
     Ok(())
+}
+
+/// The counter's state: key → count, read with `weir state list`.
+fn counts(deployment: &weir_tests::Deployment) -> Result<BTreeMap<String, String>> {
+    let out = deployment.weir(&["state", "list", "counter", "--prefix", "count/", "--json"])?;
+    let mut counts = BTreeMap::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let entry: Value =
+            serde_json::from_str(line).with_context(|| format!("state line {line}"))?;
+        if let (Some(key), Some(value)) = (entry["key"].as_str(), entry["value"].as_str()) {
+            counts.insert(key.to_string(), value.to_string());
+        }
+    }
+    Ok(counts)
+}
+
+fn a_replay_rebuilds_the_projection(kind: BrokerKind) -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let broker = kind.start()?;
+    let broker: &dyn TestBroker = broker.as_ref();
+    broker.create_topic("events", 2)?;
+    broker.create_output_topic("counts")?;
+    let deployment = broker.deployment()?;
+    deployment.add_handler(
+        "counter",
+        "counter",
+        "topics = [\"events\"]\n\n[config]\noutput_topic = \"counts\"\n",
+    )?;
+    // 12 events over 3 keys: 4 each.
+    let records: Vec<Record> = (0..12)
+        .map(|i| record(&format!("k{}", i % 3), &format!("ev-{i}")))
+        .collect();
+    broker.produce("events", &records)?;
+    let expected: BTreeMap<String, String> = (0..3)
+        .map(|k| (format!("count/k{k}"), "4".to_string()))
+        .collect();
+
+    let port = free_port()?;
+    deployment.admin_port(port)?;
+    let mut weir = deployment.start("first")?;
+    let log = weir.log.clone();
+    poll_until(
+        WAIT,
+        "the first run to count every event",
+        || Ok((counts(&deployment)? == expected).then_some(())),
+        || format!("log: {}", log.display()),
+    )?;
+    // Refused while weir runs.
+    let refused = deployment.weir(&["replay", "counter", "--from", "earliest", "--yes"]);
+    ensure!(
+        refused
+            .as_ref()
+            .is_err_and(|e| format!("{e:#}").contains("stop")),
+        "a replay while weir runs: {refused:?}"
+    );
+    stop(&mut weir)?;
+
+    // The plan, then the rebuild.
+    let plan = deployment.weir(&["replay", "counter", "--from", "earliest", "--reset-state"])?;
+    ensure!(
+        plan.contains("would forget 12 dedup mark(s)")
+            && plan.contains("would delete 3 state key(s)")
+            && plan.contains("nothing done"),
+        "plan: {plan}"
+    );
+    ensure!(
+        counts(&deployment)? == expected,
+        "the plan changed something"
+    );
+    let done = deployment.weir(&[
+        "replay",
+        "counter",
+        "--from",
+        "earliest",
+        "--reset-state",
+        "--yes",
+    ])?;
+    ensure!(done.contains("done"), "replay: {done}");
+    ensure!(
+        counts(&deployment)?.is_empty(),
+        "state left after the reset"
+    );
+
+    let mut weir = deployment.start("rebuild")?;
+    let log = weir.log.clone();
+    poll_until(
+        WAIT,
+        "the rebuilt projection to equal the first one",
+        || {
+            let now = counts(&deployment)?;
+            Ok((now == expected).then_some(()))
+        },
+        || format!("counts: {:?}; log: {}", counts(&deployment), log.display()),
+    )?;
+    // Every event handled again, once: no count goes past 4.
+    let rebuilt = poll_until(
+        WAIT,
+        "the group to catch up again",
+        || {
+            let s = scrape(port);
+            let handled = s
+                .get("messages_consumed_total{topic=\"events\",consumer_group=\"weir.counter\",status=\"handled\"}")
+                .copied();
+            Ok((handled == Some(12.0)).then_some(s))
+        },
+        || format!("log: {}", log.display()),
+    )?;
+    ensure!(
+        counts(&deployment)? == expected,
+        "after catching up: {:?}; metrics {rebuilt:?}",
+        counts(&deployment)
+    );
+    stop(&mut weir)?;
+    Ok(())
+}
+
+#[test]
+fn kafka_a_replay_rebuilds_the_projection() -> Result<()> {
+    a_replay_rebuilds_the_projection(BrokerKind::Kafka)
+}
+
+#[test]
+fn nats_a_replay_rebuilds_the_projection() -> Result<()> {
+    a_replay_rebuilds_the_projection(BrokerKind::Nats)
 }
 
 /// The alert rules in `config/alerts.yml` load, and each fires on the

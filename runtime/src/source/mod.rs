@@ -133,6 +133,18 @@ pub trait Archive: Send + Sync + 'static {
     fn depth(&self, topic: &str) -> impl Future<Output = anyhow::Result<Depth>> + Send;
 }
 
+/// Where a rewound consumer starts again (`weir replay --from`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rewind {
+    /// The oldest message each partition (subject) still holds.
+    Earliest,
+    /// The first message written at or after this time.
+    Time(std::time::SystemTime),
+    /// This offset in every partition (Kafka), this stream sequence
+    /// (JetStream).
+    Offset(i64),
+}
+
 /// The size of a topic, as [`Archive::depth`] reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Depth {

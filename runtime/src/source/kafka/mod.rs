@@ -26,6 +26,7 @@
 mod archive;
 pub mod ledger;
 mod producer;
+pub mod rewind;
 pub mod topics;
 
 pub use archive::KafkaArchive;

@@ -41,6 +41,7 @@
 //! drops a republished copy.
 
 mod archive;
+pub mod rewind;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

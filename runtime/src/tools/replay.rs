@@ -1,0 +1,196 @@
+//! `weir replay`: rebuild what a handler computed by handling its input
+//! again — move its consumer back, forget its dedup marks (and, for a
+//! rebuild, its state and pending outbox rows).
+//!
+//! It works on a stopped weir: it opens the handler's database (which a
+//! running weir holds) and commits consumer positions from outside the
+//! group (which the broker refuses while a member is running). It says
+//! exactly what it will do, and does it only with `--yes`.
+//!
+//! Order, and what a stop halfway leaves: the store forgets first (one
+//! durable transaction), then the broker position moves. Stopped between
+//! the two, nothing is handled twice and nothing is lost: the handler
+//! simply continues where it was with empty marks (and state, with
+//! `--reset-state`); running the same replay again completes it.
+
+use std::fmt::Write as _;
+
+use crate::config::{Config, Source};
+use crate::registry::Manifest;
+use crate::source::Rewind;
+use crate::source::kafka::Cluster;
+use crate::source::nats::NatsConnection;
+use crate::source::progress::Progress;
+use crate::store::{Footprint, Store, Write};
+
+/// The command as given.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The handler (its file stem).
+    pub handler: String,
+    /// Where its consumer starts again.
+    pub from: Rewind,
+    /// Also forget its state and pending outbox rows (a rebuild).
+    pub reset_state: bool,
+    /// Do it (otherwise only say what would be done).
+    pub yes: bool,
+}
+
+/// Parses `--from`: `earliest`, an RFC 3339 time, or an offset (Kafka) /
+/// stream sequence (JetStream).
+///
+/// # Errors
+///
+/// When it is none of these.
+pub fn parse_from(text: &str) -> Result<Rewind, String> {
+    if text == "earliest" {
+        return Ok(Rewind::Earliest);
+    }
+    if let Ok(offset) = text.parse::<i64>() {
+        if offset < 0 {
+            return Err(format!("--from {text}: an offset is 0 or more"));
+        }
+        return Ok(Rewind::Offset(offset));
+    }
+    humantime::parse_rfc3339_weak(text)
+        .map(Rewind::Time)
+        .map_err(|_| {
+            format!(
+                "--from {text:?}: write `earliest`, a time like 2026-11-26T10:00:00Z, or an offset"
+            )
+        })
+}
+
+/// Runs `request`; returns what to print.
+///
+/// # Errors
+///
+/// When the handler, its database or its broker cannot be reached, or the
+/// broker refuses (a weir serving the handler is running).
+pub async fn run(config: &Config, request: &Request) -> anyhow::Result<String> {
+    let manifest_path = config
+        .runtime
+        .handlers_dir
+        .join(format!("{}.toml", request.handler));
+    let manifest = Manifest::load(&manifest_path)
+        .map_err(|err| anyhow::anyhow!("handler {:?}: {err}", request.handler))?;
+    let group = manifest.group_for(&request.handler);
+    let db = config.runtime.data_dir.join("weir.redb");
+    let store = Store::open(&db).map_err(|err| {
+        anyhow::anyhow!(
+            "cannot open {} ({err}): weir replay works on a stopped weir; stop the one running on it first",
+            db.display()
+        )
+    })?;
+    let footprint = store.footprint(&request.handler)?;
+    let mut out = String::new();
+    let verb = if request.yes { "" } else { "would " };
+    let _ = writeln!(
+        out,
+        "weir replay {} (group {group}, topics {}):",
+        request.handler,
+        manifest.topics.join(", ")
+    );
+    describe_store(&mut out, verb, &footprint, request.reset_state);
+    if request.yes {
+        // The store first (see "Order" above).
+        store
+            .write(Write::Forget {
+                handler: request.handler.clone(),
+                state: request.reset_state,
+            })
+            .await?;
+    }
+    drop(store);
+    match config.source() {
+        Source::Kafka(source) => {
+            let cluster = Cluster {
+                bootstrap_servers: source.bootstrap_servers,
+                properties: source.properties,
+            };
+            cluster.validate()?;
+            let moves = crate::source::kafka::rewind::rewind(
+                &cluster,
+                &group,
+                &manifest.topics,
+                request.from,
+                request.yes,
+            )
+            .await?;
+            for m in moves {
+                let now = m.committed.map_or_else(
+                    || "nothing committed".to_string(),
+                    |o| format!("offset {o}"),
+                );
+                let _ = writeln!(
+                    out,
+                    "  {verb}move {}/{} from {now} to offset {}",
+                    m.topic, m.partition, m.to
+                );
+            }
+        }
+        Source::Nats(source) => {
+            let connection =
+                NatsConnection::connect(&crate::runtime::nats_settings(source)).await?;
+            let spec = crate::runtime::nats_consumer_spec(&manifest, &group, Progress::default());
+            for m in connection.rewind(&spec, request.from, request.yes).await? {
+                let now = m.acked.map_or_else(
+                    || "no consumer yet".to_string(),
+                    |s| format!("acknowledged up to stream sequence {s}"),
+                );
+                let _ = writeln!(
+                    out,
+                    "  {verb}restart consumer {} of {} ({now}) from {}",
+                    m.durable, m.topic, m.to
+                );
+            }
+        }
+        Source::Embedded(_) => anyhow::bail!(
+            "the embedded broker keeps nothing after `weir run` stops: there is nothing to replay"
+        ),
+    }
+    if request.yes {
+        out.push_str("done: start weir to handle the replayed messages\n");
+    } else {
+        out.push_str("nothing done: run again with --yes to do it\n");
+    }
+    Ok(out)
+}
+
+fn describe_store(out: &mut String, verb: &str, footprint: &Footprint, reset: bool) {
+    let _ = writeln!(
+        out,
+        "  {verb}forget {} dedup mark(s) and {} attempt count(s)",
+        footprint.marks, footprint.attempts
+    );
+    if reset {
+        let _ = writeln!(
+            out,
+            "  {verb}delete {} state key(s) and {} emitted event(s) not yet published",
+            footprint.state_keys, footprint.outbox_rows
+        );
+    } else if footprint.state_keys > 0 {
+        let _ = writeln!(
+            out,
+            "  keep its {} state key(s) (--reset-state to rebuild them from the input)",
+            footprint.state_keys
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_is_earliest_a_time_or_an_offset() {
+        assert_eq!(parse_from("earliest"), Ok(Rewind::Earliest));
+        assert_eq!(parse_from("42"), Ok(Rewind::Offset(42)));
+        assert!(matches!(
+            parse_from("2026-11-26T10:00:00Z"),
+            Ok(Rewind::Time(_))
+        ));
+        assert!(parse_from("-1").is_err());
+        assert!(parse_from("yesterday").is_err());
+    }
+}
