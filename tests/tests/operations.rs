@@ -329,11 +329,25 @@ fn dead_letters_are_listed_replayed_once_and_purged(kind: BrokerKind) -> Result<
         let out = deployment.weir(&["dlq", "replay", "dep", "--error-kind", "retryable"])?;
         ensure!(out.contains("replayed 6 "), "replay: {out}");
     }
+    // The second replay's copies: skipped by weir's dedup on Kafka; on
+    // NATS, JetStream's duplicate window drops them first (the replay id
+    // is their Nats-Msg-Id).
+    let copies = match kind {
+        BrokerKind::Kafka => 6.0,
+        BrokerKind::Nats => 0.0,
+    };
     poll_until(
         WAIT,
         "the replayed events handled once and their copies skipped",
-        || Ok((count("handled") == 6.0 && count("duplicate") == 6.0).then_some(())),
-        || format!("log: {}", log.display()),
+        || Ok((count("handled") == 6.0 && count("duplicate") == copies).then_some(())),
+        || {
+            format!(
+                "handled {}, duplicate {}; log: {}",
+                count("handled"),
+                count("duplicate"),
+                log.display()
+            )
+        },
     )?;
     let mut handled: Vec<String> = weir
         .guest_records("dep", "sdk-probe")
