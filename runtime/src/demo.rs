@@ -92,7 +92,7 @@ pub async fn run(
         cluster: cluster.clone(),
         producer: crate::source::kafka::KafkaProducer::new(&cluster, "weir-producer")?,
     };
-    let runtime = Runtime::start(handlers, &broker, &store, &config)?;
+    let runtime = Runtime::start(handlers, &broker, &store, config)?;
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
     if config.admin.enabled
         && let Some(address) = crate::admin::serve(

@@ -180,12 +180,11 @@ impl Breaker {
             inner.probes = inner.probes.saturating_sub(1);
         }
         match (inner.state, result) {
-            (_, CallResult::Neutral) => {
-                if probe && inner.state == BreakerState::HalfOpen {
-                    // Its slot is free: another probe may run.
-                    self.changed.send_replace(inner.state);
-                }
+            (BreakerState::HalfOpen, CallResult::Neutral) if probe => {
+                // Its slot is free: another probe may run.
+                self.changed.send_replace(inner.state);
             }
+            (_, CallResult::Neutral) => {}
             (BreakerState::Closed, CallResult::Success) => inner.failures = 0,
             (BreakerState::Closed, CallResult::Failure) => {
                 inner.failures += 1;

@@ -656,7 +656,7 @@ async fn durable_info(
     consumer
         .info()
         .await
-        .map(|info| info.clone())
+        .cloned()
         .map_err(|err| format!("no answer: {err}"))
 }
 
