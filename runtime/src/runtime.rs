@@ -785,6 +785,20 @@ pub fn open_store(config: &Config) -> anyhow::Result<Store> {
     Store::open(&path).map_err(|err| anyhow::anyhow!("[runtime] data_dir: {err}"))
 }
 
+/// The cluster of a `[source.kafka]` table.
+///
+/// # Errors
+///
+/// When a pass-through property overrides one Weir sets (naming it).
+pub fn kafka_cluster(source: crate::config::KafkaSource) -> anyhow::Result<Cluster> {
+    let cluster = Cluster {
+        bootstrap_servers: source.bootstrap_servers,
+        properties: source.properties,
+    };
+    cluster.validate()?;
+    Ok(cluster)
+}
+
 /// The JetStream consumers of a handler with `manifest`, consuming as
 /// `group`.
 pub fn nats_consumer_spec(manifest: &Manifest, group: &str, progress: Progress) -> ConsumerSpec {
@@ -837,14 +851,7 @@ pub async fn connect(
         Ok(Broker::Kafka { cluster, producer })
     };
     match config.source() {
-        crate::config::Source::Kafka(source) => {
-            let cluster = Cluster {
-                bootstrap_servers: source.bootstrap_servers,
-                properties: source.properties,
-            };
-            cluster.validate()?;
-            Ok((kafka(cluster)?, None))
-        }
+        crate::config::Source::Kafka(source) => Ok((kafka(kafka_cluster(source)?)?, None)),
         crate::config::Source::Nats(source) => Ok((
             Broker::Nats(NatsConnection::connect(&nats_settings(source)).await?),
             None,

@@ -81,7 +81,13 @@ pub fn error_type(failure: &Failure) -> &str {
     if let Some(category) = failure.category.as_deref() {
         return category;
     }
-    let message = failure.message.as_str();
+    runtime_failure(&failure.message).unwrap_or(failure.kind.as_str())
+}
+
+/// What the runtime saw, told by an error's text: `timeout`, `trap`,
+/// `memory_limit`, `fuel_limit`, `table_limit`; `None` for a handler's own
+/// error.
+pub fn runtime_failure(error: &str) -> Option<&'static str> {
     [
         ("timeout:", "timeout"),
         ("trap while", "trap"),
@@ -90,8 +96,8 @@ pub fn error_type(failure: &Failure) -> &str {
         ("table limit:", "table_limit"),
     ]
     .into_iter()
-    .find(|(prefix, _)| message.starts_with(prefix))
-    .map_or(failure.kind.as_str(), |(_, kind)| kind)
+    .find(|(prefix, _)| error.starts_with(prefix))
+    .map(|(_, kind)| kind)
 }
 
 #[cfg(test)]

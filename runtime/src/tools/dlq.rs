@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 
 use crate::message::{Message, Position};
-use crate::pipeline::dlq::{ADDED, REPLAY_ID, REPLAY_OF, REPLAYED_AT};
+use crate::pipeline::dlq::{ADDED, REPLAY_ID, REPLAY_OF, REPLAYED_AT, runtime_failure};
 use crate::source::{Archive, Publisher};
 
 /// One dead letter, read back from its dead-letter topic.
@@ -184,25 +184,10 @@ impl Filter {
             && self.error_kind.as_ref().is_none_or(|wanted| {
                 *wanted == letter.kind
                     || letter.category.as_ref() == Some(wanted)
-                    || error_type(&letter.error) == wanted
+                    || runtime_failure(&letter.error) == Some(wanted.as_str())
             })
             && (self.event_ids.is_empty() || self.event_ids.contains(&letter.event_id))
     }
-}
-
-/// What the runtime saw, from the error text (as `dlq_messages_total`'s
-/// `error_type` names it): `timeout`, `trap`, `memory_limit`, … or `""`.
-fn error_type(error: &str) -> &'static str {
-    [
-        ("timeout:", "timeout"),
-        ("trap while", "trap"),
-        ("memory limit:", "memory_limit"),
-        ("fuel limit:", "fuel_limit"),
-        ("table limit:", "table_limit"),
-    ]
-    .into_iter()
-    .find(|(prefix, _)| error.starts_with(prefix))
-    .map_or("", |(_, kind)| kind)
 }
 
 /// The dead letters of `dlqs` that `filter` selects, and everything read

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::dlq::{self, DeadLetter, Filter};
 use crate::config::{Config, Source};
 use crate::registry::Manifest;
-use crate::source::kafka::{Cluster, KafkaArchive, KafkaProducer};
+use crate::source::kafka::{KafkaArchive, KafkaProducer};
 use crate::source::nats::NatsConnection;
 
 /// What `weir dlq` does.
@@ -130,11 +130,7 @@ pub async fn run(config: &Config, request: Request) -> anyhow::Result<String> {
     }
     match config.source() {
         Source::Kafka(source) => {
-            let cluster = Cluster {
-                bootstrap_servers: source.bootstrap_servers,
-                properties: source.properties,
-            };
-            cluster.validate()?;
+            let cluster = crate::runtime::kafka_cluster(source)?;
             let archive = KafkaArchive::new(cluster.clone());
             let producer = KafkaProducer::new(&cluster, "weir-dlq")?;
             execute(&archive, &producer, &dlqs, request).await

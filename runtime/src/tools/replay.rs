@@ -18,7 +18,6 @@ use std::fmt::Write as _;
 use crate::config::{Config, Source};
 use crate::registry::Manifest;
 use crate::source::Rewind;
-use crate::source::kafka::Cluster;
 use crate::source::nats::NatsConnection;
 use crate::source::progress::Progress;
 use crate::store::{Footprint, Store, Write};
@@ -104,11 +103,7 @@ pub async fn run(config: &Config, request: &Request) -> anyhow::Result<String> {
     drop(store);
     match config.source() {
         Source::Kafka(source) => {
-            let cluster = Cluster {
-                bootstrap_servers: source.bootstrap_servers,
-                properties: source.properties,
-            };
-            cluster.validate()?;
+            let cluster = crate::runtime::kafka_cluster(source)?;
             let moves = crate::source::kafka::rewind::rewind(
                 &cluster,
                 &group,

@@ -15,7 +15,7 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::Cluster;
@@ -38,7 +38,9 @@ impl KafkaArchive {
         Self { cluster }
     }
 
-    fn read_blocking(&self, topic: &str) -> anyhow::Result<Vec<Message>> {
+    /// A consumer that joins no group and commits nothing, telling when it
+    /// reached a partition's end.
+    fn reader(&self) -> anyhow::Result<BaseConsumer> {
         let mut config = self.cluster.client_config("weir-dlq");
         config
             .set("group.id", "weir-dlq-reader")
@@ -46,9 +48,13 @@ impl KafkaArchive {
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest");
-        let consumer: BaseConsumer = config
+        config
             .create()
-            .map_err(|err| anyhow::anyhow!("cannot create a reader: {err}"))?;
+            .map_err(|err| anyhow::anyhow!("cannot create a reader: {err}"))
+    }
+
+    fn read_blocking(&self, topic: &str) -> anyhow::Result<Vec<Message>> {
+        let consumer = self.reader()?;
         let metadata = consumer
             .fetch_metadata(Some(topic), TIMEOUT)
             .map_err(|err| anyhow::anyhow!("cannot read the metadata of {topic:?}: {err}"))?;
@@ -81,24 +87,11 @@ impl KafkaArchive {
                 Some(Err(err)) => anyhow::bail!("cannot read {topic:?}: {err}"),
                 Some(Ok(record)) => {
                     last_record = Instant::now();
-                    let headers = record
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| {
-                                    (
-                                        h.key.to_string(),
-                                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
                     messages.push(Message {
                         topic: record.topic().to_string(),
                         key: record.key().map(<[u8]>::to_vec),
                         payload: record.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                        headers,
+                        headers: super::headers_of(&record),
                         timestamp_ms: record.timestamp().to_millis(),
                         position: Position::Kafka {
                             partition: record.partition(),
@@ -117,14 +110,7 @@ impl KafkaArchive {
     /// Sums the partitions' watermarks, and reads the first record of each
     /// partition that holds any for the oldest time.
     fn depth_blocking(&self, topic: &str) -> anyhow::Result<Depth> {
-        let mut config = self.cluster.client_config("weir-dlq");
-        config
-            .set("group.id", "weir-dlq-reader")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false");
-        let consumer: BaseConsumer = config
-            .create()
-            .map_err(|err| anyhow::anyhow!("cannot create a reader: {err}"))?;
+        let consumer = self.reader()?;
         let metadata = consumer
             .fetch_metadata(Some(topic), TIMEOUT)
             .map_err(|err| anyhow::anyhow!("cannot read the metadata of {topic:?}: {err}"))?;

@@ -195,6 +195,23 @@ impl ConsumerContext for WeirContext {
     }
 }
 
+/// A record's headers, in order (a header without a value as empty).
+pub(super) fn headers_of<M: rdkafka::message::Message>(record: &M) -> Vec<(String, Vec<u8>)> {
+    record
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    (
+                        h.key.to_string(),
+                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn describe(tpl: &TopicPartitionList) -> String {
     let parts: Vec<String> = tpl
         .elements()
@@ -290,19 +307,7 @@ impl Source for KafkaConsumer {
                     "record of a partition no longer owned; dropped");
                 continue;
             };
-            let headers = borrowed
-                .headers()
-                .map(|hs| {
-                    hs.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_string(),
-                                h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let headers = headers_of(&borrowed);
             let message = Message {
                 topic: topic.to_string(),
                 key: borrowed.key().map(<[u8]>::to_vec),
