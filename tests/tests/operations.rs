@@ -185,7 +185,7 @@ fn dead_letters_are_listed_replayed_once_and_purged(kind: BrokerKind) -> Result<
     )?;
     let manifest = |dependency: &str| {
         format!(
-            "topics = [\"orders\"]\n\n[retry]\nmax_attempts = 2\ninitial_delay = \"10ms\"\njitter = 0.0\n\n\
+            "topics = [\"orders\"]\n\n[retry]\ndelays = [\"10ms\"]\n\n\
              [config]\ndependency = \"{dependency}\"\n"
         )
     };
@@ -222,8 +222,9 @@ fn dead_letters_are_listed_replayed_once_and_purged(kind: BrokerKind) -> Result<
         "dep's dead-letter topic was not created: {ready}"
     );
 
-    // Six events fail while the dependency is down (retryable, two
-    // attempts each); two are invalid (permanent, category validation).
+    // Six events fail while the dependency is down (retryable: two
+    // attempts each, the explicit schedule's one delay between them); two
+    // are invalid (permanent, category validation).
     let mut records: Vec<Record> = (0..6)
         .map(|i| record(["a", "b"][i % 2], &format!("ev-{i}")))
         .collect();
