@@ -100,6 +100,7 @@ pub async fn run(
             runtime.metrics(),
             runtime.status(),
             store.clone(),
+            None,
             admin_stopped,
         )
         .await

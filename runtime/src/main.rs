@@ -435,12 +435,14 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
             .await?;
     }
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
+    let (commands, mut requests) = tokio::sync::mpsc::channel(4);
     if config.admin.enabled {
         weir::admin::serve(
             config.admin.listen,
             runtime.metrics(),
             runtime.status(),
             store.clone(),
+            Some(commands),
             admin_stopped,
         )
         .await;
@@ -467,6 +469,18 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
             }
             Some(()) = changes.recv() => {}
             _ = rescan.tick() => {}
+            Some(command) = requests.recv() => {
+                match command {
+                    weir::admin::Command::Replay { handler, from, reset_state, reply } => {
+                        let done = runtime
+                            .replay(&handler, from, reset_state, config.runtime.shutdown_timeout)
+                            .await
+                            .map_err(|err| format!("{err:#}"));
+                        let _ = reply.send(done);
+                    }
+                }
+                continue;
+            }
         }
         if let Err(err) = runtime
             .reload(&host, dir, &config.limits, config.runtime.shutdown_timeout)

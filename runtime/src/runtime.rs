@@ -51,6 +51,66 @@ impl Broker {
             Broker::Nats(_) => BrokerKind::Nats,
         }
     }
+
+    /// Moves the consumer of a handler with `manifest`, consuming as
+    /// `group`, back to `from` (with `apply`; otherwise only says where it
+    /// would go): one line per partition or subject, in words.
+    ///
+    /// # Errors
+    ///
+    /// When the broker cannot be asked, or refuses (a consumer of the group
+    /// is running).
+    pub async fn rewind(
+        &self,
+        manifest: &Manifest,
+        group: &str,
+        from: crate::source::Rewind,
+        apply: bool,
+    ) -> anyhow::Result<Vec<String>> {
+        let verb = if apply { "" } else { "would " };
+        match self {
+            Broker::Kafka { cluster, .. } => {
+                let moves = crate::source::kafka::rewind::rewind(
+                    cluster,
+                    group,
+                    &manifest.topics,
+                    from,
+                    apply,
+                )
+                .await?;
+                Ok(moves
+                    .into_iter()
+                    .map(|m| {
+                        let now = m.committed.map_or_else(
+                            || "nothing committed".to_string(),
+                            |o| format!("offset {o}"),
+                        );
+                        format!(
+                            "{verb}move {}/{} from {now} to offset {}",
+                            m.topic, m.partition, m.to
+                        )
+                    })
+                    .collect())
+            }
+            Broker::Nats(connection) => {
+                let spec = nats_consumer_spec(manifest, group, Progress::default());
+                let moves = connection.rewind(&spec, from, apply).await?;
+                Ok(moves
+                    .into_iter()
+                    .map(|m| {
+                        let now = m.acked.map_or_else(
+                            || "no consumer yet".to_string(),
+                            |s| format!("acknowledged up to stream sequence {s}"),
+                        );
+                        format!(
+                            "{verb}restart consumer {} of {} ({now}) from {}",
+                            m.durable, m.topic, m.to
+                        )
+                    })
+                    .collect())
+            }
+        }
+    }
 }
 
 /// A handler being served, with its live counters.
@@ -693,6 +753,76 @@ impl Runtime {
             }
         }
         Ok(())
+    }
+
+    /// `weir replay` done by a running weir (the admin API's
+    /// `POST /handlers/{name}/replay`): stops the handler's worker (it
+    /// drains, commits and leaves its group), forgets its dedup marks and
+    /// attempt counts (with `reset_state` also its state and pending outbox
+    /// rows), moves its consumer back to `from`, and serves it again. What
+    /// was done, one line each.
+    ///
+    /// The order and what a failure leaves are those of `tools/replay.rs`;
+    /// whatever happens, the handler is served again.
+    ///
+    /// # Errors
+    ///
+    /// When no such handler is served, the store cannot be written, or the
+    /// broker refuses (another process consumes in the group).
+    pub async fn replay(
+        &mut self,
+        name: &str,
+        from: crate::source::Rewind,
+        reset_state: bool,
+        drain: Duration,
+    ) -> anyhow::Result<Vec<String>> {
+        let Some(running) = self.running.remove(name) else {
+            anyhow::bail!("no handler {name:?} is served here");
+        };
+        let handler = running.handler.clone();
+        let group = handler.group();
+        tracing::info!(handler = %name, from = ?from, reset_state, "replay: stopping the handler's consumer");
+        self.status.write().handlers.remove(name);
+        retire(running, drain).await;
+        let footprint = self.store.footprint(name);
+        let result = async {
+            let footprint = footprint?;
+            let mut done = vec![format!(
+                "forgot {} dedup mark(s) and {} attempt count(s)",
+                footprint.marks, footprint.attempts
+            )];
+            if reset_state {
+                done.push(format!(
+                    "deleted {} state key(s) and {} emitted event(s) not yet published",
+                    footprint.state_keys, footprint.outbox_rows
+                ));
+            }
+            self.store
+                .write(crate::store::Write::Forget {
+                    handler: name.to_string(),
+                    state: reset_state,
+                })
+                .await?;
+            done.extend(
+                self.broker
+                    .rewind(&handler.manifest, &group, from, true)
+                    .await?,
+            );
+            anyhow::Ok(done)
+        }
+        .await;
+        // Served again whatever happened: a failed replay leaves it
+        // consuming where it was.
+        self.serve(handler)?;
+        match &result {
+            Ok(done) => {
+                tracing::info!(handler = %name, done = %done.join("; "), "replay done; serving again")
+            }
+            Err(err) => {
+                tracing::error!(handler = %name, error = %format!("{err:#}"), "replay failed; serving again")
+            }
+        }
+        result
     }
 
     /// Stops consuming, lets in-flight calls finish, commits acknowledged

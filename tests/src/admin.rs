@@ -14,11 +14,25 @@ use anyhow::{Result, anyhow};
 ///
 /// When nothing answers, or the answer is not HTTP.
 pub fn get(port: u16, path: &str) -> Result<(u16, String)> {
+    request("GET", port, path, Duration::from_secs(10))
+}
+
+/// `POST path` (no body) on `127.0.0.1:port`, waiting up to `timeout` for
+/// the answer: (status code, body).
+///
+/// # Errors
+///
+/// When nothing answers, or the answer is not HTTP.
+pub fn post(port: u16, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    request("POST", port, path, timeout)
+}
+
+fn request(method: &str, port: u16, path: &str, timeout: Duration) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(timeout))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;

@@ -8,11 +8,15 @@
 //! | `GET /health/ready` | 200 when every handler file loaded, every worker runs, every consumer joined (Kafka: its group is up; JetStream: its durable answers), every handler's dead letters can be written (its dead-letter topic exists or was created), the store's writer is alive and the outbox relay is not blocked (no topic failing for 5 s), else 503; JSON saying what is not ready and why |
 //! | `GET /handlers` | JSON: each handler's name, version, contract, group, topics, whether its consumer joined, its partitions (lag, committed position age), in flight, instances, counters and last error |
 //! | `GET /handlers/{name}/state?prefix=&limit=` | JSON: the handler's committed state entries (key order), and the outbox length; `?key=K` for one key |
+//! | `POST /handlers/{name}/replay?from=&reset_state=` | `weir replay` done by this process: the handler's consumer stops, its marks (and state) are forgotten, its position moves back to `from` (`earliest`, an RFC 3339 time, an offset), and it is served again; JSON `{"done": [...]}` |
 //!
 //! It listens on `[admin] listen` (default `127.0.0.1:9464`). Invariants:
-//! it only reads (nothing it answers changes what the runtime does); a port
-//! it cannot bind is reported once and the process goes on consuming
-//! without it; listening beyond loopback is said in the log.
+//! the `GET` routes only read (nothing they answer changes what the
+//! runtime does); the one route that acts, `POST …/replay`, only asks the
+//! runtime's main loop through a channel, which does it between reloads
+//! (see `Runtime::replay`); a port it cannot bind is reported once and the
+//! process goes on consuming without it; listening beyond loopback is
+//! said in the log.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -29,12 +33,29 @@ use crate::metrics::Metrics;
 use crate::runtime::Status;
 use crate::store::Store;
 
-/// What the routes read.
+/// What the runtime is asked to do through the admin server.
+#[derive(Debug)]
+pub enum Command {
+    /// Replay a handler's input (see `Runtime::replay`).
+    Replay {
+        /// The handler.
+        handler: String,
+        /// Where its consumer starts again.
+        from: crate::source::Rewind,
+        /// Also forget its state and pending outbox rows.
+        reset_state: bool,
+        /// What was done, one line each, or why not.
+        reply: tokio::sync::oneshot::Sender<Result<Vec<String>, String>>,
+    },
+}
+
+/// What the routes read, and where commands go.
 #[derive(Clone)]
 struct Admin {
     metrics: Metrics,
     status: Status,
     store: Store,
+    commands: Option<tokio::sync::mpsc::Sender<Command>>,
 }
 
 /// Serves the admin routes on `listen` until `stop` turns true. Returns the
@@ -45,6 +66,7 @@ pub async fn serve(
     metrics: Metrics,
     status: Status,
     store: Store,
+    commands: Option<tokio::sync::mpsc::Sender<Command>>,
     mut stop: watch::Receiver<bool>,
 ) -> Option<SocketAddr> {
     let listener = match tokio::net::TcpListener::bind(listen).await {
@@ -69,10 +91,12 @@ pub async fn serve(
         .route("/health/ready", get(ready))
         .route("/handlers", get(handlers))
         .route("/handlers/{name}/state", get(state))
+        .route("/handlers/{name}/replay", axum::routing::post(replay))
         .with_state(Admin {
             metrics,
             status,
             store,
+            commands,
         });
     tokio::spawn(async move {
         let shutdown = async move {
@@ -217,6 +241,61 @@ async fn handlers(State(admin): State<Admin>) -> Response {
         })
         .collect();
     axum::Json(json!({"handlers": list})).into_response()
+}
+
+/// The query of `POST /handlers/{name}/replay`.
+#[derive(serde::Deserialize)]
+struct ReplayQuery {
+    /// `earliest`, an RFC 3339 time, or an offset.
+    from: String,
+    /// Also forget the handler's state and pending outbox rows.
+    #[serde(default)]
+    reset_state: bool,
+}
+
+async fn replay(
+    State(admin): State<Admin>,
+    Path(name): Path<String>,
+    Query(query): Query<ReplayQuery>,
+) -> Response {
+    let answer = |code: StatusCode, body: Value| (code, axum::Json(body)).into_response();
+    let from = match crate::tools::replay::parse_from(&query.from) {
+        Ok(from) => from,
+        Err(why) => return answer(StatusCode::BAD_REQUEST, json!({"error": why})),
+    };
+    if !admin.status.handlers().iter().any(|view| view.name == name) {
+        return answer(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no handler {name:?} is served here")}),
+        );
+    }
+    let Some(commands) = &admin.commands else {
+        return answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "this process does not take commands"}),
+        );
+    };
+    let (reply, replied) = tokio::sync::oneshot::channel();
+    let command = Command::Replay {
+        handler: name,
+        from,
+        reset_state: query.reset_state,
+        reply,
+    };
+    if commands.send(command).await.is_err() {
+        return answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "the runtime is stopping"}),
+        );
+    }
+    match replied.await {
+        Ok(Ok(done)) => answer(StatusCode::OK, json!({"done": done})),
+        Ok(Err(why)) => answer(StatusCode::CONFLICT, json!({"error": why})),
+        Err(_) => answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "the runtime stopped before answering"}),
+        ),
+    }
 }
 
 /// The query of `GET /handlers/{name}/state`.

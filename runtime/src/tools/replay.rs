@@ -2,10 +2,13 @@
 //! again — move its consumer back, forget its dedup marks (and, for a
 //! rebuild, its state and pending outbox rows).
 //!
-//! It works on a stopped weir: it opens the handler's database (which a
-//! running weir holds) and commits consumer positions from outside the
-//! group (which the broker refuses while a member is running). It says
-//! exactly what it will do, and does it only with `--yes`.
+//! From the command line it works on a stopped weir: it opens the
+//! handler's database (which a running weir holds) and commits consumer
+//! positions from outside the group (which the broker refuses while a
+//! member is running). It says exactly what it will do, and does it only
+//! with `--yes`. A running weir does the same through its admin API
+//! (`POST /handlers/{name}/replay`, `Runtime::replay`), stopping the
+//! handler's consumer around it.
 //!
 //! Order, and what a stop halfway leaves: the store forgets first (one
 //! durable transaction), then the broker position moves. Stopped between
@@ -18,8 +21,6 @@ use std::fmt::Write as _;
 use crate::config::{Config, Source};
 use crate::registry::Manifest;
 use crate::source::Rewind;
-use crate::source::nats::NatsConnection;
-use crate::source::progress::Progress;
 use crate::store::{Footprint, Store, Write};
 
 /// The command as given.
@@ -77,8 +78,10 @@ pub async fn run(config: &Config, request: &Request) -> anyhow::Result<String> {
     let db = config.runtime.data_dir.join("weir.redb");
     let store = Store::open(&db).map_err(|err| {
         anyhow::anyhow!(
-            "cannot open {} ({err}): weir replay works on a stopped weir; stop the one running on it first",
-            db.display()
+            "cannot open {} ({err}): a running weir holds it; stop it first, or ask it: \
+             curl -X POST 'http://<[admin] listen>/handlers/{}/replay?from=earliest&reset_state=true'",
+            db.display(),
+            request.handler
         )
     })?;
     let footprint = store.footprint(&request.handler)?;
@@ -101,48 +104,17 @@ pub async fn run(config: &Config, request: &Request) -> anyhow::Result<String> {
             .await?;
     }
     drop(store);
-    match config.source() {
-        Source::Kafka(source) => {
-            let cluster = crate::runtime::kafka_cluster(source)?;
-            let moves = crate::source::kafka::rewind::rewind(
-                &cluster,
-                &group,
-                &manifest.topics,
-                request.from,
-                request.yes,
-            )
-            .await?;
-            for m in moves {
-                let now = m.committed.map_or_else(
-                    || "nothing committed".to_string(),
-                    |o| format!("offset {o}"),
-                );
-                let _ = writeln!(
-                    out,
-                    "  {verb}move {}/{} from {now} to offset {}",
-                    m.topic, m.partition, m.to
-                );
-            }
-        }
-        Source::Nats(source) => {
-            let connection =
-                NatsConnection::connect(&crate::runtime::nats_settings(source)).await?;
-            let spec = crate::runtime::nats_consumer_spec(&manifest, &group, Progress::default());
-            for m in connection.rewind(&spec, request.from, request.yes).await? {
-                let now = m.acked.map_or_else(
-                    || "no consumer yet".to_string(),
-                    |s| format!("acknowledged up to stream sequence {s}"),
-                );
-                let _ = writeln!(
-                    out,
-                    "  {verb}restart consumer {} of {} ({now}) from {}",
-                    m.durable, m.topic, m.to
-                );
-            }
-        }
+    let broker = match config.source() {
         Source::Embedded(_) => anyhow::bail!(
             "the embedded broker keeps nothing after `weir run` stops: there is nothing to replay"
         ),
+        _ => crate::runtime::connect(config, &[]).await?.0,
+    };
+    for line in broker
+        .rewind(&manifest, &group, request.from, request.yes)
+        .await?
+    {
+        let _ = writeln!(out, "  {line}");
     }
     if request.yes {
         out.push_str("done: start weir to handle the replayed messages\n");
