@@ -425,7 +425,7 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
         tracing::info!(bootstrap = %bootstrap, "embedded broker listening");
         println!("embedded broker: {bootstrap}");
     }
-    let store = open_store(&config)?;
+    let store = weir::runtime::open_store_waiting(&config).await?;
     let mut runtime = Runtime::start(handlers, &broker, &store, &config)?;
     if !failed.is_empty() {
         // Records the files that failed as rejected, so that readiness

@@ -915,6 +915,38 @@ pub fn open_store(config: &Config) -> anyhow::Result<Store> {
     Store::open(&path).map_err(|err| anyhow::anyhow!("[runtime] data_dir: {err}"))
 }
 
+/// How long `weir run` waits for a database another process holds.
+const STORE_BUSY_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens the database for `weir run`: like [`open_store`], but while
+/// another process holds it — a short command such as `weir state` or
+/// `weir dlq`, or a weir that is still stopping — it tries again for up to
+/// ten seconds before giving up with the same error.
+///
+/// # Errors
+///
+/// When the database cannot be opened, or is still held after the wait.
+pub async fn open_store_waiting(config: &Config) -> anyhow::Result<Store> {
+    let deadline = tokio::time::Instant::now() + STORE_BUSY_WAIT;
+    let mut said = false;
+    loop {
+        match open_store(config) {
+            Err(err)
+                if format!("{err:#}").contains("already open")
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                if !said {
+                    tracing::warn!(error = %format!("{err:#}"),
+                        "the database is held by another process; waiting up to 10 s for it");
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// The cluster of a `[source.kafka]` table.
 ///
 /// # Errors
