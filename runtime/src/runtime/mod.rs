@@ -5,11 +5,22 @@
 //! This is the one place that names brokers: it picks the source and
 //! publisher for the configured one and hands them to the broker-neutral
 //! pipeline.
+//!
+//! | file | holds |
+//! | --- | --- |
+//! | `mod.rs` | the running set of workers: start, serve, reload, replay, stop |
+//! | `broker.rs` | the broker it is connected to: connecting, consumer settings, moving a consumer back |
+//! | `status.rs` | what the admin server reads of it |
+//! | `background.rs` | its periodic and one-off tasks: the lag log, dead-letter measurements, dead-letter topics |
+
+mod background;
+mod broker;
+mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -21,97 +32,14 @@ use crate::metrics::Metrics;
 use crate::pipeline::outbox::{Relay, RelayStats};
 use crate::pipeline::{HandlerStats, HandlerSwap, Worker};
 use crate::registry::{self, BrokerKind, LoadError, LoadedHandler, Manifest};
-use crate::source::kafka::{Cluster, KafkaConsumer, KafkaProducer};
-use crate::source::nats::{self, ConsumerSpec, NatsConnection};
-use crate::source::progress::Progress;
-use crate::source::{Archive, Publisher, Source};
+use crate::source::kafka::KafkaConsumer;
+use crate::source::{Publisher, Source};
 use crate::store::Store;
 
-/// The broker the runtime is connected to.
-#[derive(Clone)]
-#[allow(clippy::large_enum_variant)] // made once per process
-pub enum Broker {
-    /// Kafka (or the embedded Kafka-protocol broker), with the producer
-    /// for dead letters and emitted events.
-    Kafka {
-        /// Connection settings for consumers.
-        cluster: Cluster,
-        /// The shared producer.
-        producer: KafkaProducer,
-    },
-    /// NATS JetStream.
-    Nats(NatsConnection),
-}
+pub use broker::{Broker, connect, kafka_cluster, nats_consumer_spec, nats_settings};
+pub use status::{HandlerView, Status};
 
-impl Broker {
-    /// Which kind of broker this is.
-    pub fn kind(&self) -> BrokerKind {
-        match self {
-            Broker::Kafka { .. } => BrokerKind::Kafka,
-            Broker::Nats(_) => BrokerKind::Nats,
-        }
-    }
-
-    /// Moves the consumer of a handler with `manifest`, consuming as
-    /// `group`, back to `from` (with `apply`; otherwise only says where it
-    /// would go): one line per partition or subject, in words.
-    ///
-    /// # Errors
-    ///
-    /// When the broker cannot be asked, or refuses (a consumer of the group
-    /// is running).
-    pub async fn rewind(
-        &self,
-        manifest: &Manifest,
-        group: &str,
-        from: crate::source::Rewind,
-        apply: bool,
-    ) -> anyhow::Result<Vec<String>> {
-        let verb = if apply { "" } else { "would " };
-        match self {
-            Broker::Kafka { cluster, .. } => {
-                let moves = crate::source::kafka::rewind::rewind(
-                    cluster,
-                    group,
-                    &manifest.topics,
-                    from,
-                    apply,
-                )
-                .await?;
-                Ok(moves
-                    .into_iter()
-                    .map(|m| {
-                        let now = m.committed.map_or_else(
-                            || "nothing committed".to_string(),
-                            |o| format!("offset {o}"),
-                        );
-                        format!(
-                            "{verb}move {}/{} from {now} to offset {}",
-                            m.topic, m.partition, m.to
-                        )
-                    })
-                    .collect())
-            }
-            Broker::Nats(connection) => {
-                let spec = nats_consumer_spec(manifest, group, Progress::default());
-                let moves = connection.rewind(&spec, from, apply).await?;
-                Ok(moves
-                    .into_iter()
-                    .map(|m| {
-                        let now = m.acked.map_or_else(
-                            || "no consumer yet".to_string(),
-                            |s| format!("acknowledged up to stream sequence {s}"),
-                        );
-                        format!(
-                            "{verb}restart consumer {} of {} ({now}) from {}",
-                            m.durable, m.topic, m.to
-                        )
-                    })
-                    .collect())
-            }
-        }
-    }
-}
+use background::{ensure_dead_letter_topics, log_lag, measure_dead_letters};
 
 /// A handler being served, with its live counters.
 pub struct RunningHandler {
@@ -141,69 +69,6 @@ fn fingerprint(wasm: &Path) -> std::io::Result<Fingerprint> {
     })
 }
 
-/// What the admin server shows of one handler being served.
-#[derive(Clone)]
-pub struct HandlerView {
-    /// Its name (file stem).
-    pub name: String,
-    /// The version being served (content hash).
-    pub version: String,
-    /// The contract it was built for (`0.1.0`, `0.2.0`).
-    pub contract: String,
-    /// Its consumer group (Kafka) or durable (NATS JetStream).
-    pub group: String,
-    /// The topics or subjects it consumes.
-    pub topics: Vec<String>,
-    /// Where its dead letters go.
-    pub dead_letter_topics: Vec<String>,
-    /// Its counters.
-    pub stats: Arc<HandlerStats>,
-    /// False once its worker stopped on its own.
-    pub alive: Arc<AtomicBool>,
-    /// Its consumer as its source sees it: joined, partitions, lag.
-    pub progress: Progress,
-}
-
-/// The runtime as the admin server sees it: the handlers served and the
-/// files rejected, kept current by the runtime. Cheap to clone.
-#[derive(Clone, Default)]
-pub struct Status {
-    inner: Arc<RwLock<StatusInner>>,
-}
-
-#[derive(Default)]
-struct StatusInner {
-    handlers: BTreeMap<String, HandlerView>,
-    rejected: BTreeMap<String, String>,
-    relay: Option<Arc<RelayStats>>,
-}
-
-impl Status {
-    /// The handlers served, by name.
-    pub fn handlers(&self) -> Vec<HandlerView> {
-        self.read().handlers.values().cloned().collect()
-    }
-
-    /// Files that failed to load, with why (the version served before, if
-    /// any, keeps serving).
-    pub fn rejected(&self) -> BTreeMap<String, String> {
-        self.read().rejected.clone()
-    }
-
-    /// The outbox relay's counters and failing topics.
-    pub fn relay(&self) -> Option<Arc<RelayStats>> {
-        self.read().relay.clone()
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, StatusInner> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, StatusInner> {
-        self.inner.write().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 /// The running set of workers.
 pub struct Runtime {
     metrics: Metrics,
@@ -222,117 +87,6 @@ pub struct Runtime {
     relay_stats: Arc<RelayStats>,
     /// The lag log and the dead-letter measurements.
     background: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// Logs each consumer group's lag per topic (`event = "consumer_lag"`, at
-/// info) every `every`: the sum over its partitions, the partitions known,
-/// and the oldest committed position's age (see `source/progress.rs`).
-async fn log_lag(metrics: Metrics, every: Duration) {
-    let mut ticker = tokio::time::interval(every);
-    ticker.tick().await;
-    loop {
-        ticker.tick().await;
-        let mut by_topic: BTreeMap<(String, String), (i64, usize, Duration)> = BTreeMap::new();
-        for (group, view) in metrics.partitions() {
-            let entry = by_topic.entry((group, view.topic)).or_default();
-            entry.0 += view.lag.unwrap_or(0);
-            entry.1 += 1;
-            entry.2 = entry.2.max(view.position_age);
-        }
-        for ((group, topic), (lag, partitions, age)) in by_topic {
-            tracing::info!(event = "consumer_lag", consumer_group = %group, topic = %topic, lag, partitions,
-                position_age_s = age.as_secs(), "consumer lag");
-        }
-    }
-}
-
-/// Measures every served handler's dead-letter topics every `every`, for
-/// `weir_dlq_depth` and `weir_dlq_oldest_age_seconds` (a topic that cannot
-/// be measured keeps its last values; why is logged at debug).
-async fn measure_dead_letters(broker: Broker, status: Status, metrics: Metrics, every: Duration) {
-    let mut ticker = tokio::time::interval(every);
-    loop {
-        ticker.tick().await;
-        let mut dlqs: Vec<String> = status
-            .handlers()
-            .into_iter()
-            .flat_map(|view| view.dead_letter_topics)
-            .collect();
-        dlqs.sort();
-        dlqs.dedup();
-        for dlq in dlqs {
-            let measured = match &broker {
-                Broker::Kafka { cluster, .. } => {
-                    crate::source::kafka::KafkaArchive::new(cluster.clone())
-                        .depth(&dlq)
-                        .await
-                }
-                Broker::Nats(connection) => connection.depth(&dlq).await,
-            };
-            match measured {
-                Ok(depth) => {
-                    let now_ms = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-                    let age = depth.oldest_ms.map_or(Duration::ZERO, |oldest| {
-                        Duration::from_millis(u64::try_from(now_ms - oldest).unwrap_or(0))
-                    });
-                    metrics.dlq(&dlq, depth.messages, age);
-                }
-                Err(err) => {
-                    tracing::debug!(dlq = %dlq, error = %format!("{err:#}"), "cannot measure the dead-letter topic")
-                }
-            }
-        }
-    }
-}
-
-/// Makes sure `manifest`'s dead-letter topics exist, creating the missing
-/// ones when `[dlq] create` allows; a topic that is missing (and may not be
-/// created) or cannot be created is logged once and keeps the handler from
-/// being ready (`HandlerStats::dead_letters_blocked`) until a dead letter
-/// is written after all.
-async fn ensure_dead_letter_topics(
-    broker: Broker,
-    handler: String,
-    manifest: Manifest,
-    stats: Arc<HandlerStats>,
-) {
-    let mut seen = std::collections::BTreeSet::new();
-    for topic in &manifest.topics {
-        let dlq = manifest.dlq.destination(topic);
-        if !seen.insert(dlq.clone()) {
-            continue;
-        }
-        let (retention, create) = (manifest.dlq.retention, manifest.dlq.create);
-        let created =
-            match &broker {
-                Broker::Kafka { cluster, .. } => crate::source::kafka::topics::ensure_topic(
-                    cluster, &dlq, topic, retention, create,
-                )
-                .await
-                .map(|ensured| match ensured {
-                    crate::source::kafka::topics::Ensured::Existing => None,
-                    crate::source::kafka::topics::Ensured::Created(partitions) => Some(partitions),
-                }),
-                Broker::Nats(connection) => connection
-                    .ensure_dead_letters(&dlq, retention, create)
-                    .await
-                    .map(|created| created.then_some(1)),
-            };
-        match created {
-            Ok(None) => {}
-            Ok(Some(partitions)) => {
-                tracing::info!(handler = %handler, dlq = %dlq, partitions,
-                    retention_s = retention.as_secs(), "created the dead-letter topic");
-            }
-            Err(err) => {
-                tracing::error!(handler = %handler, dlq = %dlq, error = %format!("{err:#}"),
-                    "dead-letter topic unavailable: poison messages of this handler wait unacknowledged, and it is not ready, until dead letters can be written");
-                stats.dead_letter_problem(Some(format!("{err:#}")));
-            }
-        }
-    }
 }
 
 /// The Wasm host for `config`: fuel metering when `[limits] fuel` is set,
@@ -943,91 +697,6 @@ pub async fn open_store_waiting(config: &Config) -> anyhow::Result<Store> {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             result => return result,
-        }
-    }
-}
-
-/// The cluster of a `[source.kafka]` table.
-///
-/// # Errors
-///
-/// When a pass-through property overrides one Weir sets (naming it).
-pub fn kafka_cluster(source: crate::config::KafkaSource) -> anyhow::Result<Cluster> {
-    let cluster = Cluster {
-        bootstrap_servers: source.bootstrap_servers,
-        properties: source.properties,
-    };
-    cluster.validate()?;
-    Ok(cluster)
-}
-
-/// The JetStream consumers of a handler with `manifest`, consuming as
-/// `group`.
-pub fn nats_consumer_spec(manifest: &Manifest, group: &str, progress: Progress) -> ConsumerSpec {
-    let settings = manifest.nats.clone().unwrap_or_default();
-    ConsumerSpec {
-        durable: settings.durable.unwrap_or_else(|| nats::name_for(group)),
-        topics: manifest.topics.clone(),
-        start: manifest.start,
-        ack_wait: settings.ack_wait,
-        max_ack_pending: manifest.max_in_flight,
-        progress,
-    }
-}
-
-/// The connection settings of a `[source.nats]` table.
-pub fn nats_settings(source: crate::config::NatsSource) -> nats::NatsSettings {
-    nats::NatsSettings {
-        url: source.url,
-        user: source.user.zip(source.password),
-        token: source.token,
-        creds_file: source.creds_file,
-        nkey: source.nkey,
-        tls_required: source.tls.required,
-        tls_ca_file: source.tls.ca_file,
-        tls_client: source.tls.cert_file.zip(source.tls.key_file),
-        connect_timeout: source.connect_timeout,
-        streams: nats::StreamSettings {
-            memory: source.streams.storage == "memory",
-            max_age: source.streams.max_age,
-            replicas: source.streams.replicas,
-            duplicate_window: source.streams.duplicate_window,
-        },
-    }
-}
-
-/// Connects to the configured broker, starting the embedded one if no
-/// `[source]` is configured (creating `topics` on it). The embedded broker
-/// lives as long as the returned guard.
-///
-/// # Errors
-///
-/// When the embedded broker cannot start, a topic cannot be created, or
-/// the broker's settings are unusable.
-pub async fn connect(
-    config: &Config,
-    topics: &[String],
-) -> anyhow::Result<(Broker, Option<crate::source::embedded::EmbeddedBroker>)> {
-    let kafka = |cluster: Cluster| -> anyhow::Result<Broker> {
-        let producer = KafkaProducer::new(&cluster, "weir-producer")?;
-        Ok(Broker::Kafka { cluster, producer })
-    };
-    match config.source() {
-        crate::config::Source::Kafka(source) => Ok((kafka(kafka_cluster(source)?)?, None)),
-        crate::config::Source::Nats(source) => Ok((
-            Broker::Nats(NatsConnection::connect(&nats_settings(source)).await?),
-            None,
-        )),
-        crate::config::Source::Embedded(embedded) => {
-            let broker = crate::source::embedded::EmbeddedBroker::start(embedded.partitions)?;
-            for topic in topics {
-                broker.create_topic(topic)?;
-            }
-            let cluster = Cluster {
-                bootstrap_servers: broker.bootstrap_servers(),
-                properties: Default::default(),
-            };
-            Ok((kafka(cluster)?, Some(broker)))
         }
     }
 }
