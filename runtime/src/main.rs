@@ -156,7 +156,9 @@ enum Command {
     ///
     /// Works on a stopped weir (it refuses while one holds the database,
     /// and the broker refuses while one consumes in the group). Says what
-    /// it will do; does it only with --yes.
+    /// it will do; does it only with --yes. A running weir does the same
+    /// when asked on its admin server:
+    /// `curl -X POST 'http://127.0.0.1:9464/handlers/NAME/replay?from=earliest&reset_state=true'`.
     Replay {
         /// Configuration file naming the broker, handlers and data directory.
         #[arg(long, short, default_value = "config/weir.toml", env = "WEIR_CONFIG")]
