@@ -78,14 +78,26 @@ struct Inner {
     opened_at: Instant,
 }
 
-/// One handler's breaker. Cheap to clone; clones share the state.
+/// One handler's breaker. Cheap to clone (one reference count: every
+/// admitted call holds a clone in its [`Permit`]); clones share the state.
 #[derive(Clone)]
-pub struct Breaker {
+pub struct Breaker(Arc<Core>);
+
+/// What the clones of a [`Breaker`] share.
+pub struct Core {
     handler: String,
     settings: BreakerSettings,
-    inner: Arc<Mutex<Inner>>,
-    changed: Arc<watch::Sender<BreakerState>>,
+    inner: Mutex<Inner>,
+    changed: watch::Sender<BreakerState>,
     stats: Option<Arc<HandlerStats>>,
+}
+
+impl std::ops::Deref for Breaker {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.0
+    }
 }
 
 /// Leave to run one call; answer with [`Permit::report`].
@@ -97,18 +109,18 @@ pub struct Permit {
 impl Breaker {
     /// A closed breaker for `handler`, whose state is shown in `stats`.
     pub fn new(handler: &str, settings: BreakerSettings, stats: Option<Arc<HandlerStats>>) -> Self {
-        let breaker = Self {
+        let breaker = Self(Arc::new(Core {
             handler: handler.to_string(),
             settings,
-            inner: Arc::new(Mutex::new(Inner {
+            inner: Mutex::new(Inner {
                 state: BreakerState::Closed,
                 failures: 0,
                 probes: 0,
                 opened_at: Instant::now(),
-            })),
-            changed: Arc::new(watch::channel(BreakerState::Closed).0),
+            }),
+            changed: watch::channel(BreakerState::Closed).0,
             stats,
-        };
+        }));
         breaker.record(BreakerState::Closed);
         breaker
     }
@@ -131,8 +143,7 @@ impl Breaker {
     /// Waits until a call may run; `None` if `shutdown` turns true first.
     pub async fn admit(&self, shutdown: &mut watch::Receiver<bool>) -> Option<Permit> {
         loop {
-            let mut changed = self.changed.subscribe();
-            let wake_at = {
+            let (mut changed, wake_at) = {
                 let mut inner = self.lock();
                 if inner.state == BreakerState::Open
                     && inner.opened_at.elapsed() >= self.settings.reset_timeout
@@ -153,8 +164,13 @@ impl Breaker {
                             probe: true,
                         });
                     }
-                    BreakerState::Open => Some(inner.opened_at + self.settings.reset_timeout),
-                    BreakerState::HalfOpen => None,
+                    // Subscribed under the lock that every change takes: no
+                    // change between here and the wait is missed.
+                    BreakerState::Open => (
+                        self.changed.subscribe(),
+                        Some(inner.opened_at + self.settings.reset_timeout),
+                    ),
+                    BreakerState::HalfOpen => (self.changed.subscribe(), None),
                 }
             };
             let timeout = async {
