@@ -164,7 +164,8 @@ impl Default for RuntimeSection {
     }
 }
 
-/// `[source]`: at most one of `kafka`, `nats` or `embedded`.
+/// `[source]`: at most one of `kafka`, `nats`, `rabbitmq`, `redis`, `sqs`
+/// or `embedded`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSection {
@@ -172,6 +173,12 @@ pub struct SourceSection {
     pub kafka: Option<KafkaSource>,
     /// A NATS server (or cluster) with JetStream.
     pub nats: Option<NatsSource>,
+    /// A RabbitMQ broker (AMQP 0-9-1).
+    pub rabbitmq: Option<crate::source::rabbitmq::RabbitSource>,
+    /// A Redis server: streams and consumer groups.
+    pub redis: Option<crate::source::redis::RedisSource>,
+    /// Amazon SQS (or a server speaking its API).
+    pub sqs: Option<crate::source::sqs::SqsSource>,
     /// The in-process Kafka-protocol broker (the default).
     pub embedded: Option<EmbeddedSource>,
 }
@@ -293,6 +300,12 @@ pub enum Source {
     Kafka(KafkaSource),
     /// NATS JetStream.
     Nats(NatsSource),
+    /// RabbitMQ.
+    Rabbit(crate::source::rabbitmq::RabbitSource),
+    /// Redis Streams.
+    Redis(crate::source::redis::RedisSource),
+    /// Amazon SQS.
+    Sqs(crate::source::sqs::SqsSource),
     /// The in-process broker.
     Embedded(EmbeddedSource),
 }
@@ -374,19 +387,20 @@ impl Config {
             path: path.to_path_buf(),
             message,
         };
-        let chosen: Vec<&str> = [
-            ("[source.kafka]", self.source.kafka.is_some()),
-            ("[source.nats]", self.source.nats.is_some()),
-            ("[source.embedded]", self.source.embedded.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(name, set)| set.then_some(name))
-        .collect();
+        let chosen = self.sources_set();
         if chosen.len() > 1 {
             return Err(invalid(format!(
-                "[source]: set one broker, not {} (choose one of [source.kafka], [source.nats], [source.embedded])",
+                "[source]: set one broker, not {} (choose one of [source.kafka], [source.nats], [source.rabbitmq], [source.redis], [source.sqs], [source.embedded])",
                 chosen.join(" and ")
             )));
+        }
+        let checks = [
+            self.source.rabbitmq.as_ref().map(|s| s.validate()),
+            self.source.redis.as_ref().map(|s| s.validate()),
+            self.source.sqs.as_ref().map(|s| s.validate()),
+        ];
+        if let Some(Err(message)) = checks.into_iter().flatten().find(Result::is_err) {
+            return Err(invalid(message));
         }
         if let Some(nats) = &self.source.nats {
             if nats.url.trim().is_empty() {
@@ -444,21 +458,50 @@ impl Config {
         Ok(())
     }
 
-    /// The broker to use: `[source.kafka]` or `[source.nats]` if set, else
-    /// the embedded one.
+    /// The broker to use: the one `[source.*]` table that is set (checked
+    /// by `validate`), else the embedded one.
     pub fn source(&self) -> Source {
-        match (&self.source.kafka, &self.source.nats, &self.source.embedded) {
-            (Some(kafka), _, _) => Source::Kafka(kafka.clone()),
-            (None, Some(nats), _) => Source::Nats(nats.clone()),
-            (None, None, embedded) => Source::Embedded(embedded.clone().unwrap_or_default()),
+        let s = &self.source;
+        if let Some(kafka) = &s.kafka {
+            Source::Kafka(kafka.clone())
+        } else if let Some(nats) = &s.nats {
+            Source::Nats(nats.clone())
+        } else if let Some(rabbit) = &s.rabbitmq {
+            Source::Rabbit(rabbit.clone())
+        } else if let Some(redis) = &s.redis {
+            Source::Redis(redis.clone())
+        } else if let Some(sqs) = &s.sqs {
+            Source::Sqs(sqs.clone())
+        } else {
+            Source::Embedded(s.embedded.clone().unwrap_or_default())
         }
+    }
+
+    /// The `[source.*]` tables that are set.
+    fn sources_set(&self) -> Vec<&'static str> {
+        let s = &self.source;
+        [
+            ("[source.kafka]", s.kafka.is_some()),
+            ("[source.nats]", s.nats.is_some()),
+            ("[source.rabbitmq]", s.rabbitmq.is_some()),
+            ("[source.redis]", s.redis.is_some()),
+            ("[source.sqs]", s.sqs.is_some()),
+            ("[source.embedded]", s.embedded.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
     }
 
     /// Which kind of broker handlers' manifests are checked against.
     pub fn broker_kind(&self) -> crate::registry::BrokerKind {
+        use crate::registry::BrokerKind;
         match self.source() {
-            Source::Nats(_) => crate::registry::BrokerKind::Nats,
-            Source::Kafka(_) | Source::Embedded(_) => crate::registry::BrokerKind::Kafka,
+            Source::Nats(_) => BrokerKind::Nats,
+            Source::Rabbit(_) => BrokerKind::Rabbit,
+            Source::Redis(_) => BrokerKind::Redis,
+            Source::Sqs(_) => BrokerKind::Sqs,
+            Source::Kafka(_) | Source::Embedded(_) => BrokerKind::Kafka,
         }
     }
 }

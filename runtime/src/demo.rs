@@ -53,7 +53,7 @@ pub async fn run(
     );
     let partitions = match config.source() {
         crate::config::Source::Embedded(e) => e.partitions,
-        crate::config::Source::Kafka(_) | crate::config::Source::Nats(_) => 3,
+        _ => 3,
     };
     let broker = EmbeddedBroker::start(partitions)?;
     let mut topics: Vec<String> = handlers

@@ -200,6 +200,13 @@ fn check_tags(record: &Record, event: &Event) -> Result<()> {
             ensure!(tag(record, "sequence") == Some("7"), "{record:?}");
             ensure!(tag(record, "partition").is_none(), "{record:?}");
         }
+        other => {
+            ensure!(
+                tag(record, "position") == Some(other.to_string().as_str()),
+                "{record:?}"
+            );
+            ensure!(tag(record, "partition").is_none(), "{record:?}");
+        }
     }
     Ok(())
 }

@@ -41,6 +41,12 @@ pub enum BrokerKind {
     Kafka,
     /// NATS with JetStream: nats-server.
     Nats,
+    /// RabbitMQ: rabbitmq-server.
+    Rabbit,
+    /// Redis Streams: redis-server.
+    Redis,
+    /// Amazon SQS: moto's server mode.
+    Sqs,
 }
 
 impl BrokerKind {
@@ -54,6 +60,9 @@ impl BrokerKind {
         Ok(match self {
             BrokerKind::Kafka => Box::new(KafkaBroker::start()?),
             BrokerKind::Nats => Box::new(NatsBroker::start()?),
+            BrokerKind::Rabbit => Box::new(crate::rabbitmq::RabbitBroker::start()?),
+            BrokerKind::Redis => Box::new(crate::redis::RedisBroker::start()?),
+            BrokerKind::Sqs => Box::new(crate::sqs::SqsBroker::start()?),
         })
     }
 
@@ -62,6 +71,9 @@ impl BrokerKind {
         match self {
             BrokerKind::Kafka => "kafka",
             BrokerKind::Nats => "nats",
+            BrokerKind::Rabbit => "rabbitmq",
+            BrokerKind::Redis => "redis",
+            BrokerKind::Sqs => "sqs",
         }
     }
 }
@@ -83,6 +95,29 @@ pub enum Position {
         /// Sequence within the stream.
         sequence: u64,
     },
+    /// A RabbitMQ message, published to the default exchange with the
+    /// queue as routing key: a queue has no positions, so the message is
+    /// known by the `message_id` the client gave it.
+    Rabbit {
+        /// The queue (the routing key it was published with).
+        queue: String,
+        /// Its `message_id` property.
+        message_id: String,
+    },
+    /// A Redis Streams entry.
+    Redis {
+        /// The stream's key.
+        stream: String,
+        /// The entry ID, `<ms>-<seq>`.
+        entry_id: String,
+    },
+    /// An SQS message.
+    Sqs {
+        /// The queue's URL.
+        queue_url: String,
+        /// The id SQS gave it.
+        message_id: String,
+    },
 }
 
 impl Position {
@@ -100,18 +135,40 @@ impl Position {
                 ("weir.origin.stream", stream.clone()),
                 ("weir.origin.sequence", sequence.to_string()),
             ],
+            Position::Rabbit { queue, message_id } => vec![
+                ("weir.origin.exchange", String::new()),
+                ("weir.origin.routing_key", queue.clone()),
+                ("weir.origin.message_id", message_id.clone()),
+            ],
+            Position::Redis { stream, entry_id } => vec![
+                ("weir.origin.stream", stream.clone()),
+                ("weir.origin.entry_id", entry_id.clone()),
+            ],
+            Position::Sqs {
+                queue_url,
+                message_id,
+            } => vec![
+                ("weir.origin.queue_url", queue_url.clone()),
+                ("weir.origin.message_id", message_id.clone()),
+            ],
         }
     }
 
     /// The `partition` and `offset` a handler of contract 0.1.0 sees for
-    /// this record: a JetStream message has partition 0 and its stream
-    /// sequence as offset.
-    pub fn partition_offset(&self) -> (i64, i64) {
+    /// this record (`wit/README.md`): a JetStream message has partition 0
+    /// and its stream sequence as offset, a Redis entry the milliseconds of
+    /// its ID. `None` where the offset is not known when the message is
+    /// produced (RabbitMQ: the delivery tag; SQS: the receive count).
+    pub fn partition_offset(&self) -> (i64, Option<i64>) {
         match self {
-            Position::Kafka { partition, offset } => (i64::from(*partition), *offset),
+            Position::Kafka { partition, offset } => (i64::from(*partition), Some(*offset)),
             Position::JetStream { sequence, .. } => {
-                (0, i64::try_from(*sequence).unwrap_or(i64::MAX))
+                (0, Some(i64::try_from(*sequence).unwrap_or(i64::MAX)))
             }
+            Position::Redis { entry_id, .. } => {
+                (0, entry_id.split('-').next().and_then(|ms| ms.parse().ok()))
+            }
+            Position::Rabbit { .. } | Position::Sqs { .. } => (0, None),
         }
     }
 }
@@ -231,6 +288,14 @@ pub trait TestBroker {
     /// `[nats] ack_wait`, since the server redelivers an unacknowledged
     /// message only after it). Appended at the end of the manifest.
     fn manifest_for_kills(&self) -> &'static str;
+
+    /// Whether handlers consuming one topic compete for its messages (a
+    /// queue: RabbitMQ, SQS) instead of each getting all of them (a log:
+    /// Kafka, JetStream, Redis Streams). Tests that run two handlers on the
+    /// same messages give each its own topic there.
+    fn competing_consumers(&self) -> bool {
+        false
+    }
 }
 
 /// tansu and kafka-python.

@@ -13,6 +13,9 @@ pub mod admin;
 mod broker;
 mod client;
 mod nats;
+mod rabbitmq;
+mod redis;
+mod sqs;
 
 pub use broker::{
     BrokerKind, KafkaBroker, NATS_KEY_HEADER, NatsBroker, Position, Stored, TestBroker,
@@ -21,6 +24,9 @@ pub use nats::{
     ConsumerState, NatsMessage, NatsServer, NatsTool, Stream, StreamSummary, nats_durable,
     stream_name,
 };
+pub use rabbitmq::RabbitBroker;
+pub use redis::RedisBroker;
+pub use sqs::SqsBroker;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};

@@ -263,8 +263,8 @@ fn dead_letters_are_listed_replayed_once_and_purged(kind: BrokerKind) -> Result<
                 .get("weir_dlq_oldest_age_seconds{topic=\"orders.dlq\"}")
                 .copied();
             let counted = match kind {
-                BrokerKind::Nats => depth == Some(8.0),
                 BrokerKind::Kafka => depth.is_some_and(|d| d >= 1.0),
+                _ => depth == Some(8.0),
             };
             Ok((counted && age.is_some()).then_some(()))
         },
@@ -334,8 +334,8 @@ fn dead_letters_are_listed_replayed_once_and_purged(kind: BrokerKind) -> Result<
     // NATS, JetStream's duplicate window drops them first (the replay id
     // is their Nats-Msg-Id).
     let copies = match kind {
-        BrokerKind::Kafka => 6.0,
         BrokerKind::Nats => 0.0,
+        _ => 6.0,
     };
     poll_until(
         WAIT,

@@ -95,6 +95,15 @@ impl fmt::Display for Contract {
 // ---------------------------------------------------------------------------
 // 0.1.0
 
+/// The milliseconds part of a Redis entry ID (`<ms>-<seq>`), or 0.
+fn entry_millis(entry_id: &str) -> i64 {
+    entry_id
+        .split('-')
+        .next()
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(0)
+}
+
 impl From<&Event> for v0_1::weir::handler::types::Event {
     /// The 0.1.0 event has a partition and an offset at top level. A Kafka
     /// position gives its own; any other broker has none, and gets the
@@ -106,6 +115,11 @@ impl From<&Event> for v0_1::weir::handler::types::Event {
             Position::JetStream { sequence, .. } => {
                 (0, i64::try_from(*sequence).unwrap_or(i64::MAX))
             }
+            Position::Rabbit { delivery_tag, .. } => {
+                (0, i64::try_from(*delivery_tag).unwrap_or(i64::MAX))
+            }
+            Position::Redis { entry_id, .. } => (0, entry_millis(entry_id)),
+            Position::Sqs { receive_count, .. } => (0, i64::from(*receive_count)),
         };
         Self {
             id: event.id.clone(),
@@ -161,6 +175,33 @@ impl From<&Position> for v0_2::weir::handler::types::Position {
                 stream: stream.clone(),
                 sequence: *sequence,
                 delivered: *delivered,
+            }),
+            Position::Rabbit {
+                exchange,
+                routing_key,
+                delivery_tag,
+                redelivered,
+                ..
+            } => wit::Position::Rabbitmq(wit::RabbitmqPosition {
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                delivery_tag: *delivery_tag,
+                redelivered: *redelivered,
+            }),
+            Position::Redis { stream, entry_id } => wit::Position::Redis(wit::RedisPosition {
+                stream: stream.clone(),
+                entry_id: entry_id.clone(),
+            }),
+            Position::Sqs {
+                queue,
+                message_id,
+                receive_count,
+                sequence_number,
+            } => wit::Position::Sqs(wit::SqsPosition {
+                queue: queue.clone(),
+                message_id: message_id.clone(),
+                receive_count: *receive_count,
+                sequence_number: sequence_number.clone(),
             }),
         }
     }

@@ -23,7 +23,8 @@
 /// being handled (`$at`: an `Option<&Origin>`): `topic`, `partition` and
 /// `offset` for a Kafka record; `topic`, `$stream` (the field name for the
 /// stream: `stream`, or another where a record already has a `stream`
-/// field) and `sequence` for a JetStream message; and `event_id`, plus
+/// field) and `sequence` for a JetStream message, `position` (as
+/// displayed) for the other brokers; and `event_id`, plus
 /// `correlation_id` and `traceparent` when the event has them. Outside a
 /// call: `topic = ""`, `partition = -1`, `offset = -1`. The rest of the
 /// arguments are the event's own fields and message.
@@ -44,6 +45,12 @@ macro_rules! tagged_event {
                     $crate::message::Position::JetStream { stream, sequence, .. } => {
                         tracing::event!(target: $target, $level,
                             topic = topic.as_str(), $stream = stream.as_str(), sequence = *sequence,
+                            event_id = event_id.as_str(), correlation_id = correlation_id.as_deref(),
+                            traceparent = traceparent.as_deref(), $($rest)+)
+                    }
+                    other => {
+                        tracing::event!(target: $target, $level,
+                            topic = topic.as_str(), position = %other,
                             event_id = event_id.as_str(), correlation_id = correlation_id.as_deref(),
                             traceparent = traceparent.as_deref(), $($rest)+)
                     }

@@ -118,7 +118,7 @@ fn retryable(message: &str) -> Outcome {
 fn at(event: &Event) -> (i32, i64) {
     match event.position {
         crate::message::Position::Kafka { partition, offset } => (partition, offset),
-        crate::message::Position::JetStream { .. } => (-1, -1),
+        _ => (-1, -1),
     }
 }
 

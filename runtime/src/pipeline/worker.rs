@@ -356,6 +356,9 @@ fn log_message<S: Source, F: HandlerFactory, D: Publisher>(
         } => tracing::debug!(event = name, topic = %event.topic,
             stream = %stream, sequence, consumer_group = %group, handler = %shared.name, event_id = %event.id,
             correlation_id = event.correlation_id.as_deref(), latency_ms, "{name}"),
+        other => tracing::debug!(event = name, topic = %event.topic,
+            position = %other, consumer_group = %group, handler = %shared.name, event_id = %event.id,
+            correlation_id = event.correlation_id.as_deref(), latency_ms, "{name}"),
     }
 }
 

@@ -105,6 +105,12 @@ pub struct Manifest {
     pub sandbox: SandboxGrants,
     /// NATS JetStream settings (only with `[source.nats]`).
     pub nats: Option<NatsSettings>,
+    /// RabbitMQ settings (only with `[source.rabbitmq]`).
+    pub rabbitmq: Option<crate::source::rabbitmq::RabbitSettings>,
+    /// Redis Streams settings (only with `[source.redis]`).
+    pub redis: Option<crate::source::redis::RedisSettings>,
+    /// Amazon SQS settings (only with `[source.sqs]`).
+    pub sqs: Option<crate::source::sqs::SqsSettings>,
 }
 
 /// `[nats]`: how this handler's JetStream consumers behave.
@@ -138,14 +144,36 @@ pub enum BrokerKind {
     Kafka,
     /// NATS JetStream.
     Nats,
+    /// RabbitMQ.
+    Rabbit,
+    /// Redis Streams.
+    Redis,
+    /// Amazon SQS.
+    Sqs,
 }
 
 impl BrokerKind {
-    /// As written in the configuration: `kafka`, `nats`.
+    /// As written in the configuration: `kafka`, `nats`, `rabbitmq`,
+    /// `redis`, `sqs`.
     pub fn as_str(self) -> &'static str {
         match self {
             BrokerKind::Kafka => "kafka",
             BrokerKind::Nats => "nats",
+            BrokerKind::Rabbit => "rabbitmq",
+            BrokerKind::Redis => "redis",
+            BrokerKind::Sqs => "sqs",
+        }
+    }
+
+    /// As people call it: `Kafka`, `NATS JetStream`, `RabbitMQ`, `Redis`,
+    /// `Amazon SQS`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BrokerKind::Kafka => "Kafka",
+            BrokerKind::Nats => "NATS JetStream",
+            BrokerKind::Rabbit => "RabbitMQ",
+            BrokerKind::Redis => "Redis",
+            BrokerKind::Sqs => "Amazon SQS",
         }
     }
 }
@@ -514,11 +542,17 @@ impl Default for DlqSettings {
 }
 
 impl DlqSettings {
-    /// Where a dead letter of a message from `topic` goes.
+    /// Where a dead letter of a message from `topic` goes: `topic` +
+    /// suffix; for an SQS FIFO queue (`orders.fifo`) the suffix goes before
+    /// `.fifo` (`orders.dlq.fifo`, the queue `orders-dlq.fifo`), since a
+    /// FIFO queue's dead letters need a FIFO queue.
     pub fn destination(&self, topic: &str) -> String {
         match &self.topic {
             Some(fixed) => fixed.clone(),
-            None => format!("{topic}{}", self.suffix),
+            None => match topic.strip_suffix(".fifo") {
+                Some(base) => format!("{base}{}.fifo", self.suffix),
+                None => format!("{topic}{}", self.suffix),
+            },
         }
     }
 }
@@ -622,54 +656,72 @@ impl Manifest {
     ///
     /// Naming the key and the broker.
     pub fn check_broker(&self, broker: BrokerKind) -> Result<(), String> {
-        match broker {
-            BrokerKind::Kafka => {
-                if self.nats.is_some() {
-                    return Err("[nats]: this runtime consumes from Kafka ([source.kafka] or the embedded broker); remove the table or configure [source.nats]".into());
+        let tables = [
+            ("nats", self.nats.is_some(), BrokerKind::Nats),
+            ("rabbitmq", self.rabbitmq.is_some(), BrokerKind::Rabbit),
+            ("redis", self.redis.is_some(), BrokerKind::Redis),
+            ("sqs", self.sqs.is_some(), BrokerKind::Sqs),
+        ];
+        if let Some((table, _, _)) = tables.iter().find(|(_, set, b)| *set && *b != broker) {
+            return Err(format!(
+                "[{table}]: this runtime consumes from {} ([source.{}]); remove the table or configure [source.{table}]",
+                broker.name(),
+                broker.as_str()
+            ));
+        }
+        if broker != BrokerKind::Nats
+            && self
+                .key
+                .iter()
+                .any(|k| matches!(k, KeySource::TopicToken(_)))
+        {
+            return Err(format!(
+                "key: \"subject:<n>\" picks a token of a NATS subject; {} topics have no tokens (use \"header:<name>\" or \"json:/pointer\")",
+                broker.name()
+            ));
+        }
+        let check_name: fn(&str) -> Result<(), String> = match broker {
+            BrokerKind::Kafka => |topic| {
+                if valid_topic(topic) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{topic:?} is not a valid Kafka topic name (1-249 of [a-zA-Z0-9._-])"
+                    ))
                 }
-                if let Some(topic) = self.topics.iter().find(|t| !valid_topic(t)) {
-                    return Err(format!(
-                        "topics: {topic:?} is not a valid Kafka topic name (1-249 of [a-zA-Z0-9._-])"
-                    ));
+            },
+            BrokerKind::Nats => |topic| {
+                if valid_subject(topic, true) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{topic:?} is not a valid NATS subject (tokens separated by '.', no spaces; '*' and '>' only as whole tokens, '>' last)"
+                    ))
                 }
-                if let Some(topic) = self.dlq.topic.as_deref().filter(|t| !valid_topic(t)) {
-                    return Err(format!(
-                        "dlq.topic: {topic:?} is not a valid Kafka topic name (1-249 of [a-zA-Z0-9._-])"
-                    ));
-                }
-                if self
-                    .key
-                    .iter()
-                    .any(|k| matches!(k, KeySource::TopicToken(_)))
-                {
-                    return Err("key: \"subject:<n>\" picks a token of a NATS subject; Kafka topics have no tokens (use \"header:<name>\" or \"json:/pointer\")".into());
-                }
+            },
+            BrokerKind::Rabbit => crate::source::rabbitmq::check_queue_name,
+            BrokerKind::Redis => crate::source::redis::check_stream_name,
+            BrokerKind::Sqs => crate::source::sqs::check_queue_name,
+        };
+        for topic in &self.topics {
+            check_name(topic).map_err(|why| format!("topics: {why}"))?;
+        }
+        if let Some(topic) = self.dlq.topic.as_deref() {
+            if broker == BrokerKind::Nats && !valid_subject(topic, false) {
+                return Err(format!(
+                    "dlq.topic: {topic:?} is not a valid NATS subject (no wildcards)"
+                ));
             }
-            BrokerKind::Nats => {
-                if let Some(topic) = self.topics.iter().find(|t| !valid_subject(t, true)) {
-                    return Err(format!(
-                        "topics: {topic:?} is not a valid NATS subject (tokens separated by '.', no spaces; '*' and '>' only as whole tokens, '>' last)"
-                    ));
-                }
-                if let Some(topic) = self
-                    .dlq
-                    .topic
-                    .as_deref()
-                    .filter(|t| !valid_subject(t, false))
-                {
-                    return Err(format!(
-                        "dlq.topic: {topic:?} is not a valid NATS subject (no wildcards)"
-                    ));
-                }
-                if self.dlq.topic.is_none()
-                    && let Some(topic) = self.topics.iter().find(|t| t.ends_with('>'))
-                {
-                    return Err(format!(
-                        "dlq.topic: the subscription {topic:?} would consume its own dead letters (<subject>{}); set [dlq] topic to a subject outside it",
-                        self.dlq.suffix
-                    ));
-                }
-            }
+            check_name(topic).map_err(|why| format!("dlq.topic: {why}"))?;
+        }
+        if broker == BrokerKind::Nats
+            && self.dlq.topic.is_none()
+            && let Some(topic) = self.topics.iter().find(|t| t.ends_with('>'))
+        {
+            return Err(format!(
+                "dlq.topic: the subscription {topic:?} would consume its own dead letters (<subject>{}); set [dlq] topic to a subject outside it",
+                self.dlq.suffix
+            ));
         }
         Ok(())
     }

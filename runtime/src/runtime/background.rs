@@ -10,7 +10,6 @@ use super::{Broker, Status};
 use crate::metrics::Metrics;
 use crate::pipeline::HandlerStats;
 use crate::registry::Manifest;
-use crate::source::Archive;
 
 /// Logs each consumer group's lag per topic (`event = "consumer_lag"`, at
 /// info) every `every`: the sum over its partitions, the partitions known,
@@ -54,14 +53,7 @@ pub(super) async fn measure_dead_letters(
         dlqs.sort();
         dlqs.dedup();
         for dlq in dlqs {
-            let measured = match &broker {
-                Broker::Kafka { cluster, .. } => {
-                    crate::source::kafka::KafkaArchive::new(cluster.clone())
-                        .depth(&dlq)
-                        .await
-                }
-                Broker::Nats(connection) => connection.depth(&dlq).await,
-            };
+            let measured = broker.depth(&dlq).await;
             match measured {
                 Ok(depth) => {
                     let now_ms = std::time::SystemTime::now()
@@ -98,21 +90,9 @@ pub(super) async fn ensure_dead_letter_topics(
             continue;
         }
         let (retention, create) = (manifest.dlq.retention, manifest.dlq.create);
-        let created =
-            match &broker {
-                Broker::Kafka { cluster, .. } => crate::source::kafka::topics::ensure_topic(
-                    cluster, &dlq, topic, retention, create,
-                )
-                .await
-                .map(|ensured| match ensured {
-                    crate::source::kafka::topics::Ensured::Existing => None,
-                    crate::source::kafka::topics::Ensured::Created(partitions) => Some(partitions),
-                }),
-                Broker::Nats(connection) => connection
-                    .ensure_dead_letters(&dlq, retention, create)
-                    .await
-                    .map(|created| created.then_some(1)),
-            };
+        let created = broker
+            .ensure_dead_letters(&dlq, topic, retention, create)
+            .await;
         match created {
             Ok(None) => {}
             Ok(Some(partitions)) => {

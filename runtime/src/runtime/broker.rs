@@ -7,6 +7,10 @@ use crate::registry::{BrokerKind, Manifest};
 use crate::source::kafka::{Cluster, KafkaProducer};
 use crate::source::nats::{self, ConsumerSpec, NatsConnection};
 use crate::source::progress::Progress;
+use crate::source::rabbitmq::RabbitConnection;
+use crate::source::redis::RedisConnection;
+use crate::source::sqs::SqsConnection;
+use crate::source::{Depth, Subscription};
 
 /// The broker the runtime is connected to.
 #[derive(Clone)]
@@ -22,6 +26,12 @@ pub enum Broker {
     },
     /// NATS JetStream.
     Nats(NatsConnection),
+    /// RabbitMQ.
+    Rabbit(RabbitConnection),
+    /// Redis Streams.
+    Redis(RedisConnection),
+    /// Amazon SQS.
+    Sqs(SqsConnection),
 }
 
 impl Broker {
@@ -30,7 +40,79 @@ impl Broker {
         match self {
             Broker::Kafka { .. } => BrokerKind::Kafka,
             Broker::Nats(_) => BrokerKind::Nats,
+            Broker::Rabbit(_) => BrokerKind::Rabbit,
+            Broker::Redis(_) => BrokerKind::Redis,
+            Broker::Sqs(_) => BrokerKind::Sqs,
         }
+    }
+
+    /// How many messages `topic` holds and how old the oldest is (for the
+    /// dead-letter gauges).
+    ///
+    /// # Errors
+    ///
+    /// When the broker cannot be asked.
+    pub async fn depth(&self, topic: &str) -> anyhow::Result<Depth> {
+        use crate::source::Archive;
+        match self {
+            Broker::Kafka { cluster, .. } => {
+                crate::source::kafka::KafkaArchive::new(cluster.clone())
+                    .depth(topic)
+                    .await
+            }
+            Broker::Nats(connection) => connection.depth(topic).await,
+            Broker::Rabbit(connection) => connection.depth(topic).await,
+            Broker::Redis(connection) => connection.depth(topic).await,
+            Broker::Sqs(connection) => connection.depth(topic).await,
+        }
+    }
+
+    /// Makes sure dead-letter destination `dlq` of `origin` exists, creating
+    /// it (keeping dead letters for `retention`) when missing and `create`
+    /// allows. Returns the partitions created, if it created one.
+    ///
+    /// # Errors
+    ///
+    /// When it is missing and may not be created, or the broker refuses.
+    pub async fn ensure_dead_letters(
+        &self,
+        dlq: &str,
+        origin: &str,
+        retention: std::time::Duration,
+        create: bool,
+    ) -> anyhow::Result<Option<i32>> {
+        use crate::source::kafka::topics::{Ensured, ensure_topic};
+        let created = match self {
+            Broker::Kafka { cluster, .. } => {
+                return Ok(
+                    match ensure_topic(cluster, dlq, origin, retention, create).await? {
+                        Ensured::Existing => None,
+                        Ensured::Created(partitions) => Some(partitions),
+                    },
+                );
+            }
+            Broker::Nats(connection) => {
+                connection
+                    .ensure_dead_letters(dlq, retention, create)
+                    .await?
+            }
+            Broker::Rabbit(connection) => {
+                connection
+                    .ensure_dead_letters(dlq, origin, retention, create)
+                    .await?
+            }
+            Broker::Redis(connection) => {
+                connection
+                    .ensure_dead_letters(dlq, origin, retention, create)
+                    .await?
+            }
+            Broker::Sqs(connection) => {
+                connection
+                    .ensure_dead_letters(dlq, origin, retention, create)
+                    .await?
+            }
+        };
+        Ok(created.then_some(1))
     }
 
     /// Moves the consumer of a handler with `manifest`, consuming as
@@ -90,7 +172,32 @@ impl Broker {
                     })
                     .collect())
             }
+            Broker::Redis(connection) => connection.rewind(manifest, group, from, apply).await,
+            Broker::Rabbit(_) | Broker::Sqs(_) => anyhow::bail!(
+                "{} queues have no positions to move a consumer back to: a message is gone once acknowledged; replay from where the messages came from, or use `weir dlq replay` for dead letters",
+                self.kind().name()
+            ),
         }
+    }
+}
+
+/// The subscription of a handler with `manifest`, consuming as `group`,
+/// with its broker table `settings`.
+pub fn subscription<S: Clone + Default>(
+    name: &str,
+    manifest: &Manifest,
+    group: &str,
+    progress: Progress,
+    settings: Option<&S>,
+) -> Subscription<S> {
+    Subscription {
+        handler: name.to_string(),
+        group: group.to_string(),
+        topics: manifest.topics.clone(),
+        start: manifest.start,
+        max_in_flight: manifest.max_in_flight,
+        progress,
+        settings: settings.cloned().unwrap_or_default(),
     }
 }
 
@@ -165,6 +272,17 @@ pub async fn connect(
             Broker::Nats(NatsConnection::connect(&nats_settings(source)).await?),
             None,
         )),
+        crate::config::Source::Rabbit(source) => Ok((
+            Broker::Rabbit(RabbitConnection::connect(&source).await?),
+            None,
+        )),
+        crate::config::Source::Redis(source) => Ok((
+            Broker::Redis(RedisConnection::connect(&source).await?),
+            None,
+        )),
+        crate::config::Source::Sqs(source) => {
+            Ok((Broker::Sqs(SqsConnection::connect(&source).await?), None))
+        }
         crate::config::Source::Embedded(embedded) => {
             let broker = crate::source::embedded::EmbeddedBroker::start(embedded.partitions)?;
             for topic in topics {

@@ -36,7 +36,7 @@ use crate::source::kafka::KafkaConsumer;
 use crate::source::{Publisher, Source};
 use crate::store::Store;
 
-pub use broker::{Broker, connect, kafka_cluster, nats_consumer_spec, nats_settings};
+pub use broker::{Broker, connect, kafka_cluster, nats_consumer_spec, nats_settings, subscription};
 pub use status::{HandlerView, Status};
 
 use background::{ensure_dead_letter_topics, log_lag, measure_dead_letters};
@@ -176,6 +176,18 @@ impl Runtime {
                 Relay::new(store.clone(), connection.publisher(), relay_stats.clone())
                     .run(relay_watch),
             ),
+            Broker::Rabbit(connection) => tokio::spawn(
+                Relay::new(store.clone(), connection.publisher(), relay_stats.clone())
+                    .run(relay_watch),
+            ),
+            Broker::Redis(connection) => tokio::spawn(
+                Relay::new(store.clone(), connection.publisher(), relay_stats.clone())
+                    .run(relay_watch),
+            ),
+            Broker::Sqs(connection) => tokio::spawn(
+                Relay::new(store.clone(), connection.publisher(), relay_stats.clone())
+                    .run(relay_watch),
+            ),
         };
         let (fatal, fatal_rx) = mpsc::unbounded_channel();
         let status = Status::default();
@@ -278,6 +290,39 @@ impl Runtime {
                     &alive,
                     stopped,
                 )
+            }
+            Broker::Rabbit(connection) => {
+                let consumer = connection.consumer(subscription(
+                    &handler.name,
+                    &handler.manifest,
+                    &group,
+                    self.metrics.progress(&group),
+                    handler.manifest.rabbitmq.as_ref(),
+                ));
+                let publisher = connection.publisher();
+                self.spawn(&handler, consumer, publisher, &stats, &alive, stopped)
+            }
+            Broker::Redis(connection) => {
+                let consumer = connection.consumer(subscription(
+                    &handler.name,
+                    &handler.manifest,
+                    &group,
+                    self.metrics.progress(&group),
+                    handler.manifest.redis.as_ref(),
+                ));
+                let publisher = connection.publisher();
+                self.spawn(&handler, consumer, publisher, &stats, &alive, stopped)
+            }
+            Broker::Sqs(connection) => {
+                let consumer = connection.consumer(subscription(
+                    &handler.name,
+                    &handler.manifest,
+                    &group,
+                    self.metrics.progress(&group),
+                    handler.manifest.sqs.as_ref(),
+                ));
+                let publisher = connection.publisher();
+                self.spawn(&handler, consumer, publisher, &stats, &alive, stopped)
             }
         };
         self.metrics
@@ -637,7 +682,7 @@ fn same_consumer(a: &Manifest, b: &Manifest) -> bool {
                 &m.key,
                 m.max_in_flight,
                 m.limits.concurrency,
-                &m.nats,
+                (&m.nats, &m.rabbitmq, &m.redis, &m.sqs),
                 &m.dedup,
                 &m.retry,
                 &m.dlq

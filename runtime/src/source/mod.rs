@@ -10,10 +10,9 @@
 //! | --- | --- | --- | --- |
 //! | Kafka | contiguous watermark per partition, stored for commit | not stored: the watermark stays below it | the partition was revoked (generation changed) |
 //! | NATS JetStream | `ack` | `nak` (redelivered now) | the source stopped |
-//!
-//! Later brokers fit the same shape: RabbitMQ `basic.ack` / `basic.nack`
-//! with requeue, Redis `XACK` / leave pending, SQS `DeleteMessage` / let the
-//! visibility timeout lapse.
+//! | RabbitMQ | `basic.ack` | `basic.nack` with requeue | the channel closed |
+//! | Redis Streams | `XACK` | left pending (reclaimed) | another consumer claimed it |
+//! | Amazon SQS | `DeleteMessage` | visibility set to 0 | the receipt expired |
 //!
 //! # Invariants a source keeps
 //!
@@ -47,10 +46,34 @@ pub mod embedded;
 pub mod kafka;
 pub mod nats;
 pub mod progress;
+pub mod rabbitmq;
+pub mod redis;
+pub mod sqs;
 
 use std::future::Future;
 
 pub use crate::message::{Message, Position};
+
+/// What one handler's consumer consumes, for the brokers whose consumer
+/// takes no more than this and its own manifest table (`S`).
+#[derive(Debug, Clone)]
+pub struct Subscription<S> {
+    /// The handler's name.
+    pub handler: String,
+    /// Its consumer group (`group` in the manifest, `weir.<name>`).
+    pub group: String,
+    /// Topics (queues, streams) it consumes.
+    pub topics: Vec<String>,
+    /// Where a new consumer group starts (where the broker has positions).
+    pub start: crate::registry::StartFrom,
+    /// Most messages held at once: the bound on what the source fetches
+    /// ahead.
+    pub max_in_flight: usize,
+    /// Where the consumer's progress is reported (see `progress.rs`).
+    pub progress: progress::Progress,
+    /// The manifest's table for this broker (defaults when absent).
+    pub settings: S,
+}
 
 /// A message's final outcome, as the pipeline reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -141,6 +141,16 @@ pub async fn run(config: &Config, request: Request) -> anyhow::Result<String> {
             let publisher = connection.publisher();
             execute(&connection, &publisher, &dlqs, request).await
         }
+        Source::Redis(source) => {
+            let connection = crate::source::redis::RedisConnection::connect(&source).await?;
+            let publisher = connection.publisher();
+            execute(&connection, &publisher, &dlqs, request).await
+        }
+        Source::Rabbit(_) | Source::Sqs(_) => anyhow::bail!(
+            "`weir dlq` reads dead letters without consuming them, which {} queues cannot do; \
+             the broker's own tools show them (the dead letters keep their origin in weir.origin.* headers)",
+            config.broker_kind().name()
+        ),
         Source::Embedded(_) => anyhow::bail!(
             "the embedded broker lives inside `weir run` and keeps nothing after it; \
              to read its dead letters, point [source.kafka] bootstrap_servers at the address it printed"

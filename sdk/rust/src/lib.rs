@@ -328,13 +328,16 @@ impl Position {
 
     /// The id Weir gives a message without an id header, where it derives
     /// one from the position: Kafka `<topic>/<partition>/<offset>`,
-    /// JetStream `<stream>/<sequence>`.
+    /// JetStream `<stream>/<sequence>`, Redis `<stream>/<entry-id>`, SQS
+    /// `<queue name>/<message-id>`.
     fn fallback_id(&self, topic: &str) -> Option<String> {
         match self {
             Position::Kafka { partition, offset } => Some(format!("{topic}/{partition}/{offset}")),
             Position::JetStream {
                 stream, sequence, ..
             } => Some(format!("{stream}/{sequence}")),
+            Position::Redis { stream, entry_id } => Some(format!("{stream}/{entry_id}")),
+            Position::Sqs { message_id, .. } => Some(format!("{topic}/{message_id}")),
             _ => None,
         }
     }

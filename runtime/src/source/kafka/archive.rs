@@ -166,7 +166,7 @@ pub(crate) fn deletable_prefix(
         .iter()
         .filter_map(|p| match p {
             Position::Kafka { partition, offset } => Some((*partition, *offset)),
-            Position::JetStream { .. } => None,
+            _ => None,
         })
         .collect();
     let mut by_partition: BTreeMap<i32, Vec<i64>> = BTreeMap::new();

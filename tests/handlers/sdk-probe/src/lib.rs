@@ -6,7 +6,10 @@
 //! Every call logs exactly one `info` record, message `sdk-probe`, with
 //! fields `id`, `topic`, `broker` (`kafka`, `jetstream`, …), the position in
 //! the broker's terms (Kafka: `partition`, `offset`; JetStream: `stream`,
-//! `sequence`, `delivered`; other brokers: `position`, its display form),
+//! `sequence`, `delivered`; RabbitMQ: `exchange`, `routing_key`,
+//! `delivery_tag`, `redelivered`; Redis: `stream`, `entry_id`; SQS:
+//! `queue`, `message_id`, `receive_count`; others: `position`, its display
+//! form),
 //! `attempt`, `key` (UTF-8, lossy; `none` without a key), `payload_len`,
 //! `outcome` (`ok`, `retryable`, `retry-after` or `permanent`) and
 //! `category` (`none` without one).
@@ -106,6 +109,31 @@ fn record(event: &Event, result: &Result<(), HandlerError>) -> Vec<(&'static str
             fields.push(("stream", stream.clone()));
             fields.push(("sequence", sequence.to_string()));
             fields.push(("delivered", delivered.to_string()));
+        }
+        Position::RabbitMq {
+            exchange,
+            routing_key,
+            delivery_tag,
+            redelivered,
+        } => {
+            fields.push(("exchange", exchange.clone()));
+            fields.push(("routing_key", routing_key.clone()));
+            fields.push(("delivery_tag", delivery_tag.to_string()));
+            fields.push(("redelivered", redelivered.to_string()));
+        }
+        Position::Redis { stream, entry_id } => {
+            fields.push(("stream", stream.clone()));
+            fields.push(("entry_id", entry_id.clone()));
+        }
+        Position::Sqs {
+            queue,
+            message_id,
+            receive_count,
+            ..
+        } => {
+            fields.push(("queue", queue.clone()));
+            fields.push(("message_id", message_id.clone()));
+            fields.push(("receive_count", receive_count.to_string()));
         }
         other => fields.push(("position", other.to_string())),
     }
