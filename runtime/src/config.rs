@@ -568,6 +568,32 @@ mod tests {
         Ok(config)
     }
 
+    /// Every example in `config/` is a valid configuration, uncommented as
+    /// it ships, for the broker it is named after.
+    #[test]
+    fn every_example_configuration_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir(&dir).expect("config/ is readable") {
+            let path = entry.expect("an entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if !name.ends_with(".toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("readable");
+            let config = parse(&text).unwrap_or_else(|err| panic!("{name}: {err}"));
+            let broker = config.broker_kind().as_str();
+            let expected = match name {
+                "weir.toml" | "production.toml" => "kafka",
+                other => other.trim_end_matches(".toml"),
+            };
+            assert_eq!(broker, expected, "{name} configures {broker}");
+            seen.push(name.to_string());
+        }
+        seen.sort();
+        assert!(seen.len() >= 3, "examples: {seen:?}");
+    }
+
     #[test]
     fn empty_file_means_embedded_defaults() {
         let config = parse("").expect("empty config is valid");

@@ -1,0 +1,193 @@
+//! Streams read from their start and trimmed, apart from any group (`weir
+//! dlq`), and a group moved back (`weir replay`).
+
+use super::consumer::info_fields;
+use super::{RedisConnection, entry};
+use crate::source::{Archive, Depth, Message, Position, Rewind};
+
+/// Entries fetched per `XRANGE`.
+const PAGE: usize = 1000;
+
+/// A group's consumer that was active this recently is taken to be running.
+const ACTIVE_MS: i64 = 10_000;
+
+impl Archive for RedisConnection {
+    async fn read_all(&self, topic: &str) -> anyhow::Result<Vec<Message>> {
+        let mut shared = self.shared().await?;
+        let mut messages = Vec::new();
+        let mut from = "-".to_string();
+        loop {
+            let reply: redis::Value = redis::cmd("XRANGE")
+                .arg(topic)
+                .arg(&from)
+                .arg("+")
+                .arg("COUNT")
+                .arg(PAGE)
+                .query_async(&mut shared)
+                .await
+                .map_err(|err| anyhow::anyhow!("XRANGE {topic:?}: {err}"))?;
+            let page = entry::entries(&reply).map_err(anyhow::Error::msg)?;
+            let full = page.len() == PAGE;
+            let Some(last) = page.last().map(|e| e.id.clone()) else {
+                break;
+            };
+            messages.extend(page.into_iter().map(|e| entry::to_message(topic, 0, e)));
+            if !full {
+                break;
+            }
+            from = format!("({last}");
+        }
+        Ok(messages)
+    }
+
+    /// Deletes each selected entry (`XDEL`).
+    async fn remove(
+        &self,
+        topic: &str,
+        selected: &[Position],
+        _read: &[Position],
+    ) -> anyhow::Result<usize> {
+        let ids: Vec<&str> = selected
+            .iter()
+            .filter_map(|p| match p {
+                Position::Redis { entry_id, .. } => Some(entry_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut shared = self.shared().await?;
+        let removed: i64 = redis::cmd("XDEL")
+            .arg(topic)
+            .arg(&ids)
+            .query_async(&mut shared)
+            .await
+            .map_err(|err| anyhow::anyhow!("XDEL on {topic:?}: {err}"))?;
+        Ok(usize::try_from(removed).unwrap_or(0))
+    }
+
+    async fn depth(&self, topic: &str) -> anyhow::Result<Depth> {
+        let mut shared = self.shared().await?;
+        let messages: u64 = redis::cmd("XLEN")
+            .arg(topic)
+            .query_async(&mut shared)
+            .await
+            .map_err(|err| anyhow::anyhow!("XLEN {topic:?}: {err}"))?;
+        let first: redis::Value = redis::cmd("XRANGE")
+            .arg(topic)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut shared)
+            .await
+            .map_err(|err| anyhow::anyhow!("XRANGE {topic:?}: {err}"))?;
+        let oldest_ms = entry::entries(&first)
+            .map_err(anyhow::Error::msg)?
+            .first()
+            .and_then(|e| entry::millis(&e.id));
+        Ok(Depth {
+            messages,
+            oldest_ms,
+        })
+    }
+}
+
+impl RedisConnection {
+    /// Moves `group` back on each of `manifest`'s streams (`XGROUP SETID`,
+    /// with `apply`; otherwise only says where it would go): one line per
+    /// stream. Refused while a consumer of the group is active.
+    ///
+    /// # Errors
+    ///
+    /// When Redis cannot be asked, a consumer is active, or `from` is an
+    /// offset (Redis entries have IDs).
+    pub async fn rewind(
+        &self,
+        manifest: &crate::registry::Manifest,
+        group: &str,
+        from: Rewind,
+        apply: bool,
+    ) -> anyhow::Result<Vec<String>> {
+        let target = match from {
+            Rewind::Earliest => "0".to_string(),
+            Rewind::Time(time) => {
+                let ms = time
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                // Everything at or after `time`: the last delivered ID is
+                // the greatest one before it.
+                match ms.checked_sub(1) {
+                    Some(before) => format!("{before}-18446744073709551615"),
+                    None => "0".to_string(),
+                }
+            }
+            Rewind::Offset(_) => anyhow::bail!(
+                "Redis entries have IDs, not offsets: use --from earliest or --from <RFC 3339 time>"
+            ),
+        };
+        let mut shared = self.shared().await?;
+        let mut lines = Vec::new();
+        for stream in &manifest.topics {
+            let groups: redis::Value = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .query_async(&mut shared)
+                .await
+                .unwrap_or(redis::Value::Nil);
+            let current = match &groups {
+                redis::Value::Array(list) => list.iter().find_map(|info| {
+                    let fields = info_fields(info);
+                    (fields.get("name").copied().and_then(entry::text).as_deref() == Some(group))
+                        .then(|| fields.get("last-delivered-id").copied().and_then(entry::text))
+                        .flatten()
+                }),
+                _ => None,
+            };
+            let Some(current) = current else {
+                lines.push(format!(
+                    "group {group} has no consumer on stream {stream} yet: it starts where the manifest says"
+                ));
+                continue;
+            };
+            let consumers: redis::Value = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(stream)
+                .arg(group)
+                .query_async(&mut shared)
+                .await
+                .map_err(|err| anyhow::anyhow!("XINFO CONSUMERS {stream:?}: {err}"))?;
+            if let redis::Value::Array(list) = &consumers {
+                for info in list {
+                    let fields = info_fields(info);
+                    let idle = match fields.get("idle") {
+                        Some(redis::Value::Int(ms)) => *ms,
+                        _ => i64::MAX,
+                    };
+                    if idle < ACTIVE_MS {
+                        let name = fields.get("name").copied().and_then(entry::text).unwrap_or_default();
+                        anyhow::bail!(
+                            "consumer {name:?} of group {group} on stream {stream} was active {idle} ms ago: stop weir (every process) before moving the group"
+                        );
+                    }
+                }
+            }
+            let verb = if apply { "" } else { "would " };
+            if apply {
+                let _: () = redis::cmd("XGROUP")
+                    .arg("SETID")
+                    .arg(stream)
+                    .arg(group)
+                    .arg(&target)
+                    .query_async(&mut shared)
+                    .await
+                    .map_err(|err| anyhow::anyhow!("XGROUP SETID {stream:?}: {err}"))?;
+            }
+            lines.push(format!(
+                "{verb}move group {group} on stream {stream} from last delivered {current} to {target}"
+            ));
+        }
+        Ok(lines)
+    }
+}

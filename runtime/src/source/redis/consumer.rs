@@ -1,0 +1,556 @@
+//! One handler's consumer: reads its streams through its group, claims the
+//! entries of dead consumers, keeps what it holds, and acknowledges what the
+//! pipeline settled (invariants in `mod.rs`).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use tokio::sync::mpsc;
+
+use super::entry::{self, Entry};
+use super::{RedisConnection, RedisSettings, lock};
+use crate::registry::StartFrom;
+use crate::source::{Message, Settled, Source, Subscription};
+
+/// The longest one blocking read waits before looking around (claims,
+/// shutdown).
+const BLOCK: Duration = Duration::from_secs(2);
+
+/// How often the group's lag is read once it answers; until then, every
+/// [`JOIN_PERIOD`].
+const LAG_PERIOD: Duration = Duration::from_secs(5);
+const JOIN_PERIOD: Duration = Duration::from_millis(500);
+
+/// One delivered entry.
+pub struct RedisDelivery {
+    id: u64,
+    scope: u64,
+    entry: String,
+}
+
+/// An entry the pipeline holds: which stream (by scope) and its ID.
+#[derive(Clone)]
+struct Held {
+    scope: u64,
+    entry: String,
+}
+
+type HeldMap = Arc<Mutex<HashMap<u64, Held>>>;
+
+/// What the reading side keeps between calls.
+struct Reader {
+    /// The blocking read's own connection (`None` until made).
+    connection: Option<ConnectionManager>,
+    /// Entries read or claimed, not yet handed to the pipeline.
+    buffered: VecDeque<(u64, Entry)>,
+    /// Whether every stream's group is known to exist.
+    groups_ready: bool,
+    /// Whether this consumer's own pending entries (a restart under a
+    /// fixed name) are still to be read.
+    backlog: bool,
+    /// When the next `XAUTOCLAIM` round is due.
+    next_claim: Instant,
+}
+
+/// A handler's consumer of its streams.
+pub struct RedisConsumer {
+    connection: RedisConnection,
+    spec: Arc<Subscription<RedisSettings>>,
+    reader: tokio::sync::Mutex<Reader>,
+    held: HeldMap,
+    next_delivery: AtomicU64,
+    acks: mpsc::UnboundedSender<(u64, String)>,
+    tasks: [tokio::task::JoinHandle<()>; 3],
+}
+
+impl RedisConsumer {
+    pub(super) fn new(
+        connection: RedisConnection,
+        subscription: Subscription<RedisSettings>,
+    ) -> Self {
+        let spec = Arc::new(subscription);
+        let held: HeldMap = Arc::default();
+        let (acks, queue) = mpsc::unbounded_channel();
+        let tasks = [
+            tokio::spawn(send_acks(connection.clone(), spec.clone(), queue)),
+            tokio::spawn(keep_alive(connection.clone(), spec.clone(), held.clone())),
+            tokio::spawn(watch_lag(connection.clone(), spec.clone())),
+        ];
+        Self {
+            connection,
+            spec,
+            reader: tokio::sync::Mutex::new(Reader {
+                connection: None,
+                buffered: VecDeque::new(),
+                groups_ready: false,
+                backlog: true,
+                // The first claim round comes at once: entries a crashed
+                // process left behind are handled without waiting.
+                next_claim: Instant::now(),
+            }),
+            held,
+            next_delivery: AtomicU64::new(0),
+            acks,
+            tasks,
+        }
+    }
+
+    fn claim_idle(&self) -> Duration {
+        self.spec.settings.claim_idle
+    }
+
+    /// Hands `entry` of the stream with `scope` to the pipeline: held from
+    /// now on.
+    fn deliver(&self, scope: u64, entry: Entry) -> (Message, RedisDelivery) {
+        let stream = usize::try_from(scope)
+            .ok()
+            .and_then(|i| self.spec.topics.get(i))
+            .cloned()
+            .unwrap_or_default();
+        let id = self.next_delivery.fetch_add(1, Ordering::Relaxed);
+        lock(&self.held).insert(
+            id,
+            Held {
+                scope,
+                entry: entry.id.clone(),
+            },
+        );
+        let delivery = RedisDelivery {
+            id,
+            scope,
+            entry: entry.id.clone(),
+        };
+        (entry::to_message(&stream, scope, entry), delivery)
+    }
+
+    /// Creates every stream's group where missing (at the start the
+    /// manifest asks for; `MKSTREAM`, so a stream nobody wrote yet works).
+    async fn create_groups(&self, connection: &mut ConnectionManager) -> anyhow::Result<()> {
+        let start = match self.spec.start {
+            StartFrom::Earliest => "0",
+            StartFrom::Latest => "$",
+        };
+        for stream in &self.spec.topics {
+            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg(&self.spec.group)
+                .arg(start)
+                .arg("MKSTREAM")
+                .query_async(connection)
+                .await;
+            match created {
+                Ok(()) => {
+                    tracing::info!(stream = %stream, group = %self.spec.group, start, "created the consumer group")
+                }
+                Err(err) if err.code() == Some("BUSYGROUP") => {}
+                Err(err) => anyhow::bail!(
+                    "cannot create group {:?} on stream {stream:?}: {err}",
+                    self.spec.group
+                ),
+            }
+        }
+        tracing::info!(group = %self.spec.group, consumer = %self.connection.consumer,
+            streams = %self.spec.topics.join(","), "consuming");
+        Ok(())
+    }
+
+    /// How many entries one read may take: the free part of
+    /// `max_in_flight` (see "Backpressure" in `mod.rs`).
+    fn room(&self) -> usize {
+        let held = lock(&self.held).len();
+        self.spec
+            .max_in_flight
+            .saturating_sub(held)
+            .clamp(1, 256)
+    }
+
+    /// Reads or claims more entries into the buffer (possibly none, after
+    /// a blocking read that timed out).
+    async fn fill(&self, reader: &mut Reader) -> anyhow::Result<()> {
+        let mut connection = match reader.connection.clone() {
+            Some(connection) => connection,
+            None => {
+                let connection = self.connection.open(BLOCK + Duration::from_secs(10)).await?;
+                reader.connection = Some(connection.clone());
+                connection
+            }
+        };
+        if !reader.groups_ready {
+            self.create_groups(&mut connection).await?;
+            reader.groups_ready = true;
+        }
+        let group = &self.spec.group;
+        let consumer = &self.connection.consumer;
+        if Instant::now() >= reader.next_claim {
+            let idle_ms = u64::try_from(self.claim_idle().as_millis()).unwrap_or(u64::MAX);
+            for (scope, stream) in (0u64..).zip(&self.spec.topics) {
+                let reply: redis::Value = redis::cmd("XAUTOCLAIM")
+                    .arg(stream)
+                    .arg(group)
+                    .arg(consumer)
+                    .arg(idle_ms)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(self.room())
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(|err| anyhow::anyhow!("XAUTOCLAIM on {stream:?}: {err}"))?;
+                let (_, claimed) = entry::autoclaim_reply(&reply).map_err(anyhow::Error::msg)?;
+                if !claimed.is_empty() {
+                    tracing::info!(stream = %stream, group = %group, claimed = claimed.len(),
+                        idle_ms, "claimed entries another consumer left pending");
+                }
+                reader
+                    .buffered
+                    .extend(claimed.into_iter().map(|e| (scope, e)));
+            }
+            reader.next_claim = Instant::now() + (self.claim_idle() / 2).max(BLOCK / 4);
+            if !reader.buffered.is_empty() {
+                return Ok(());
+            }
+        }
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
+            .arg(group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(self.room());
+        let until_claim = reader.next_claim.saturating_duration_since(Instant::now());
+        if !reader.backlog {
+            let block = BLOCK.min(until_claim).max(Duration::from_millis(10));
+            read.arg("BLOCK")
+                .arg(u64::try_from(block.as_millis()).unwrap_or(2000));
+        }
+        read.arg("STREAMS").arg(&self.spec.topics);
+        let from = if reader.backlog { "0" } else { ">" };
+        for _ in &self.spec.topics {
+            read.arg(from);
+        }
+        let reply: redis::Value = match read.query_async(&mut connection).await {
+            Ok(reply) => reply,
+            Err(err) => {
+                if err.code() == Some("NOGROUP") {
+                    // The stream or the group was deleted: make them again.
+                    reader.groups_ready = false;
+                }
+                anyhow::bail!("XREADGROUP: {err}");
+            }
+        };
+        let mut got = 0;
+        for (stream, entries) in entry::read_reply(&reply).map_err(anyhow::Error::msg)? {
+            let Some(scope) = self.spec.topics.iter().position(|t| *t == stream) else {
+                continue;
+            };
+            for entry in entries {
+                got += 1;
+                if entry.fields.is_empty() {
+                    // Deleted while pending: nothing to handle, nothing to
+                    // keep pending.
+                    let _ = self.acks.send((scope as u64, entry.id));
+                    continue;
+                }
+                reader.buffered.push_back((scope as u64, entry));
+            }
+        }
+        if reader.backlog && got == 0 {
+            reader.backlog = false;
+        }
+        Ok(())
+    }
+}
+
+impl Source for RedisConsumer {
+    type Delivery = RedisDelivery;
+
+    /// The next entry of any of the handler's streams. While Redis does not
+    /// answer this waits, logging why, and tries again. Cancel-safe: an
+    /// entry read by a cancelled call stays pending under this consumer and
+    /// is claimed again after `claim_idle`.
+    async fn recv(&self) -> Result<(Message, RedisDelivery), String> {
+        let mut reader = self.reader.lock().await;
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            if let Some((scope, entry)) = reader.buffered.pop_front() {
+                return Ok(self.deliver(scope, entry));
+            }
+            match self.fill(&mut reader).await {
+                Ok(()) => backoff = Duration::from_millis(250),
+                Err(err) => {
+                    tracing::warn!(group = %self.spec.group, error = %format!("{err:#}"),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "cannot read the streams; trying again (nothing is acknowledged meanwhile)");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    fn owns(&self, delivery: &RedisDelivery) -> bool {
+        lock(&self.held).contains_key(&delivery.id)
+    }
+
+    /// Invariant: `XACK` only for settled outcomes, which the pipeline
+    /// reports only once they are durable; a released entry stays pending.
+    fn settle(&self, delivery: &RedisDelivery, outcome: Settled) {
+        if lock(&self.held).remove(&delivery.id).is_none() {
+            return;
+        }
+        if matches!(outcome, Settled::Done | Settled::DeadLettered) {
+            let _ = self.acks.send((delivery.scope, delivery.entry.clone()));
+        }
+    }
+
+    /// Stops reading and sends the acknowledgements still queued.
+    async fn close(self) {
+        lock(&self.held).clear();
+        let Self {
+            acks, tasks, spec, ..
+        } = self;
+        drop(acks);
+        let [acking, keepalive, lag] = tasks;
+        keepalive.abort();
+        lag.abort();
+        for topic in &spec.topics {
+            spec.progress.forget(topic, 0);
+        }
+        if tokio::time::timeout(Duration::from_secs(5), acking)
+            .await
+            .is_err()
+        {
+            tracing::warn!(group = %spec.group, "acknowledgements still queued after 5 s; those entries are claimed again and deduplicated");
+        }
+    }
+}
+
+/// Sends `XACK`s in batches, in the order settled; an acknowledged entry
+/// advances its stream's committed progress. Ends when the queue closes
+/// and is drained.
+async fn send_acks(
+    connection: RedisConnection,
+    spec: Arc<Subscription<RedisSettings>>,
+    mut queue: mpsc::UnboundedReceiver<(u64, String)>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut batch: Vec<(u64, String)> = vec![first];
+        while batch.len() < 1000
+            && let Ok(next) = queue.try_recv()
+        {
+            batch.push(next);
+        }
+        let mut by_scope: HashMap<u64, Vec<String>> = HashMap::new();
+        for (scope, id) in batch {
+            by_scope.entry(scope).or_default().push(id);
+        }
+        for (scope, ids) in by_scope {
+            let Some(stream) = usize::try_from(scope)
+                .ok()
+                .and_then(|i| spec.topics.get(i))
+            else {
+                continue;
+            };
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let sent = match connection.shared().await {
+                    Ok(mut shared) => redis::cmd("XACK")
+                        .arg(stream)
+                        .arg(&spec.group)
+                        .arg(&ids)
+                        .query_async::<i64>(&mut shared)
+                        .await
+                        .map_err(anyhow::Error::from),
+                    Err(err) => Err(err),
+                };
+                match sent {
+                    Ok(_) => {
+                        spec.progress.advanced(stream, 0);
+                        break;
+                    }
+                    Err(err) if tries < 5 => {
+                        tracing::debug!(stream = %stream, error = %format!("{err:#}"), "XACK failed; trying again");
+                        tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                    }
+                    Err(err) => {
+                        tracing::warn!(stream = %stream, entries = ids.len(), error = %format!("{err:#}"),
+                            "cannot acknowledge entries; they will be claimed again and deduplicated");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Keeps every held entry from being claimed by another consumer: every
+/// third of `claim_idle`, resets the idle time of those still in this
+/// consumer's pending list, and drops from `held` those that are not (see
+/// "Pending entries of dead consumers" in `mod.rs`).
+async fn keep_alive(
+    connection: RedisConnection,
+    spec: Arc<Subscription<RedisSettings>>,
+    held: HeldMap,
+) {
+    let period = (spec.settings.claim_idle / 3).max(Duration::from_millis(200));
+    let mut ticker = tokio::time::interval(period);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let snapshot: Vec<(u64, Held)> = lock(&held)
+            .iter()
+            .map(|(id, h)| (*id, h.clone()))
+            .collect();
+        if snapshot.is_empty() {
+            continue;
+        }
+        let mut shared = match connection.shared().await {
+            Ok(shared) => shared,
+            Err(err) => {
+                tracing::warn!(group = %spec.group, error = %format!("{err:#}"), "cannot keep held entries: Redis does not answer");
+                continue;
+            }
+        };
+        for (scope, stream) in (0u64..).zip(&spec.topics) {
+            let mine: Vec<&(u64, Held)> = snapshot.iter().filter(|(_, h)| h.scope == scope).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let pending: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+                .arg(stream)
+                .arg(&spec.group)
+                .arg("-")
+                .arg("+")
+                .arg(mine.len().max(1) + 10_000)
+                .arg(&connection.consumer)
+                .query_async(&mut shared)
+                .await;
+            let pending = match pending {
+                Ok(value) => pending_ids(&value),
+                Err(err) => {
+                    tracing::warn!(stream = %stream, error = %err, "cannot read the pending list to keep held entries");
+                    continue;
+                }
+            };
+            let mut keep = Vec::new();
+            for (delivery, h) in mine {
+                if pending.contains(&h.entry) {
+                    keep.push(h.entry.clone());
+                } else if lock(&held).remove(delivery).is_some() {
+                    tracing::warn!(stream = %stream, entry = %h.entry, group = %spec.group,
+                        "a held entry was claimed by another consumer (this one stalled longer than claim_idle); it is no longer worked on here");
+                }
+            }
+            if keep.is_empty() {
+                continue;
+            }
+            let touched: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
+                .arg(stream)
+                .arg(&spec.group)
+                .arg(&connection.consumer)
+                .arg(0)
+                .arg(&keep)
+                .arg("JUSTID")
+                .query_async(&mut shared)
+                .await;
+            if let Err(err) = touched {
+                tracing::warn!(stream = %stream, error = %err, "cannot reset the idle time of held entries");
+            }
+        }
+    }
+}
+
+/// The entry IDs of an `XPENDING … <consumer>` reply.
+fn pending_ids(value: &redis::Value) -> HashSet<String> {
+    match value {
+        redis::Value::Array(rows) => rows
+            .iter()
+            .filter_map(|row| match row {
+                redis::Value::Array(fields) => fields.first().and_then(entry::text),
+                _ => None,
+            })
+            .collect(),
+        _ => HashSet::new(),
+    }
+}
+
+/// Keeps `spec.progress` current from each stream's group info (`XINFO
+/// GROUPS`): joined while every group exists and answers; the lag is what
+/// the group has not had acknowledged (entries not yet delivered plus
+/// pending ones). Ends when aborted.
+async fn watch_lag(connection: RedisConnection, spec: Arc<Subscription<RedisSettings>>) {
+    loop {
+        let mut missing = None;
+        for stream in &spec.topics {
+            match group_lag(&connection, stream, &spec.group).await {
+                Ok(lag) => spec.progress.set_lag(stream, 0, lag),
+                Err(why) => {
+                    missing.get_or_insert(format!(
+                        "group {:?} on stream {stream:?}: {why}",
+                        spec.group
+                    ));
+                }
+            }
+        }
+        let period = match missing {
+            None => {
+                spec.progress.joined();
+                LAG_PERIOD
+            }
+            Some(why) => {
+                spec.progress.not_joined(why);
+                JOIN_PERIOD
+            }
+        };
+        tokio::time::sleep(period).await;
+    }
+}
+
+/// Entries of `stream` that `group` has not acknowledged: its `lag` (not
+/// yet delivered) plus its `pending`.
+async fn group_lag(connection: &RedisConnection, stream: &str, group: &str) -> Result<i64, String> {
+    let mut shared = connection.shared().await.map_err(|e| format!("{e:#}"))?;
+    let reply: redis::Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(&mut shared)
+        .await
+        .map_err(|err| format!("no answer: {err}"))?;
+    let groups = match reply {
+        redis::Value::Array(groups) => groups,
+        other => return Err(format!("unexpected reply {other:?}")),
+    };
+    for info in groups {
+        let fields = info_fields(&info);
+        if fields.get("name").copied().and_then(entry::text).as_deref() != Some(group) {
+            continue;
+        }
+        let number = |name: &str| match fields.get(name) {
+            Some(redis::Value::Int(n)) => *n,
+            _ => 0,
+        };
+        return Ok(number("lag") + number("pending"));
+    }
+    Err("not set up".into())
+}
+
+/// The name → value pairs of an `XINFO` record.
+pub(super) fn info_fields(info: &redis::Value) -> HashMap<String, &redis::Value> {
+    match info {
+        redis::Value::Array(flat) => flat
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [name, value] => entry::text(name).map(|n| (n, value)),
+                _ => None,
+            })
+            .collect(),
+        redis::Value::Map(map) => map
+            .iter()
+            .filter_map(|(name, value)| entry::text(name).map(|n| (n, value)))
+            .collect(),
+        _ => HashMap::new(),
+    }
+}
