@@ -1,7 +1,8 @@
 //! End to end: the raw client and `weir run`, side by side, in one run,
 //! against the same broker processes and the same data.
 //!
-//! For each broker (tansu for Kafka, nats-server for NATS JetStream) it
+//! For each broker (tansu for Kafka, nats-server for NATS JetStream; the
+//! other brokers in `e2e/`, throughput only) it
 //! starts the broker, produces the same messages (~100 B, 200 keys; Kafka: 4
 //! partitions, one record per batch, which tansu needs) and then measures:
 //!
@@ -26,7 +27,7 @@
 //!
 //! Run: `bash .ci/build-handlers && cargo bench -p weir-tests --bench e2e`
 //! Environment: `E2E_MESSAGES` (default 100000), `E2E_LATENCY_SECS`
-//! (default 5), `E2E_BROKERS` (default `kafka,nats`), `E2E_LANGUAGES`
+//! (default 5), `E2E_BROKERS` (default `kafka,nats,redis`), `E2E_LANGUAGES`
 //! (default `rust,python,js`; the languages run without dedup-off and
 //! partition variants).
 
@@ -46,6 +47,9 @@ use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use weir_tests::{Broker, Deployment, NatsServer, WeirProcess, workspace};
+
+#[path = "e2e/redis.rs"]
+mod redis_bench;
 
 const KEYS: usize = 200;
 const PAYLOAD_BYTES: usize = 100;
@@ -84,7 +88,7 @@ impl Settings {
         Ok(Self {
             messages: usize::try_from(number("E2E_MESSAGES", 100_000)?)?,
             latency_secs: number("E2E_LATENCY_SECS", 5)?,
-            brokers: list("E2E_BROKERS", "kafka,nats"),
+            brokers: list("E2E_BROKERS", "kafka,nats,redis"),
             languages: list("E2E_LANGUAGES", "rust,python,js"),
         })
     }
@@ -947,7 +951,8 @@ fn main() -> Result<()> {
         match broker.as_str() {
             "kafka" => runtime.block_on(kafka_bench(&settings, &mut rows, &mut latencies))?,
             "nats" => runtime.block_on(nats_bench(&settings, &mut rows, &mut latencies))?,
-            other => bail!("E2E_BROKERS: unknown broker {other:?} (kafka, nats)"),
+            "redis" => runtime.block_on(redis_bench::bench(&settings, &mut rows))?,
+            other => bail!("E2E_BROKERS: unknown broker {other:?} (kafka, nats, redis)"),
         }
     }
 

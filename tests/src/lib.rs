@@ -25,7 +25,7 @@ pub use nats::{
     stream_name,
 };
 pub use rabbitmq::RabbitBroker;
-pub use redis::RedisBroker;
+pub use redis::{RedisBroker, RedisServer};
 pub use sqs::SqsBroker;
 
 use std::collections::BTreeMap;

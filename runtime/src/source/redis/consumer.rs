@@ -2,7 +2,7 @@
 //! entries of dead consumers, keeps what it holds, and acknowledges what the
 //! pipeline settled (invariants in `mod.rs`).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,30 +40,35 @@ struct Held {
 
 type HeldMap = Arc<Mutex<HashMap<u64, Held>>>;
 
-/// What the reading side keeps between calls.
+/// What the reading task keeps between reads.
 struct Reader {
     /// The blocking read's own connection (`None` until made).
     connection: Option<ConnectionManager>,
-    /// Entries read or claimed, not yet handed to the pipeline.
-    buffered: VecDeque<(u64, Entry)>,
     /// Whether every stream's group is known to exist.
     groups_ready: bool,
-    /// Whether this consumer's own pending entries (a restart under a
-    /// fixed name) are still to be read.
-    backlog: bool,
+    /// While this consumer's own pending entries (a restart under a fixed
+    /// name) are still being read: per stream, the last ID read so far.
+    backlog: Option<Vec<String>>,
     /// When the next `XAUTOCLAIM` round is due.
     next_claim: Instant,
 }
 
+/// An entry read or claimed, with the scope (stream index) it came from.
+type Fetched = (u64, Entry);
+
 /// A handler's consumer of its streams.
+///
+/// Reading runs in a task of its own, which hands entries over through a
+/// channel of `max_in_flight` (up to 256) places: `recv` only takes from
+/// the channel, so dropping it loses nothing, and the task reads only as
+/// many entries as there are free places.
 pub struct RedisConsumer {
-    connection: RedisConnection,
     spec: Arc<Subscription<RedisSettings>>,
-    reader: tokio::sync::Mutex<Reader>,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<Fetched>>,
     held: HeldMap,
     next_delivery: AtomicU64,
     acks: mpsc::UnboundedSender<(u64, String)>,
-    tasks: [tokio::task::JoinHandle<()>; 3],
+    tasks: [tokio::task::JoinHandle<()>; 4],
 }
 
 impl RedisConsumer {
@@ -74,32 +79,21 @@ impl RedisConsumer {
         let spec = Arc::new(subscription);
         let held: HeldMap = Arc::default();
         let (acks, queue) = mpsc::unbounded_channel();
+        let (fetched, incoming) = mpsc::channel(spec.max_in_flight.clamp(1, 256));
         let tasks = [
+            tokio::spawn(read(connection.clone(), spec.clone(), fetched, acks.clone())),
             tokio::spawn(send_acks(connection.clone(), spec.clone(), queue)),
             tokio::spawn(keep_alive(connection.clone(), spec.clone(), held.clone())),
-            tokio::spawn(watch_lag(connection.clone(), spec.clone())),
+            tokio::spawn(watch_lag(connection, spec.clone())),
         ];
         Self {
-            connection,
             spec,
-            reader: tokio::sync::Mutex::new(Reader {
-                connection: None,
-                buffered: VecDeque::new(),
-                groups_ready: false,
-                backlog: true,
-                // The first claim round comes at once: entries a crashed
-                // process left behind are handled without waiting.
-                next_claim: Instant::now(),
-            }),
+            incoming: tokio::sync::Mutex::new(incoming),
             held,
             next_delivery: AtomicU64::new(0),
             acks,
             tasks,
         }
-    }
-
-    fn claim_idle(&self) -> Duration {
-        self.spec.settings.claim_idle
     }
 
     /// Hands `entry` of the stream with `scope` to the pipeline: held from
@@ -125,167 +119,211 @@ impl RedisConsumer {
         };
         (entry::to_message(&stream, scope, entry), delivery)
     }
+}
 
-    /// Creates every stream's group where missing (at the start the
-    /// manifest asks for; `MKSTREAM`, so a stream nobody wrote yet works).
-    async fn create_groups(&self, connection: &mut ConnectionManager) -> anyhow::Result<()> {
-        let start = match self.spec.start {
-            StartFrom::Earliest => "0",
-            StartFrom::Latest => "$",
+/// The reading task: reads (or claims) as many entries as there are free
+/// places in `fetched`, and hands them over in order. While Redis does not
+/// answer it waits, logging why, and tries again. Ends when the consumer
+/// is gone.
+async fn read(
+    connection: RedisConnection,
+    spec: Arc<Subscription<RedisSettings>>,
+    fetched: mpsc::Sender<Fetched>,
+    acks: mpsc::UnboundedSender<(u64, String)>,
+) {
+    let mut reader = Reader {
+        connection: None,
+        groups_ready: false,
+        backlog: Some(vec!["0".to_string(); spec.topics.len()]),
+        // The first claim round comes at once: entries a crashed process
+        // left behind are handled without waiting.
+        next_claim: Instant::now(),
+    };
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let Ok(permit) = fetched.reserve().await else {
+            return;
         };
-        for stream in &self.spec.topics {
-            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(stream)
-                .arg(&self.spec.group)
-                .arg(start)
-                .arg("MKSTREAM")
-                .query_async(connection)
-                .await;
-            match created {
-                Ok(()) => {
-                    tracing::info!(stream = %stream, group = %self.spec.group, start, "created the consumer group")
+        let room = fetched.capacity() + 1;
+        match fill(&connection, &spec, &mut reader, room, &acks).await {
+            Ok(entries) => {
+                backoff = Duration::from_millis(250);
+                let mut entries = entries.into_iter();
+                if let Some(first) = entries.next() {
+                    permit.send(first);
                 }
-                Err(err) if err.code() == Some("BUSYGROUP") => {}
-                Err(err) => anyhow::bail!(
-                    "cannot create group {:?} on stream {stream:?}: {err}",
-                    self.spec.group
-                ),
-            }
-        }
-        tracing::info!(group = %self.spec.group, consumer = %self.connection.consumer,
-            streams = %self.spec.topics.join(","), "consuming");
-        Ok(())
-    }
-
-    /// How many entries one read may take: the free part of
-    /// `max_in_flight` (see "Backpressure" in `mod.rs`).
-    fn room(&self) -> usize {
-        let held = lock(&self.held).len();
-        self.spec
-            .max_in_flight
-            .saturating_sub(held)
-            .clamp(1, 256)
-    }
-
-    /// Reads or claims more entries into the buffer (possibly none, after
-    /// a blocking read that timed out).
-    async fn fill(&self, reader: &mut Reader) -> anyhow::Result<()> {
-        let mut connection = match reader.connection.clone() {
-            Some(connection) => connection,
-            None => {
-                let connection = self.connection.open(BLOCK + Duration::from_secs(10)).await?;
-                reader.connection = Some(connection.clone());
-                connection
-            }
-        };
-        if !reader.groups_ready {
-            self.create_groups(&mut connection).await?;
-            reader.groups_ready = true;
-        }
-        let group = &self.spec.group;
-        let consumer = &self.connection.consumer;
-        if Instant::now() >= reader.next_claim {
-            let idle_ms = u64::try_from(self.claim_idle().as_millis()).unwrap_or(u64::MAX);
-            for (scope, stream) in (0u64..).zip(&self.spec.topics) {
-                let reply: redis::Value = redis::cmd("XAUTOCLAIM")
-                    .arg(stream)
-                    .arg(group)
-                    .arg(consumer)
-                    .arg(idle_ms)
-                    .arg("0-0")
-                    .arg("COUNT")
-                    .arg(self.room())
-                    .query_async(&mut connection)
-                    .await
-                    .map_err(|err| anyhow::anyhow!("XAUTOCLAIM on {stream:?}: {err}"))?;
-                let (_, claimed) = entry::autoclaim_reply(&reply).map_err(anyhow::Error::msg)?;
-                if !claimed.is_empty() {
-                    tracing::info!(stream = %stream, group = %group, claimed = claimed.len(),
-                        idle_ms, "claimed entries another consumer left pending");
+                for entry in entries {
+                    if fetched.send(entry).await.is_err() {
+                        return;
+                    }
                 }
-                reader
-                    .buffered
-                    .extend(claimed.into_iter().map(|e| (scope, e)));
             }
-            reader.next_claim = Instant::now() + (self.claim_idle() / 2).max(BLOCK / 4);
-            if !reader.buffered.is_empty() {
-                return Ok(());
-            }
-        }
-        let mut read = redis::cmd("XREADGROUP");
-        read.arg("GROUP")
-            .arg(group)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(self.room());
-        let until_claim = reader.next_claim.saturating_duration_since(Instant::now());
-        if !reader.backlog {
-            let block = BLOCK.min(until_claim).max(Duration::from_millis(10));
-            read.arg("BLOCK")
-                .arg(u64::try_from(block.as_millis()).unwrap_or(2000));
-        }
-        read.arg("STREAMS").arg(&self.spec.topics);
-        let from = if reader.backlog { "0" } else { ">" };
-        for _ in &self.spec.topics {
-            read.arg(from);
-        }
-        let reply: redis::Value = match read.query_async(&mut connection).await {
-            Ok(reply) => reply,
             Err(err) => {
-                if err.code() == Some("NOGROUP") {
-                    // The stream or the group was deleted: make them again.
-                    reader.groups_ready = false;
-                }
-                anyhow::bail!("XREADGROUP: {err}");
-            }
-        };
-        let mut got = 0;
-        for (stream, entries) in entry::read_reply(&reply).map_err(anyhow::Error::msg)? {
-            let Some(scope) = self.spec.topics.iter().position(|t| *t == stream) else {
-                continue;
-            };
-            for entry in entries {
-                got += 1;
-                if entry.fields.is_empty() {
-                    // Deleted while pending: nothing to handle, nothing to
-                    // keep pending.
-                    let _ = self.acks.send((scope as u64, entry.id));
-                    continue;
-                }
-                reader.buffered.push_back((scope as u64, entry));
+                drop(permit);
+                // The group may be gone with its stream: make sure again.
+                reader.groups_ready = false;
+                tracing::warn!(group = %spec.group, error = %format!("{err:#}"),
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "cannot read the streams; trying again (nothing is acknowledged meanwhile)");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
-        if reader.backlog && got == 0 {
-            reader.backlog = false;
-        }
-        Ok(())
     }
+}
+
+/// Creates every stream's group where missing (at the start the manifest
+/// asks for; `MKSTREAM`, so a stream nobody wrote yet works).
+async fn create_groups(
+    spec: &Subscription<RedisSettings>,
+    consumer: &str,
+    connection: &mut ConnectionManager,
+) -> anyhow::Result<()> {
+    let start = match spec.start {
+        StartFrom::Earliest => "0",
+        StartFrom::Latest => "$",
+    };
+    for stream in &spec.topics {
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(&spec.group)
+            .arg(start)
+            .arg("MKSTREAM")
+            .query_async(connection)
+            .await;
+        match created {
+            Ok(()) => {
+                tracing::info!(stream = %stream, group = %spec.group, start, "created the consumer group")
+            }
+            Err(err) if err.code() == Some("BUSYGROUP") => {}
+            Err(err) => anyhow::bail!(
+                "cannot create group {:?} on stream {stream:?}: {err}",
+                spec.group
+            ),
+        }
+    }
+    tracing::info!(group = %spec.group, consumer, streams = %spec.topics.join(","), "consuming");
+    Ok(())
+}
+
+/// Claims or reads up to `room` entries (possibly none, after a blocking
+/// read that timed out).
+async fn fill(
+    connection: &RedisConnection,
+    spec: &Subscription<RedisSettings>,
+    reader: &mut Reader,
+    room: usize,
+    acks: &mpsc::UnboundedSender<(u64, String)>,
+) -> anyhow::Result<Vec<Fetched>> {
+    let mut redis = match reader.connection.clone() {
+        Some(redis) => redis,
+        None => {
+            let redis = connection.open(BLOCK + Duration::from_secs(10)).await?;
+            reader.connection = Some(redis.clone());
+            redis
+        }
+    };
+    let group = &spec.group;
+    let consumer = &connection.consumer;
+    if !reader.groups_ready {
+        create_groups(spec, consumer, &mut redis).await?;
+        reader.groups_ready = true;
+    }
+    let claim_idle = spec.settings.claim_idle;
+    let mut fetched = Vec::new();
+    if Instant::now() >= reader.next_claim {
+        let idle_ms = u64::try_from(claim_idle.as_millis()).unwrap_or(u64::MAX);
+        for (scope, stream) in (0u64..).zip(&spec.topics) {
+            let reply: redis::Value = redis::cmd("XAUTOCLAIM")
+                .arg(stream)
+                .arg(group)
+                .arg(consumer)
+                .arg(idle_ms)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(room.saturating_sub(fetched.len()).max(1))
+                .query_async(&mut redis)
+                .await
+                .map_err(|err| anyhow::anyhow!("XAUTOCLAIM on {stream:?}: {err}"))?;
+            let (_, claimed) = entry::autoclaim_reply(&reply).map_err(anyhow::Error::msg)?;
+            if !claimed.is_empty() {
+                tracing::info!(stream = %stream, group = %group, claimed = claimed.len(),
+                    idle_ms, "claimed entries another consumer left pending");
+            }
+            fetched.extend(claimed.into_iter().map(|e| (scope, e)));
+        }
+        reader.next_claim = Instant::now() + (claim_idle / 2).max(BLOCK / 4);
+        if !fetched.is_empty() {
+            return Ok(fetched);
+        }
+    }
+    let mut read = redis::cmd("XREADGROUP");
+    read.arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(room);
+    if reader.backlog.is_none() {
+        let until_claim = reader.next_claim.saturating_duration_since(Instant::now());
+        let block = BLOCK.min(until_claim).max(Duration::from_millis(10));
+        read.arg("BLOCK")
+            .arg(u64::try_from(block.as_millis()).unwrap_or(2000));
+    }
+    read.arg("STREAMS").arg(&spec.topics);
+    match &reader.backlog {
+        // Own pending entries after the last one read.
+        Some(after) => {
+            read.arg(after);
+        }
+        None => {
+            for _ in &spec.topics {
+                read.arg(">");
+            }
+        }
+    }
+    let reply: redis::Value = read
+        .query_async(&mut redis)
+        .await
+        .map_err(|err| anyhow::anyhow!("XREADGROUP: {err}"))?;
+    let mut got = 0;
+    for (stream, entries) in entry::read_reply(&reply).map_err(anyhow::Error::msg)? {
+        let Some(scope) = spec.topics.iter().position(|t| *t == stream) else {
+            continue;
+        };
+        if let (Some(after), Some(last)) = (reader.backlog.as_mut(), entries.last()) {
+            after[scope] = last.id.clone();
+        }
+        for entry in entries {
+            got += 1;
+            if entry.fields.is_empty() {
+                // Deleted while pending: nothing to handle, nothing to keep
+                // pending.
+                let _ = acks.send((scope as u64, entry.id));
+                continue;
+            }
+            fetched.push((scope as u64, entry));
+        }
+    }
+    if reader.backlog.is_some() && got == 0 {
+        reader.backlog = None;
+    }
+    Ok(fetched)
 }
 
 impl Source for RedisConsumer {
     type Delivery = RedisDelivery;
 
-    /// The next entry of any of the handler's streams. While Redis does not
-    /// answer this waits, logging why, and tries again. Cancel-safe: an
-    /// entry read by a cancelled call stays pending under this consumer and
-    /// is claimed again after `claim_idle`.
+    /// The next entry of any of the handler's streams. Cancel-safe: it only
+    /// takes from the reading task's channel.
     async fn recv(&self) -> Result<(Message, RedisDelivery), String> {
-        let mut reader = self.reader.lock().await;
-        let mut backoff = Duration::from_millis(250);
-        loop {
-            if let Some((scope, entry)) = reader.buffered.pop_front() {
-                return Ok(self.deliver(scope, entry));
-            }
-            match self.fill(&mut reader).await {
-                Ok(()) => backoff = Duration::from_millis(250),
-                Err(err) => {
-                    tracing::warn!(group = %self.spec.group, error = %format!("{err:#}"),
-                        retry_in_ms = backoff.as_millis() as u64,
-                        "cannot read the streams; trying again (nothing is acknowledged meanwhile)");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
+        let mut incoming = self.incoming.lock().await;
+        match incoming.recv().await {
+            Some((scope, entry)) => Ok(self.deliver(scope, entry)),
+            None => {
+                // The reading task ended: only when the consumer is going.
+                std::future::pending::<()>().await;
+                Err("the Redis reader stopped".into())
             }
         }
     }
@@ -305,14 +343,21 @@ impl Source for RedisConsumer {
         }
     }
 
-    /// Stops reading and sends the acknowledgements still queued.
+    /// Stops reading and sends the acknowledgements still queued. Entries
+    /// read but not handed over stay pending and are claimed again.
     async fn close(self) {
         lock(&self.held).clear();
         let Self {
-            acks, tasks, spec, ..
+            acks,
+            tasks,
+            spec,
+            incoming,
+            ..
         } = self;
+        let [reading, acking, keepalive, lag] = tasks;
+        reading.abort();
+        drop(incoming);
         drop(acks);
-        let [acking, keepalive, lag] = tasks;
         keepalive.abort();
         lag.abort();
         for topic in &spec.topics {
@@ -386,10 +431,11 @@ async fn send_acks(
     }
 }
 
-/// Keeps every held entry from being claimed by another consumer: every
-/// third of `claim_idle`, resets the idle time of those still in this
-/// consumer's pending list, and drops from `held` those that are not (see
-/// "Pending entries of dead consumers" in `mod.rs`).
+/// Keeps every entry this consumer has from being claimed by another one:
+/// every third of `claim_idle`, resets the idle time of everything in its
+/// pending list (held, or read and not yet handed over), and drops from
+/// `held` what is no longer in it (see "Pending entries of dead consumers"
+/// in `mod.rs`).
 async fn keep_alive(
     connection: RedisConnection,
     spec: Arc<Subscription<RedisSettings>>,
@@ -400,13 +446,6 @@ async fn keep_alive(
     ticker.tick().await;
     loop {
         ticker.tick().await;
-        let snapshot: Vec<(u64, Held)> = lock(&held)
-            .iter()
-            .map(|(id, h)| (*id, h.clone()))
-            .collect();
-        if snapshot.is_empty() {
-            continue;
-        }
         let mut shared = match connection.shared().await {
             Ok(shared) => shared,
             Err(err) => {
@@ -415,16 +454,19 @@ async fn keep_alive(
             }
         };
         for (scope, stream) in (0u64..).zip(&spec.topics) {
-            let mine: Vec<&(u64, Held)> = snapshot.iter().filter(|(_, h)| h.scope == scope).collect();
-            if mine.is_empty() {
-                continue;
-            }
+            // Taken before the pending list is read: an entry delivered
+            // after this is not judged by a list that predates it.
+            let mine: Vec<(u64, String)> = lock(&held)
+                .iter()
+                .filter(|(_, h)| h.scope == scope)
+                .map(|(id, h)| (*id, h.entry.clone()))
+                .collect();
             let pending: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
                 .arg(stream)
                 .arg(&spec.group)
                 .arg("-")
                 .arg("+")
-                .arg(mine.len().max(1) + 10_000)
+                .arg(100_000)
                 .arg(&connection.consumer)
                 .query_async(&mut shared)
                 .await;
@@ -435,29 +477,26 @@ async fn keep_alive(
                     continue;
                 }
             };
-            let mut keep = Vec::new();
-            for (delivery, h) in mine {
-                if pending.contains(&h.entry) {
-                    keep.push(h.entry.clone());
-                } else if lock(&held).remove(delivery).is_some() {
-                    tracing::warn!(stream = %stream, entry = %h.entry, group = %spec.group,
+            for (delivery, entry) in mine {
+                if !pending.contains(&entry) && lock(&held).remove(&delivery).is_some() {
+                    tracing::warn!(stream = %stream, entry = %entry, group = %spec.group,
                         "a held entry was claimed by another consumer (this one stalled longer than claim_idle); it is no longer worked on here");
                 }
             }
-            if keep.is_empty() {
-                continue;
-            }
-            let touched: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
-                .arg(stream)
-                .arg(&spec.group)
-                .arg(&connection.consumer)
-                .arg(0)
-                .arg(&keep)
-                .arg("JUSTID")
-                .query_async(&mut shared)
-                .await;
-            if let Err(err) = touched {
-                tracing::warn!(stream = %stream, error = %err, "cannot reset the idle time of held entries");
+            let ids: Vec<&String> = pending.iter().collect();
+            for chunk in ids.chunks(1000) {
+                let touched: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
+                    .arg(stream)
+                    .arg(&spec.group)
+                    .arg(&connection.consumer)
+                    .arg(0)
+                    .arg(chunk)
+                    .arg("JUSTID")
+                    .query_async(&mut shared)
+                    .await;
+                if let Err(err) = touched {
+                    tracing::warn!(stream = %stream, error = %err, "cannot reset the idle time of held entries");
+                }
             }
         }
     }
