@@ -15,8 +15,8 @@ use weir::telemetry::{self, LogFormat};
 
 /// Weir runs event handlers written as WebAssembly components.
 ///
-/// It consumes messages from Kafka, NATS JetStream or its embedded
-/// Kafka-protocol broker, hands each one to the handler components in a
+/// It consumes messages from Kafka, NATS JetStream, RabbitMQ, Redis
+/// Streams, Amazon SQS or its embedded Kafka-protocol broker, hands each one to the handler components in a
 /// directory, retries failures with backoff, dead-letters poison messages to
 /// `<topic>.dlq`, and acknowledges a message only once its outcome is
 /// durable.
@@ -62,9 +62,11 @@ handled message, WEIR_LOG=weir::guest=off to silence handler logs).";
 enum Command {
     /// Serve every handler in the handlers directory until Ctrl-C or SIGTERM.
     ///
-    /// The broker is the configuration's one [source.kafka] or [source.nats]
-    /// table (config/production.toml and config/nats.toml show each). With
-    /// neither, an embedded Kafka-protocol broker is started on loopback and
+    /// The broker is the configuration's one [source.kafka], [source.nats],
+    /// [source.rabbitmq], [source.redis] or [source.sqs] table
+    /// (config/production.toml, config/nats.toml, config/rabbitmq.toml,
+    /// config/redis.toml and config/sqs.toml show each). With none, an
+    /// embedded Kafka-protocol broker is started on loopback and
     /// its address printed, so any Kafka client can produce to it. On
     /// Ctrl-C/SIGTERM in-flight messages finish, what finished is
     /// acknowledged and the process exits 0; if the database's writer dies it
@@ -167,7 +169,8 @@ enum Command {
         handler: String,
         /// Where to start again: `earliest`, an RFC 3339 time
         /// (2026-11-26T10:00:00Z), or an offset (Kafka, every partition) /
-        /// stream sequence (NATS JetStream).
+        /// stream sequence (NATS JetStream). Redis Streams take earliest or
+        /// a time; RabbitMQ and SQS queues cannot be replayed.
         #[arg(long, value_parser = weir::tools::replay::parse_from)]
         from: weir::source::Rewind,
         /// Also delete the handler's state and its emitted events not yet
@@ -184,7 +187,9 @@ enum Command {
     /// directory (`<topic>.dlq`, or each manifest's `[dlq]`) straight from
     /// the broker, so it works whether weir runs or not. TARGET is a
     /// handler's name, a topic it consumes, or a dead-letter topic; without
-    /// it, every handler's.
+    /// it, every handler's. Kafka, NATS JetStream and Redis Streams keep
+    /// dead letters readable; RabbitMQ and SQS queues cannot be read without
+    /// consuming them, so there the broker's own tools show them.
     Dlq {
         /// Configuration file naming the broker and the handlers directory.
         #[arg(
@@ -246,7 +251,8 @@ enum DlqAction {
         dry_run: bool,
     },
     /// Remove dead letters (Kafka: DeleteRecords, which removes only a
-    /// partition's oldest records; NATS JetStream: each message). Refuses
+    /// partition's oldest records; NATS JetStream: each message; Redis:
+    /// XDEL of each entry). Refuses
     /// without a filter unless --all.
     Purge {
         #[command(flatten)]
