@@ -576,7 +576,10 @@ mod tests {
         let mut seen = Vec::new();
         for entry in std::fs::read_dir(&dir).expect("config/ is readable") {
             let path = entry.expect("an entry").path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             if !name.ends_with(".toml") {
                 continue;
             }

@@ -167,11 +167,8 @@ impl TestBroker for RedisBroker {
         let lines: String = records
             .iter()
             .map(|r| {
-                let headers: Vec<Value> = r
-                    .headers
-                    .iter()
-                    .map(|(n, v)| json!([n, hex(v)]))
-                    .collect();
+                let headers: Vec<Value> =
+                    r.headers.iter().map(|(n, v)| json!([n, hex(v)])).collect();
                 let line = json!({
                     "key_hex": r.key.as_deref().map(hex),
                     "value_hex": hex(&r.value),
@@ -180,7 +177,9 @@ impl TestBroker for RedisBroker {
                 format!("{line}\n")
             })
             .collect();
-        let ids = self.client.call("xadd", &["--stream", topic], Some(lines))?;
+        let ids = self
+            .client
+            .call("xadd", &["--stream", topic], Some(lines))?;
         ids.as_array()
             .ok_or_else(|| anyhow!("xadd printed {ids}"))?
             .iter()
@@ -207,7 +206,11 @@ impl TestBroker for RedisBroker {
                 let mut key = None;
                 let mut value = Vec::new();
                 let mut headers = Vec::new();
-                for field in entry["fields"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                for field in entry["fields"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                {
                     let name = String::from_utf8(unhex(field[0].as_str().unwrap_or_default())?)?;
                     let bytes = unhex(field[1].as_str().unwrap_or_default())?;
                     match name.as_str() {

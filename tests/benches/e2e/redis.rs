@@ -45,7 +45,12 @@ fn order(id: &str) -> Option<(u64, u64)> {
 
 /// Whether `group` has been delivered everything up to `last` and has
 /// nothing pending.
-async fn acked(connection: &mut ConnectionManager, stream: &str, group: &str, last: &str) -> Result<bool> {
+async fn acked(
+    connection: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    last: &str,
+) -> Result<bool> {
     let groups: redis::Value = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)
@@ -55,7 +60,9 @@ async fn acked(connection: &mut ConnectionManager, stream: &str, group: &str, la
         return Ok(false);
     };
     for info in groups {
-        let redis::Value::Array(flat) = info else { continue };
+        let redis::Value::Array(flat) = info else {
+            continue;
+        };
         let field = |name: &str| {
             flat.chunks(2).find_map(|pair| match pair {
                 [redis::Value::BulkString(n), value] if n == name.as_bytes() => Some(value.clone()),
@@ -77,7 +84,12 @@ async fn acked(connection: &mut ConnectionManager, stream: &str, group: &str, la
 }
 
 /// The raw client; timed until the group shows everything acknowledged.
-async fn raw(connection: &mut ConnectionManager, stream: &str, last: &str, count: usize) -> Result<std::time::Duration> {
+async fn raw(
+    connection: &mut ConnectionManager,
+    stream: &str,
+    last: &str,
+    count: usize,
+) -> Result<std::time::Duration> {
     let started = Instant::now();
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
@@ -113,7 +125,10 @@ async fn raw(connection: &mut ConnectionManager, stream: &str, last: &str, count
         }
     }
     let mut check = connection.clone();
-    until("the raw consumer's acks", async || acked(&mut check, stream, "raw", last).await).await?;
+    until("the raw consumer's acks", async || {
+        acked(&mut check, stream, "raw", last).await
+    })
+    .await?;
     Ok(started.elapsed())
 }
 
@@ -136,7 +151,11 @@ pub(super) async fn bench(settings: &Settings, rows: &mut Vec<Row>) -> Result<()
     });
     let source = format!("[source.redis]\nurl = \"{}\"\n", server.url);
     for (label, what, extra) in [
-        ("default", "weir, default manifest (dedup on, key ordering)", ""),
+        (
+            "default",
+            "weir, default manifest (dedup on, key ordering)",
+            "",
+        ),
         ("no-dedup", "weir, dedup off", "[dedup]\nenabled = false\n"),
     ] {
         let group = format!("bench-{label}");

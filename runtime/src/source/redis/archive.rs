@@ -97,7 +97,9 @@ impl Archive for RedisConnection {
 impl RedisConnection {
     /// Moves `group` back on each of `manifest`'s streams (`XGROUP SETID`,
     /// with `apply`; otherwise only says where it would go): one line per
-    /// stream. Refused while a consumer of the group is active.
+    /// stream. Refused while a consumer of the group (other than this
+    /// process's own, which the caller has stopped) was active in the last
+    /// 10 s.
     ///
     /// # Errors
     ///
@@ -140,7 +142,12 @@ impl RedisConnection {
                 redis::Value::Array(list) => list.iter().find_map(|info| {
                     let fields = info_fields(info);
                     (fields.get("name").copied().and_then(entry::text).as_deref() == Some(group))
-                        .then(|| fields.get("last-delivered-id").copied().and_then(entry::text))
+                        .then(|| {
+                            fields
+                                .get("last-delivered-id")
+                                .copied()
+                                .and_then(entry::text)
+                        })
                         .flatten()
                 }),
                 _ => None,
@@ -166,7 +173,11 @@ impl RedisConnection {
                         _ => i64::MAX,
                     };
                     if idle < ACTIVE_MS {
-                        let name = fields.get("name").copied().and_then(entry::text).unwrap_or_default();
+                        let name = fields
+                            .get("name")
+                            .copied()
+                            .and_then(entry::text)
+                            .unwrap_or_default();
                         anyhow::bail!(
                             "consumer {name:?} of group {group} on stream {stream} was active {idle} ms ago: stop weir (every process) before moving the group"
                         );

@@ -81,7 +81,12 @@ impl RedisConsumer {
         let (acks, queue) = mpsc::unbounded_channel();
         let (fetched, incoming) = mpsc::channel(spec.max_in_flight.clamp(1, 256));
         let tasks = [
-            tokio::spawn(read(connection.clone(), spec.clone(), fetched, acks.clone())),
+            tokio::spawn(read(
+                connection.clone(),
+                spec.clone(),
+                fetched,
+                acks.clone(),
+            )),
             tokio::spawn(send_acks(connection.clone(), spec.clone(), queue)),
             tokio::spawn(keep_alive(connection.clone(), spec.clone(), held.clone())),
             tokio::spawn(watch_lag(connection, spec.clone())),
@@ -392,10 +397,7 @@ async fn send_acks(
             by_scope.entry(scope).or_default().push(id);
         }
         for (scope, ids) in by_scope {
-            let Some(stream) = usize::try_from(scope)
-                .ok()
-                .and_then(|i| spec.topics.get(i))
-            else {
+            let Some(stream) = usize::try_from(scope).ok().and_then(|i| spec.topics.get(i)) else {
                 continue;
             };
             let mut tries = 0;

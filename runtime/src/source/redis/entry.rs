@@ -220,7 +220,10 @@ mod tests {
         assert_eq!(weir.payload, vec![0xff, 0x00]);
         assert_eq!(weir.headers, vec![("ce_id".to_string(), b"e1".to_vec())]);
         assert_eq!(weir.timestamp_ms, Some(1_700_000_000_000));
-        assert_eq!(weir.position.fallback_id("orders"), "orders/1700000000000-0");
+        assert_eq!(
+            weir.position.fallback_id("orders"),
+            "orders/1700000000000-0"
+        );
         let foreign = messages.next().ok_or("second")?;
         assert_eq!(foreign.payload, br#"{"order_id":"7"}"#.to_vec());
         assert_eq!(foreign.key.as_deref(), Some(&b"orders"[..]));
