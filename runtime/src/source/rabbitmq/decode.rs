@@ -169,7 +169,10 @@ mod tests {
     #[test]
     fn header_values_become_bytes() {
         assert_eq!(bytes(&AMQPValue::LongString("é".into())), "é".as_bytes());
-        assert_eq!(bytes(&AMQPValue::ByteArray(vec![0xff, 0].into())), [0xff, 0]);
+        assert_eq!(
+            bytes(&AMQPValue::ByteArray(vec![0xff, 0].into())),
+            [0xff, 0]
+        );
         assert_eq!(bytes(&AMQPValue::LongLongInt(-7)), b"-7");
         assert_eq!(bytes(&AMQPValue::Boolean(true)), b"true");
         assert_eq!(bytes(&AMQPValue::Timestamp(1_700_000_000)), b"1700000000");

@@ -128,17 +128,11 @@ pub struct RabbitSource {
     #[serde(default = "default_heartbeat", with = "crate::config::duration")]
     pub heartbeat: Duration,
     /// How long one connection attempt may take.
-    #[serde(
-        default = "default_connect_timeout",
-        with = "crate::config::duration"
-    )]
+    #[serde(default = "default_connect_timeout", with = "crate::config::duration")]
     pub connect_timeout: Duration,
     /// How long a publish (dead letter, emitted event) may wait for the
     /// broker's confirm before it counts as failed (and is tried again).
-    #[serde(
-        default = "default_publish_timeout",
-        with = "crate::config::duration"
-    )]
+    #[serde(default = "default_publish_timeout", with = "crate::config::duration")]
     pub publish_timeout: Duration,
     /// A CA certificate (PEM) to trust for `amqps://`, besides the
     /// system's.
@@ -367,6 +361,13 @@ mod tests {
             }]
         );
         assert!(toml::from_str::<RabbitSettings>("prefetch = 1").is_err());
+    }
+
+    #[test]
+    fn the_example_configuration_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/rabbitmq.toml");
+        let loaded = crate::config::Config::load(&path);
+        assert!(loaded.is_ok(), "{loaded:?}");
     }
 
     #[test]

@@ -94,8 +94,11 @@ pub(super) async fn ensure_queue(
             arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         }
         declare(link, queue, arguments).await?;
-        tracing::info!(queue, single_active_consumer = settings.single_active_consumer,
-            "declared a durable queue");
+        tracing::info!(
+            queue,
+            single_active_consumer = settings.single_active_consumer,
+            "declared a durable queue"
+        );
     }
     for binding in settings
         .bind
@@ -182,7 +185,10 @@ pub(super) async fn ensure_dead_letters(
     if !retention.is_zero() {
         let ttl = retention.as_millis().min(MAX_TTL_MS);
         if ttl < retention.as_millis() {
-            tracing::warn!(queue = dlq, "[dlq] retention is longer than RabbitMQ's longest message TTL (about 49 days): dead letters are kept for that long");
+            tracing::warn!(
+                queue = dlq,
+                "[dlq] retention is longer than RabbitMQ's longest message TTL (about 49 days): dead letters are kept for that long"
+            );
         }
         arguments.insert(
             "x-message-ttl".into(),
