@@ -52,7 +52,8 @@ pub struct RabbitServer {
     pub url: String,
     /// The server's output (its own logs are under `log/`).
     pub log: PathBuf,
-    dir: tempfile::TempDir,
+    // Removed after the node has stopped (fields drop after `Drop::drop`).
+    _dir: tempfile::TempDir,
 }
 
 impl RabbitServer {
@@ -106,7 +107,6 @@ impl RabbitServer {
             .env("RABBITMQ_FEATURE_FLAGS_FILE", path("feature_flags"))
             .env("RABBITMQ_CONFIG_FILE", path("rabbitmq"))
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", path("advanced.config"))
-            .env("RABBITMQ_PID_FILE", path("pid"))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -119,7 +119,7 @@ impl RabbitServer {
             port,
             url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
             log,
-            dir,
+            _dir: dir,
         };
         let log = server.log.display().to_string();
         poll_until(
@@ -214,17 +214,29 @@ impl RabbitServer {
             .collect()
     }
 
-    /// The node's process id, from its pid file.
-    fn beam_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.dir.path().join("pid"))
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
+    /// The node's process ids: those started with this node's name in
+    /// their environment (`RABBITMQ_NODENAME`, unique to this test).
+    fn node_pids(&self) -> Vec<u32> {
+        let entry = format!("RABBITMQ_NODENAME={}", self.node);
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()))
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+                    environ
+                        .split(|b| *b == 0)
+                        .any(|var| var == entry.as_bytes())
+                })
+            })
+            .collect()
     }
 }
 
 impl Drop for RabbitServer {
     fn drop(&mut self) {
-        let beam = self.beam_pid();
         let stopped = self.ctl(&["stop"]).is_ok();
         if let Some(mut child) = self.child.take() {
             // The start script waits for the node; give it time to exit.
@@ -235,7 +247,7 @@ impl Drop for RabbitServer {
             if matches!(child.try_wait(), Ok(None)) {
                 // The node runs under `su` in a session of its own: kill
                 // it by its pid, then the start script's group.
-                if let Some(pid) = beam {
+                for pid in self.node_pids() {
                     let _ = Command::new("kill")
                         .args(["-KILL", &pid.to_string()])
                         .status();
@@ -440,5 +452,156 @@ impl TestBroker for RabbitBroker {
 
     fn competing_consumers(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{WeirProcess, broker_test, stop};
+
+    fn record(key: &[u8], payload: &str, headers: &[(&str, &[u8])]) -> Record {
+        Record {
+            partition: None,
+            key: Some(key.to_vec()),
+            value: payload.as_bytes().to_vec(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_vec()))
+                .collect(),
+        }
+    }
+
+    /// The harness itself: a queue read twice gives the same messages
+    /// (nothing consumed), keys and headers come back as bytes, and a queue
+    /// with messages ready is not caught up.
+    #[test]
+    fn a_queue_is_read_without_being_consumed() -> Result<()> {
+        let Some(_serial) = broker_test() else {
+            return Ok(());
+        };
+        let broker = RabbitBroker::start()?;
+        broker.create_topic("orders", 1)?;
+        broker.create_topic("orders", 1)?;
+        let sent = vec![
+            record(b"k1", "one", &[("ce_id", b"e1")]),
+            record(&[0xff, 0x00], "two", &[("bin", &[0x80]), ("text", b"y z")]),
+        ];
+        let produced = broker.produce("orders", &sent)?;
+        let first = broker.read("orders")?;
+        let second = broker.read("orders")?;
+        anyhow::ensure!(first == second, "two reads differ: {first:?} / {second:?}");
+        anyhow::ensure!(first.len() == 2, "read {first:?}");
+        for ((got, want), position) in first.iter().zip(&sent).zip(&produced) {
+            anyhow::ensure!(
+                got.value == want.value && got.key == want.key && got.position == *position,
+                "read back {got:?} for {want:?} at {position:?}"
+            );
+            for (name, value) in &want.headers {
+                anyhow::ensure!(
+                    got.headers.iter().any(|(n, v)| n == name && v == value),
+                    "header {name} lost: {:?}",
+                    got.headers
+                );
+            }
+        }
+        anyhow::ensure!(broker.read("nothing")?.is_empty(), "a missing queue");
+        anyhow::ensure!(
+            !broker.caught_up("g", "orders", &produced)?,
+            "caught up with two messages ready"
+        );
+        anyhow::ensure!(
+            broker.progress("g", "orders").contains("2 ready"),
+            "{}",
+            broker.progress("g", "orders")
+        );
+        Ok(())
+    }
+
+    /// Payloads the probe handled successfully, with how often.
+    fn handled(weir: &WeirProcess) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for r in weir.guest_records("probe", "probe") {
+            if r["outcome"] == "ok" {
+                let payload = unhex(r["payload_hex"].as_str().unwrap_or_default())
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                *counts.entry(payload).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// The broker closes every connection mid-run (`stop_app`) and comes
+    /// back: Weir reconnects, consumes again, and every message is handled
+    /// exactly once (redeliveries are deduplicated by `message_id`).
+    #[test]
+    fn a_broker_restart_mid_run_loses_and_repeats_nothing() -> Result<()> {
+        let Some(_serial) = broker_test() else {
+            return Ok(());
+        };
+        let broker = RabbitBroker::start()?;
+        broker.create_topic("events", 1)?;
+        let deployment = broker.deployment()?;
+        deployment.add_handler(
+            "probe",
+            "probe",
+            "topics = [\"events\"]\nmax_in_flight = 4\n",
+        )?;
+        let batch = |range: std::ops::Range<usize>, sleep: &str| -> Vec<Record> {
+            range
+                .map(|i| {
+                    record(
+                        format!("key-{}", i % 5).as_bytes(),
+                        &format!("m-{i}"),
+                        &[("probe.sleep-ms", sleep.as_bytes())],
+                    )
+                })
+                .collect()
+        };
+        let mut produced = broker.produce("events", &batch(0..60, "100"))?;
+        let mut weir = deployment.start("run")?;
+        poll_until(
+            Duration::from_secs(60),
+            "some messages handled",
+            || Ok((handled(&weir).len() >= 8).then_some(())),
+            || format!("log: {}", weir.log.display()),
+        )?;
+        broker.server.ctl(&["stop_app"])?;
+        let during = handled(&weir).len();
+        broker.server.ctl(&["start_app"])?;
+        anyhow::ensure!(
+            weir.wait_exit(Duration::ZERO)?.is_none(),
+            "weir exited while the broker was down; log: {}",
+            weir.log.display()
+        );
+        produced.extend(broker.produce("events", &batch(60..80, "0"))?);
+        let expected: Vec<String> = (0..80).map(|i| format!("m-{i}")).collect();
+        poll_until(
+            Duration::from_secs(90),
+            "every message handled after the broker came back",
+            || {
+                let seen = handled(&weir);
+                Ok(expected.iter().all(|p| seen.contains_key(p)).then_some(()))
+            },
+            || format!("log: {}", weir.log.display()),
+        )?;
+        poll_until(
+            Duration::from_secs(60),
+            "everything acknowledged",
+            || {
+                Ok(broker
+                    .caught_up("weir.probe", "events", &produced)?
+                    .then_some(()))
+            },
+            || broker.progress("weir.probe", "events"),
+        )?;
+        stop(&mut weir)?;
+        let twice: Vec<_> = handled(&weir).into_iter().filter(|(_, n)| *n > 1).collect();
+        anyhow::ensure!(twice.is_empty(), "handled more than once: {twice:?}");
+        eprintln!("{during} of 60 handled when the broker stopped");
+        Ok(())
     }
 }

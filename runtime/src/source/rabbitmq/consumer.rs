@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -40,6 +40,8 @@ struct Spec {
     /// Prefetch of each queue's AMQP consumer.
     prefetch: u16,
     progress: Progress,
+    /// Whether a session is consuming (its queues exist).
+    active: AtomicBool,
 }
 
 /// One delivered message: its channel's acknowledgement handle.
@@ -96,6 +98,7 @@ impl RabbitConsumer {
             queues,
             settings: subscription.settings,
             progress: subscription.progress,
+            active: AtomicBool::new(false),
         });
         let (acks, queue) = mpsc::unbounded_channel();
         let acking = tokio::spawn(send_acks(queue, spec.clone()));
@@ -182,6 +185,7 @@ async fn open_until_open(link: Arc<Link>, spec: Arc<Spec>) -> Session {
     loop {
         match open(&link, &spec).await {
             Ok(session) => {
+                spec.active.store(true, Ordering::Relaxed);
                 spec.progress.joined();
                 return session;
             }
@@ -258,6 +262,7 @@ impl Source for RabbitConsumer {
                 "{lost}; consuming again on a new channel (the broker redelivers what was not acknowledged)"
             );
             tracing::warn!(handler = %self.spec.handler, broker = %self.link.label, "{why}");
+            self.spec.active.store(false, Ordering::Relaxed);
             self.spec.progress.not_joined(why.clone());
             if let Some(session) = state.session.take() {
                 let handler = self.spec.handler.clone();
@@ -298,6 +303,7 @@ impl Source for RabbitConsumer {
             tasks,
             ..
         } = self;
+        spec.active.store(false, Ordering::Relaxed);
         let mut state = state.into_inner();
         if let Some(opening) = state.opening.take() {
             opening.abort();
@@ -395,10 +401,16 @@ const FIRST_PERIOD: Duration = Duration::from_secs(1);
 
 /// Keeps each queue's lag in `spec.progress`: the messages it holds ready
 /// (not yet delivered to any consumer), from a passive declare on a
-/// channel of the watcher's own. Ends when aborted.
+/// channel of the watcher's own, while the consumer is consuming (so the
+/// queues exist: a passive declare of a missing one makes the broker close
+/// the channel). Ends when aborted.
 async fn watch_lag(link: Arc<Link>, spec: Arc<Spec>) {
     let mut channel: Option<Channel> = None;
     loop {
+        if !spec.active.load(Ordering::Relaxed) {
+            tokio::time::sleep(FIRST_PERIOD).await;
+            continue;
+        }
         let mut all = true;
         for queue in &spec.queues {
             let open = match channel.take() {
