@@ -58,7 +58,11 @@ impl Link {
             },
             uri.authority.host,
             uri.authority.port,
-            uri.vhost
+            if uri.vhost == "/" {
+                "%2f"
+            } else {
+                uri.vhost.as_str()
+            }
         );
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("{} ({role})", source.connection_name).into());
