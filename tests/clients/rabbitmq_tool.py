@@ -14,6 +14,10 @@ Commands (each prints one JSON document on stdout):
                            then the connection closes and the broker requeues
                            them all ([] when Q does not exist)
   count --queue Q          {"exists", "ready", "consumers"} from a passive declare
+  drain --queue Q --count N --prefetch P
+                           consumes N messages with manual acks (the raw-client
+                           yardstick of the throughput measurement); prints
+                           {"consumed", "seconds"}
 
 Header values are written as text when they are UTF-8, else as bytes; read
 reports every value as hex of its bytes (numbers and booleans as text).
@@ -145,11 +149,32 @@ def count(connection, args):
     return {"exists": True, "ready": found[0], "consumers": found[1]}
 
 
+def drain(connection, args):
+    import time
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=args.prefetch)
+    consumed = 0
+    start = None
+    for method, _properties, _body in channel.consume(args.queue, inactivity_timeout=10):
+        if method is None:
+            break
+        if start is None:
+            start = time.monotonic()
+        channel.basic_ack(method.delivery_tag)
+        consumed += 1
+        if consumed >= args.count:
+            break
+    seconds = time.monotonic() - start if start is not None else 0.0
+    channel.cancel()
+    return {"consumed": consumed, "seconds": seconds}
+
+
 COMMANDS = {
     "declare": declare,
     "publish": publish,
     "read": read,
     "count": count,
+    "drain": drain,
 }
 
 
@@ -161,6 +186,9 @@ def main():
         p = sub.add_parser(name)
         p.add_argument("--url", required=True)
         p.add_argument("--queue", required=True)
+        if name == "drain":
+            p.add_argument("--count", type=int, required=True)
+            p.add_argument("--prefetch", type=int, default=256)
     args = parser.parse_args()
     connection = connect(args.url)
     try:

@@ -604,4 +604,69 @@ mod tests {
         eprintln!("{during} of 60 handled when the broker stopped");
         Ok(())
     }
+
+    /// Not a check: how fast Weir drains a queue with the no-op handler,
+    /// beside pika draining the same number of messages (run with
+    /// `--ignored --nocapture`; `WEIR_RABBIT_BENCH_N` messages, default
+    /// 20000).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn throughput_against_the_raw_client() -> Result<()> {
+        let Some(_serial) = broker_test() else {
+            return Ok(());
+        };
+        let n: usize = std::env::var("WEIR_RABBIT_BENCH_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000);
+        let broker = RabbitBroker::start()?;
+        let records: Vec<Record> = (0..n)
+            .map(|i| record(format!("k{}", i % 64).as_bytes(), &"x".repeat(512), &[]))
+            .collect();
+        broker.create_topic("raw", 1)?;
+        broker.produce("raw", &records)?;
+        let raw = broker.client.call(
+            "drain",
+            &[
+                "--queue",
+                "raw",
+                "--count",
+                &n.to_string(),
+                "--prefetch",
+                "256",
+            ],
+            None,
+        )?;
+        let raw_seconds = raw["seconds"].as_f64().unwrap_or(0.0);
+
+        broker.create_topic("events", 1)?;
+        let produced = broker.produce("events", &records)?;
+        let deployment = broker.deployment()?;
+        deployment.add_handler(
+            "noop",
+            "noop",
+            "topics = [\"events\"]\nmax_in_flight = 256\n",
+        )?;
+        let started = Instant::now();
+        let mut weir = deployment.start("bench")?;
+        poll_until(
+            Duration::from_secs(300),
+            "the queue drained",
+            || {
+                Ok(broker
+                    .caught_up("weir.noop", "events", &produced)?
+                    .then_some(()))
+            },
+            || broker.progress("weir.noop", "events"),
+        )?;
+        let weir_seconds = started.elapsed().as_secs_f64();
+        stop(&mut weir)?;
+        eprintln!(
+            "{n} messages of 512 B: pika (prefetch 256, ack each) {:.0} msg/s; weir noop (max_in_flight 256, from process start to all acknowledged) {:.0} msg/s; ratio {:.2}",
+            n as f64 / raw_seconds.max(1e-9),
+            n as f64 / weir_seconds,
+            raw_seconds / weir_seconds
+        );
+        Ok(())
+    }
 }
