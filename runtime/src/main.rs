@@ -295,9 +295,12 @@ enum StateAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // lapin logs every channel the broker closes at error level, the
+    // expected ones too (a passive declare of a queue Weir then creates);
+    // the RabbitMQ source logs the losses that matter itself.
     let default_filter = match cli.command {
         Command::Demo { .. } => "error",
-        _ => "info",
+        _ => "info,lapin::channel=off",
     };
     telemetry::init(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
