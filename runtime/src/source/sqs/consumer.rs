@@ -48,8 +48,10 @@ const MAX_BATCH: usize = 10;
 /// come back after their visibility timeout).
 const RECEIVE_GRACE: Duration = Duration::from_secs(1);
 /// How much earlier than its answer SQS may have picked a long poll's
-/// messages (and started their visibility timeout).
-const PICK_SLACK: Duration = Duration::from_secs(2);
+/// messages (and started their visibility timeout), at most: SQS answers a
+/// long poll as soon as it has messages, so this only covers the answer's
+/// way back (a quarter of the visibility timeout when that is shorter).
+const PICK_SLACK: Duration = Duration::from_secs(1);
 /// How often each queue's backlog is read.
 const LAG_PERIOD: Duration = Duration::from_secs(5);
 /// A queue's own `maxReceiveCount` below which Weir warns.
@@ -419,7 +421,7 @@ async fn receive(
                 shared.receive_went(scope, None);
                 let answered = Instant::now();
                 let picked = answered
-                    .checked_sub(PICK_SLACK)
+                    .checked_sub(PICK_SLACK.min(shared.visibility / 4))
                     .map_or(sent, |early| early.max(sent));
                 let deadline = picked + shared.visibility;
                 let messages = out.messages();

@@ -557,6 +557,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configuration_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/sqs.toml");
+        let config = crate::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let Some(sqs) = &config.source.sqs else {
+            panic!("config/sqs.toml has no [source.sqs]");
+        };
+        assert_eq!(sqs.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(sqs.wait_time, Duration::from_secs(20));
+    }
+
+    #[test]
     fn manifest_settings_are_checked_when_read() {
         let settings: SqsSettings =
             toml::from_str("visibility_timeout = \"4s\"").unwrap_or_else(|e| panic!("{e}"));
