@@ -54,6 +54,13 @@ const RECEIVE_GRACE: Duration = Duration::from_secs(1);
 const PICK_SLACK: Duration = Duration::from_secs(1);
 /// How often each queue's backlog is read.
 const LAG_PERIOD: Duration = Duration::from_secs(5);
+/// The system attributes Weir reads from a received message.
+const SYSTEM_ATTRIBUTES: [MessageSystemAttributeName; 4] = [
+    MessageSystemAttributeName::ApproximateReceiveCount,
+    MessageSystemAttributeName::SentTimestamp,
+    MessageSystemAttributeName::MessageGroupId,
+    MessageSystemAttributeName::SequenceNumber,
+];
 /// A queue's own `maxReceiveCount` below which Weir warns.
 const LOW_RECEIVE_COUNT: u64 = 5;
 
@@ -392,13 +399,18 @@ async fn receive(
             .max_number_of_messages(asked as i32)
             .wait_time_seconds(seconds(shared.wait))
             .visibility_timeout(seconds(shared.visibility))
-            .message_system_attribute_names(MessageSystemAttributeName::All)
             .message_attribute_names("All");
-        // The attribute names' former parameter, which some SQS-compatible
-        // servers (moto) still read instead; SQS takes both.
-        #[allow(deprecated)]
-        {
-            request = request.attribute_names(QueueAttributeName::All);
+        for name in SYSTEM_ATTRIBUTES {
+            let former = QueueAttributeName::from(name.as_str());
+            request = request.message_system_attribute_names(name);
+            // The parameter's former name, which some SQS-compatible
+            // servers (moto) still read instead; SQS takes both. Named one
+            // by one, not `All`: moto answers `All` with a null
+            // `MessageDeduplicationId`, which the SDK cannot parse.
+            #[allow(deprecated)]
+            {
+                request = request.attribute_names(former);
+            }
         }
         if names::is_fifo(&queue.name) {
             // A retried receive of a FIFO queue gets the same messages.
