@@ -11,11 +11,16 @@
 //! | group | none: every consumer of a queue competes for its messages |
 //! | caught up | the queue holds nothing: none visible, in flight or delayed |
 //!
-//! moto keeps everything in memory and has no data directory. It deviates
-//! from SQS in ways the harness works around: it ignores
-//! `MessageSystemAttributeNames` (only the older `AttributeNames` brings a
-//! message's system attributes, so both are sent), and it accepts more than
-//! 10 message attributes (the harness refuses to send them).
+//! moto keeps everything in memory and has no data directory. Where it
+//! deviates from SQS: it ignores `MessageSystemAttributeNames` (only the
+//! older `AttributeNames` brings a message's system attributes; Weir and
+//! the client send both), it answers `AttributeNames = All` with a null
+//! `MessageDeduplicationId` on standard queues (so Weir names the
+//! attributes it reads), it accepts more than 10 message attributes (the
+//! client refuses to send them), and it answers a FIFO duplicate with a
+//! fresh message id. A receive with visibility timeout 0 leaves a message
+//! visible, so `read` makes messages invisible for a while and then visible
+//! again.
 
 use std::io::Write;
 use std::net::TcpStream;
