@@ -26,7 +26,10 @@
 //!   acknowledges nothing.
 //! - **Hold what is held.** A message the pipeline holds (running, waiting
 //!   for a retry, queued behind its key) is not redelivered by the broker
-//!   underneath it: JetStream's ack wait is extended while it is held.
+//!   underneath it: JetStream's ack wait is extended while it is held, a
+//!   Redis entry's idle time is reset, an SQS message's visibility is
+//!   extended; Kafka keeps a partition with its member and RabbitMQ an
+//!   unacknowledged delivery with its channel.
 //!
 //! # Backpressure
 //!
@@ -35,12 +38,14 @@
 //! bounds what it fetches ahead in its own way: librdkafka's per-partition
 //! queue (`queued.max.messages.kbytes`), JetStream's `max_ack_pending` (set to
 //! `max_in_flight`, so the server never hands out more than the pipeline may
-//! hold).
+//! hold), RabbitMQ's prefetch (`basic.qos` = `max_in_flight`), and Redis and
+//! SQS reading only as many as there is room for.
 //!
 //! # Publishing
 //!
 //! Dead letters and the outbox go through a [`Publisher`]: a Kafka topic, a
-//! JetStream subject, later an exchange and routing key, a queue, a stream.
+//! JetStream subject, a RabbitMQ exchange and routing key, a Redis stream,
+//! an SQS queue.
 
 pub mod embedded;
 pub mod kafka;
