@@ -67,6 +67,8 @@ impl DeadLetter {
     pub fn parse(dlq: &str, message: Message) -> Option<Self> {
         let handler = text(&message, "weir.handler")?;
         let origin_topic = text(&message, "weir.origin.topic")?;
+        // As `Position`'s display form: `2@41`, `orders#7`,
+        // `orders:1526919030474-55`, or the origin's message id.
         let origin = match (
             text(&message, "weir.origin.partition"),
             text(&message, "weir.origin.offset"),
@@ -75,7 +77,11 @@ impl DeadLetter {
         ) {
             (Some(partition), Some(offset), ..) => format!("{partition}@{offset}"),
             (_, _, Some(stream), Some(sequence)) => format!("{stream}#{sequence}"),
-            _ => String::new(),
+            (_, _, Some(stream), None) => match text(&message, "weir.origin.entry_id") {
+                Some(entry) => format!("{stream}:{entry}"),
+                None => stream,
+            },
+            _ => text(&message, "weir.origin.message_id").unwrap_or_default(),
         };
         Some(Self {
             dlq: dlq.to_string(),

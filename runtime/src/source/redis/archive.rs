@@ -97,9 +97,9 @@ impl Archive for RedisConnection {
 impl RedisConnection {
     /// Moves `group` back on each of `manifest`'s streams (`XGROUP SETID`,
     /// with `apply`; otherwise only says where it would go): one line per
-    /// stream. Refused while a consumer of the group (other than this
-    /// process's own, which the caller has stopped) was active in the last
-    /// 10 s.
+    /// stream. Applying is refused while a consumer of the group (other
+    /// than this process's own, which the caller has stopped) was active in
+    /// the last 10 s; a consumer that stopped cleanly has left the group.
     ///
     /// # Errors
     ///
@@ -172,12 +172,14 @@ impl RedisConnection {
                         Some(redis::Value::Int(ms)) => *ms,
                         _ => i64::MAX,
                     };
-                    if idle < ACTIVE_MS {
-                        let name = fields
-                            .get("name")
-                            .copied()
-                            .and_then(entry::text)
-                            .unwrap_or_default();
+                    let name = fields
+                        .get("name")
+                        .copied()
+                        .and_then(entry::text)
+                        .unwrap_or_default();
+                    // This process's own consumer is stopped by whoever
+                    // asks (the admin API's replay stops the worker first).
+                    if apply && idle < ACTIVE_MS && name != self.consumer {
                         anyhow::bail!(
                             "consumer {name:?} of group {group} on stream {stream} was active {idle} ms ago: stop weir (every process) before moving the group"
                         );

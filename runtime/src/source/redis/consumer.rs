@@ -63,6 +63,7 @@ type Fetched = (u64, Entry);
 /// the channel, so dropping it loses nothing, and the task reads only as
 /// many entries as there are free places.
 pub struct RedisConsumer {
+    connection: RedisConnection,
     spec: Arc<Subscription<RedisSettings>>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<Fetched>>,
     held: HeldMap,
@@ -89,9 +90,10 @@ impl RedisConsumer {
             )),
             tokio::spawn(send_acks(connection.clone(), spec.clone(), queue)),
             tokio::spawn(keep_alive(connection.clone(), spec.clone(), held.clone())),
-            tokio::spawn(watch_lag(connection, spec.clone())),
+            tokio::spawn(watch_lag(connection.clone(), spec.clone())),
         ];
         Self {
+            connection,
             spec,
             incoming: tokio::sync::Mutex::new(incoming),
             held,
@@ -353,6 +355,7 @@ impl Source for RedisConsumer {
     async fn close(self) {
         lock(&self.held).clear();
         let Self {
+            connection,
             acks,
             tasks,
             spec,
@@ -373,6 +376,43 @@ impl Source for RedisConsumer {
             .is_err()
         {
             tracing::warn!(group = %spec.group, "acknowledgements still queued after 5 s; those entries are claimed again and deduplicated");
+            return;
+        }
+        leave(&connection, &spec).await;
+    }
+}
+
+/// Takes this consumer out of each stream's group once nothing is pending
+/// under its name (so that a stopped process is not taken for a running
+/// one). Invariant: never with entries pending, since deleting a consumer
+/// drops its pending entries, which would then never be delivered again.
+async fn leave(connection: &RedisConnection, spec: &Subscription<RedisSettings>) {
+    let Ok(mut shared) = connection.shared().await else {
+        return;
+    };
+    for stream in &spec.topics {
+        let pending: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(&spec.group)
+            .arg("-")
+            .arg("+")
+            .arg(1)
+            .arg(&connection.consumer)
+            .query_async(&mut shared)
+            .await;
+        let Ok(pending) = pending else { continue };
+        if !pending_ids(&pending).is_empty() {
+            continue;
+        }
+        let left: redis::RedisResult<i64> = redis::cmd("XGROUP")
+            .arg("DELCONSUMER")
+            .arg(stream)
+            .arg(&spec.group)
+            .arg(&connection.consumer)
+            .query_async(&mut shared)
+            .await;
+        if let Err(err) = left {
+            tracing::debug!(stream = %stream, error = %err, "cannot leave the group");
         }
     }
 }
