@@ -29,7 +29,9 @@
 //! Environment: `E2E_MESSAGES` (default 100000), `E2E_LATENCY_SECS`
 //! (default 5), `E2E_BROKERS` (default `kafka,nats,redis`), `E2E_LANGUAGES`
 //! (default `rust,python,js`; the languages run without dedup-off and
-//! partition variants).
+//! partition variants). RabbitMQ and SQS (against moto) are not in the
+//! default list, which CI runs smoke-sized; they run on request:
+//! `E2E_BROKERS=rabbitmq,sqs` (see `e2e/rabbitmq.rs` and `e2e/sqs.rs`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -48,8 +50,12 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use weir_tests::{Broker, Deployment, NatsServer, WeirProcess, workspace};
 
+#[path = "e2e/rabbitmq.rs"]
+mod rabbitmq_bench;
 #[path = "e2e/redis.rs"]
 mod redis_bench;
+#[path = "e2e/sqs.rs"]
+mod sqs_bench;
 
 const KEYS: usize = 200;
 const PAYLOAD_BYTES: usize = 100;
@@ -952,7 +958,11 @@ fn main() -> Result<()> {
             "kafka" => runtime.block_on(kafka_bench(&settings, &mut rows, &mut latencies))?,
             "nats" => runtime.block_on(nats_bench(&settings, &mut rows, &mut latencies))?,
             "redis" => runtime.block_on(redis_bench::bench(&settings, &mut rows))?,
-            other => bail!("E2E_BROKERS: unknown broker {other:?} (kafka, nats, redis)"),
+            "rabbitmq" => runtime.block_on(rabbitmq_bench::bench(&settings, &mut rows))?,
+            "sqs" => runtime.block_on(sqs_bench::bench(&settings, &mut rows))?,
+            other => {
+                bail!("E2E_BROKERS: unknown broker {other:?} (kafka, nats, redis, rabbitmq, sqs)")
+            }
         }
     }
 

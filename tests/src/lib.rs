@@ -24,9 +24,9 @@ pub use nats::{
     ConsumerState, NatsMessage, NatsServer, NatsTool, Stream, StreamSummary, nats_durable,
     stream_name,
 };
-pub use rabbitmq::RabbitBroker;
+pub use rabbitmq::{RabbitBroker, RabbitServer};
 pub use redis::{RedisBroker, RedisServer};
-pub use sqs::SqsBroker;
+pub use sqs::{MotoServer, SqsBroker};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
