@@ -79,6 +79,62 @@ pub struct Config {
     /// The admin HTTP server: metrics, health, handlers.
     #[serde(default)]
     pub admin: AdminSection,
+    /// Where dedup marks, attempts, state and the outbox live. Absent: the
+    /// embedded database in `[runtime] data_dir`.
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+/// `[store]`: the embedded database (default), or PostgreSQL shared by
+/// several processes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// `postgres://user:password@host:port/database`: keep everything in
+    /// PostgreSQL. Absent: `weir.redb` in `[runtime] data_dir`.
+    pub url: Option<String>,
+    /// The PostgreSQL schema of weir's tables (created when missing).
+    #[serde(default = "default_store_schema")]
+    pub schema: String,
+    /// Most PostgreSQL connections of this process.
+    #[serde(default = "default_store_pool_size")]
+    pub pool_size: usize,
+    /// How long connecting to PostgreSQL may take.
+    #[serde(default = "default_store_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+fn default_store_schema() -> String {
+    "weir".into()
+}
+fn default_store_pool_size() -> usize {
+    16
+}
+fn default_store_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            schema: default_store_schema(),
+            pool_size: default_store_pool_size(),
+            connect_timeout: default_store_connect_timeout(),
+        }
+    }
+}
+
+impl StoreSection {
+    /// The PostgreSQL settings, when `url` is set.
+    pub fn postgres(&self) -> Option<crate::store::PgSettings> {
+        self.url.as_ref().map(|url| crate::store::PgSettings {
+            url: url.clone(),
+            schema: self.schema.clone(),
+            pool_size: self.pool_size,
+            connect_timeout: self.connect_timeout,
+        })
+    }
 }
 
 /// `[admin]`: the HTTP server for `/metrics`, `/health/live`,
@@ -399,7 +455,13 @@ impl Config {
             self.source.redis.as_ref().map(|s| s.validate()),
             self.source.sqs.as_ref().map(|s| s.validate()),
         ];
-        if let Some(Err(message)) = checks.into_iter().flatten().find(Result::is_err) {
+        let store = self.store.postgres().map(|pg| pg.validate());
+        if let Some(Err(message)) = checks
+            .into_iter()
+            .chain([store])
+            .flatten()
+            .find(Result::is_err)
+        {
             return Err(invalid(message));
         }
         if let Some(nats) = &self.source.nats {

@@ -331,7 +331,7 @@ fn main() -> ExitCode {
                 dir,
             } => new_project(language, &name, dir),
             Command::Check { files } => check(&files),
-            Command::State { config, action } => state(&load_config(&config)?, action),
+            Command::State { config, action } => state(&load_config(&config)?, action).await,
             Command::Handlers { config } => handlers(&load_config(&config)?).await,
             Command::Dlq { config, action } => dlq(&load_config(&config)?, action).await,
             Command::Replay {
@@ -521,7 +521,7 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn state(config: &Config, action: StateAction) -> anyhow::Result<()> {
+async fn state(config: &Config, action: StateAction) -> anyhow::Result<()> {
     let (handler, key, prefix, limit, json) = match &action {
         StateAction::Get { handler, key } => (handler, Some(key.as_str()), "", 1, false),
         StateAction::List {
@@ -531,9 +531,9 @@ fn state(config: &Config, action: StateAction) -> anyhow::Result<()> {
             json,
         } => (handler, None, prefix.as_str(), *limit, *json),
     };
-    let (answer, from) = match open_store(config) {
+    let (answer, from) = match open_store(config).await {
         Ok(store) => (
-            weir::admin::read_state(&store, handler, key, prefix, limit)?,
+            weir::admin::read_state(&store, handler, key, prefix, limit).await?,
             "",
         ),
         // A running weir holds the database: ask it instead.

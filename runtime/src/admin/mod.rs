@@ -113,7 +113,10 @@ pub async fn serve(
 }
 
 async fn metrics_route(State(admin): State<Admin>) -> Response {
-    if let (Ok(rows), Ok(oldest)) = (admin.store.outbox_len(), admin.store.outbox_oldest_ms()) {
+    if let (Ok(rows), Ok(oldest)) = (
+        admin.store.outbox_len().await,
+        admin.store.outbox_oldest_ms().await,
+    ) {
         let age = oldest.map_or(std::time::Duration::ZERO, |committed| {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -148,7 +151,7 @@ async fn live() -> Response {
 const RELAY_BLOCKED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What keeps the process from being ready, one reason per line.
-fn not_ready(admin: &Admin) -> Vec<Value> {
+async fn not_ready(admin: &Admin) -> Vec<Value> {
     let mut problems = Vec::new();
     let handlers = admin.status.handlers();
     if handlers.is_empty() {
@@ -171,8 +174,8 @@ fn not_ready(admin: &Admin) -> Vec<Value> {
             problems.push(json!({"check": "consumer", "handler": view.name, "reason": why}));
         }
     }
-    if !admin.store.writer_alive() {
-        problems.push(json!({"check": "store", "reason": "the database writer has stopped"}));
+    if let Some(why) = admin.store.probe().await {
+        problems.push(json!({"check": "store", "database": admin.store.describe(), "reason": why}));
     }
     if let Some(relay) = admin.status.relay() {
         for (topic, failing, error) in relay.blocked(RELAY_BLOCKED_AFTER) {
@@ -184,7 +187,7 @@ fn not_ready(admin: &Admin) -> Vec<Value> {
 }
 
 async fn ready(State(admin): State<Admin>) -> Response {
-    let problems = not_ready(&admin);
+    let problems = not_ready(&admin).await;
     let code = if problems.is_empty() {
         StatusCode::OK
     } else {
@@ -329,7 +332,7 @@ fn entry(key: &str, version: u64, value: &[u8]) -> Value {
 /// # Errors
 ///
 /// When the database cannot be read.
-pub fn read_state(
+pub async fn read_state(
     store: &Store,
     handler: &str,
     key: Option<&str>,
@@ -339,12 +342,14 @@ pub fn read_state(
     let view = store.state_view()?;
     let entries: Vec<Value> = match key {
         Some(key) => view
-            .get(handler, key)?
+            .get(handler, key)
+            .await?
             .map(|(version, value)| entry(key, version, &value))
             .into_iter()
             .collect(),
         None => view
-            .scan(handler, prefix, None, limit)?
+            .scan(handler, prefix, None, limit)
+            .await?
             .iter()
             .map(|(key, version, value)| entry(key, *version, value))
             .collect(),
@@ -352,7 +357,7 @@ pub fn read_state(
     Ok(json!({
         "handler": handler,
         "entries": entries,
-        "outbox": store.outbox_len()?,
+        "outbox": store.outbox_len().await?,
     }))
 }
 
@@ -367,7 +372,9 @@ async fn state(
         query.key.as_deref(),
         &query.prefix,
         query.limit.unwrap_or(100),
-    ) {
+    )
+    .await
+    {
         Ok(body) => axum::Json(body).into_response(),
         Err(err) => (
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -24,6 +24,8 @@ pub mod v0_1 {
         world: "weir:handler/handler",
         // Called on the async runtime; see "Calls" in `host/mod.rs`.
         exports: { default: async },
+        // State reads may wait on the network (a shared store).
+        imports: { "weir:handler/state": async },
     });
 }
 
@@ -37,6 +39,7 @@ pub mod v0_2 {
         world: "weir:handler/handler",
         additional_derives: [PartialEq],
         exports: { default: async },
+        imports: { "weir:handler/state": async },
     });
 }
 

@@ -55,8 +55,8 @@ impl StoreState {
     }
 
     /// `state.get`.
-    fn state_get(&mut self, key: &str) -> Result<Option<Vec<u8>>, StateFailure> {
-        self.txn().get(key)
+    async fn state_get(&mut self, key: &str) -> Result<Option<Vec<u8>>, StateFailure> {
+        self.txn().get(key).await
     }
 
     /// `state.set`.
@@ -70,13 +70,13 @@ impl StoreState {
     }
 
     /// `state.list-prefix`.
-    fn state_list_prefix(
+    async fn state_list_prefix(
         &mut self,
         prefix: &str,
         start_after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<(String, Vec<u8>)>, StateFailure> {
-        self.txn().list_prefix(prefix, start_after, limit)
+        self.txn().list_prefix(prefix, start_after, limit).await
     }
 
     /// `emit.send`.
@@ -154,14 +154,14 @@ macro_rules! serve {
         }
 
         impl $v::weir::handler::state::Host for StoreState {
-            fn get(
+            async fn get(
                 &mut self,
                 key: String,
             ) -> Result<Option<Vec<u8>>, $v::weir::handler::state::StateError> {
-                Ok(self.state_get(&key)?)
+                Ok(self.state_get(&key).await?)
             }
 
-            fn set(
+            async fn set(
                 &mut self,
                 key: String,
                 value: Vec<u8>,
@@ -169,17 +169,22 @@ macro_rules! serve {
                 Ok(self.state_set(&key, value)?)
             }
 
-            fn delete(&mut self, key: String) -> Result<(), $v::weir::handler::state::StateError> {
+            async fn delete(
+                &mut self,
+                key: String,
+            ) -> Result<(), $v::weir::handler::state::StateError> {
                 Ok(self.state_delete(&key)?)
             }
 
-            fn list_prefix(
+            async fn list_prefix(
                 &mut self,
                 prefix: String,
                 start_after: Option<String>,
                 limit: u32,
             ) -> Result<Vec<(String, Vec<u8>)>, $v::weir::handler::state::StateError> {
-                Ok(self.state_list_prefix(&prefix, start_after.as_deref(), limit)?)
+                Ok(self
+                    .state_list_prefix(&prefix, start_after.as_deref(), limit)
+                    .await?)
             }
         }
 

@@ -5,8 +5,9 @@
 //! event's outcome (see `store.rs`) or drop them if the call fails. It
 //! enforces the limits documented in the WIT.
 //!
-//! Reads come from one snapshot, taken at the call's first state access,
-//! with the call's own writes on top. Every committed key read is recorded
+//! Reads come from the store's view, taken at the call's first state
+//! access (redb: one snapshot; PostgreSQL: what is committed at each
+//! read), with the call's own writes on top. Every committed key read is recorded
 //! with its version, and every prefix listing with the committed entries it
 //! was built from, so that the commit can reject the outcome if any of them
 //! changed meanwhile.
@@ -116,7 +117,7 @@ impl Transaction {
     /// # Errors
     ///
     /// A key over the limit, or an unreadable database.
-    pub fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, StateFailure> {
+    pub async fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, StateFailure> {
         Self::check_key(key)?;
         if let Some(written) = self.effects.writes.get(key) {
             return Ok(written.clone());
@@ -125,6 +126,7 @@ impl Transaction {
         let found = self
             .view()?
             .get(&handler, key)
+            .await
             .map_err(|e| StateFailure::Unavailable(e.to_string()))?;
         self.effects
             .reads
@@ -180,7 +182,7 @@ impl Transaction {
     /// # Errors
     ///
     /// A prefix over the key limit, or an unreadable database.
-    pub fn list_prefix(
+    pub async fn list_prefix(
         &mut self,
         prefix: &str,
         start_after: Option<&str>,
@@ -219,6 +221,7 @@ impl Transaction {
         let committed = self
             .view()?
             .scan(&handler, prefix, start_after, fetched)
+            .await
             .map_err(|e| StateFailure::Unavailable(e.to_string()))?;
         let seen = committed.iter().map(|(k, v, _)| (k.clone(), *v)).collect();
         for (key, _, value) in committed {
@@ -328,22 +331,25 @@ mod tests {
     async fn reads_see_own_writes_and_commits_are_atomic() {
         let (_dir, store) = store();
         let mut t = txn(&store);
-        assert_eq!(t.get("a").expect("get"), None);
+        assert_eq!(t.get("a").await.expect("get"), None);
         t.set("a", b"1".to_vec()).expect("set");
         t.set("b", b"2".to_vec()).expect("set");
-        assert_eq!(t.get("a").expect("get"), Some(b"1".to_vec()));
+        assert_eq!(t.get("a").await.expect("get"), Some(b"1".to_vec()));
         t.emit("out".into(), None, b"e".to_vec(), vec![])
             .expect("emit");
         assert_eq!(commit(&store, "e1", t).await, Applied::Done);
 
         let mut t = txn(&store);
-        assert_eq!(t.get("b").expect("get"), Some(b"2".to_vec()));
+        assert_eq!(t.get("b").await.expect("get"), Some(b"2".to_vec()));
         t.delete("b").expect("delete");
-        assert_eq!(t.get("b").expect("get"), None);
+        assert_eq!(t.get("b").await.expect("get"), None);
         // Dropped without commit: nothing changes.
         drop(t);
-        assert_eq!(txn(&store).get("b").expect("get"), Some(b"2".to_vec()));
-        assert_eq!(store.outbox_len().expect("len"), 1);
+        assert_eq!(
+            txn(&store).get("b").await.expect("get"),
+            Some(b"2".to_vec())
+        );
+        assert_eq!(store.outbox_len().await.expect("len"), 1);
     }
 
     #[tokio::test]
@@ -352,8 +358,8 @@ mod tests {
         let mut first = txn(&store);
         let mut second = txn(&store);
         // Both read the counter, both increment it.
-        assert_eq!(first.get("n").expect("get"), None);
-        assert_eq!(second.get("n").expect("get"), None);
+        assert_eq!(first.get("n").await.expect("get"), None);
+        assert_eq!(second.get("n").await.expect("get"), None);
         first.set("n", b"1".to_vec()).expect("set");
         second.set("n", b"1".to_vec()).expect("set");
         second
@@ -362,17 +368,17 @@ mod tests {
         assert_eq!(commit(&store, "e1", first).await, Applied::Done);
         assert_eq!(commit(&store, "e2", second).await, Applied::Conflict);
         assert_eq!(
-            store.outbox_len().expect("len"),
+            store.outbox_len().await.expect("len"),
             0,
             "the loser emitted nothing"
         );
         assert!(
-            !store.seen("h", "e2").expect("seen").done,
+            !store.seen("h", "e2").await.expect("seen").done,
             "nor was it marked"
         );
         // Run again on the new state: it commits.
         let mut again = txn(&store);
-        assert_eq!(again.get("n").expect("get"), Some(b"1".to_vec()));
+        assert_eq!(again.get("n").await.expect("get"), Some(b"1".to_vec()));
         again.set("n", b"2".to_vec()).expect("set");
         assert_eq!(commit(&store, "e2", again).await, Applied::Done);
     }
@@ -385,7 +391,7 @@ mod tests {
         assert_eq!(commit(&store, "seed", seed).await, Applied::Done);
 
         let mut lister = txn(&store);
-        let listed = lister.list_prefix("item/", None, 10).expect("list");
+        let listed = lister.list_prefix("item/", None, 10).await.expect("list");
         assert_eq!(listed, vec![("item/1".to_string(), b"a".to_vec())]);
         lister.set("count", b"1".to_vec()).expect("set");
 
@@ -396,7 +402,7 @@ mod tests {
 
         // A write outside the listed range does not conflict.
         let mut lister = txn(&store);
-        lister.list_prefix("item/", None, 10).expect("list");
+        lister.list_prefix("item/", None, 10).await.expect("list");
         lister.set("count", b"2".to_vec()).expect("set");
         let mut other = txn(&store);
         other.set("zzz", b"c".to_vec()).expect("set");
@@ -422,12 +428,12 @@ mod tests {
         let keys = |entries: Vec<(String, Vec<u8>)>| -> Vec<String> {
             entries.into_iter().map(|(k, _)| k).collect()
         };
-        let page = t.list_prefix("k/", None, 2).expect("list");
+        let page = t.list_prefix("k/", None, 2).await.expect("list");
         assert_eq!(page[0], ("k/2".to_string(), vec![20]));
         assert_eq!(keys(page), ["k/2", "k/25"]);
-        let rest = t.list_prefix("k/", Some("k/25"), 10).expect("list");
+        let rest = t.list_prefix("k/", Some("k/25"), 10).await.expect("list");
         assert_eq!(keys(rest), ["k/3", "k/4"]);
-        assert!(t.list_prefix("k/", None, 0).expect("list").is_empty());
+        assert!(t.list_prefix("k/", None, 0).await.expect("list").is_empty());
     }
 
     #[tokio::test]
@@ -442,12 +448,15 @@ mod tests {
             .emit("out".into(), None, vec![], vec![])
             .expect("emit");
         assert_eq!(commit(&store, "e1", again).await, Applied::Duplicate);
-        assert_eq!(txn(&store).get("n").expect("get"), Some(b"1".to_vec()));
-        assert_eq!(store.outbox_len().expect("len"), 0);
+        assert_eq!(
+            txn(&store).get("n").await.expect("get"),
+            Some(b"1".to_vec())
+        );
+        assert_eq!(store.outbox_len().await.expect("len"), 0);
     }
 
-    #[test]
-    fn limits_give_clear_errors() {
+    #[tokio::test]
+    async fn limits_give_clear_errors() {
         let mut t = Transaction::new(None, "h".into());
         let long = "k".repeat(MAX_KEY_BYTES + 1);
         assert_eq!(
@@ -458,7 +467,10 @@ mod tests {
             t.set("k", vec![0; MAX_VALUE_BYTES + 1]),
             Err(StateFailure::ValueTooLarge(MAX_VALUE_BYTES as u32))
         );
-        assert!(matches!(t.get("k"), Err(StateFailure::Unavailable(_))));
+        assert!(matches!(
+            t.get("k").await,
+            Err(StateFailure::Unavailable(_))
+        ));
         for bad in ["", "a b", "über", ".."] {
             assert!(
                 matches!(

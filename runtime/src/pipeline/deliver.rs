@@ -180,7 +180,7 @@ async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
     }
     let dedup = manifest.dedup.enabled;
     let seen = loop {
-        match shared.store.seen(name, &event.id) {
+        match shared.store.seen(name, &event.id).await {
             Ok(seen) => break seen,
             Err(err) => {
                 if !hold_on(shared, delivery, &err, "read the dedup mark", 0).await {

@@ -438,6 +438,57 @@ fn publish<P: Publisher>(publisher: Arc<P>, seq: u64, record: Arc<OutboxRecord>)
     })
 }
 
+/// Relays `store`'s outbox while this process holds its relay lease
+/// ([`Store::relay_lease`]: always, for the embedded database; for
+/// PostgreSQL, while no other process does), until `stop` turns true. A
+/// lost lease stops the relay (after its last pass) and waits for the
+/// lease again; a fresh relay starts from the oldest row left, so a row
+/// acknowledged but not yet deleted when the lease moved is published
+/// again (at least once, as after a crash).
+pub async fn relay_with_lease<P: Publisher>(
+    store: Store,
+    make: impl Fn() -> Relay<P>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut pause = FIRST_BACKOFF;
+    loop {
+        let lease = tokio::select! {
+            lease = store.relay_lease() => lease,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let mut lease = match lease {
+            Ok(lease) => {
+                pause = FIRST_BACKOFF;
+                lease
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in = ?pause, "cannot take the outbox relay lease");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                pause = (pause * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        let (relay_stop, relay_watch) = watch::channel(false);
+        let relay = make().run(relay_watch);
+        let mut relay = pin!(relay);
+        let stopping = tokio::select! {
+            () = &mut relay => return,
+            _ = stop.wait_for(|s| *s) => true,
+            () = lease.lost() => false,
+        };
+        let _ = relay_stop.send(true);
+        relay.await;
+        drop(lease);
+        if stopping {
+            return;
+        }
+        tracing::warn!("the outbox relay lost its lease; waiting to take it again");
+    }
+}
+
 /// Polls `send` once, in the caller's task, so that the record reaches the
 /// publisher now, in the order the lane hands rows out ("Order per topic"),
 /// however a set of futures later orders its polls. (The task may be woken
@@ -483,7 +534,7 @@ impl<P: Publisher> Relay<P> {
     /// stay for the next start).
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let ready = self.store.outbox_ready();
-        match self.store.outbox_len() {
+        match self.store.outbox_len().await {
             Ok(0) => {}
             Ok(pending) => {
                 tracing::info!(
@@ -506,7 +557,7 @@ impl<P: Publisher> Relay<P> {
                 // "No missed wake-up": register before reading.
                 notified.set(ready.notified());
                 notified.as_mut().enable();
-                self.read();
+                self.read().await;
             }
             self.dispatch().await;
             self.start_delete();
@@ -545,7 +596,7 @@ impl<P: Publisher> Relay<P> {
             left_behind,
             "outbox relay stopped"
         );
-        match self.store.outbox_len() {
+        match self.store.outbox_len().await {
             Ok(0) => tracing::debug!("outbox empty"),
             Ok(pending) => tracing::warn!(
                 pending,
@@ -577,12 +628,12 @@ impl<P: Publisher> Relay<P> {
 
     /// Reads rows after the cursor into their lanes, until the end of the
     /// outbox or until the lanes hold [`MAX_HELD`] rows.
-    fn read(&mut self) {
+    async fn read(&mut self) {
         // Any pending retry is this read; if memory is full it reads
         // nothing, and the next read comes when the lanes drain.
         self.read_retry_at = None;
         while self.books.held < MAX_HELD {
-            let rows = match self.store.outbox_batch(self.cursor, BATCH) {
+            let rows = match self.store.outbox_batch(self.cursor, BATCH).await {
                 Ok(rows) => rows,
                 Err(err) => {
                     tracing::error!(error = %err, "cannot read the outbox");
@@ -733,9 +784,9 @@ mod tests {
     use crate::pipeline::synthetic::MemoryPublisher;
     use crate::store::Effects;
 
-    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !done() {
+        while !done().await {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -772,14 +823,17 @@ mod tests {
             store.write(write).await.expect("write");
         }
         // The broker refuses: nothing is removed.
-        wait_for("a failed publish", || {
+        wait_for("a failed publish", async || {
             stats.failures.load(Ordering::Relaxed) > 0
         })
         .await;
-        assert_eq!(store.outbox_len().expect("len"), 20);
+        assert_eq!(store.outbox_len().await.expect("len"), 20);
         // It recovers: everything goes out, in commit order, then the rows go.
         publisher.failing.store(false, Ordering::Relaxed);
-        wait_for("an empty outbox", || store.outbox_len().ok() == Some(0)).await;
+        wait_for("an empty outbox", async || {
+            store.outbox_len().await.ok() == Some(0)
+        })
+        .await;
         let _ = stop.send(true);
         relay.await.expect("relay");
         let records = publisher.records();
@@ -901,8 +955,8 @@ mod tests {
         let mut first = rows("slow", 0..2);
         first.extend(rows("fast", 0..2));
         commit(&store, "e1", &first).await;
-        wait_for("fast's first rows published and deleted", || {
-            store.outbox_len().ok() == Some(2)
+        wait_for("fast's first rows published and deleted", async || {
+            store.outbox_len().await.ok() == Some(2)
         })
         .await;
         assert_eq!(published(&publisher, "fast"), names("fast", 0..2));
@@ -910,15 +964,18 @@ mod tests {
         let mut second = rows("fast", 2..5);
         second.extend(rows("slow", 2..3));
         commit(&store, "e2", &second).await;
-        wait_for("fast's later rows published and deleted", || {
-            store.outbox_len().ok() == Some(3)
+        wait_for("fast's later rows published and deleted", async || {
+            store.outbox_len().await.ok() == Some(3)
         })
         .await;
         assert_eq!(published(&publisher, "fast"), names("fast", 0..5));
         assert!(published(&publisher, "slow").is_empty());
         // Once the broker answers, "slow" goes out, in order.
         publisher.release("slow");
-        wait_for("an empty outbox", || store.outbox_len().ok() == Some(0)).await;
+        wait_for("an empty outbox", async || {
+            store.outbox_len().await.ok() == Some(0)
+        })
+        .await;
         let stats = relay.stop().await;
         assert_eq!(published(&publisher, "slow"), names("slow", 0..3));
         assert_eq!(stats.published.load(Ordering::Relaxed), 8);
@@ -934,15 +991,18 @@ mod tests {
         let mut first = rows("down", 0..3);
         first.extend(rows("up", 0..2));
         commit(&store, "e1", &first).await;
-        wait_for("up's rows deleted", || store.outbox_len().ok() == Some(3)).await;
+        wait_for("up's rows deleted", async || {
+            store.outbox_len().await.ok() == Some(3)
+        })
+        .await;
         // "down" fails again after its backoff; "up" goes on meanwhile.
-        wait_for("a retry of down", || {
+        wait_for("a retry of down", async || {
             relay.stats.failures.load(Ordering::Relaxed) >= 2
         })
         .await;
         commit(&store, "e2", &rows("up", 2..4)).await;
-        wait_for("up's later rows deleted", || {
-            store.outbox_len().ok() == Some(3)
+        wait_for("up's later rows deleted", async || {
+            store.outbox_len().await.ok() == Some(3)
         })
         .await;
         assert_eq!(published(&publisher, "up"), names("up", 0..4));
@@ -950,12 +1010,15 @@ mod tests {
         // for the next start.
         let stats = relay.stop().await;
         assert!(published(&publisher, "down").is_empty());
-        assert_eq!(store.outbox_len().expect("len"), 3);
+        assert_eq!(store.outbox_len().await.expect("len"), 3);
         assert_eq!(stats.published.load(Ordering::Relaxed), 4);
         // The next start publishes them, in order.
         publisher.fail_topic("down", false);
         let relay = start(&store, &publisher);
-        wait_for("an empty outbox", || store.outbox_len().ok() == Some(0)).await;
+        wait_for("an empty outbox", async || {
+            store.outbox_len().await.ok() == Some(0)
+        })
+        .await;
         relay.stop().await;
         assert_eq!(published(&publisher, "down"), names("down", 0..3));
     }
@@ -969,8 +1032,14 @@ mod tests {
         let mut emitted = rows("a", 0..5);
         emitted.extend(rows("b", 0..3));
         commit(&store, "e1", &emitted).await;
-        wait_for("an empty outbox", || store.outbox_len().ok() == Some(0)).await;
-        wait_for("every acknowledgement counted", || relay.published() == 8).await;
+        wait_for("an empty outbox", async || {
+            store.outbox_len().await.ok() == Some(0)
+        })
+        .await;
+        wait_for("every acknowledgement counted", async || {
+            relay.published() == 8
+        })
+        .await;
         let stats = relay.stop().await;
         // a0 and a1 were acknowledged and not sent again; a2 failed, then
         // went again with everything after it, in order; each row was
@@ -995,15 +1064,21 @@ mod tests {
             commit(&store, &format!("e{i}"), chunk).await;
         }
         commit(&store, "u", &rows("u", 0..5)).await;
-        wait_for("u's rows deleted", || {
-            store.outbox_len().ok() == Some(total as u64)
+        wait_for("u's rows deleted", async || {
+            store.outbox_len().await.ok() == Some(total as u64)
         })
         .await;
-        wait_for("every row read", || relay.rows_read() == total as u64 + 5).await;
+        wait_for("every row read", async || {
+            relay.rows_read() == total as u64 + 5
+        })
+        .await;
         // The next store write, the first delete of t's rows, fails.
         store.fail_next_commits(1);
         publisher.release("t");
-        wait_for("an empty outbox", || store.outbox_len().ok() == Some(0)).await;
+        wait_for("an empty outbox", async || {
+            store.outbox_len().await.ok() == Some(0)
+        })
+        .await;
         let rows_read = relay.rows_read();
         let stats = relay.stop().await;
         assert_eq!(rows_read, total as u64 + 5, "a row was read twice");
@@ -1022,7 +1097,7 @@ mod tests {
         let total = 2 * MAX_HELD;
         commit(&store, "e", &rows("t", 0..total)).await;
         let relay = start(&store, &publisher);
-        wait_for("memory full", || relay.rows_read() >= MAX_HELD as u64).await;
+        wait_for("memory full", async || relay.rows_read() >= MAX_HELD as u64).await;
         // Nothing drains while the broker does not answer, so no further
         // read can come.
         let read = relay.rows_read();
@@ -1030,9 +1105,12 @@ mod tests {
             read < (MAX_HELD + BATCH) as u64,
             "read {read} rows with none acknowledged"
         );
-        assert_eq!(store.outbox_len().expect("len"), total as u64);
+        assert_eq!(store.outbox_len().await.expect("len"), total as u64);
         publisher.release("t");
-        wait_for("an empty outbox", || store.outbox_len().ok() == Some(0)).await;
+        wait_for("an empty outbox", async || {
+            store.outbox_len().await.ok() == Some(0)
+        })
+        .await;
         let rows_read = relay.rows_read();
         relay.stop().await;
         assert_eq!(rows_read, total as u64);

@@ -355,8 +355,18 @@ async fn nothing_is_handled_or_acknowledged_for_a_revoked_partition() {
     assert_eq!(source.acked().get(&("t".to_string(), 1)), Some(&2));
 }
 
+/// The result of `future`, which must not wait: reads of the embedded
+/// store never do, and the synthetic handlers here are synchronous.
+fn at_once<T>(future: impl std::future::Future<Output = T>) -> T {
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(future).poll(&mut context) {
+        std::task::Poll::Ready(value) => value,
+        std::task::Poll::Pending => panic!("an embedded-store read waited"),
+    }
+}
+
 fn counter(txn: &mut Transaction, key: &str) -> u64 {
-    txn.get(key)
+    at_once(txn.get(key))
         .expect("get")
         .map(|v| String::from_utf8_lossy(&v).parse().expect("number"))
         .unwrap_or(0)
@@ -384,9 +394,9 @@ async fn effects_of_a_failed_call_are_dropped_and_of_a_successful_one_kept() {
     let store = h.store.clone();
     h.stop().await;
     let view = store.state_view().expect("view");
-    let (_, n) = view.get("h", "n").expect("get").expect("present");
+    let (_, n) = view.get("h", "n").await.expect("get").expect("present");
     assert_eq!(n, b"5", "only the successful attempts counted");
-    let rows = store.outbox_batch(None, 100).expect("outbox");
+    let rows = store.outbox_batch(None, 100).await.expect("outbox");
     let payloads: Vec<Vec<u8>> = rows
         .into_iter()
         .map(|(_, r)| r.expect("decodes").payload)
@@ -415,7 +425,7 @@ async fn parallel_read_modify_writes_of_one_key_lose_no_update() {
     let store = h.store.clone();
     h.stop().await;
     let view = store.state_view().expect("view");
-    let (_, total) = view.get("h", "total").expect("get").expect("present");
+    let (_, total) = view.get("h", "total").await.expect("get").expect("present");
     assert_eq!(total, b"200");
     assert!(conflicts > 0, "the test never raced; it shows nothing");
 }
@@ -441,6 +451,7 @@ async fn a_redelivered_event_applies_its_effects_once() {
         .state_view()
         .expect("view")
         .get("h", "n")
+        .await
         .expect("get")
         .expect("present");
     assert_eq!(n, b"2");

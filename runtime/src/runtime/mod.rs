@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use crate::config::{Config, LimitsSection};
 use crate::host::{CompiledHandler, Host};
 use crate::metrics::Metrics;
-use crate::pipeline::outbox::{Relay, RelayStats};
+use crate::pipeline::outbox::{Relay, RelayStats, relay_with_lease};
 use crate::pipeline::{HandlerStats, HandlerSwap, Worker};
 use crate::registry::{self, BrokerKind, LoadError, LoadedHandler, Manifest};
 use crate::source::kafka::KafkaConsumer;
@@ -168,26 +168,37 @@ impl Runtime {
         store.record_to(metrics.clone());
         let relay_stats = Arc::new(RelayStats::recording(metrics.clone()));
         let (relay_stop, relay_watch) = watch::channel(false);
+        // "Relay lease" (`store/postgres/mod.rs`): one process relays.
         let relay = match broker {
-            Broker::Kafka { producer, .. } => tokio::spawn(
-                Relay::new(store.clone(), producer.clone(), relay_stats.clone()).run(relay_watch),
-            ),
-            Broker::Nats(connection) => tokio::spawn(
-                Relay::new(store.clone(), connection.publisher(), relay_stats.clone())
-                    .run(relay_watch),
-            ),
-            Broker::Rabbit(connection) => tokio::spawn(
-                Relay::new(store.clone(), connection.publisher(), relay_stats.clone())
-                    .run(relay_watch),
-            ),
-            Broker::Redis(connection) => tokio::spawn(
-                Relay::new(store.clone(), connection.publisher(), relay_stats.clone())
-                    .run(relay_watch),
-            ),
-            Broker::Sqs(connection) => tokio::spawn(
-                Relay::new(store.clone(), connection.publisher(), relay_stats.clone())
-                    .run(relay_watch),
-            ),
+            Broker::Kafka { producer, .. } => {
+                let (store, producer, stats) =
+                    (store.clone(), producer.clone(), relay_stats.clone());
+                tokio::spawn(relay_with_lease(
+                    store.clone(),
+                    move || Relay::new(store.clone(), producer.clone(), stats.clone()),
+                    relay_watch,
+                ))
+            }
+            Broker::Nats(connection) => {
+                spawn_relay(store, connection.clone(), &relay_stats, relay_watch, |c| {
+                    c.publisher()
+                })
+            }
+            Broker::Rabbit(connection) => {
+                spawn_relay(store, connection.clone(), &relay_stats, relay_watch, |c| {
+                    c.publisher()
+                })
+            }
+            Broker::Redis(connection) => {
+                spawn_relay(store, connection.clone(), &relay_stats, relay_watch, |c| {
+                    c.publisher()
+                })
+            }
+            Broker::Sqs(connection) => {
+                spawn_relay(store, connection.clone(), &relay_stats, relay_watch, |c| {
+                    c.publisher()
+                })
+            }
         };
         let (fatal, fatal_rx) = mpsc::unbounded_channel();
         let status = Status::default();
@@ -583,7 +594,7 @@ impl Runtime {
         tracing::info!(handler = %name, from = ?from, reset_state, "replay: stopping the handler's consumer");
         self.status.write().handlers.remove(name);
         retire(running, drain).await;
-        let footprint = self.store.footprint(name);
+        let footprint = self.store.footprint(name).await;
         let result = async {
             let footprint = footprint?;
             let mut done = vec![format!(
@@ -704,23 +715,57 @@ async fn retire(running: RunningHandler, drain: Duration) {
     }
 }
 
-/// Opens the runtime's database under `[runtime] data_dir`.
+/// Starts the outbox relay of `store` (see [`relay_with_lease`]), with a
+/// publisher made from `connection` each time it takes the lease.
+fn spawn_relay<C, P>(
+    store: &Store,
+    connection: C,
+    stats: &Arc<RelayStats>,
+    stop: watch::Receiver<bool>,
+    publisher: fn(&C) -> P,
+) -> tokio::task::JoinHandle<()>
+where
+    C: Send + Sync + 'static,
+    P: crate::source::Publisher,
+{
+    let (store, stats) = (store.clone(), stats.clone());
+    tokio::spawn(relay_with_lease(
+        store.clone(),
+        move || Relay::new(store.clone(), publisher(&connection), stats.clone()),
+        stop,
+    ))
+}
+
+/// Opens the runtime's store: the embedded database under
+/// `[runtime] data_dir`, or PostgreSQL when `[store] url` is set.
 ///
 /// # Errors
 ///
-/// When the database cannot be opened (naming the file and the key).
-pub fn open_store(config: &Config) -> anyhow::Result<Store> {
-    let path = config.runtime.data_dir.join("weir.redb");
-    Store::open(&path).map_err(|err| anyhow::anyhow!("[runtime] data_dir: {err}"))
+/// When the database cannot be opened or reached (naming the key).
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    match config.store.postgres() {
+        Some(settings) => Store::connect(&settings)
+            .await
+            .map_err(|err| anyhow::Error::new(err).context("[store] url")),
+        None => {
+            let path = config.runtime.data_dir.join("weir.redb");
+            Store::open(&path).map_err(|err| anyhow::anyhow!("[runtime] data_dir: {err}"))
+        }
+    }
 }
 
 /// How long `weir run` waits for a database another process holds.
 const STORE_BUSY_WAIT: Duration = Duration::from_secs(10);
+/// Longest pause between attempts to reach PostgreSQL at start.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Opens the database for `weir run`: like [`open_store`], but while
-/// another process holds it — a short command such as `weir state` or
-/// `weir dlq`, or a weir that is still stopping — it tries again for up to
-/// ten seconds before giving up with the same error.
+/// Opens the store for `weir run`: like [`open_store`], but
+/// - while another process holds the embedded database — a short command
+///   such as `weir state` or `weir dlq`, or a weir that is still stopping —
+///   it tries again for up to ten seconds before giving up with the same
+///   error;
+/// - while PostgreSQL cannot be reached (not: refuses), it keeps trying,
+///   with a growing pause, and says so: a service waits for its database.
 ///
 /// # Errors
 ///
@@ -728,8 +773,9 @@ const STORE_BUSY_WAIT: Duration = Duration::from_secs(10);
 pub async fn open_store_waiting(config: &Config) -> anyhow::Result<Store> {
     let deadline = tokio::time::Instant::now() + STORE_BUSY_WAIT;
     let mut said = false;
+    let mut pause = Duration::from_millis(100);
     loop {
-        match open_store(config) {
+        match open_store(config).await {
             Err(err)
                 if format!("{err:#}").contains("already open")
                     && tokio::time::Instant::now() < deadline =>
@@ -740,6 +786,17 @@ pub async fn open_store_waiting(config: &Config) -> anyhow::Result<Store> {
                     said = true;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err)
+                if matches!(
+                    err.downcast_ref::<crate::store::StoreError>(),
+                    Some(crate::store::StoreError::Unreachable { .. })
+                ) =>
+            {
+                tracing::warn!(error = %format!("{err:#}"), retry_in = ?pause,
+                    "PostgreSQL cannot be reached; waiting for it");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(STORE_RETRY_MAX);
             }
             result => return result,
         }

@@ -21,7 +21,7 @@ use std::fmt::Write as _;
 use crate::config::{Config, Source};
 use crate::registry::Manifest;
 use crate::source::Rewind;
-use crate::store::{Footprint, Store, Write};
+use crate::store::{Footprint, Write};
 
 /// The command as given.
 #[derive(Debug, Clone)]
@@ -75,16 +75,14 @@ pub async fn run(config: &Config, request: &Request) -> anyhow::Result<String> {
     let manifest = Manifest::load(&manifest_path)
         .map_err(|err| anyhow::anyhow!("handler {:?}: {err}", request.handler))?;
     let group = manifest.group_for(&request.handler);
-    let db = config.runtime.data_dir.join("weir.redb");
-    let store = Store::open(&db).map_err(|err| {
+    let store = crate::runtime::open_store(config).await.map_err(|err| {
         anyhow::anyhow!(
-            "cannot open {} ({err}): a running weir holds it; stop it first, or ask it: \
+            "{err:#}: if a running weir holds it, stop it first, or ask it: \
              curl -X POST 'http://<[admin] listen>/handlers/{}/replay?from=earliest&reset_state=true'",
-            db.display(),
             request.handler
         )
     })?;
-    let footprint = store.footprint(&request.handler)?;
+    let footprint = store.footprint(&request.handler).await?;
     let mut out = String::new();
     let verb = if request.yes { "" } else { "would " };
     let _ = writeln!(

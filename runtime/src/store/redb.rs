@@ -1,5 +1,4 @@
-//! The runtime's one redb database: dedup marks, attempt counts, handler
-//! state and the outbox of emitted events.
+//! The embedded backend: one redb database file, one process.
 //!
 //! # Tables
 //!
@@ -16,57 +15,41 @@
 //!
 //! Writes go to one writer thread, which applies everything queued in a
 //! single write transaction with `Durability::Immediate` (one fsync for the
-//! whole batch) and only then answers each writer. Invariant: when
-//! [`Store::write`] returns `Ok`, the write is on disk; callers store offsets
-//! only after that, so a crash at any point either keeps the mark and the
-//! offset, or the message is redelivered and either found done (skipped) or
-//! handled again with its persisted attempt count.
+//! whole batch) and only then answers each writer ("Durable before
+//! answered" in `store/mod.rs`). Outcomes are validated and applied in
+//! order inside that transaction; the thread is the database's only
+//! writer, which makes validation atomic, and sequence numbers are handed
+//! out inside it, so they follow commit order.
 //!
 //! # Lookups
 //!
-//! [`Store::seen`] runs for every message, so it does not open a read
-//! transaction of its own: it reads the dedup and attempt tables of the
-//! snapshot the writer publishes after each commit. Invariant: the writer
-//! publishes the snapshot of a commit *before* it answers any write of
-//! that commit, so a lookup that starts after a write returned sees it —
-//! exactly what a fresh read transaction would see from this process,
-//! which is the database's only writer. (A lookup racing a commit may see
-//! the state before it; so could a fresh read transaction.) If taking a
-//! snapshot fails, none is published and lookups open their own read
-//! transaction until a later commit publishes one again.
-//!
-//! # One transaction per outcome
-//!
-//! A [`Write::Finished`] carries the handler's [`Effects`]: its state writes
-//! and emitted events. They are applied in the same transaction as the dedup
-//! mark, or not at all. Invariants:
-//!
-//! - **No effect twice.** An outcome whose event already has a live dedup
-//!   mark is rejected whole ([`Applied::Duplicate`]), so two deliveries of
-//!   one event (a redelivery after a crash, or the same id on two keys
-//!   running at once) apply their effects once.
-//! - **Serializable state.** Every state value carries the version of the
-//!   transaction that wrote it. An outcome records the versions it read (and
-//!   the result of every prefix listing); if any changed before its commit,
-//!   it is rejected whole ([`Applied::Conflict`]) and the caller runs the
-//!   handler again on the new state. Validation and apply happen inside the
-//!   single write transaction, so they are atomic.
-//! - **Outbox rows are effects.** They are inserted with the mark and
-//!   removed ([`Write::Published`]) only after the broker acknowledged them.
+//! [`RedbStore::seen`] does not open a read transaction of its own: it
+//! reads the dedup and attempt tables of the snapshot the writer publishes
+//! after each commit. Invariant: the writer publishes the snapshot of a
+//! commit *before* it answers any write of that commit, so a lookup that
+//! starts after a write returned sees it — exactly what a fresh read
+//! transaction would see from this process, which is the database's only
+//! writer. (A lookup racing a commit may see the state before it; so could
+//! a fresh read transaction.) If taking a snapshot fails, none is published
+//! and lookups open their own read transaction until a later commit
+//! publishes one again.
 
-use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, mpsc};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{
     Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
     ReadableTableMetadata, TableDefinition,
 };
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, watch};
 
+use super::record::committed_ms;
+use super::{
+    Applied, CommitStats, Effects, Footprint, OutboxRecord, OutboxRow, Request, Seen, StateEntry,
+    StoreError, Write, now_ms,
+};
 use crate::fault;
 
 const DEDUP: TableDefinition<(&str, &str), u64> = TableDefinition::new("dedup");
@@ -85,312 +68,6 @@ const META_OUTBOX_SEQ: &str = "outbox_seq";
 const MAX_BATCH: usize = 4096;
 /// Most expired marks removed per batch, so expiry never stalls a commit.
 const MAX_EXPIRED_PER_BATCH: usize = 1024;
-
-/// Errors from the store. They name the database file.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    /// The database could not be opened or created.
-    #[error("cannot open the database {path}: {message}")]
-    Open {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        message: String,
-    },
-    /// A read or write failed.
-    #[error("database {path}: {message}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What failed.
-        message: String,
-    },
-    /// The writer thread is gone (the runtime is shutting down).
-    #[error("the database writer has stopped")]
-    Closed,
-}
-
-/// One event a handler emitted, as stored in the outbox and published.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxRecord {
-    /// Destination topic.
-    pub topic: String,
-    /// Message key.
-    pub key: Option<Vec<u8>>,
-    /// Message value.
-    pub payload: Vec<u8>,
-    /// Headers, including the derived `event_id`.
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-/// Format tag of an encoded [`OutboxRecord`]: 2 adds the commit time after
-/// the tag; rows of format 1 (without it) are still read.
-const OUTBOX_FORMAT: u8 = 2;
-const OUTBOX_FORMAT_UNTIMED: u8 = 1;
-
-impl OutboxRecord {
-    /// The stored form: a format byte, the commit time (milliseconds since
-    /// the Unix epoch, u64 little-endian), then length-prefixed fields.
-    pub fn encode(&self, committed_ms: u64) -> Vec<u8> {
-        fn put(out: &mut Vec<u8>, bytes: &[u8]) {
-            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-            out.extend_from_slice(bytes);
-        }
-        let mut out = Vec::with_capacity(
-            32 + self.topic.len()
-                + self.payload.len()
-                + self.key.as_ref().map_or(0, Vec::len)
-                + self
-                    .headers
-                    .iter()
-                    .map(|(n, v)| 8 + n.len() + v.len())
-                    .sum::<usize>(),
-        );
-        out.push(OUTBOX_FORMAT);
-        out.extend_from_slice(&committed_ms.to_le_bytes());
-        put(&mut out, self.topic.as_bytes());
-        match &self.key {
-            Some(key) => {
-                out.push(1);
-                put(&mut out, key);
-            }
-            None => out.push(0),
-        }
-        put(&mut out, &self.payload);
-        out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
-        for (name, value) in &self.headers {
-            put(&mut out, name.as_bytes());
-            put(&mut out, value);
-        }
-        out
-    }
-
-    /// Parses the stored form.
-    ///
-    /// # Errors
-    ///
-    /// When the bytes are not a record this version wrote.
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        struct Reader<'a>(&'a [u8]);
-        impl<'a> Reader<'a> {
-            fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-                if self.0.len() < n {
-                    return Err("truncated outbox record".into());
-                }
-                let (head, rest) = self.0.split_at(n);
-                self.0 = rest;
-                Ok(head)
-            }
-            fn u32(&mut self) -> Result<u32, String> {
-                let b = self.take(4)?;
-                Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            }
-            fn bytes(&mut self) -> Result<Vec<u8>, String> {
-                let n = self.u32()? as usize;
-                Ok(self.take(n)?.to_vec())
-            }
-            fn string(&mut self) -> Result<String, String> {
-                String::from_utf8(self.bytes()?).map_err(|_| "outbox record: bad UTF-8".into())
-            }
-        }
-        let mut r = Reader(bytes);
-        match r.take(1)?[0] {
-            OUTBOX_FORMAT => {
-                r.take(8)?;
-            }
-            OUTBOX_FORMAT_UNTIMED => {}
-            format => return Err(format!("unknown outbox record format {format}")),
-        }
-        let topic = r.string()?;
-        let key = match r.take(1)?[0] {
-            0 => None,
-            _ => Some(r.bytes()?),
-        };
-        let payload = r.bytes()?;
-        let count = r.u32()?;
-        let mut headers = Vec::new();
-        for _ in 0..count {
-            headers.push((r.string()?, r.bytes()?));
-        }
-        if !r.0.is_empty() {
-            return Err("outbox record: trailing bytes".into());
-        }
-        Ok(Self {
-            topic,
-            key,
-            payload,
-            headers,
-        })
-    }
-}
-
-/// When the stored outbox record `bytes` was committed (milliseconds since
-/// the Unix epoch); `None` for rows written before commit times were kept.
-fn committed_ms(bytes: &[u8]) -> Option<u64> {
-    match bytes {
-        [OUTBOX_FORMAT, time @ ..] => Some(u64::from_le_bytes(time.get(..8)?.try_into().ok()?)),
-        _ => None,
-    }
-}
-
-/// A prefix listing a handler read, kept so that its result can be checked
-/// again at commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Scan {
-    /// Keys starting with this.
-    pub prefix: String,
-    /// Keys after this one, if given.
-    pub start_after: Option<String>,
-    /// How many committed entries were fetched at most.
-    pub fetched: usize,
-    /// What was found: each key with its version.
-    pub seen: Vec<(String, u64)>,
-}
-
-/// What one successful `handle` call wants to change, applied atomically with
-/// its dedup mark.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Effects {
-    /// Committed keys read, with the version seen (`None`: absent).
-    pub reads: BTreeMap<String, Option<u64>>,
-    /// Prefix listings read.
-    pub scans: Vec<Scan>,
-    /// State changes by key: a new value, or `None` to delete.
-    pub writes: BTreeMap<String, Option<Vec<u8>>>,
-    /// Events to publish, in emit order.
-    pub emits: Vec<OutboxRecord>,
-}
-
-impl Effects {
-    /// Nothing to write or publish (reads alone need no commit).
-    pub fn is_empty(&self) -> bool {
-        self.writes.is_empty() && self.emits.is_empty()
-    }
-}
-
-/// One change, applied durably by the writer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Write {
-    /// The event's outcome is final (handled or dead-lettered): mark it done
-    /// until `ttl` from now, forget its attempts, and apply `effects`.
-    Finished {
-        /// Handler name.
-        handler: String,
-        /// Event id.
-        id: String,
-        /// How long the mark is kept.
-        ttl: Duration,
-        /// Reject the outcome if the event is already marked done.
-        dedup: bool,
-        /// The handler's state writes and emitted events.
-        effects: Option<Arc<Effects>>,
-    },
-    /// The event failed `attempts` times so far and will be retried.
-    Attempted {
-        /// Handler name.
-        handler: String,
-        /// Event id.
-        id: String,
-        /// Failed attempts so far.
-        attempts: u32,
-    },
-    /// These outbox rows were acknowledged by the broker: remove them.
-    Published {
-        /// Their sequence numbers.
-        seqs: Vec<u64>,
-    },
-    /// Forget what `handler` has handled: its dedup marks and attempt
-    /// counts, and with `state` also its state and the outbox rows it
-    /// emitted and that wait to be published (a rebuild, `weir replay`).
-    Forget {
-        /// Handler name.
-        handler: String,
-        /// Also its state and pending outbox rows.
-        state: bool,
-    },
-}
-
-/// What the store holds for one handler (see [`Store::footprint`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Footprint {
-    /// Dedup marks (events whose outcome is final).
-    pub marks: u64,
-    /// Attempt counts of unfinished events.
-    pub attempts: u64,
-    /// State keys.
-    pub state_keys: u64,
-    /// Outbox rows it emitted, not yet published.
-    pub outbox_rows: u64,
-}
-
-/// What became of a write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    /// Applied and durable.
-    Done,
-    /// Not applied: the event was already marked done.
-    Duplicate,
-    /// Not applied: state the handler read has changed since; run it again.
-    Conflict,
-}
-
-/// What the store knows about one event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Seen {
-    /// Its outcome is final: a duplicate.
-    pub done: bool,
-    /// Failed attempts persisted so far.
-    pub attempts: u32,
-}
-
-/// One caller's writes: a single one, or several applied in order in the
-/// same transaction (all or none).
-enum Request {
-    One(Write, oneshot::Sender<Result<Applied, StoreError>>),
-    All(
-        Vec<Write>,
-        oneshot::Sender<Result<Vec<Applied>, StoreError>>,
-    ),
-}
-
-impl Request {
-    fn writes(&self) -> &[Write] {
-        match self {
-            Request::One(write, _) => std::slice::from_ref(write),
-            Request::All(writes, _) => writes,
-        }
-    }
-
-    /// Answers with this request's share of `outcome` (from `at` on);
-    /// returns how many writes it had.
-    fn answer(self, outcome: &Result<Vec<Applied>, StoreError>, at: usize) -> usize {
-        let n = self.writes().len();
-        let mine = outcome
-            .as_ref()
-            .map(|applied| applied[at..at + n].to_vec())
-            .map_err(Clone::clone);
-        match self {
-            Request::One(_, reply) => {
-                let _ = reply.send(mine.map(|a| a[0]));
-            }
-            Request::All(_, reply) => {
-                let _ = reply.send(mine);
-            }
-        }
-        n
-    }
-}
-
-/// Group-commit counters.
-#[derive(Debug, Default)]
-pub struct CommitStats {
-    /// Write transactions committed.
-    pub commits: AtomicU64,
-    /// Writes applied (over all transactions).
-    pub writes: AtomicU64,
-    /// Outcomes rejected because state they read had changed.
-    pub conflicts: AtomicU64,
-}
 
 /// The dedup and attempt tables as of one commit (see "Lookups" above).
 struct Snapshot {
@@ -426,7 +103,7 @@ type Latest = Arc<RwLock<Option<Arc<Snapshot>>>>;
 
 /// Handle to the database; cheap to clone.
 #[derive(Clone)]
-pub struct Store {
+pub struct RedbStore {
     db: Arc<Database>,
     path: Arc<PathBuf>,
     latest: Latest,
@@ -437,6 +114,8 @@ pub struct Store {
     metrics: Arc<std::sync::OnceLock<crate::metrics::Metrics>>,
     /// False once the writer thread has ended.
     writer_alive: Arc<std::sync::atomic::AtomicBool>,
+    /// The relay lease, never lost.
+    relay_lease: Arc<watch::Sender<bool>>,
 }
 
 /// Failures a test can inject into the writer thread.
@@ -448,7 +127,7 @@ struct Faults {
     stop_writer: std::sync::atomic::AtomicBool,
 }
 
-impl Store {
+impl RedbStore {
     /// Opens (or creates) the database at `path` and starts its writer
     /// thread.
     ///
@@ -458,7 +137,7 @@ impl Store {
     /// by another process.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let open_error = |message: String| StoreError::Open {
-            path: path.to_path_buf(),
+            database: path.display().to_string(),
             message,
         };
         if let Some(dir) = path.parent() {
@@ -520,6 +199,7 @@ impl Store {
             faults,
             metrics,
             writer_alive,
+            relay_lease: Arc::new(watch::Sender::new(false)),
         })
     }
 
@@ -582,9 +262,9 @@ impl Store {
     /// # Errors
     ///
     /// When the database cannot be read.
-    pub fn state_view(&self) -> Result<StateView, StoreError> {
+    pub fn state_view(&self) -> Result<RedbView, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.io(e))?;
-        Ok(StateView {
+        Ok(RedbView {
             txn,
             path: self.path.clone(),
         })
@@ -671,62 +351,37 @@ impl Store {
         self.outbox_ready.clone()
     }
 
-    /// Applies `write` durably, together with whatever else is queued.
-    /// Returns once it is on disk (or was rejected, see [`Applied`]).
-    ///
-    /// Cancel-safe in the sense that matters: if the future is dropped, the
-    /// write may or may not be applied, exactly as if the process had
-    /// crashed at that moment.
-    ///
-    /// # Errors
-    ///
-    /// When the transaction fails or the writer has stopped.
-    pub async fn write(&self, write: Write) -> Result<Applied, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.writer
-            .send(Request::One(write, reply))
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+    /// This process relays the outbox: it is the database's only user, so
+    /// the lease is never lost.
+    pub fn relay_lease(&self) -> watch::Receiver<bool> {
+        self.relay_lease.subscribe()
     }
 
-    /// Applies `writes` in order in one transaction, all or none, durably
-    /// (with whatever else is queued); one answer per write. Cancel-safe as
-    /// [`write`](Self::write) is.
-    ///
-    /// # Errors
-    ///
-    /// When the transaction fails (none of them is applied) or the writer
-    /// has stopped.
-    pub async fn write_all(&self, writes: Vec<Write>) -> Result<Vec<Applied>, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.writer
-            .send(Request::All(writes, reply))
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+    /// The database file.
+    pub fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// Queues `request` for the writer thread.
+    pub(super) fn send(&self, request: Request) -> Result<(), StoreError> {
+        self.writer.send(request).map_err(|_| StoreError::Closed)
     }
 }
 
 fn io_error(path: &Path, err: impl std::fmt::Display) -> StoreError {
     StoreError::Io {
-        path: path.to_path_buf(),
+        database: path.display().to_string(),
         message: err.to_string(),
     }
 }
 
-/// A read-only snapshot of handler state (see [`Store::state_view`]).
-pub struct StateView {
+/// A read-only snapshot of handler state (see [`RedbStore::state_view`]).
+pub struct RedbView {
     txn: ReadTransaction,
     path: Arc<PathBuf>,
 }
 
-/// An outbox row: its sequence number and its record (or why it cannot be
-/// decoded).
-pub type OutboxRow = (u64, Result<OutboxRecord, String>);
-
-/// A state entry: key, version, value.
-pub type StateEntry = (String, u64, Vec<u8>);
-
-impl StateView {
+impl RedbView {
     /// The value of `key` in `handler`'s namespace, with its version.
     ///
     /// # Errors
@@ -799,13 +454,6 @@ where
     Ok(entries)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// The writer thread's handles.
 struct WriterState {
     metrics: Arc<std::sync::OnceLock<crate::metrics::Metrics>>,
@@ -849,7 +497,7 @@ impl WriterState {
                 apply(&self.db, &writes)
             }
             .map_err(|message| StoreError::Io {
-                path: self.path.to_path_buf(),
+                database: self.path.display().to_string(),
                 message,
             });
             match &result {
@@ -1141,7 +789,23 @@ fn still_valid(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use tokio::sync::oneshot;
+
+    use super::super::record::{OUTBOX_FORMAT, OUTBOX_FORMAT_UNTIMED};
     use super::*;
+
+    type Store = RedbStore;
+
+    impl RedbStore {
+        async fn write(&self, write: Write) -> Result<Applied, StoreError> {
+            let (reply, answer) = oneshot::channel();
+            self.send(Request::One(write, reply))?;
+            answer.await.map_err(|_| StoreError::Closed)?
+        }
+    }
 
     fn finished(id: &str, ttl: Duration) -> Write {
         Write::Finished {
