@@ -64,7 +64,10 @@ async fn increment(store: &Store, key: &str, id: &str) -> Result<u64> {
         let view = store.state_view()?;
         let found = view.get("h", key).await?;
         let (version, n) = match &found {
-            Some((version, value)) => (Some(*version), String::from_utf8(value.clone())?.parse::<u64>()?),
+            Some((version, value)) => (
+                Some(*version),
+                String::from_utf8(value.clone())?.parse::<u64>()?,
+            ),
             None => (None, 0),
         };
         let mut effects = Effects::default();
@@ -107,7 +110,10 @@ async fn two_processes_incrementing_one_key_lose_no_update() -> Result<()> {
         "200 increments from two processes left {:?}",
         value(&a, "total").await?
     );
-    ensure!(conflicts > 0, "the two processes never raced; the test shows nothing");
+    ensure!(
+        conflicts > 0,
+        "the two processes never raced; the test shows nothing"
+    );
     eprintln!("200 increments, {conflicts} conflicts run again");
     Ok(())
 }
@@ -182,7 +188,11 @@ async fn a_listing_conflicts_with_a_key_another_process_adds() -> Result<()> {
     ensure!(a.write(finished("e4", odd)).await? == Applied::Done);
     let listed = b.state_view()?.scan("h", "a_b%/", None, 10).await?;
     ensure!(
-        listed.iter().map(|(k, _, _)| k.as_str()).collect::<Vec<_>>() == ["a_b%/1"],
+        listed
+            .iter()
+            .map(|(k, _, _)| k.as_str())
+            .collect::<Vec<_>>()
+            == ["a_b%/1"],
         "listed {listed:?}"
     );
     Ok(())
@@ -210,7 +220,10 @@ async fn the_relay_lease_is_held_by_one_process_and_taken_over() -> Result<()> {
         },
         || "no waiting advisory lock".into(),
     )?;
-    ensure!(!waiting.is_finished(), "both processes hold the relay lease");
+    ensure!(
+        !waiting.is_finished(),
+        "both processes hold the relay lease"
+    );
     // The holder dies (its connection goes): the other takes over.
     server.query(
         "SELECT pg_terminate_backend(pid) FROM pg_locks \
@@ -272,7 +285,12 @@ async fn outbox_rows_of_two_processes_follow_commit_order() -> Result<()> {
     for writer in writers {
         writer.await??;
     }
-    let all: Vec<u64> = a.outbox_batch(None, 1000).await?.iter().map(|(s, _)| *s).collect();
+    let all: Vec<u64> = a
+        .outbox_batch(None, 1000)
+        .await?
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
     ensure!(
         read == all,
         "a reader following the cursor saw {} rows, the outbox holds {}: a row committed after a read sorted before it",
@@ -295,14 +313,20 @@ async fn marks_expire_through_the_index_and_attempts_are_shared() -> Result<()> 
         effects: None,
     })
     .await?;
-    ensure!(!b.seen("h", "old").await?.done, "an expired mark counts as done");
+    ensure!(
+        !b.seen("h", "old").await?.done,
+        "an expired mark counts as done"
+    );
     a.write(Write::Attempted {
         handler: "h".into(),
         id: "tried".into(),
         attempts: 3,
     })
     .await?;
-    ensure!(b.seen("h", "tried").await?.attempts == 3, "attempts not shared");
+    ensure!(
+        b.seen("h", "tried").await?.attempts == 3,
+        "attempts not shared"
+    );
     // The writer sweeps due marks at most once a second, after a commit.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -325,7 +349,10 @@ async fn marks_expire_through_the_index_and_attempts_are_shared() -> Result<()> 
     let plan = server.query(
         "EXPLAIN SELECT ctid FROM weir.dedup WHERE expires_ms <= 0 ORDER BY expires_ms LIMIT 10",
     )?;
-    ensure!(plan.contains("dedup_expiry"), "expiry does not use the index: {plan}");
+    ensure!(
+        plan.contains("dedup_expiry"),
+        "expiry does not use the index: {plan}"
+    );
     Ok(())
 }
 

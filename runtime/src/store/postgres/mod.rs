@@ -6,9 +6,11 @@
 //!
 //! # Connections
 //!
-//! A pool (`deadpool-postgres`, `[store] pool_size`) serves lookups and
-//! state reads; the writer task takes one connection from it per batch; the
-//! relay lease holds one connection of its own. A broken connection is
+//! A pool (`deadpool-postgres`, `[store] pool_size`) serves the lookup task
+//! (`lookup.rs`: dedup lookups and state reads, gathered into one query per
+//! kind), the writer task (one connection per batch), prefix listings and
+//! the outbox relay's reads; the relay lease holds one connection of its
+//! own. A broken connection is
 //! dropped by the pool and replaced at the next use, so a PostgreSQL
 //! restart costs the calls in flight (they fail, and the pipeline holds and
 //! tries again: "Durable before answered" in `store/mod.rs`) and nothing
@@ -40,6 +42,7 @@
 //! as gone (`seen` and the commit compare expiry with the time).
 
 mod commit;
+mod lookup;
 mod schema;
 
 use std::str::FromStr;
@@ -50,7 +53,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::record::committed_ms;
@@ -111,8 +114,7 @@ impl PgSettings {
 
 /// The statements of one schema, with its name filled in.
 struct Sql {
-    seen: String,
-    get: String,
+    lookup: lookup::Statements,
     outbox_batch: String,
     outbox_len: String,
     outbox_first: String,
@@ -125,11 +127,7 @@ impl Sql {
     fn new(schema: &str) -> Self {
         let s = format!("\"{schema}\"");
         Self {
-            seen: format!(
-                "SELECT (SELECT expires_ms FROM {s}.dedup WHERE handler = $1 AND event_id = $2), \
-                 (SELECT attempts FROM {s}.attempts WHERE handler = $1 AND event_id = $2)"
-            ),
-            get: format!("SELECT version, value FROM {s}.state WHERE handler = $1 AND key = $2"),
+            lookup: lookup::Statements::new(&s),
             outbox_batch: format!(
                 "SELECT seq, record FROM {s}.outbox WHERE seq > $1 ORDER BY seq LIMIT $2"
             ),
@@ -183,6 +181,7 @@ struct Shared {
 pub struct PgStore {
     shared: Arc<Shared>,
     writer: mpsc::UnboundedSender<Request>,
+    lookups: mpsc::UnboundedSender<lookup::Lookup>,
 }
 
 /// A stable 64-bit advisory lock id for `parts` in `schema`.
@@ -273,7 +272,13 @@ impl PgStore {
         });
         let (writer, requests) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(shared.clone(), requests));
-        Ok(Self { shared, writer })
+        let (lookups, asks) = mpsc::unbounded_channel();
+        tokio::spawn(lookup::run(shared.clone(), asks));
+        Ok(Self {
+            shared,
+            writer,
+            lookups,
+        })
     }
 
     /// `postgres://host:port/database (schema s)`.
@@ -357,23 +362,29 @@ impl PgStore {
         self.shared.pool.get().await.map_err(|e| self.io(e))
     }
 
+    /// Asks the lookup task ("Group lookups" in `lookup.rs`).
+    async fn ask<T>(
+        &self,
+        lookup: impl FnOnce(oneshot::Sender<Result<T, String>>) -> lookup::Lookup,
+    ) -> Result<T, StoreError> {
+        let (answer, answered) = oneshot::channel();
+        self.lookups
+            .send(lookup(answer))
+            .map_err(|_| StoreError::Closed)?;
+        answered
+            .await
+            .map_err(|_| StoreError::Closed)?
+            .map_err(|e| self.io(e))
+    }
+
     /// The event's mark and attempts, as committed now.
     pub async fn seen(&self, handler: &str, id: &str) -> Result<Seen, StoreError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&self.shared.sql.seen)
-            .await
-            .map_err(|e| self.io(e))?;
-        let row = client
-            .query_one(&statement, &[&handler, &id])
-            .await
-            .map_err(|e| self.io(e))?;
-        let expires: Option<i64> = row.get(0);
-        let attempts: Option<i32> = row.get(1);
-        Ok(Seen {
-            done: expires.is_some_and(|at| at > now_ms() as i64),
-            attempts: attempts.map_or(0, |n| n.max(0) as u32),
+        self.ask(|answer| lookup::Lookup::Seen {
+            handler: handler.to_string(),
+            id: id.to_string(),
+            answer,
         })
+        .await
     }
 
     /// `key`'s committed value and version.
@@ -382,16 +393,12 @@ impl PgStore {
         handler: &str,
         key: &str,
     ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&self.shared.sql.get)
-            .await
-            .map_err(|e| self.io(e))?;
-        let row = client
-            .query_opt(&statement, &[&handler, &key])
-            .await
-            .map_err(|e| self.io(e))?;
-        Ok(row.map(|row| (row.get::<_, i64>(0) as u64, row.get(1))))
+        self.ask(|answer| lookup::Lookup::Get {
+            handler: handler.to_string(),
+            key: key.to_string(),
+            answer,
+        })
+        .await
     }
 
     /// Up to `count` committed entries under `prefix` after `start_after`,
