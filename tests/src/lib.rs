@@ -3,7 +3,8 @@
 //! client for each (kafka-python, nats-py), and the real `weir` binary,
 //! each on loopback with its own temporary directory. [`TestBroker`] puts
 //! the brokers behind one face, so that a delivery test is written once and
-//! runs against each.
+//! runs against each. [`PgServer`] is a private PostgreSQL server for the
+//! store that several processes share, with psql as its client.
 //!
 //! Nothing here sleeps and hopes: every wait polls for an observable effect
 //! until a deadline, and a timeout reports the last state seen and where the
@@ -12,7 +13,9 @@
 pub mod admin;
 mod broker;
 mod client;
+pub mod counting;
 mod nats;
+pub mod postgres;
 mod rabbitmq;
 mod redis;
 mod sqs;
@@ -24,6 +27,7 @@ pub use nats::{
     ConsumerState, NatsMessage, NatsServer, NatsTool, Stream, StreamSummary, nats_durable,
     stream_name,
 };
+pub use postgres::PgServer;
 pub use rabbitmq::{RabbitBroker, RabbitServer};
 pub use redis::{RedisBroker, RedisServer};
 pub use sqs::{MotoServer, SqsBroker};
@@ -250,6 +254,20 @@ pub struct Record {
 }
 
 impl Record {
+    /// A record with key `key`, payload `payload` and text headers, for the
+    /// client's partitioner to place.
+    pub fn keyed(key: &str, payload: &str, headers: &[(&str, &str)]) -> Self {
+        Self {
+            partition: None,
+            key: Some(key.as_bytes().to_vec()),
+            value: payload.as_bytes().to_vec(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+
     /// A request to a test handler that acts on a header: key and header
     /// `header` both `what`, payload `{}`, partition 0.
     pub fn request(header: &str, what: &str) -> Self {
@@ -534,13 +552,29 @@ impl Deployment {
     ///
     /// When the binary is missing or cannot start.
     pub fn start_another(&self, label: &str) -> Result<WeirProcess> {
+        self.start_member(label, label)
+    }
+
+    /// Starts `weir run` as member `member`, with the data directory of
+    /// [`start_another`](Self::start_another)`(member)` (so a member
+    /// restarted after a kill finds what it left there), logging to
+    /// `<log_label>.log`.
+    ///
+    /// # Errors
+    ///
+    /// When the binary is missing or cannot start.
+    pub fn start_member(&self, member: &str, log_label: &str) -> Result<WeirProcess> {
         let config = std::fs::read_to_string(self.dir.path().join("weir.toml"))?.replace(
             "data_dir = \"data\"",
-            &format!("data_dir = \"data-{label}\""),
+            &format!("data_dir = \"data-{member}\""),
         );
-        let path = self.dir.path().join(format!("weir-{label}.toml"));
+        let path = self.dir.path().join(format!("weir-{member}.toml"));
         std::fs::write(&path, config)?;
-        WeirProcess::spawn(&path, &self.dir.path().join(format!("{label}.log")), &[])
+        WeirProcess::spawn(
+            &path,
+            &self.dir.path().join(format!("{log_label}.log")),
+            &[],
+        )
     }
 
     /// Starts `weir run` on this deployment.

@@ -15,13 +15,17 @@
 //! (default 4); `WEIR_CRASH_SEED` repeats a run of the crash cases.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
 use serde_json::Value;
+use weir_tests::counting::{
+    INPUT, Input, OUTPUT, catch_up_and_read, counter_deployment, crash_cycles, finish_and_verify,
+    wait_for_work,
+};
 use weir_tests::{
-    BrokerKind, Deployment, NatsBroker, Position, Record, Rng, Stream, TestBroker, WeirProcess,
-    broker_test, field, nats_durable, poll_until, stop, stream_name, unhex,
+    BrokerKind, NatsBroker, Position, Record, Rng, Stream, TestBroker, WeirProcess, broker_test,
+    field, nats_durable, poll_until, stop, stream_name, unhex,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -102,15 +106,7 @@ conformance!(
 
 /// A record with key `key`, payload `payload` and text headers.
 fn record(key: &str, payload: &str, headers: &[(&str, &str)]) -> Record {
-    Record {
-        partition: None,
-        key: Some(key.as_bytes().to_vec()),
-        value: payload.as_bytes().to_vec(),
-        headers: headers
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-            .collect(),
-    }
+    Record::keyed(key, payload, headers)
 }
 
 /// One call of the `probe` handler, from its log record.
@@ -859,85 +855,7 @@ fn a_bad_component_is_reported_while_the_others_serve(broker: &dyn TestBroker) -
 // ---------------------------------------------------------------------------
 // Exactly-once effects, proven by crashing the process: the `counter`
 // handler counts per key in state and emits one event per input carrying the
-// new count; the input has duplicate event ids.
-
-const INPUT: &str = "events";
-const OUTPUT: &str = "counts";
-const KEYS: u64 = 8;
-const CRASH_WAIT: Duration = Duration::from_secs(120);
-
-fn crash_cycles() -> usize {
-    std::env::var("WEIR_CRASH_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
-}
-
-/// The input so far.
-#[derive(Default)]
-struct Input {
-    /// Event id → key.
-    events: BTreeMap<String, String>,
-    /// Every position acknowledged, duplicates included.
-    produced: Vec<Position>,
-}
-
-impl Input {
-    /// Produces `new` new events and `duplicates` copies of earlier ones
-    /// (same id, same key), shuffled.
-    fn produce(
-        &mut self,
-        broker: &dyn TestBroker,
-        rng: &mut Rng,
-        new: usize,
-        duplicates: usize,
-    ) -> Result<()> {
-        let event =
-            |id: &str, key: &str| record(key, &format!("{{\"id\":\"{id}\"}}"), &[("event_id", id)]);
-        let mut records = Vec::new();
-        for _ in 0..new {
-            let id = format!("ev-{}", self.events.len());
-            let key = format!("k{}", rng.below(KEYS));
-            records.push(event(&id, &key));
-            self.events.insert(id, key);
-        }
-        let known: Vec<(&String, &String)> = self.events.iter().collect();
-        for _ in 0..duplicates {
-            if let Some((id, key)) = known.get(rng.below(known.len() as u64) as usize) {
-                records.push(event(id, key));
-            }
-        }
-        for i in (1..records.len()).rev() {
-            records.swap(i, rng.below(i as u64 + 1) as usize);
-        }
-        self.produced.extend(broker.produce(INPUT, &records)?);
-        Ok(())
-    }
-
-    fn per_key(&self) -> BTreeMap<String, u64> {
-        let mut counts = BTreeMap::new();
-        for key in self.events.values() {
-            *counts.entry(key.clone()).or_insert(0) += 1;
-        }
-        counts
-    }
-}
-
-fn counted(weir: &WeirProcess) -> usize {
-    weir.guest_records("counter", "counted").len()
-}
-
-/// Waits until the process has handled something, up to `timeout`.
-fn wait_for_work(weir: &WeirProcess, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if counted(weir) > 0 {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
-}
+// new count; the input has duplicate event ids (see `weir_tests::counting`).
 
 /// Kills Weir with SIGKILL at random moments while it works through a
 /// stream with duplicates; a final run then catches up, and: every per-key
@@ -950,7 +868,7 @@ fn sigkill_in_a_loop_loses_no_state_and_emits_each_event_once(
     let deployment = counter_deployment(broker, "")?;
     let mut rng = Rng::from_env();
     let mut input = Input::default();
-    let cycles = crash_cycles();
+    let cycles = crash_cycles(4);
     let mut kills_mid_work = 0;
     for cycle in 0..cycles {
         input.produce(broker, &mut rng, 40, 10)?;
@@ -968,23 +886,6 @@ fn sigkill_in_a_loop_loses_no_state_and_emits_each_event_once(
         "only {kills_mid_work} of {cycles} kills landed while weir was working"
     );
     finish_and_verify(broker, &deployment, &input)
-}
-
-/// A counter deployment on `INPUT` that emits to `OUTPUT`, ready for kills.
-fn counter_deployment(broker: &dyn TestBroker, extra: &str) -> Result<Deployment> {
-    broker.create_topic(INPUT, 3)?;
-    broker.create_output_topic(OUTPUT)?;
-    let deployment = broker.deployment()?;
-    broker.prepare_for_kills(&deployment)?;
-    deployment.add_handler(
-        "counter",
-        "counter",
-        &format!(
-            "topics = [\"{INPUT}\"]\nmax_in_flight = 32\n{extra}\n[config]\noutput_topic = \"{OUTPUT}\"\nwork_ms = \"3\"\n{}",
-            broker.manifest_for_kills()
-        ),
-    )?;
-    Ok(deployment)
 }
 
 /// Weir aborts itself, like a power cut, at the moments a crash hurts
@@ -1139,140 +1040,6 @@ fn runs_committed_together_survive_aborts(broker: &dyn TestBroker) -> Result<()>
         "verified: {} records produced, {distinct} distinct events, {} echoes read",
         input.produced.len(),
         output.len()
-    );
-    Ok(())
-}
-
-/// A final run catches up: every produced record of `input` acknowledged
-/// by `group`, and an emitted event in `OUTPUT` for every distinct input
-/// event; returns what `OUTPUT` holds.
-fn catch_up_and_read(
-    broker: &dyn TestBroker,
-    deployment: &Deployment,
-    group: &str,
-    input: &Input,
-) -> Result<Vec<weir_tests::Stored>> {
-    let mut last = deployment.start("final")?;
-    poll_until(
-        CRASH_WAIT,
-        "everything produced to be acknowledged",
-        || {
-            Ok(broker
-                .caught_up(group, INPUT, &input.produced)?
-                .then_some(()))
-        },
-        || {
-            format!(
-                "{}; log: {}",
-                broker.progress(group, INPUT),
-                last.log.display()
-            )
-        },
-    )?;
-    // The outbox drains after the acknowledgements.
-    let distinct = input.events.len();
-    let output = poll_until(
-        CRASH_WAIT,
-        "an emitted event for every distinct input event",
-        || {
-            let stored = broker.read(OUTPUT)?;
-            let sources: BTreeSet<String> = stored
-                .iter()
-                .filter_map(|r| r.header("weir.source-event-id"))
-                .collect();
-            Ok((sources.len() >= distinct).then_some(stored))
-        },
-        || format!("log: {}", last.log.display()),
-    )?;
-    stop(&mut last)?;
-    Ok(output)
-}
-
-fn finish_and_verify(
-    broker: &dyn TestBroker,
-    deployment: &Deployment,
-    input: &Input,
-) -> Result<()> {
-    let distinct = input.events.len();
-    let output = catch_up_and_read(broker, deployment, "weir.counter", input)?;
-
-    // 1. State: every count equals the number of distinct events of its key.
-    let listing = deployment.weir(&["state", "list", "counter", "--prefix", "count/", "--json"])?;
-    let mut state: BTreeMap<String, u64> = BTreeMap::new();
-    for line in listing.lines() {
-        let entry: Value = serde_json::from_str(line).context("state list line")?;
-        let key = entry["key"].as_str().unwrap_or_default();
-        let value = entry["value"].as_str().unwrap_or_default();
-        state.insert(
-            key.trim_start_matches("count/").to_string(),
-            value.parse().with_context(|| format!("count {value:?}"))?,
-        );
-    }
-    let expected = input.per_key();
-    ensure!(
-        state == expected,
-        "per-key counts in state {state:?} differ from the distinct input events {expected:?}"
-    );
-
-    // 2. Output: every copy of one id identical; the sources are exactly the
-    //    inputs; per key the counts are 1..=n.
-    let mut by_id: BTreeMap<String, (String, u64, String)> = BTreeMap::new();
-    for r in &output {
-        let id = r
-            .header("event_id")
-            .context("emitted event without event_id")?;
-        let source = r
-            .header("weir.source-event-id")
-            .context("emitted event without weir.source-event-id")?;
-        let payload: Value = serde_json::from_slice(&r.value)?;
-        let key = payload["key"].as_str().unwrap_or_default().to_string();
-        let count = payload["count"].as_u64().context("count")?;
-        ensure!(
-            payload["source_id"].as_str() == Some(source.as_str()),
-            "payload and header disagree on the source: {payload}"
-        );
-        let this = (key, count, source);
-        match by_id.get(&id) {
-            Some(first) => ensure!(
-                *first == this,
-                "emitted event {id} published with different contents: {first:?} and {this:?}"
-            ),
-            None => {
-                by_id.insert(id, this);
-            }
-        }
-    }
-    let sources: BTreeSet<&String> = by_id.values().map(|(_, _, s)| s).collect();
-    let inputs: BTreeSet<&String> = input.events.keys().collect();
-    ensure!(
-        sources == inputs,
-        "emitted events' sources differ from the input: missing {:?}, unexpected {:?}",
-        inputs.difference(&sources).take(10).collect::<Vec<_>>(),
-        sources.difference(&inputs).take(10).collect::<Vec<_>>()
-    );
-    ensure!(
-        by_id.len() == distinct,
-        "{} distinct emitted ids for {distinct} distinct inputs",
-        by_id.len()
-    );
-    let mut counts: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for (key, count, _) in by_id.values() {
-        counts.entry(key.clone()).or_default().push(*count);
-    }
-    for (key, n) in &expected {
-        let mut seen = counts.remove(key).unwrap_or_default();
-        seen.sort_unstable();
-        let want: Vec<u64> = (1..=*n).collect();
-        ensure!(
-            seen == want,
-            "key {key}: emitted counts {seen:?}, expected 1..={n}"
-        );
-    }
-    eprintln!(
-        "verified: {} records produced, {distinct} distinct events, {} emitted records read ({} distinct)",
-        input.produced.len(),
-        output.len(),
-        by_id.len()
     );
     Ok(())
 }
