@@ -9,12 +9,20 @@
 //! numbers in commit order, expiry through the index, and a schema newer
 //! than the build refused.
 
+// The one-broker-test-at-a-time guard is held for a whole test (`Guard`).
+#![allow(clippy::await_holding_lock)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use std::sync::MutexGuard;
 use weir::store::{Applied, Effects, OutboxRecord, PgSettings, Scan, Store, Write};
 use weir_tests::postgres::PgServer;
+
+/// Held across awaits on purpose: it keeps broker tests one at a time, and
+/// each test has a runtime of its own, so nothing inside one waits for it.
+type Guard = MutexGuard<'static, ()>;
 
 fn settings(server: &PgServer, schema: &str) -> PgSettings {
     PgSettings {
@@ -25,16 +33,17 @@ fn settings(server: &PgServer, schema: &str) -> PgSettings {
     }
 }
 
-/// A server and two stores on it ("two processes"); `None` when broker
-/// tests are skipped.
-async fn two_stores(schema: &str) -> Result<Option<(PgServer, Store, Store)>> {
-    let Some(_guard) = weir_tests::broker_test() else {
+/// The one-broker-test-at-a-time guard, a server and two stores on it
+/// ("two processes"); `None` when broker tests are skipped. The test holds
+/// the guard for its whole body.
+async fn two_stores(schema: &str) -> Result<Option<(Guard, PgServer, Store, Store)>> {
+    let Some(guard) = weir_tests::broker_test() else {
         return Ok(None);
     };
     let server = PgServer::start()?;
     let a = Store::connect(&settings(&server, schema)).await?;
     let b = Store::connect(&settings(&server, schema)).await?;
-    Ok(Some((server, a, b)))
+    Ok(Some((guard, server, a, b)))
 }
 
 fn finished(id: &str, effects: Effects) -> Write {
@@ -93,7 +102,7 @@ async fn value(store: &Store, key: &str) -> Result<Option<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_processes_incrementing_one_key_lose_no_update() -> Result<()> {
-    let Some((_server, a, b)) = two_stores("weir").await? else {
+    let Some((_guard, _server, a, b)) = two_stores("weir").await? else {
         return Ok(());
     };
     let mut tasks = tokio::task::JoinSet::new();
@@ -120,7 +129,7 @@ async fn two_processes_incrementing_one_key_lose_no_update() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_event_committed_by_two_processes_at_once_applies_once() -> Result<()> {
-    let Some((_server, a, b)) = two_stores("weir").await? else {
+    let Some((_guard, _server, a, b)) = two_stores("weir").await? else {
         return Ok(());
     };
     for round in 0..20 {
@@ -155,7 +164,7 @@ async fn an_event_committed_by_two_processes_at_once_applies_once() -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_listing_conflicts_with_a_key_another_process_adds() -> Result<()> {
-    let Some((_server, a, b)) = two_stores("weir").await? else {
+    let Some((_guard, _server, a, b)) = two_stores("weir").await? else {
         return Ok(());
     };
     let mut first = Effects::default();
@@ -200,7 +209,7 @@ async fn a_listing_conflicts_with_a_key_another_process_adds() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_relay_lease_is_held_by_one_process_and_taken_over() -> Result<()> {
-    let Some((server, a, b)) = two_stores("weir").await? else {
+    let Some((_guard, server, a, b)) = two_stores("weir").await? else {
         return Ok(());
     };
     let lease_a = a.relay_lease().await?;
@@ -242,7 +251,7 @@ async fn the_relay_lease_is_held_by_one_process_and_taken_over() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn outbox_rows_of_two_processes_follow_commit_order() -> Result<()> {
-    let Some((_server, a, b)) = two_stores("weir").await? else {
+    let Some((_guard, _server, a, b)) = two_stores("weir").await? else {
         return Ok(());
     };
     // Rows read in sequence order must never let a row with a lower
@@ -302,7 +311,7 @@ async fn outbox_rows_of_two_processes_follow_commit_order() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn marks_expire_through_the_index_and_attempts_are_shared() -> Result<()> {
-    let Some((server, a, b)) = two_stores("weir").await? else {
+    let Some((_guard, server, a, b)) = two_stores("weir").await? else {
         return Ok(());
     };
     a.write(Write::Finished {
@@ -358,7 +367,7 @@ async fn marks_expire_through_the_index_and_attempts_are_shared() -> Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_schema_from_a_newer_weir_is_refused_and_schemas_are_apart() -> Result<()> {
-    let Some((server, a, _b)) = two_stores("weir").await? else {
+    let Some((_guard, server, a, _b)) = two_stores("weir").await? else {
         return Ok(());
     };
     let mut effects = Effects::default();
