@@ -71,6 +71,12 @@ enum Command {
     /// Ctrl-C/SIGTERM in-flight messages finish, what finished is
     /// acknowledged and the process exits 0; if the database's writer dies it
     /// exits 1 with the reason.
+    ///
+    /// Dedup marks, attempts, state and the outbox are kept in [runtime]
+    /// data_dir, for this process alone; with [store] url, in PostgreSQL, so
+    /// that several processes with the same configuration share the
+    /// consumer groups with exactly-once effects (README, "Running several
+    /// processes").
     Run {
         /// Configuration file.
         #[arg(long, short, default_value = "config/weir.toml", env = "WEIR_CONFIG")]
@@ -137,8 +143,9 @@ enum Command {
     /// Read a handler's state, and see how many emitted events wait in the
     /// outbox.
     ///
-    /// Reads the database in [runtime] data_dir. While `weir run` holds
-    /// it, asks that process's admin server ([admin] listen) instead.
+    /// Reads the store: PostgreSQL with [store] url, else the database in
+    /// [runtime] data_dir; while `weir run` holds that one, asks that
+    /// process's admin server ([admin] listen) instead.
     State {
         /// Configuration file naming the data directory.
         #[arg(
