@@ -444,6 +444,7 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
         println!("embedded broker: {bootstrap}");
     }
     let store = weir::runtime::open_store_waiting(&config).await?;
+    tracing::info!(store = %store.describe(), shared = store.shared(), "store open");
     let mut runtime = Runtime::start(handlers, &broker, &store, &config)?;
     if !failed.is_empty() {
         // Records the files that failed as rejected, so that readiness
