@@ -58,7 +58,7 @@ mod redb;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Notify, oneshot, watch};
@@ -271,6 +271,66 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Failures a test can inject into a writer (both backends).
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    /// Batches still to fail, as a failing disk or server would.
+    fail_batches: std::sync::atomic::AtomicU64,
+    /// The writer ends at its next batch, as if it had died.
+    stop_writer: std::sync::atomic::AtomicBool,
+}
+
+impl Faults {
+    pub(crate) fn fail_next(&self, batches: u64) {
+        self.fail_batches.store(batches, Ordering::SeqCst);
+    }
+
+    pub(crate) fn stop(&self) {
+        self.stop_writer.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the writer is to end now.
+    pub(crate) fn stopping(&self) -> bool {
+        self.stop_writer.load(Ordering::SeqCst)
+    }
+
+    /// Whether this batch is to fail (counting it).
+    pub(crate) fn fail_this(&self) -> bool {
+        self.fail_batches
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+impl CommitStats {
+    /// Counts a durable commit of `writes` whose outcomes were `applied`,
+    /// and records its size and time to `metrics`.
+    pub(crate) fn committed(
+        &self,
+        applied: &[Applied],
+        metrics: Option<&crate::metrics::Metrics>,
+        elapsed: Duration,
+    ) {
+        if let Some(metrics) = metrics {
+            metrics.commit(applied.len(), elapsed.as_secs_f64());
+        }
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.writes
+            .fetch_add(applied.len() as u64, Ordering::Relaxed);
+        let conflicts = applied.iter().filter(|a| **a == Applied::Conflict).count();
+        self.conflicts
+            .fetch_add(conflicts as u64, Ordering::Relaxed);
+    }
+}
+
+/// Answers every request of a batch with its share of `result`.
+pub(crate) fn answer_all(batch: Vec<Request>, result: &Result<Vec<Applied>, StoreError>) {
+    let mut at = 0;
+    for request in batch {
+        at += request.answer(result, at);
+    }
 }
 
 /// Handle to the store, whichever backend holds it; cheap to clone.

@@ -36,7 +36,7 @@
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock, mpsc};
 
 use redb::{
@@ -47,8 +47,8 @@ use tokio::sync::{Notify, watch};
 
 use super::record::committed_ms;
 use super::{
-    Applied, CommitStats, Effects, Footprint, OutboxRecord, OutboxRow, Request, Seen, StateEntry,
-    StoreError, Write, now_ms,
+    Applied, CommitStats, Effects, Faults, Footprint, OutboxRecord, OutboxRow, Request, Seen,
+    StateEntry, StoreError, Write, answer_all, now_ms,
 };
 use crate::fault;
 
@@ -116,15 +116,6 @@ pub struct RedbStore {
     writer_alive: Arc<std::sync::atomic::AtomicBool>,
     /// The relay lease, never lost.
     relay_lease: Arc<watch::Sender<bool>>,
-}
-
-/// Failures a test can inject into the writer thread.
-#[derive(Debug, Default)]
-struct Faults {
-    /// Batches still to fail, as a failing disk would.
-    fail_batches: AtomicU64,
-    /// The writer thread ends at its next batch, as if it had died.
-    stop_writer: std::sync::atomic::AtomicBool,
 }
 
 impl RedbStore {
@@ -219,14 +210,14 @@ impl RedbStore {
     /// error, as on a full or failing disk.
     #[doc(hidden)]
     pub fn fail_next_commits(&self, batches: u64) {
-        self.faults.fail_batches.store(batches, Ordering::SeqCst);
+        self.faults.fail_next(batches);
     }
 
     /// Test support: the writer thread ends at its next batch (its writers
     /// get [`StoreError::Closed`]), as if it had died.
     #[doc(hidden)]
     pub fn stop_writer(&self) {
-        self.faults.stop_writer.store(true, Ordering::SeqCst);
+        self.faults.stop();
     }
 
     /// How many transactions carried how many writes so far.
@@ -480,16 +471,12 @@ impl WriterState {
                     Err(_) => break,
                 }
             }
-            if self.faults.stop_writer.load(Ordering::SeqCst) {
+            if self.faults.stopping() {
                 tracing::error!("the database writer stops (injected)");
                 return;
             }
             let writes: Vec<&Write> = batch.iter().flat_map(Request::writes).collect();
-            let injected = self
-                .faults
-                .fail_batches
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
+            let injected = self.faults.fail_this();
             let started = std::time::Instant::now();
             let result = if injected {
                 Err("injected write failure".to_string())
@@ -509,21 +496,8 @@ impl WriterState {
                     // told, so no offset has been stored for it.
                     fault::point("after-commit");
                     self.publish_snapshot();
-                    if let Some(metrics) = self.metrics.get() {
-                        metrics.commit(writes.len(), started.elapsed().as_secs_f64());
-                    }
-                    self.stats.commits.fetch_add(1, Ordering::Relaxed);
                     self.stats
-                        .writes
-                        .fetch_add(writes.len() as u64, Ordering::Relaxed);
-                    let conflicts = outcome
-                        .applied
-                        .iter()
-                        .filter(|a| **a == Applied::Conflict)
-                        .count();
-                    self.stats
-                        .conflicts
-                        .fetch_add(conflicts as u64, Ordering::Relaxed);
+                        .committed(&outcome.applied, self.metrics.get(), started.elapsed());
                     if outcome.outbox_rows > 0 {
                         self.outbox_ready.notify_one();
                     }
@@ -531,11 +505,7 @@ impl WriterState {
                 }
             }
             drop(writes);
-            let result = result.map(|outcome| outcome.applied);
-            let mut at = 0;
-            for request in batch {
-                at += request.answer(&result, at);
-            }
+            answer_all(batch, &result.map(|outcome| outcome.applied));
         }
     }
 }

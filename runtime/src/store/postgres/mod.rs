@@ -46,7 +46,7 @@ mod lookup;
 mod schema;
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -58,8 +58,8 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::record::committed_ms;
 use super::{
-    Applied, CommitStats, Footprint, OutboxRecord, OutboxRow, RelayLease, Request, Seen,
-    StateEntry, StoreError, now_ms,
+    CommitStats, Faults, Footprint, OutboxRecord, OutboxRow, RelayLease, Request, Seen, StateEntry,
+    StoreError, answer_all, now_ms,
 };
 use crate::fault;
 
@@ -147,13 +147,6 @@ impl Sql {
             commit: commit::Statements::new(&s),
         }
     }
-}
-
-/// Test support: failures injected into the writer.
-#[derive(Debug, Default)]
-struct Faults {
-    fail_batches: AtomicU64,
-    stop_writer: AtomicBool,
 }
 
 /// What every handle shares.
@@ -340,7 +333,7 @@ impl PgStore {
 
     /// Test support: the writer ends at its next batch.
     pub fn stop_writer(&self) {
-        self.shared.faults.stop_writer.store(true, Ordering::SeqCst);
+        self.shared.faults.stop();
     }
 
     /// Group-commit counters of this process.
@@ -598,16 +591,12 @@ async fn write_loop(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<R
                 Err(_) => break,
             }
         }
-        if shared.faults.stop_writer.load(Ordering::SeqCst) {
+        if shared.faults.stopping() {
             tracing::error!("the database writer stops (injected)");
             break;
         }
         let writes: Vec<&super::Write> = batch.iter().flat_map(Request::writes).collect();
-        let injected = shared
-            .faults
-            .fail_batches
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
+        let injected = shared.faults.fail_this();
         let started = Instant::now();
         let result = if injected {
             Err("injected write failure".to_string())
@@ -630,34 +619,16 @@ async fn write_loop(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<R
                 // Fault point: the transaction is durable, nobody has been
                 // told, so no offset has been stored for it.
                 fault::point("after-commit");
-                if let Some(metrics) = shared.metrics.get() {
-                    metrics.commit(writes.len(), started.elapsed().as_secs_f64());
-                }
-                shared.stats.commits.fetch_add(1, Ordering::Relaxed);
                 shared
                     .stats
-                    .writes
-                    .fetch_add(writes.len() as u64, Ordering::Relaxed);
-                let conflicts = outcome
-                    .applied
-                    .iter()
-                    .filter(|a| **a == Applied::Conflict)
-                    .count();
-                shared
-                    .stats
-                    .conflicts
-                    .fetch_add(conflicts as u64, Ordering::Relaxed);
+                    .committed(&outcome.applied, shared.metrics.get(), started.elapsed());
                 if outcome.outbox_rows > 0 {
                     shared.outbox_ready.notify_one();
                 }
             }
         }
         drop(writes);
-        let result = result.map(|outcome| outcome.applied);
-        let mut at = 0;
-        for request in batch {
-            at += request.answer(&result, at);
-        }
+        answer_all(batch, &result.map(|outcome| outcome.applied));
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
             sweep(&shared).await;
