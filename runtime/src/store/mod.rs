@@ -114,6 +114,18 @@ pub struct Scan {
     pub seen: Vec<(String, u64)>,
 }
 
+impl Scan {
+    /// Whether a listing made again now (`now`) finds exactly what this
+    /// one saw: the same keys with the same versions.
+    pub(crate) fn lists(&self, now: &[StateEntry]) -> bool {
+        now.len() == self.seen.len()
+            && now
+                .iter()
+                .zip(&self.seen)
+                .all(|((k, v, _), (sk, sv))| k == sk && v == sv)
+    }
+}
+
 /// What one successful `handle` call wants to change, applied atomically with
 /// its dedup mark.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -745,12 +745,7 @@ fn still_valid(
             listing.start_after.as_deref(),
             listing.fetched,
         )?;
-        let unchanged = now.len() == listing.seen.len()
-            && now
-                .iter()
-                .zip(&listing.seen)
-                .all(|((k, v, _), (sk, sv))| k == sk && v == sv);
-        if !unchanged {
+        if !listing.lists(&now) {
             return Ok(false);
         }
     }

@@ -499,12 +499,7 @@ impl Txn<'_, '_> {
             )
             .await
             .map_err(err)?;
-            let unchanged = now.len() == listing.seen.len()
-                && now
-                    .iter()
-                    .zip(&listing.seen)
-                    .all(|((k, v, _), (sk, sv))| k == sk && v == sv);
-            if !unchanged {
+            if !listing.lists(&now) {
                 return Ok(false);
             }
         }
