@@ -32,6 +32,9 @@
 //! partition variants). RabbitMQ and SQS (against moto) are not in the
 //! default list, which CI runs smoke-sized; they run on request:
 //! `E2E_BROKERS=rabbitmq,sqs` (see `e2e/rabbitmq.rs` and `e2e/sqs.rs`).
+//! So does `E2E_BROKERS=store`: the stateful `counter` handler on Kafka with
+//! the default store (redb) and with the store in PostgreSQL shared by one
+//! to three processes (see `e2e/store.rs`; `E2E_STORE_MESSAGES`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -56,6 +59,8 @@ mod rabbitmq_bench;
 mod redis_bench;
 #[path = "e2e/sqs.rs"]
 mod sqs_bench;
+#[path = "e2e/store.rs"]
+mod store_bench;
 
 const KEYS: usize = 200;
 const PAYLOAD_BYTES: usize = 100;
@@ -931,8 +936,28 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
-fn check_built() -> Result<()> {
-    for component in ["noop", "noop-py", "noop-js"] {
+/// Checks that the no-op handlers the selected parts run are built (the
+/// store part checks its own).
+fn check_built(settings: &Settings) -> Result<()> {
+    let mut components = Vec::new();
+    for broker in &settings.brokers {
+        match broker.as_str() {
+            "store" => {}
+            "kafka" | "nats" => {
+                for language in &settings.languages {
+                    components.push(match language.as_str() {
+                        "python" => "noop-py",
+                        "js" => "noop-js",
+                        _ => "noop",
+                    });
+                }
+            }
+            _ => components.push("noop"),
+        }
+    }
+    components.sort_unstable();
+    components.dedup();
+    for component in components {
         let path = workspace().join(format!("target/test-handlers/{component}.wasm"));
         if !Path::new(&path).is_file() {
             bail!(
@@ -946,13 +971,14 @@ fn check_built() -> Result<()> {
 
 fn main() -> Result<()> {
     let settings = Settings::from_env()?;
-    check_built()?;
+    check_built(&settings)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
     let mut rows = Vec::new();
     let mut latencies = Vec::new();
+    let mut store_rows = Vec::new();
     for broker in &settings.brokers {
         match broker.as_str() {
             "kafka" => runtime.block_on(kafka_bench(&settings, &mut rows, &mut latencies))?,
@@ -960,28 +986,34 @@ fn main() -> Result<()> {
             "redis" => runtime.block_on(redis_bench::bench(&settings, &mut rows))?,
             "rabbitmq" => runtime.block_on(rabbitmq_bench::bench(&settings, &mut rows))?,
             "sqs" => runtime.block_on(sqs_bench::bench(&settings, &mut rows))?,
+            "store" => runtime.block_on(store_bench::bench(&settings, &mut store_rows))?,
             other => {
-                bail!("E2E_BROKERS: unknown broker {other:?} (kafka, nats, redis, rabbitmq, sqs)")
+                bail!(
+                    "E2E_BROKERS: unknown broker {other:?} (kafka, nats, redis, rabbitmq, sqs, store)"
+                )
             }
         }
     }
 
-    println!(
-        "\nend to end: {} messages of ~{PAYLOAD_BYTES} B, {KEYS} keys; {}",
-        settings.messages,
-        machine()
-    );
-    println!("| broker | consumer | msg/s | × raw | weir CPU µs/msg |\n|---|---|---|---|---|");
-    for row in &rows {
+    if !rows.is_empty() {
         println!(
-            "| {} | {} | {:.0} | {:.2} | {} |",
-            row.broker,
-            row.what,
-            row.rate,
-            row.rate / row.raw_rate,
-            row.cpu_us.map_or("–".into(), |c| format!("{c:.1}"))
+            "\nend to end: {} messages of ~{PAYLOAD_BYTES} B, {KEYS} keys; {}",
+            settings.messages,
+            machine()
         );
+        println!("| broker | consumer | msg/s | × raw | weir CPU µs/msg |\n|---|---|---|---|---|");
+        for row in &rows {
+            println!(
+                "| {} | {} | {:.0} | {:.2} | {} |",
+                row.broker,
+                row.what,
+                row.rate,
+                row.rate / row.raw_rate,
+                row.cpu_us.map_or("–".into(), |c| format!("{c:.1}"))
+            );
+        }
     }
+    store_bench::report(&store_rows);
     if !latencies.is_empty() {
         println!(
             "\nlatency at {LATENCY_RATE} msg/s for {} s\n| broker | measured | p50 ms | p99 ms | samples |\n|---|---|---|---|---|",
