@@ -6,7 +6,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
+use serde_json::Value;
 
 /// `GET path` on `127.0.0.1:port`: (status code, body).
 ///
@@ -64,4 +65,36 @@ pub fn scrape(port: u16) -> BTreeMap<String, f64> {
         Ok((200, text)) => samples(&text),
         _ => BTreeMap::new(),
     }
+}
+
+/// `GET /health/ready` on `port` until `done` accepts the answer (status
+/// code, JSON body), up to `timeout`: that answer. On timeout the error
+/// shows the last answer and points at `log`.
+///
+/// # Errors
+///
+/// On timeout, or when an answer is not JSON.
+pub fn ready_until(
+    port: u16,
+    what: &str,
+    timeout: Duration,
+    log: &std::path::Path,
+    done: impl Fn(u16, &Value) -> bool,
+) -> Result<Value> {
+    crate::poll_until(
+        timeout,
+        what,
+        || {
+            let Ok((code, body)) = get(port, "/health/ready") else {
+                return Ok(None);
+            };
+            let body: Value = serde_json::from_str(&body).context("ready JSON")?;
+            Ok(done(code, &body).then_some(body))
+        },
+        || {
+            let last = get(port, "/health/ready")
+                .map_or_else(|e| format!("{e:#}"), |(c, b)| format!("{c} {b}"));
+            format!("last answer: {last}; log: {}", log.display())
+        },
+    )
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
 use serde_json::Value;
-use weir_tests::admin::{get, samples};
+use weir_tests::admin::{get, ready_until, samples};
 use weir_tests::{BrokerKind, Record, TestBroker, broker_test, free_port, poll_until, stop};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -420,31 +420,6 @@ fn an_empty_handlers_directory_waits_for_a_deployment() -> Result<()> {
     Ok(())
 }
 
-/// `GET /health/ready` until `done` accepts the answer: the last answer.
-fn ready_until(
-    port: u16,
-    what: &str,
-    log: &std::path::Path,
-    done: impl Fn(u16, &Value) -> bool,
-) -> Result<Value> {
-    poll_until(
-        WAIT,
-        what,
-        || {
-            let Ok((code, body)) = get(port, "/health/ready") else {
-                return Ok(None);
-            };
-            let body: Value = serde_json::from_str(&body).context("ready JSON")?;
-            Ok(done(code, &body).then_some(body))
-        },
-        || {
-            let last = get(port, "/health/ready")
-                .map_or_else(|e| format!("{e:#}"), |(c, b)| format!("{c} {b}"));
-            format!("last answer: {last}; log: {}", log.display())
-        },
-    )
-}
-
 /// Whether `ready` names a problem of `check` whose reason contains `text`.
 fn names(ready: &Value, check: &str, text: &str) -> bool {
     ready["not_ready"].as_array().is_some_and(|problems| {
@@ -477,7 +452,7 @@ fn ready_says_when_the_outbox_is_blocked_or_the_consumer_is_gone() -> Result<()>
     )?;
     let mut weir = deployment.start("ready")?;
     let log = weir.log.clone();
-    ready_until(port, "ready at first", &log, |code, _| code == 200)?;
+    ready_until(port, "ready at first", WAIT, &log, |code, _| code == 200)?;
 
     let records: Vec<Record> = (0..3)
         .map(|i| record("k", &format!("ev-{i}"), None))
@@ -486,15 +461,20 @@ fn ready_says_when_the_outbox_is_blocked_or_the_consumer_is_gone() -> Result<()>
     let blocked = ready_until(
         port,
         "not ready: the outbox is blocked on counts",
+        WAIT,
         &log,
         |code, body| code == 503 && names(body, "outbox", "counts"),
     )?;
     ensure!(blocked["ready"] == false, "{blocked}");
     // Room in the stream: the relay publishes the rest and ready returns.
     nats.nats.delete_stream("COUNTS")?;
-    ready_until(port, "ready once counts takes messages", &log, |code, _| {
-        code == 200
-    })?;
+    ready_until(
+        port,
+        "ready once counts takes messages",
+        WAIT,
+        &log,
+        |code, _| code == 200,
+    )?;
     poll_until(
         WAIT,
         "the emitted events after the stream was replaced",
@@ -507,13 +487,18 @@ fn ready_says_when_the_outbox_is_blocked_or_the_consumer_is_gone() -> Result<()>
     ready_until(
         port,
         "not ready: the consumer lost its server",
+        WAIT,
         &log,
         |code, body| code == 503 && names(body, "consumer", ""),
     )?;
     nats.server.restart()?;
-    ready_until(port, "ready once the server is back", &log, |code, _| {
-        code == 200
-    })?;
+    ready_until(
+        port,
+        "ready once the server is back",
+        WAIT,
+        &log,
+        |code, _| code == 200,
+    )?;
     stop(&mut weir)?;
     Ok(())
 }

@@ -17,8 +17,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, ensure};
-use serde_json::Value;
-use weir_tests::admin::get;
+use weir_tests::admin::{get, ready_until};
 use weir_tests::counting::{
     COUNTER_GROUP, CRASH_WAIT, INPUT, Input, counted, counter_deployment_working, crash_cycles,
     finish_and_verify,
@@ -280,32 +279,6 @@ fn ensure_state_in_postgres(pg: &PgServer, schema: &str, keys: usize) -> Result<
     Ok(())
 }
 
-/// `GET /health/ready` until `done` accepts (status, body): the body.
-fn ready_until(
-    port: u16,
-    what: &str,
-    timeout: Duration,
-    weir: &WeirProcess,
-    done: impl Fn(u16, &Value) -> bool,
-) -> Result<Value> {
-    poll_until(
-        timeout,
-        what,
-        || {
-            let Ok((code, body)) = get(port, "/health/ready") else {
-                return Ok(None);
-            };
-            let body: Value = serde_json::from_str(&body).context("ready JSON")?;
-            Ok(done(code, &body).then_some(body))
-        },
-        || {
-            let last = get(port, "/health/ready")
-                .map_or_else(|e| format!("{e:#}"), |(c, b)| format!("{c} {b}"));
-            format!("last answer: {last}; log: {}", weir.log.display())
-        },
-    )
-}
-
 /// Longer than librdkafka's auto-commit interval (1 s): offsets that have
 /// not moved for this long are no longer being committed.
 const SETTLE: Duration = Duration::from_millis(1500);
@@ -343,7 +316,7 @@ fn postgres_restarted_mid_stream_holds_then_continues() -> Result<()> {
         || Ok((counted(&weir) >= 40).then_some(())),
         || format!("{} so far; log: {}", counted(&weir), weir.log.display()),
     )?;
-    ready_until(port, "ready while handling", WAIT, &weir, |code, _| {
+    ready_until(port, "ready while handling", WAIT, &weir.log, |code, _| {
         code == 200
     })?;
     pg.crash()?;
@@ -354,7 +327,7 @@ fn postgres_restarted_mid_stream_holds_then_continues() -> Result<()> {
         port,
         "not ready while PostgreSQL is down",
         Duration::from_secs(30),
-        &weir,
+        &weir.log,
         |code, body| code == 503 && body["ready"] == false,
     )?;
     eprintln!("while PostgreSQL is down: {not_ready}");
@@ -407,7 +380,7 @@ fn postgres_restarted_mid_stream_holds_then_continues() -> Result<()> {
         port,
         "ready once PostgreSQL is back",
         WAIT,
-        &weir,
+        &weir.log,
         |code, _| code == 200,
     )?;
     input.produce(broker, &mut rng, 60, 15)?;
