@@ -264,6 +264,17 @@ fn kafka_producer(bootstrap: &str) -> Result<FutureProducer> {
 
 /// Produces `count` messages and returns each partition's end offset.
 async fn kafka_produce(bootstrap: &str, topic: &str, count: usize) -> Result<BTreeMap<i32, i64>> {
+    kafka_produce_keyed(bootstrap, topic, count, key).await
+}
+
+/// Produces `count` messages, message `i` with key `key(i)`, and returns
+/// each partition's end offset.
+async fn kafka_produce_keyed(
+    bootstrap: &str,
+    topic: &str,
+    count: usize,
+    key: fn(usize) -> String,
+) -> Result<BTreeMap<i32, i64>> {
     let producer = kafka_producer(bootstrap)?;
     let mut ends = BTreeMap::new();
     let started = Instant::now();

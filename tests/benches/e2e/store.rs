@@ -35,14 +35,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
-use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use weir_tests::counting::state_counts;
 use weir_tests::{Broker, Deployment, PgServer, WeirProcess, admin};
 
 use super::{
     FETCH_WAIT_MS, PAYLOAD_BYTES, Settings, create_topics, deploy, kafka_committed, kafka_config,
-    kafka_producer, machine, offsets_reader, payload, stop, until,
+    machine, offsets_reader, stop, until,
 };
 
 /// Keys the input spreads over.
@@ -90,39 +89,6 @@ fn expected_counts(count: usize) -> BTreeMap<String, u64> {
         *counts.entry(key(i)).or_insert(0) += 1;
     }
     counts
-}
-
-/// Produces `count` messages over [`KEYS`] keys; each partition's end
-/// offset.
-async fn produce(bootstrap: &str, topic: &str, count: usize) -> Result<BTreeMap<i32, i64>> {
-    let producer = kafka_producer(bootstrap)?;
-    let mut ends = BTreeMap::new();
-    let started = Instant::now();
-    for chunk in (0..count).collect::<Vec<_>>().chunks(2000) {
-        let mut pending = Vec::with_capacity(chunk.len());
-        for &i in chunk {
-            let key = key(i);
-            let value = payload(i, 0);
-            pending.push(
-                producer
-                    .send_result(FutureRecord::to(topic).key(&key).payload(&value))
-                    .map_err(|(err, _)| anyhow!("produce: {err}"))?,
-            );
-        }
-        for delivery in pending {
-            let delivered = delivery
-                .await
-                .map_err(|_| anyhow!("producer dropped a delivery"))?
-                .map_err(|(err, _)| anyhow!("produce: {err}"))?;
-            let end = ends.entry(delivered.partition).or_insert(0);
-            *end = (*end).max(delivered.offset + 1);
-        }
-    }
-    eprintln!(
-        "produced {count} messages to {topic} in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(ends)
 }
 
 /// Reads partition 0 of `topic` from its start on a thread, counting the
@@ -261,7 +227,7 @@ async fn run(
     let output = format!("{topic}.out");
     let group = format!("bench-{topic}");
     create_topics(bootstrap, &[(&topic, PARTITIONS), (&output, 1)]).await?;
-    let ends = produce(bootstrap, &topic, n).await?;
+    let ends = super::kafka_produce_keyed(bootstrap, &topic, n, key).await?;
     let held: i64 = ends.values().sum();
     ensure!(
         held == n as i64,
