@@ -14,12 +14,20 @@ Subcommands print one JSON document on stdout:
                key goes in the "ce-partitionkey" attribute (and is the
                MessageGroupId on a FIFO queue, whose deduplication id is
                random), each header in an attribute of its own (String when
-               UTF-8, else Binary)  -> [{"queue_url", "message_id"}, ...]
-  read       --endpoint E --name Q
+               UTF-8, else Binary); a progress line on stderr per batch
+               -> [{"queue_url", "message_id"}, ...]
+  read       --endpoint E --name Q [--visibility-timeout SECONDS]
                every message the queue holds, WITHOUT consuming it: receives
-               with a 10 s visibility timeout until nothing more comes, then
-               makes every message it saw visible again; [] if the queue does
-               not exist. Weir's packing is undone: "weir.headers" (a JSON
+               until it has seen as many messages as the queue said it held
+               when the read began, or until two answers in a row bring
+               nothing new; then makes every message it saw visible again;
+               [] if the queue does not exist. Each received message stays
+               invisible for the visibility timeout (default 900 s, SQS's
+               longest is 12 h), far longer than any read takes, so a slow
+               server never shows the first messages again before the read
+               ends; a message seen twice all the same (a shorter timeout)
+               is not new and cannot keep the read going. Writes a progress
+               line on stderr per answer. Weir's packing is undone: "weir.headers" (a JSON
                array of [name, value] pairs, a value being a string or
                {"base64": ...}) becomes headers after the attributes, and a
                body with "weir.body-encoding" = "base64" is decoded.
@@ -126,6 +134,7 @@ def produce(args):
         ids = {ok["Id"]: ok["MessageId"] for ok in answer["Successful"]}
         for index in range(len(entries)):
             out.append({"queue_url": url, "message_id": ids[str(index)]})
+        print(f"sent {len(out)} of {len(records)}", file=sys.stderr, flush=True)
     return out
 
 
@@ -154,26 +163,31 @@ def read(args):
     url = queue_url(sqs, args.name)
     if url is None:
         return []
+    # Nothing else consumes the queues this reads (Weir only sends to
+    # them), so the visible count at the start is what the read must see.
+    held = int(sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"],
+    )["Attributes"].get("ApproximateNumberOfMessages", "0"))
     seen = {}
     order = []
     receipts = []
-    empty = 0
+    idle = 0
     try:
-        while empty < 2:
+        while len(order) < held and idle < 2:
             answer = sqs.receive_message(
-                QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=10,
-                WaitTimeSeconds=0, AttributeNames=["All"],
-                MessageSystemAttributeNames=["All"], MessageAttributeNames=["All"])
-            messages = answer.get("Messages", [])
-            if not messages:
-                empty += 1
-                continue
-            empty = 0
-            for message in messages:
+                QueueUrl=url, MaxNumberOfMessages=10,
+                VisibilityTimeout=args.visibility_timeout, WaitTimeSeconds=0,
+                AttributeNames=["All"], MessageSystemAttributeNames=["All"],
+                MessageAttributeNames=["All"])
+            new = 0
+            for message in answer.get("Messages", []):
                 receipts.append(message["ReceiptHandle"])
                 if message["MessageId"] not in seen:
                     order.append(message["MessageId"])
+                    new += 1
                 seen[message["MessageId"]] = message
+            idle = 0 if new else idle + 1
+            print(f"read {len(order)} of {held}", file=sys.stderr, flush=True)
     finally:
         for start in range(0, len(receipts), 10):
             sqs.change_message_visibility_batch(QueueUrl=url, Entries=[
@@ -241,6 +255,8 @@ def main():
         command = commands.add_parser(name)
         command.add_argument("--endpoint", required=True)
         command.add_argument("--name", required=True)
+        if name == "read":
+            command.add_argument("--visibility-timeout", type=int, default=900)
     args = parser.parse_args()
     run = {"create-queue": create_queue, "produce": produce, "read": read,
            "counts": counts}[args.command]

@@ -1,6 +1,7 @@
 //! Amazon SQS for the conformance suite: a private moto server (its server
-//! mode, `moto_server`, from the test venv) and an independent client
-//! (boto3 through `tests/clients/sqs_tool.py`).
+//! mode, started by `tests/clients/sqs_server.py` with the test venv's
+//! Python) and an independent client (boto3 through
+//! `tests/clients/sqs_tool.py`).
 //!
 //! | | SQS (moto, boto3) |
 //! |---|---|
@@ -20,7 +21,10 @@
 //! client refuses to send them), and it answers a FIFO duplicate with a
 //! fresh message id. A receive with visibility timeout 0 leaves a message
 //! visible, so `read` makes messages invisible for a while and then visible
-//! again.
+//! again. Stock moto takes about 2 s per receive from a queue of 2,000
+//! messages (it scans the queue some thirty times, reading an expensive
+//! clock twice per message each time); the launcher brings that to one
+//! scan with a cheap clock, without changing an answer.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -33,7 +37,9 @@ use serde_json::Value;
 
 use crate::broker::{BrokerKind, Position, Stored, TestBroker};
 use crate::client::{ClientScript, test_python};
-use crate::{Deployment, Record, free_port, hex, poll_until, require, scratch_dir, unhex};
+use crate::{
+    Deployment, Record, free_port, hex, poll_until, require, scratch_dir, unhex, workspace,
+};
 
 /// The queue Weir uses for `topic`: every `.` before a trailing `.fifo`
 /// becomes `-` (`events.dlq` → `events-dlq`, `e.dlq.fifo` → `e-dlq.fifo`).
@@ -44,7 +50,7 @@ pub fn queue_name(topic: &str) -> String {
     }
 }
 
-/// A `moto_server` on a free loopback port. Killed on drop.
+/// moto's SQS-API server on a free loopback port. Killed on drop.
 pub struct MotoServer {
     child: Option<Child>,
     /// `http://127.0.0.1:<port>`.
@@ -56,33 +62,32 @@ pub struct MotoServer {
 }
 
 impl MotoServer {
-    /// Starts `moto_server` (beside the test venv's Python) and waits until
-    /// it answers HTTP.
+    /// Starts moto's server (`tests/clients/sqs_server.py`: moto's
+    /// `moto_server` with a cheaper clock and retention check) with the
+    /// test venv's Python and waits until it answers HTTP.
     ///
     /// # Errors
     ///
     /// When moto is not installed or does not become ready in time.
     pub fn start() -> Result<Self> {
         let python = test_python()?;
-        let binary = require(
-            python
-                .parent()
-                .map(|dir| dir.join("moto_server"))
-                .unwrap_or_else(|| PathBuf::from("moto_server")),
-            "moto_server (beside the test venv's python)",
-            "install it into the test venv with `pip install 'moto[server]'` (see .ci/install-test-tools), or set WEIR_SKIP_BROKER_TESTS=1",
+        let script = require(
+            workspace().join("tests/clients/sqs_server.py"),
+            "the SQS-API server launcher",
+            "it belongs to the repository",
         )?;
         let dir = scratch_dir("weir-sqs-")?;
         let port = free_port()?;
         let log = dir.path().join("moto.log");
         let out = std::fs::File::create(&log)?;
-        let child = Command::new(&binary)
+        let child = Command::new(&python)
+            .arg(&script)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
+            .with_context(|| format!("cannot start {}", script.display()))?;
         let mut server = MotoServer {
             child: Some(child),
             endpoint: format!("http://127.0.0.1:{port}"),
@@ -92,13 +97,13 @@ impl MotoServer {
         let log = server.log.clone();
         poll_until(
             Duration::from_secs(30),
-            "moto_server to answer HTTP",
+            "the SQS-API server to answer HTTP",
             || {
                 if let Some(child) = server.child.as_mut()
                     && let Some(status) = child.try_wait()?
                 {
                     bail!(
-                        "moto_server exited with {status} before answering; see {}",
+                        "the SQS-API server exited with {status} before answering; see {}",
                         log.display()
                     );
                 }
