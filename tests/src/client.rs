@@ -1,19 +1,29 @@
 //! The independent test clients (`tests/clients/*.py`) run as subprocesses
 //! of the test venv's Python: one JSON document out per call, killed when
 //! it hangs.
+//!
+//! A client's deadline is set by its progress, not by the clock: a client
+//! that writes a progress line on stderr (each batch it reads or sends) may
+//! run as long as it keeps writing them, and is killed only after
+//! [`CLIENT_STALL`] without a new byte. A slow or busy machine makes a
+//! long read longer, never a failure.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::{poll_until, require, workspace};
+use crate::{poll_progress, require, workspace};
 
-/// How long one client command may take.
-pub(crate) const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a client may go without writing anything before it is taken
+/// for hung: longer than any one request of a client to a server that
+/// still answers, on a loaded machine.
+pub(crate) const CLIENT_STALL: Duration = Duration::from_secs(90);
 
 /// The Python that runs the clients: `$WEIR_TEST_PYTHON`, else
 /// `target/test-venv/bin/python` (made by `.ci/install-test-tools`, with
@@ -67,7 +77,8 @@ impl ClientScript {
     }
 
     /// Runs `command` with `args`, feeding `stdin`; a client that hangs (a
-    /// server that stopped answering) is killed after [`CLIENT_TIMEOUT`].
+    /// server that stopped answering) is killed after [`CLIENT_STALL`]
+    /// without progress.
     /// Returns the JSON it printed.
     pub(crate) fn call(
         &self,
@@ -110,11 +121,21 @@ fn run_json(
         let text = stdin.unwrap_or_default();
         std::thread::spawn(move || pipe.write_all(text.as_bytes()))
     });
+    // Every byte the client writes, on either stream, is progress.
+    let written = Arc::new(AtomicUsize::new(0));
     let read = |stream: Option<Box<dyn Read + Send>>| {
+        let written = Arc::clone(&written);
         std::thread::spawn(move || {
             let mut bytes = Vec::new();
             if let Some(mut stream) = stream {
-                let _ = stream.read_to_end(&mut bytes);
+                let mut chunk = [0u8; 8192];
+                while let Ok(n) = stream.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    bytes.extend_from_slice(&chunk[..n]);
+                    written.fetch_add(n, Ordering::Relaxed);
+                }
             }
             bytes
         })
@@ -131,10 +152,11 @@ fn run_json(
             .take()
             .map(|s| Box::new(s) as Box<dyn Read + Send>),
     );
-    let waited = poll_until(
-        CLIENT_TIMEOUT,
+    let waited = poll_progress(
+        CLIENT_STALL,
         "the client to finish",
         || Ok(child.try_wait()?),
+        || written.load(Ordering::Relaxed),
         || format!("still running against {}", connect[1]),
     );
     let status = match waited {
@@ -142,7 +164,11 @@ fn run_json(
         Err(err) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(err);
+            let stderr = stderr.join().unwrap_or_default();
+            return Err(err.context(format!(
+                "it wrote on stderr: {}",
+                tail(&String::from_utf8_lossy(&stderr))
+            )));
         }
     };
     if let Some(input) = input {
@@ -154,7 +180,7 @@ fn run_json(
     if !status.success() {
         bail!(
             "the client failed ({status}): {}",
-            String::from_utf8_lossy(&stderr)
+            tail(&String::from_utf8_lossy(&stderr))
         );
     }
     serde_json::from_slice(&stdout).with_context(|| {
@@ -163,4 +189,18 @@ fn run_json(
             String::from_utf8_lossy(&stdout)
         )
     })
+}
+
+/// The last lines of what a client wrote on stderr: its error, after the
+/// progress lines that led to it.
+fn tail(text: &str) -> String {
+    const LINES: usize = 30;
+    let lines: Vec<&str> = text.lines().collect();
+    let skipped = lines.len().saturating_sub(LINES);
+    let shown = lines[skipped..].join("\n");
+    if skipped == 0 {
+        shown
+    } else {
+        format!("[{skipped} earlier lines]\n{shown}")
+    }
 }

@@ -7,13 +7,16 @@
 //! events of its key and that the output holds every emitted event once
 //! (copies identical), per key with exactly the counts `1..=n`.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
-use crate::{Deployment, Position, Record, Rng, Stored, TestBroker, WeirProcess, poll_until, stop};
+use crate::{
+    Deployment, Position, Record, Rng, Stored, TestBroker, WeirProcess, poll_progress, stop,
+};
 
 /// The topic the counter consumes.
 pub const INPUT: &str = "events";
@@ -23,7 +26,9 @@ pub const OUTPUT: &str = "counts";
 pub const COUNTER_GROUP: &str = "weir.counter";
 /// How many keys the input spreads over.
 pub const KEYS: u64 = 8;
-/// How long a final run may take to catch up.
+/// How long a final run may go without progress (calls handled, the
+/// broker's view of the group moving, emitted events appearing) before it
+/// is taken for stuck. It may take as long as it keeps moving.
 pub const CRASH_WAIT: Duration = Duration::from_secs(120);
 
 /// The number of kill/restart cycles: `WEIR_CRASH_CYCLES`, else `default`.
@@ -158,7 +163,7 @@ pub fn catch_up_and_read(
     input: &Input,
 ) -> Result<Vec<Stored>> {
     let mut last = deployment.start("final")?;
-    poll_until(
+    poll_progress(
         CRASH_WAIT,
         "everything produced to be acknowledged",
         || {
@@ -166,6 +171,7 @@ pub fn catch_up_and_read(
                 .caught_up(group, INPUT, &input.produced)?
                 .then_some(()))
         },
+        || (counted(&last), broker.progress(group, INPUT)),
         || {
             format!(
                 "{}; log: {}",
@@ -176,7 +182,8 @@ pub fn catch_up_and_read(
     )?;
     // The outbox drains after the acknowledgements.
     let distinct = input.events.len();
-    let output = poll_until(
+    let emitted = Cell::new(0);
+    let output = poll_progress(
         CRASH_WAIT,
         "an emitted event for every distinct input event",
         || {
@@ -185,9 +192,17 @@ pub fn catch_up_and_read(
                 .iter()
                 .filter_map(|r| r.header("weir.source-event-id"))
                 .collect();
+            emitted.set(sources.len());
             Ok((sources.len() >= distinct).then_some(stored))
         },
-        || format!("log: {}", last.log.display()),
+        || emitted.get(),
+        || {
+            format!(
+                "{} of {distinct} emitted; log: {}",
+                emitted.get(),
+                last.log.display()
+            )
+        },
     )?;
     stop(&mut last)?;
     Ok(output)

@@ -112,17 +112,85 @@ pub fn poll_until<T>(
             return Ok(value);
         }
         if Instant::now() > deadline {
-            let hint = if std::env::var_os("WEIR_KEEP_TEST_DIRS").is_some() {
-                ""
-            } else {
-                " (logs are removed with the test's directory: rerun with WEIR_KEEP_TEST_DIRS=1 to keep them)"
-            };
             bail!(
-                "timed out after {timeout:?} waiting for {what}; last state: {}{hint}",
-                describe()
+                "timed out after {timeout:?} waiting for {what}; last state: {}{}",
+                describe(),
+                keep_dirs_hint()
             );
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The longest a [`poll_progress`] wait may take even while its work keeps
+/// moving: far more than any test needs on a loaded machine, so that a
+/// wait that can never end fails instead of holding CI.
+pub const PROGRESS_CEILING: Duration = Duration::from_secs(20 * 60);
+
+/// Polls `probe` every 50 ms until it returns `Some`, for as long as the
+/// work it waits on moves: fails only after `stall` during which
+/// `progress()` (records read so far, messages handled, bytes written…)
+/// did not change, with `describe()` of the last state. `progress` is
+/// asked at most once a second (it may ask a broker). A slow or busy
+/// machine makes the wait longer, not a failure; work that stopped fails
+/// as soon as with a fixed deadline of `stall`; work that moves without
+/// ever arriving (a retry loop) fails after [`PROGRESS_CEILING`].
+///
+/// # Errors
+///
+/// When nothing moved for `stall`, or when `probe` itself fails.
+pub fn poll_progress<T, P: PartialEq>(
+    stall: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Result<Option<T>>,
+    mut progress: impl FnMut() -> P,
+    describe: impl Fn() -> String,
+) -> Result<T> {
+    const SAMPLE: Duration = Duration::from_secs(1);
+    let ceiling = PROGRESS_CEILING.max(stall);
+    let started = Instant::now();
+    let mut last = progress();
+    let mut moved = Instant::now();
+    let mut sampled = Instant::now();
+    loop {
+        if let Some(value) = probe()? {
+            return Ok(value);
+        }
+        if sampled.elapsed() < SAMPLE {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        sampled = Instant::now();
+        if started.elapsed() > ceiling {
+            bail!(
+                "still not done after {:?}, although the work kept moving, waiting for {what}; last state: {}{}",
+                started.elapsed(),
+                describe(),
+                keep_dirs_hint()
+            );
+        }
+        let now = progress();
+        if now != last {
+            last = now;
+            moved = Instant::now();
+        } else if moved.elapsed() > stall {
+            bail!(
+                "no progress for {stall:?} (after {:?} in all) waiting for {what}; last state: {}{}",
+                started.elapsed(),
+                describe(),
+                keep_dirs_hint()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How to keep a failed test's logs, unless they are kept already.
+fn keep_dirs_hint() -> &'static str {
+    if std::env::var_os("WEIR_KEEP_TEST_DIRS").is_some() {
+        ""
+    } else {
+        " (logs are removed with the test's directory: rerun with WEIR_KEEP_TEST_DIRS=1 to keep them)"
     }
 }
 

@@ -14,6 +14,7 @@
 //! `WEIR_CRASH_CYCLES` sets the kill/restart cycles of the SIGKILL case
 //! (default 4); `WEIR_CRASH_SEED` repeats a run of the crash cases.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -24,10 +25,12 @@ use weir_tests::counting::{
     wait_for_work,
 };
 use weir_tests::{
-    BrokerKind, NatsBroker, Position, Record, Rng, Stream, TestBroker, WeirProcess, broker_test,
-    field, nats_durable, poll_until, stop, stream_name, unhex,
+    BrokerKind, NatsBroker, Position, Record, Rng, SqsBroker, Stream, TestBroker, WeirProcess,
+    broker_test, field, nats_durable, poll_progress, poll_until, stop, stream_name, unhex,
 };
 
+/// How long a wait on weir's work may go without progress (its calls,
+/// the broker's view of the group, the records read) before it fails.
 const WAIT: Duration = Duration::from_secs(90);
 
 /// Runs `case` against a fresh broker of `kind`, one test at a time.
@@ -156,10 +159,11 @@ fn oks(weir: &WeirProcess) -> Vec<Call> {
 }
 
 fn wait_oks(weir: &WeirProcess, count: usize) -> Result<()> {
-    poll_until(
+    poll_progress(
         WAIT,
         &format!("{count} successful calls"),
         || Ok((oks(weir).len() >= count).then_some(())),
+        || calls(weir).len(),
         || format!("{} so far; log: {}", oks(weir).len(), weir.log.display()),
     )
 }
@@ -172,10 +176,11 @@ fn wait_caught_up(
     produced: &[Position],
     weir: &WeirProcess,
 ) -> Result<()> {
-    poll_until(
+    poll_progress(
         WAIT,
         &format!("{group} to acknowledge everything produced to {topic}"),
         || Ok(broker.caught_up(group, topic, produced)?.then_some(())),
+        || (calls(weir).len(), broker.progress(group, topic)),
         || {
             format!(
                 "{}; log: {}",
@@ -193,14 +198,17 @@ fn wait_read(
     count: usize,
     weir: &WeirProcess,
 ) -> Result<Vec<weir_tests::Stored>> {
-    poll_until(
+    let read = Cell::new(0);
+    poll_progress(
         WAIT,
         &format!("{count} records on {topic}"),
         || {
             let stored = broker.read(topic)?;
+            read.set(stored.len());
             Ok((stored.len() >= count).then_some(stored))
         },
-        || format!("log: {}", weir.log.display()),
+        || (read.get(), calls(weir).len()),
+        || format!("{} read; log: {}", read.get(), weir.log.display()),
     )
 }
 
@@ -1225,7 +1233,7 @@ fn nats_server_down_mid_run_loses_and_repeats_nothing() -> Result<()> {
     // acknowledgements cannot reach it.
     let at_stop = oks(&weir).len();
     poll_until(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "a call to finish while the server is down",
         || Ok((oks(&weir).len() > at_stop).then_some(())),
         || format!("log: {}", weir.log.display()),
@@ -1263,4 +1271,63 @@ fn nats_server_down_mid_run_loses_and_repeats_nothing() -> Result<()> {
     stop(&mut weir)?;
     eprintln!("{at_stop} of 60 handled when the server stopped, {during} when it came back");
     ensure_each_once(&handled_counts([&weir]), &expected)
+}
+
+// ---------------------------------------------------------------------------
+// The SQS harness itself, without weir.
+
+/// How many messages the SQS read test queues: enough that reading them
+/// all takes longer than the 10 s visibility timeout the read once used
+/// (which then never ended: the first messages came back before the last
+/// were seen).
+const SQS_READ_MESSAGES: usize = 8_000;
+
+#[test]
+fn sqs_harness_reads_a_queue_longer_than_a_visibility_timeout_once_each() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let sqs = SqsBroker::start()?;
+    let broker: &dyn TestBroker = &sqs;
+    broker.create_topic("big", 1)?;
+    let records: Vec<Record> = (0..SQS_READ_MESSAGES)
+        .map(|i| record(&format!("k{}", i % 7), &format!("m-{i}"), &[]))
+        .collect();
+    let produced = broker.produce("big", &records)?;
+    ensure!(
+        produced.len() == SQS_READ_MESSAGES,
+        "{} acknowledged",
+        produced.len()
+    );
+
+    let started = std::time::Instant::now();
+    let stored = broker.read("big")?;
+    eprintln!(
+        "read {} messages in {:.1} s",
+        stored.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let payloads: Vec<String> = stored
+        .iter()
+        .map(|s| String::from_utf8_lossy(&s.value).into_owned())
+        .collect();
+    let distinct: BTreeSet<&String> = payloads.iter().collect();
+    ensure!(
+        payloads.len() == SQS_READ_MESSAGES && distinct.len() == SQS_READ_MESSAGES,
+        "read {} messages, {} distinct, of {SQS_READ_MESSAGES}",
+        payloads.len(),
+        distinct.len()
+    );
+    let positions: BTreeSet<&Position> = stored.iter().map(|s| &s.position).collect();
+    ensure!(
+        positions == produced.iter().collect(),
+        "the messages read are not the messages sent"
+    );
+    // Read, not consumed: every message is visible again, none in flight.
+    let counts = sqs.counts("big")?.context("the queue is gone")?;
+    ensure!(
+        (counts.visible, counts.not_visible) == (SQS_READ_MESSAGES as u64, 0),
+        "after the read: {counts:?}"
+    );
+    Ok(())
 }
