@@ -22,8 +22,10 @@ use crate::{poll_progress, require, workspace};
 
 /// How long a client may go without writing anything before it is taken
 /// for hung: longer than any one request of a client to a server that
-/// still answers, on a loaded machine.
-pub(crate) const CLIENT_STALL: Duration = Duration::from_secs(90);
+/// still answers, on a loaded machine (and as long as a whole command
+/// could take before progress counted, so no command that passed then
+/// fails now).
+pub(crate) const CLIENT_STALL: Duration = Duration::from_secs(120);
 
 /// The Python that runs the clients: `$WEIR_TEST_PYTHON`, else
 /// `target/test-venv/bin/python` (made by `.ci/install-test-tools`, with
