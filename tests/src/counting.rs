@@ -192,7 +192,7 @@ pub fn catch_up_and_read(
                 .iter()
                 .filter_map(|r| r.header("weir.source-event-id"))
                 .collect();
-            emitted.set(sources.len());
+            emitted.set(emitted.get().max(sources.len()));
             Ok((sources.len() >= distinct).then_some(stored))
         },
         || emitted.get(),

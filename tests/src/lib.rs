@@ -130,7 +130,9 @@ pub const PROGRESS_CEILING: Duration = Duration::from_secs(20 * 60);
 /// Polls `probe` every 50 ms until it returns `Some`, for as long as the
 /// work it waits on moves: fails only after `stall` during which
 /// `progress()` (records read so far, messages handled, bytes written…)
-/// did not change, with `describe()` of the last state. `progress` is
+/// did not change, with `describe()` of the last state. Give it measures
+/// that only grow (the most records seen, not the last read's count), so
+/// that a flickering read is not taken for progress. `progress` is
 /// asked at most once a second (it may ask a broker). A slow or busy
 /// machine makes the wait longer, not a failure; work that stopped fails
 /// as soon as with a fixed deadline of `stall`; work that moves without

@@ -204,7 +204,7 @@ fn wait_read(
         &format!("{count} records on {topic}"),
         || {
             let stored = broker.read(topic)?;
-            read.set(stored.len());
+            read.set(read.get().max(stored.len()));
             Ok((stored.len() >= count).then_some(stored))
         },
         || (read.get(), calls(weir).len()),
