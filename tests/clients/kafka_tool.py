@@ -11,11 +11,20 @@ Subcommands print one JSON document on stdout:
                 "headers": [[name, value_hex], ...]})  -> [[partition, offset], ...]
   committed    --bootstrap B --group G --topic T -> {"<partition>": offset or null}
   consume      --bootstrap B --topic T --max N --timeout-ms MS -> [record, ...]
+               every record from the beginning, at most N: the read ends once
+               every partition has answered a fetch and has been read to the
+               end the broker reported in its answers (its high watermark),
+               or, after every partition has answered, when nothing new came
+               for MS (a broker whose reported end is off). A slow broker
+               makes the read longer, never short: the quiet gap counts only
+               from the first answer of the last partition to answer. A
+               progress line on stderr per answer that brought records.
 """
 
 import argparse
 import json
 import sys
+import time
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
@@ -84,23 +93,47 @@ def committed(args):
 
 def consume(args):
     consumer = KafkaConsumer(bootstrap_servers=args.bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest", consumer_timeout_ms=args.timeout_ms)
-    parts = partitions_of(consumer, args.topic)
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    records = []
-    for message in consumer:
-        records.append({
-            "partition": message.partition,
-            "offset": message.offset,
-            "key_hex": None if message.key is None else message.key.hex(),
-            "value_hex": (message.value or b"").hex(),
-            "headers": [[name, (value or b"").hex()] for name, value in message.headers],
-        })
-        if len(records) >= args.max:
-            break
-    consumer.close()
-    return records
+                             auto_offset_reset="earliest")
+    try:
+        parts = partitions_of(consumer, args.topic)
+        if not parts:
+            return []
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        records = []
+        quiet_since = None
+        while len(records) < args.max:
+            batches = consumer.poll(timeout_ms=200, max_records=args.max - len(records))
+            got = 0
+            for tp in sorted(batches, key=lambda tp: tp.partition):
+                for message in batches[tp]:
+                    records.append({
+                        "partition": message.partition,
+                        "offset": message.offset,
+                        "key_hex": None if message.key is None else message.key.hex(),
+                        "value_hex": (message.value or b"").hex(),
+                        "headers": [[name, (value or b"").hex()]
+                                    for name, value in message.headers],
+                    })
+                    got += 1
+            if got:
+                print(f"consume {args.topic}: {len(records)} records", file=sys.stderr,
+                      flush=True)
+            # highwater() is known once the partition has answered a fetch.
+            ends = {tp: consumer.highwater(tp) for tp in parts}
+            if any(end is None for end in ends.values()):
+                continue
+            if all(consumer.position(tp) >= end for tp, end in ends.items()):
+                break
+            if got:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= args.timeout_ms / 1000:
+                break
+        return records[:args.max]
+    finally:
+        consumer.close()
 
 
 def main():

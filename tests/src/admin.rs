@@ -9,13 +9,15 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use serde_json::Value;
 
-/// `GET path` on `127.0.0.1:port`: (status code, body).
+/// `GET path` on `127.0.0.1:port`: (status code, body). The answer may
+/// take up to 30 s, which a loaded machine's slowest scrape stays far
+/// below.
 ///
 /// # Errors
 ///
 /// When nothing answers, or the answer is not HTTP.
 pub fn get(port: u16, path: &str) -> Result<(u16, String)> {
-    request("GET", port, path, Duration::from_secs(10))
+    request("GET", port, path, Duration::from_secs(30))
 }
 
 /// `POST path` (no body) on `127.0.0.1:port`, waiting up to `timeout` for

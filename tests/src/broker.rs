@@ -274,6 +274,14 @@ pub trait TestBroker {
     /// messages.
     fn progress(&self, group: &str, topic: &str) -> String;
 
+    /// The part of [`TestBroker::progress`] that changes only when
+    /// `group`'s consumption of `topic` moves (positions delivered or
+    /// acknowledged, messages pending), never while it idles: the measure
+    /// for waits that fail on no progress ([`crate::poll_progress`]).
+    fn progress_mark(&self, group: &str, topic: &str) -> String {
+        self.progress(group, topic)
+    }
+
     /// Adjusts `deployment` for tests that SIGKILL Weir, so that a
     /// restarted process gets the work back quickly (Kafka: a short session
     /// timeout, so the killed member leaves the group soon).
@@ -503,7 +511,7 @@ impl TestBroker for NatsBroker {
 
     fn read(&self, topic: &str) -> Result<Vec<Stored>> {
         self.nats
-            .read(Stream::Capturing(topic), READ_MAX, Duration::from_secs(60))?
+            .read(Stream::Capturing(topic), READ_MAX, Duration::from_secs(30))?
             .iter()
             .map(|m| {
                 let headers = headers(m)?;
@@ -561,6 +569,23 @@ impl TestBroker for NatsBroker {
                 self.nats.streams().ok()
             ),
             Err(err) => format!("cannot read durable consumer {durable}: {err:#}"),
+        }
+    }
+
+    /// Without `num_waiting`: Weir's pull requests expire and are renewed
+    /// while it idles.
+    fn progress_mark(&self, group: &str, topic: &str) -> String {
+        let durable = nats_durable(group, topic, 1);
+        match self.nats.consumer(Stream::Capturing(topic), &durable) {
+            Ok(Some(c)) => format!(
+                "acknowledged to {}, delivered to {}, {} pending, {} unacknowledged, {} redelivered",
+                c.ack_floor_stream_seq,
+                c.delivered_stream_seq,
+                c.num_pending,
+                c.num_ack_pending,
+                c.num_redelivered
+            ),
+            _ => self.progress(group, topic),
         }
     }
 

@@ -171,7 +171,7 @@ pub fn catch_up_and_read(
                 .caught_up(group, INPUT, &input.produced)?
                 .then_some(()))
         },
-        || (counted(&last), broker.progress(group, INPUT)),
+        || (counted(&last), broker.progress_mark(group, INPUT)),
         || {
             format!(
                 "{}; log: {}",

@@ -122,6 +122,80 @@ pub fn poll_until<T>(
     }
 }
 
+/// How long a one-shot command a test runs (`weir check`, `weir dlq …`, a
+/// headless browser, promtool) may take before it is killed: far above
+/// what any of them needs on a loaded machine, so that a command that hangs
+/// fails its test instead of holding the whole run.
+pub const COMMAND_WAIT: Duration = Duration::from_secs(300);
+
+/// Runs `command` to its end like [`Command::output`], but kills it and
+/// fails, with what it printed on stderr, when it is still running after
+/// `limit`.
+///
+/// # Errors
+///
+/// When it cannot be started, or runs for longer than `limit`.
+pub fn output_within(command: &mut Command, limit: Duration) -> Result<std::process::Output> {
+    use std::io::Read;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {:?}", command.get_program()))?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = stderr.join().unwrap_or_default();
+            bail!(
+                "{:?} {:?} was still running after {limit:?} and was killed; stderr: {}",
+                command.get_program(),
+                command.get_args().collect::<Vec<_>>(),
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
+/// How long a server or client a test starts may take to become ready
+/// (accept connections, answer a query, create a topic): sized for a 2-core
+/// machine busy with other work. It costs nothing when the server is
+/// quicker; it only bounds how long a server that never comes up holds the
+/// test.
+pub const START_WAIT: Duration = Duration::from_secs(60);
+
 /// The longest a [`poll_progress`] wait may take even while its work keeps
 /// moving: far more than any test needs on a loaded machine, so that a
 /// wait that can never end fails instead of holding CI.
@@ -259,7 +333,7 @@ impl Broker {
         };
         let log = broker.log.clone();
         poll_until(
-            Duration::from_secs(20),
+            START_WAIT,
             "the broker to accept connections",
             || {
                 if let Some(status) = broker.child.try_wait()? {
@@ -394,12 +468,12 @@ impl KafkaTool {
     ///
     /// # Errors
     ///
-    /// When the topic cannot be created within 20 s.
+    /// When the topic cannot be created within [`START_WAIT`].
     pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
         let partitions = partitions.to_string();
         let mut last = String::new();
         poll_until(
-            Duration::from_secs(20),
+            START_WAIT,
             "topic creation",
             || match self.call(
                 &[
@@ -454,12 +528,15 @@ impl KafkaTool {
         parse_partition_map(out)
     }
 
-    /// Reads up to `max` records of `topic` from the beginning.
+    /// Reads up to `max` records of `topic` from the beginning, to the end
+    /// every partition reported when it answered (or, where that end is
+    /// off, until `quiet` passes without a record once every partition has
+    /// answered): a slow broker makes the read longer, not short.
     ///
     /// # Errors
     ///
     /// When the broker cannot be read.
-    pub fn consume(&self, topic: &str, max: usize, timeout: Duration) -> Result<Vec<Value>> {
+    pub fn consume(&self, topic: &str, max: usize, quiet: Duration) -> Result<Vec<Value>> {
         let out = self.call(
             &[
                 "consume",
@@ -468,7 +545,7 @@ impl KafkaTool {
                 "--max",
                 &max.to_string(),
                 "--timeout-ms",
-                &timeout.as_millis().to_string(),
+                &quiet.as_millis().to_string(),
             ],
             None,
         )?;
@@ -707,13 +784,13 @@ impl Deployment {
     ///
     /// When it cannot run or exits with a failure (its stderr is included).
     pub fn weir(&self, args: &[&str]) -> Result<String> {
-        let output = Command::new(weir_binary()?)
-            .args(args)
-            .arg("--config")
-            .arg(self.dir.path().join("weir.toml"))
-            .stdin(Stdio::null())
-            .output()
-            .context("cannot run weir")?;
+        let output = output_within(
+            Command::new(weir_binary()?)
+                .args(args)
+                .arg("--config")
+                .arg(self.dir.path().join("weir.toml")),
+            COMMAND_WAIT,
+        )?;
         ensure!(
             output.status.success(),
             "weir {} exited with {}: {}",

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::client::ClientScript;
-use crate::{free_port, hex, poll_until, require, scratch_dir};
+use crate::{START_WAIT, free_port, hex, poll_until, require, scratch_dir};
 
 /// The stream Weir uses for `subject`: the subject with every character
 /// outside `[A-Za-z0-9_-]` replaced by `_` (`orders.dlq` → `orders_dlq`).
@@ -117,7 +117,7 @@ impl NatsServer {
                 .status()?;
             anyhow::ensure!(status.success(), "kill -TERM nats-server failed");
             let exited = poll_until(
-                Duration::from_secs(10),
+                Duration::from_secs(30),
                 "nats-server to exit after SIGTERM",
                 || Ok(child.try_wait()?),
                 String::new,
@@ -180,7 +180,7 @@ impl NatsServer {
         let port = self.port;
         let monitor = self.monitor_port;
         poll_until(
-            Duration::from_secs(20),
+            START_WAIT,
             "nats-server to accept connections",
             || {
                 if let Some(child) = self.child.as_mut()
@@ -433,19 +433,21 @@ impl NatsTool {
         serde_json::from_value(out).context("unexpected publish result")
     }
 
-    /// Every message of `stream` in sequence order, at most `max`
-    /// (`[]` when no stream captures the subject). Each is an object with
-    /// `stream`, `subject`, `seq`, `value_hex`, `headers` (`[name,
-    /// value_hex]` pairs, as [`crate::header`] reads them) and `time`.
+    /// Every message of `stream` in sequence order up to the last one it
+    /// held when the read began, at most `max` (`[]` when no stream
+    /// captures the subject). Each is an object with `stream`, `subject`,
+    /// `seq`, `value_hex`, `headers` (`[name, value_hex]` pairs, as
+    /// [`crate::header`] reads them) and `time`.
     ///
     /// # Errors
     ///
-    /// When the server cannot be read within `timeout`.
-    pub fn read(&self, stream: Stream<'_>, max: usize, timeout: Duration) -> Result<Vec<Value>> {
+    /// When the server leaves one request unanswered for `stall`: the
+    /// read as a whole may take as long as the stream needs.
+    pub fn read(&self, stream: Stream<'_>, max: usize, stall: Duration) -> Result<Vec<Value>> {
         let max = max.to_string();
-        let timeout = timeout.as_millis().to_string();
+        let stall = stall.as_millis().to_string();
         let mut args = stream.args().to_vec();
-        args.extend(["--max", &max, "--timeout-ms", &timeout]);
+        args.extend(["--max", &max, "--timeout-ms", &stall]);
         let out = self.client.call("read", &args, None)?;
         serde_json::from_value(out).context("unexpected read result")
     }
@@ -465,7 +467,8 @@ impl NatsTool {
 
     /// Acts as a consumer: fetches up to `count` messages of `stream`
     /// through durable pull consumer `durable` (created if missing) and
-    /// acknowledges them; returns their stream sequences.
+    /// acknowledges them; returns their stream sequences. Fewer than
+    /// `count` only when the consumer has nothing more pending.
     ///
     /// # Errors
     ///

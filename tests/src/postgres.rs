@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
-use crate::{Deployment, free_port, poll_until, require, scratch_dir};
+use crate::{Deployment, START_WAIT, free_port, poll_until, require, scratch_dir};
 
 /// What to do when the PostgreSQL programs are missing.
 const HOW: &str = "install Debian's postgresql package (`bash .ci/install-test-tools` does, \
@@ -130,7 +130,7 @@ impl PgServer {
         self.running = true;
         let log = self.log.clone();
         poll_until(
-            Duration::from_secs(30),
+            START_WAIT,
             "PostgreSQL to answer a query",
             || Ok(self.query("select 1").ok().map(drop)),
             || format!("see {}", log.display()),

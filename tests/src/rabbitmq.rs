@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 
 use crate::broker::{BrokerKind, Position, Stored, TestBroker};
 use crate::client::ClientScript;
-use crate::{Deployment, Record, free_port, hex, poll_until, scratch_dir, unhex};
+use crate::{Deployment, Record, START_WAIT, free_port, hex, poll_until, scratch_dir, unhex};
 
 /// The header that carries a message's key.
 pub const RABBIT_KEY_HEADER: &str = "ce-partitionkey";
@@ -160,7 +160,7 @@ impl RabbitServer {
             }
             text
         });
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + START_WAIT;
         let status = loop {
             if let Some(status) = child.try_wait()? {
                 break status;
@@ -168,7 +168,7 @@ impl RabbitServer {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("rabbitmqctl {args:?} took longer than 30 s");
+                bail!("rabbitmqctl {args:?} took longer than {START_WAIT:?}");
             }
             std::thread::sleep(Duration::from_millis(20));
         };

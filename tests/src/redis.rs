@@ -21,7 +21,9 @@ use serde_json::{Value, json};
 
 use crate::broker::{BrokerKind, Position, Stored, TestBroker};
 use crate::client::ClientScript;
-use crate::{Deployment, Record, free_port, hex, poll_until, require, scratch_dir, unhex};
+use crate::{
+    Deployment, Record, START_WAIT, free_port, hex, poll_until, require, scratch_dir, unhex,
+};
 
 /// A `redis-server` on a free loopback port, keeping nothing on disk, in
 /// its own temporary directory. Killed on drop.
@@ -86,7 +88,7 @@ impl RedisServer {
             _dir: dir,
         };
         poll_until(
-            Duration::from_secs(20),
+            START_WAIT,
             "redis-server to answer PING",
             || Ok(ping(port).then_some(())),
             || format!("log: {}", server.log.display()),

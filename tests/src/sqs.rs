@@ -38,7 +38,8 @@ use serde_json::Value;
 use crate::broker::{BrokerKind, Position, Stored, TestBroker};
 use crate::client::{ClientScript, test_python};
 use crate::{
-    Deployment, Record, free_port, hex, poll_until, require, scratch_dir, unhex, workspace,
+    Deployment, Record, START_WAIT, free_port, hex, poll_until, require, scratch_dir, unhex,
+    workspace,
 };
 
 /// The queue Weir uses for `topic`: every `.` before a trailing `.fifo`
@@ -96,7 +97,7 @@ impl MotoServer {
         };
         let log = server.log.clone();
         poll_until(
-            Duration::from_secs(30),
+            START_WAIT,
             "the SQS-API server to answer HTTP",
             || {
                 if let Some(child) = server.child.as_mut()

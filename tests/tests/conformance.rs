@@ -180,7 +180,7 @@ fn wait_caught_up(
         WAIT,
         &format!("{group} to acknowledge everything produced to {topic}"),
         || Ok(broker.caught_up(group, topic, produced)?.then_some(())),
-        || (calls(weir).len(), broker.progress(group, topic)),
+        || (calls(weir).len(), broker.progress_mark(group, topic)),
         || {
             format!(
                 "{}; log: {}",

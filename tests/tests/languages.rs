@@ -304,7 +304,7 @@ fn interpreted_handlers_map_their_failures_as_documented() -> Result<()> {
             &format!(
                 "topics = [\"{name}\"]\nordering = \"none\"\n\
                  [retry]\nmax_attempts = 2\ninitial_delay = \"50ms\"\njitter = 0.0\n\
-                 [limits]\ntimeout = \"1s\"\n"
+                 [limits]\ntimeout = \"3s\"\n"
             ),
         )?;
     }

@@ -11,7 +11,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, ensure};
 use serde_json::Value;
 use weir_tests::admin::{get, ready_until, samples};
-use weir_tests::{BrokerKind, Record, TestBroker, broker_test, free_port, poll_until, stop};
+use weir_tests::{
+    BrokerKind, COMMAND_WAIT, Record, TestBroker, broker_test, free_port, output_within,
+    poll_until, stop,
+};
 
 const WAIT: Duration = Duration::from_secs(90);
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -551,18 +554,19 @@ fn the_status_page_shows_each_handler_in_a_browser() -> Result<()> {
     )?
     .context("no version")?;
     let profile = tempfile::tempdir()?;
-    let output = std::process::Command::new(&browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("http://127.0.0.1:{port}/"))
-        .output()
-        .context("cannot run chromium")?;
+    let output = output_within(
+        std::process::Command::new(&browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("http://127.0.0.1:{port}/")),
+        COMMAND_WAIT,
+    )?;
     let dom = String::from_utf8_lossy(&output.stdout);
     let row = dom
         .split("<tr data-handler=\"probe\">")

@@ -568,11 +568,12 @@ fn the_alert_rules_load_and_fire() -> Result<()> {
         ["check", "rules", "alerts.yml"],
         ["test", "rules", "alerts.test.yml"],
     ] {
-        let output = std::process::Command::new(&promtool)
-            .args(args)
-            .current_dir(&config)
-            .output()
-            .context("cannot run promtool")?;
+        let output = weir_tests::output_within(
+            std::process::Command::new(&promtool)
+                .args(args)
+                .current_dir(&config),
+            weir_tests::COMMAND_WAIT,
+        )?;
         ensure!(
             output.status.success(),
             "promtool {}: {}{}",

@@ -49,7 +49,7 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     deployment.add_handler(
         "hostile",
         "hostile",
-        "topics = [\"hostile\"]\nordering = \"none\"\n[retry]\nmax_attempts = 2\ninitial_delay = \"50ms\"\njitter = 0.0\n[limits]\nmemory = \"32MiB\"\ntimeout = \"500ms\"\n",
+        "topics = [\"hostile\"]\nordering = \"none\"\n[retry]\nmax_attempts = 2\ninitial_delay = \"50ms\"\njitter = 0.0\n[limits]\nmemory = \"32MiB\"\ntimeout = \"2s\"\n",
     )?;
     deployment.add_handler("probe", "probe", "topics = [\"steady\"]\n")?;
     // Only what the manifest grants, never the host's environment.
@@ -126,7 +126,7 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
         );
         Ok(())
     };
-    expect("loop", &["timeout", "500ms"], "2")?;
+    expect("loop", &["timeout", "2s"], "2")?;
     expect("alloc-4g", &["memory limit", "32 MiB"], "2")?;
     expect("grow", &["memory limit", "32 MiB"], "2")?;
     expect("stack-overflow", &["stack overflow"], "2")?;

@@ -4,16 +4,16 @@
 //! componentize-js (the toolchains `.ci/install-handler-tools` installs).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
 use weir_tests::{broker_test, require, weir_binary, workspace};
 
+/// Runs `command` (a build of a whole handler project among them, so the
+/// bound is generous) and returns its stdout.
 fn run(what: &str, command: &mut Command) -> Result<String> {
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {what}"))?;
+    let output = weir_tests::output_within(command, weir_tests::PROGRESS_CEILING)
+        .with_context(|| format!("running {what}"))?;
     ensure!(
         output.status.success(),
         "{what} exited with {}:\n{}\n{}",
