@@ -28,7 +28,9 @@ use serde_json::{Value, json};
 
 use crate::broker::{BrokerKind, Position, Stored, TestBroker};
 use crate::client::ClientScript;
-use crate::{Deployment, Record, START_WAIT, free_port, hex, poll_until, scratch_dir, unhex};
+use crate::{
+    Deployment, Record, START_WAIT, free_port, hex, output_within, poll_until, scratch_dir, unhex,
+};
 
 /// The header that carries a message's key.
 pub const RABBIT_KEY_HEADER: &str = "ce-partitionkey";
@@ -142,45 +144,22 @@ impl RabbitServer {
     ///
     /// # Errors
     ///
-    /// When it fails or takes longer than 30 s.
+    /// When it fails or takes longer than [`START_WAIT`].
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
-        let mut child = Command::new("rabbitmqctl")
-            .args(["-q", "-n", &self.node])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot run rabbitmqctl")?;
-        let mut stdout = child.stdout.take();
-        let reader = std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(out) = stdout.as_mut() {
-                let _ = out.read_to_string(&mut text);
-            }
-            text
-        });
-        let deadline = Instant::now() + START_WAIT;
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("rabbitmqctl {args:?} took longer than {START_WAIT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let out = reader
-            .join()
-            .map_err(|_| anyhow!("rabbitmqctl output reader panicked"))?;
-        if !status.success() {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
-            bail!("rabbitmqctl {args:?} failed with {status}: {out}{err}");
+        let output = output_within(
+            Command::new("rabbitmqctl")
+                .args(["-q", "-n", &self.node])
+                .args(args),
+            START_WAIT,
+        )
+        .context("running rabbitmqctl")?;
+        let out = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            bail!(
+                "rabbitmqctl {args:?} failed with {}: {out}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         Ok(out)
     }
