@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod secrets;
+
 /// Errors from reading a configuration or manifest file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -61,6 +63,38 @@ pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T
         source,
     })?;
     parse_toml(path, &text)
+}
+
+/// `text` as a [`Config`], its secret references expanded and its secrets
+/// registered (see [`secrets`]). Errors name the key, and the line when the
+/// file holds no reference.
+fn parse_expanded(path: &Path, base: &Path, text: &str) -> Result<Config, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut table: toml::Table = parse_toml(path, text)?;
+    if !secrets::expand_table(&mut table, base).map_err(invalid)? {
+        return parse_toml(path, text);
+    }
+    // The file's own lines no longer match the expanded values: name the
+    // table and key instead (never the value, which may be a secret).
+    let expanded = toml::to_string(&table).map_err(|err| invalid(err.to_string()))?;
+    toml::from_str(&expanded).map_err(|err| {
+        let message = err.message().trim_end().to_string();
+        let Some(span) = err.span() else {
+            return invalid(message);
+        };
+        let before = &expanded[..span.start.min(expanded.len())];
+        let line = before.rsplit('\n').next().unwrap_or_default();
+        let key = line.split('=').next().unwrap_or_default().trim();
+        let table = before
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('['))
+            .unwrap_or_default();
+        invalid(format!("{table} {key}: {message}").trim().to_string())
+    })
 }
 
 /// The whole runtime configuration.
@@ -148,6 +182,17 @@ pub struct AdminSection {
     /// `host:port` to listen on; port 0 picks a free one (logged).
     #[serde(default = "default_admin_listen")]
     pub listen: std::net::SocketAddr,
+    /// The bearer token the state and replay routes require (at least 16
+    /// characters; usually `"${WEIR_ADMIN_TOKEN}"` or
+    /// `"${file:/run/secrets/weir-admin}"`). Absent: a new random one at
+    /// each start, written to `admin.token` in `[runtime] data_dir`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Names besides IP addresses and `localhost` that requests to the
+    /// page, `/handlers`, state and replay may be addressed to (their
+    /// `Host`), e.g. `["weir.internal"]`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 fn default_admin_enabled() -> bool {
@@ -162,6 +207,8 @@ impl Default for AdminSection {
         Self {
             enabled: default_admin_enabled(),
             listen: default_admin_listen(),
+            token: None,
+            hosts: Vec::new(),
         }
     }
 }
@@ -430,8 +477,12 @@ impl Config {
     /// When the file cannot be read, is not valid TOML, has an unknown key or
     /// names both sources.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let mut config: Config = read_toml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = parse_expanded(path, base, &text)?;
         config.runtime.handlers_dir = base.join(&config.runtime.handlers_dir);
         config.runtime.data_dir = base.join(&config.runtime.data_dir);
         config.validate(path)?;
@@ -491,6 +542,23 @@ impl Config {
                     "[source.nats.streams] replicas: must be at least 1".into(),
                 ));
             }
+        }
+        if let Some(token) = &self.admin.token
+            && token.trim().chars().count() < 16
+        {
+            return Err(invalid(
+                "[admin] token: must be at least 16 characters (or leave it out to have one generated)".into(),
+            ));
+        }
+        if let Some(host) = self
+            .admin
+            .hosts
+            .iter()
+            .find(|h| h.is_empty() || h.contains([':', '/', ' ']))
+        {
+            return Err(invalid(format!(
+                "[admin] hosts: {host:?} is not a host name (no port, scheme or path)"
+            )));
         }
         if let Some(kafka) = &self.source.kafka
             && kafka.bootstrap_servers.trim().is_empty()

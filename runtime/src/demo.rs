@@ -97,6 +97,7 @@ pub async fn run(
     if config.admin.enabled
         && let Some(address) = crate::admin::serve(
             config.admin.listen,
+            crate::admin::access(&config.admin, &data)?,
             runtime.metrics(),
             runtime.status(),
             store.clone(),

@@ -166,8 +166,11 @@ enum Command {
     /// Works on a stopped weir (it refuses while one holds the database,
     /// and the broker refuses while one consumes in the group). Says what
     /// it will do; does it only with --yes. A running weir does the same
-    /// when asked on its admin server:
-    /// `curl -X POST 'http://127.0.0.1:9464/handlers/NAME/replay?from=earliest&reset_state=true'`.
+    /// when asked on its admin server, with the admin token ([admin]
+    /// token, or the generated admin.token in the data directory):
+    /// `curl -X POST -H "Authorization: Bearer $(cat data/admin.token)"
+    /// -H 'Content-Type: application/json' -d '{"from": "earliest",
+    /// "reset_state": true}' http://127.0.0.1:9464/handlers/NAME/replay`.
     Replay {
         /// Configuration file naming the broker, handlers and data directory.
         #[arg(long, short, default_value = "config/weir.toml", env = "WEIR_CONFIG")]
@@ -310,6 +313,9 @@ fn main() -> ExitCode {
         _ => "info,lapin::channel=off",
     };
     telemetry::init(cli.log_format, default_filter);
+    // Every rustls client (NATS, RabbitMQ, Redis) uses one provider,
+    // whichever crate features the tree enables.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -365,7 +371,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!(
+                "error: {}",
+                weir::config::secrets::redact(&format!("{err:#}"))
+            );
             ExitCode::FAILURE
         }
     }
@@ -458,6 +467,7 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     if config.admin.enabled {
         weir::admin::serve(
             config.admin.listen,
+            weir::admin::access(&config.admin, &config.runtime.data_dir)?,
             runtime.metrics(),
             runtime.status(),
             store.clone(),
@@ -607,7 +617,8 @@ fn state_via_admin(
         None => format!("prefix={}&limit={limit}", url_escape(prefix)),
     };
     let path = format!("/handlers/{}/state?{query}", url_escape(handler));
-    let (code, body) = fetch(config.admin.listen, &path)?;
+    let token = weir::admin::client_token(config.admin.token.as_deref(), &config.runtime.data_dir);
+    let (code, body) = fetch(config.admin.listen, &path, token.as_deref())?;
     let answer: serde_json::Value = serde_json::from_str(&body)
         .with_context(|| format!("the admin server answered {code} with {body:?}"))?;
     anyhow::ensure!(

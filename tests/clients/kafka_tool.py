@@ -40,8 +40,17 @@ def partitions_of(consumer, topic):
     return [TopicPartition(topic, p) for p in sorted(parts)]
 
 
+def connection(args):
+    """The client settings for the broker: plaintext, or TLS trusting --ssl-cafile."""
+    settings = {"bootstrap_servers": args.bootstrap}
+    if args.ssl_cafile:
+        settings.update(security_protocol="SSL", ssl_cafile=args.ssl_cafile,
+                        ssl_check_hostname=True)
+    return settings
+
+
 def create_topic(args):
-    admin = KafkaAdminClient(bootstrap_servers=args.bootstrap, client_id="weir-tests")
+    admin = KafkaAdminClient(**connection(args), client_id="weir-tests")
     try:
         admin.create_topics([NewTopic(args.topic, args.partitions, 1)])
     except TopicAlreadyExistsError:
@@ -55,7 +64,7 @@ def produce(args):
     # One record per batch: tansu 0.6 (in-memory storage) cannot fetch from
     # an offset inside a multi-record batch, which a consumer resuming from
     # a committed offset or after a pause needs.
-    producer = KafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=0,
+    producer = KafkaProducer(**connection(args), acks="all", linger_ms=0,
                              batch_size=0, max_request_size=16 * 1024 * 1024)
     futures = []
     for line in sys.stdin:
@@ -82,7 +91,7 @@ def produce(args):
 
 def committed(args):
     # Reads the group's committed offsets (OffsetFetch) without joining it.
-    consumer = KafkaConsumer(bootstrap_servers=args.bootstrap, group_id=args.group,
+    consumer = KafkaConsumer(**connection(args), group_id=args.group,
                              enable_auto_commit=False)
     try:
         return {str(tp.partition): consumer.committed(tp)
@@ -92,7 +101,7 @@ def committed(args):
 
 
 def consume(args):
-    consumer = KafkaConsumer(bootstrap_servers=args.bootstrap, enable_auto_commit=False,
+    consumer = KafkaConsumer(**connection(args), enable_auto_commit=False,
                              auto_offset_reset="earliest")
     try:
         parts = partitions_of(consumer, args.topic)
@@ -143,6 +152,7 @@ def main():
     for name in ["create-topic", "produce", "committed", "consume"]:
         p = sub.add_parser(name)
         p.add_argument("--bootstrap", required=True)
+        p.add_argument("--ssl-cafile", help="speak TLS, trusting this CA (PEM)")
         p.add_argument("--topic", required=True)
         if name == "create-topic":
             p.add_argument("--partitions", type=int, required=True)

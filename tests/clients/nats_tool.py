@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import base64
 import json
+import ssl
 import sys
 import time
 
@@ -70,11 +71,14 @@ async def connect(args):
     async def remember(err):
         errors.append(err)
 
+    tls = None
+    if args.tls_ca:
+        tls = ssl.create_default_context(cafile=args.tls_ca)
     try:
         return await asyncio.wait_for(
             nats.connect(args.url, connect_timeout=5, allow_reconnect=False,
                          max_reconnect_attempts=1, reconnect_time_wait=0.2,
-                         error_cb=remember),
+                         error_cb=remember, tls=tls),
             timeout=15)
     except Exception as err:  # noqa: BLE001 - reported, with what the client saw
         seen = "; ".join(str(e) for e in errors[-2:]) or repr(err)
@@ -331,6 +335,7 @@ def main():
     for name in COMMANDS:
         p = sub.add_parser(name)
         p.add_argument("--url", required=True)
+        p.add_argument("--tls-ca", help="speak TLS, trusting this CA (PEM)")
         if name == "add-stream":
             p.add_argument("--stream", required=True)
             p.add_argument("--subjects", required=True)

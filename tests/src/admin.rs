@@ -1,5 +1,6 @@
-//! Talking to a running weir's admin server: plain HTTP/1.1 `GET`s on
-//! loopback and the samples of a Prometheus text exposition.
+//! Talking to a running weir's admin server: plain HTTP/1.1 requests on
+//! loopback (with the admin token where a route needs it) and the samples
+//! of a Prometheus text exposition.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -17,26 +18,86 @@ use serde_json::Value;
 ///
 /// When nothing answers, or the answer is not HTTP.
 pub fn get(port: u16, path: &str) -> Result<(u16, String)> {
-    request("GET", port, path, Duration::from_secs(30))
+    request(port, "GET", path, &[], None, Duration::from_secs(30))
 }
 
-/// `POST path` (no body) on `127.0.0.1:port`, waiting up to `timeout` for
-/// the answer: (status code, body).
+/// `GET path` on `127.0.0.1:port` presenting the admin `token`.
 ///
 /// # Errors
 ///
 /// When nothing answers, or the answer is not HTTP.
-pub fn post(port: u16, path: &str, timeout: Duration) -> Result<(u16, String)> {
-    request("POST", port, path, timeout)
+pub fn get_with_token(port: u16, path: &str, token: &str) -> Result<(u16, String)> {
+    let authorization = format!("Bearer {token}");
+    request(
+        port,
+        "GET",
+        path,
+        &[("Authorization", &authorization)],
+        None,
+        Duration::from_secs(30),
+    )
 }
 
-fn request(method: &str, port: u16, path: &str, timeout: Duration) -> Result<(u16, String)> {
+/// `POST path` on `127.0.0.1:port` with the admin `token` and the JSON
+/// `body`, waiting up to `timeout` for the answer: (status code, body).
+///
+/// # Errors
+///
+/// When nothing answers, or the answer is not HTTP.
+pub fn post_json(
+    port: u16,
+    path: &str,
+    token: &str,
+    body: &Value,
+    timeout: Duration,
+) -> Result<(u16, String)> {
+    let authorization = format!("Bearer {token}");
+    request(
+        port,
+        "POST",
+        path,
+        &[
+            ("Authorization", &authorization),
+            ("Content-Type", "application/json"),
+        ],
+        Some(body.to_string().as_bytes()),
+        timeout,
+    )
+}
+
+/// One request on `127.0.0.1:port` with `headers` (a `Host` of
+/// `127.0.0.1:port` unless `headers` names one): (status code, body).
+///
+/// # Errors
+///
+/// When nothing answers, or the answer is not HTTP.
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        head.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    head.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    ));
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response

@@ -449,6 +449,18 @@ impl NatsBroker {
         Ok(Self { server, nats })
     }
 
+    /// A server speaking only TLS ([`NatsServer::start_tls`]) and a client
+    /// trusting `certs`' CA.
+    ///
+    /// # Errors
+    ///
+    /// As [`NatsBroker::start`].
+    pub fn start_tls(certs: &crate::tls::Certificates) -> Result<Self> {
+        let server = NatsServer::start_tls(certs)?;
+        let nats = NatsTool::for_tls(&server.url, &certs.ca)?;
+        Ok(Self { server, nats })
+    }
+
     /// The NATS message for `record`: key in `ce-partitionkey`, text
     /// headers.
     fn message(record: &Record) -> Result<NatsMessage> {

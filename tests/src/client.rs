@@ -57,6 +57,8 @@ pub(crate) struct ClientScript {
     pub(crate) connect_flag: &'static str,
     /// The server, e.g. `127.0.0.1:9092`.
     pub(crate) endpoint: String,
+    /// Arguments every call passes after the server (e.g. TLS settings).
+    pub(crate) extra: Vec<String>,
 }
 
 impl ClientScript {
@@ -68,6 +70,7 @@ impl ClientScript {
             script: workspace().join("tests/clients").join(script),
             connect_flag,
             endpoint: endpoint.to_string(),
+            extra: Vec::new(),
         })
     }
 
@@ -93,6 +96,7 @@ impl ClientScript {
             &self.script,
             command,
             [self.connect_flag, &self.endpoint],
+            &self.extra,
             args,
             stdin,
         )
@@ -106,6 +110,7 @@ fn run_json(
     script: &Path,
     command: &str,
     connect: [&str; 2],
+    extra: &[String],
     args: &[&str],
     stdin: Option<String>,
 ) -> Result<Value> {
@@ -113,6 +118,7 @@ fn run_json(
         .arg(script)
         .arg(command)
         .args(connect)
+        .args(extra)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

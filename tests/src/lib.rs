@@ -19,6 +19,7 @@ pub mod postgres;
 mod rabbitmq;
 mod redis;
 mod sqs;
+pub mod tls;
 
 pub use broker::{
     BrokerKind, KafkaBroker, NATS_KEY_HEADER, NatsBroker, Position, Stored, TestBroker,
@@ -294,10 +295,31 @@ impl Broker {
     ///
     /// When tansu is not installed or does not become ready in time.
     pub fn start() -> Result<Self> {
+        let port = free_port()?;
+        Self::start_advertising(port, port)
+    }
+
+    /// tansu on a free port behind `stunnel` with `certs`: clients speak
+    /// TLS to [`Broker::bootstrap`], the address tansu advertises.
+    ///
+    /// # Errors
+    ///
+    /// When tansu or stunnel is missing or does not become ready.
+    pub fn start_behind_tls(certs: &tls::Certificates) -> Result<(Self, tls::Stunnel)> {
+        let (port, tls_port) = (free_port()?, free_port()?);
+        let mut broker = Self::start_advertising(port, tls_port)?;
+        let stunnel = tls::Stunnel::start(certs, tls_port, port)?;
+        broker.bootstrap = format!("127.0.0.1:{tls_port}");
+        Ok((broker, stunnel))
+    }
+
+    /// tansu listening on `port` and telling clients to connect to
+    /// `advertised`.
+    fn start_advertising(port: u16, advertised: u16) -> Result<Self> {
         let tansu = tansu_binary()?;
         let dir = scratch_dir("weir-broker-")?;
-        let port = free_port()?;
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{advertised}");
         let log = dir.path().join("tansu.log");
         let out = std::fs::File::create(&log)?;
         let child = Command::new(&tansu)
@@ -306,7 +328,7 @@ impl Broker {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             // tansu reads these from the environment too: a developer's
@@ -336,7 +358,7 @@ impl Broker {
                         log.display()
                     );
                 }
-                Ok(TcpStream::connect(&broker.bootstrap).ok().map(|_| ()))
+                Ok(TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ()))
             },
             || format!("see {}", log.display()),
         )?;
@@ -448,6 +470,17 @@ impl KafkaTool {
         Ok(Self {
             client: ClientScript::new("kafka_tool.py", "--bootstrap", bootstrap)?,
         })
+    }
+
+    /// A client speaking TLS to the broker at `bootstrap`, trusting `ca`.
+    ///
+    /// # Errors
+    ///
+    /// When the test venv is missing.
+    pub fn for_tls(bootstrap: &str, ca: &Path) -> Result<Self> {
+        let mut client = ClientScript::new("kafka_tool.py", "--bootstrap", bootstrap)?;
+        client.extra = vec!["--ssl-cafile".into(), ca.display().to_string()];
+        Ok(Self { client })
     }
 
     /// Runs one subcommand (`args[0]`) with the rest of `args`.
@@ -755,6 +788,19 @@ impl Deployment {
         );
         std::fs::write(path, config)?;
         Ok(())
+    }
+
+    /// The admin token the weir of this deployment generated at its last
+    /// start (`admin.token` in its data directory).
+    ///
+    /// # Errors
+    ///
+    /// When no weir wrote one.
+    pub fn admin_token(&self) -> Result<String> {
+        let path = self.dir.path().join("data").join("admin.token");
+        let token = std::fs::read_to_string(&path)
+            .with_context(|| format!("no admin token at {}", path.display()))?;
+        Ok(token.trim().to_string())
     }
 
     /// Appends `text` to the configuration file (e.g. a

@@ -63,6 +63,8 @@ pub struct NatsServer {
     /// The server's log (every run of it, appended).
     pub log: PathBuf,
     store: PathBuf,
+    /// `--tls` arguments when it speaks TLS only.
+    tls: Vec<std::ffi::OsString>,
     // Dropped after `child` is killed (fields drop after `Drop::drop`).
     _dir: tempfile::TempDir,
 }
@@ -75,6 +77,20 @@ impl NatsServer {
     ///
     /// When nats-server is not installed or does not become ready in time.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// As [`NatsServer::start`], speaking only TLS with `certs`' server
+    /// certificate (clients connect to [`NatsServer::url`] as `tls://`).
+    ///
+    /// # Errors
+    ///
+    /// As [`NatsServer::start`].
+    pub fn start_tls(certs: &crate::tls::Certificates) -> Result<Self> {
+        Self::start_with(Some(certs))
+    }
+
+    fn start_with(certs: Option<&crate::tls::Certificates>) -> Result<Self> {
         let binary = nats_server_binary()?;
         let dir = scratch_dir("weir-nats-")?;
         let port = free_port()?;
@@ -84,9 +100,21 @@ impl NatsServer {
             binary,
             port,
             monitor_port,
-            url: format!("nats://127.0.0.1:{port}"),
+            url: format!(
+                "{}://127.0.0.1:{port}",
+                if certs.is_some() { "tls" } else { "nats" }
+            ),
             log: dir.path().join("nats-server.log"),
             store: dir.path().join("js"),
+            tls: certs.map_or_else(Vec::new, |certs| {
+                vec![
+                    "--tls".into(),
+                    "--tlscert".into(),
+                    certs.cert.clone().into_os_string(),
+                    "--tlskey".into(),
+                    certs.key.clone().into_os_string(),
+                ]
+            }),
             _dir: dir,
         };
         server.spawn()?;
@@ -170,6 +198,7 @@ impl NatsServer {
             .arg("-js")
             .arg("-sd")
             .arg(&self.store)
+            .args(&self.tls)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -361,6 +390,17 @@ impl NatsTool {
         Ok(Self {
             client: ClientScript::new("nats_tool.py", "--url", url)?,
         })
+    }
+
+    /// A client speaking TLS to the server at `url`, trusting `ca`.
+    ///
+    /// # Errors
+    ///
+    /// When the test venv is missing.
+    pub fn for_tls(url: &str, ca: &Path) -> Result<Self> {
+        let mut client = ClientScript::new("nats_tool.py", "--url", url)?;
+        client.extra = vec!["--tls-ca".into(), ca.display().to_string()];
+        Ok(Self { client })
     }
 
     /// Creates stream `stream` capturing `subjects` (file storage), unless

@@ -40,6 +40,8 @@ pub struct PgServer {
     socket_dir: PathBuf,
     as_postgres: bool,
     running: bool,
+    /// More `-c` settings of the server (TLS).
+    options: String,
     // Dropped after the server is stopped (fields drop after `Drop::drop`).
     _dir: tempfile::TempDir,
 }
@@ -61,6 +63,20 @@ impl PgServer {
     /// When the PostgreSQL programs are missing (the message says how to
     /// install them), or the server does not start.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// As [`PgServer::start`], with TLS on (`ssl=on`, `certs`' server
+    /// certificate); plaintext connections are still accepted.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgServer::start`].
+    pub fn start_tls(certs: &crate::tls::Certificates) -> Result<Self> {
+        Self::start_with(Some(certs))
+    }
+
+    fn start_with(certs: Option<&crate::tls::Certificates>) -> Result<Self> {
         let bin = PgBin::find()?;
         let dir = scratch_dir("weir-pg-")?;
         let as_postgres = is_root()?;
@@ -77,8 +93,30 @@ impl PgServer {
             socket_dir: dir.path().to_path_buf(),
             as_postgres,
             running: false,
+            options: String::new(),
             _dir: dir,
         };
+        if let Some(certs) = certs {
+            // The server reads its key only when its own user owns it and
+            // nobody else can read it.
+            let (cert, key) = (
+                server.socket_dir.join("server.crt"),
+                server.socket_dir.join("server.key"),
+            );
+            std::fs::copy(&certs.cert, &cert)?;
+            std::fs::copy(&certs.key, &key)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+            if as_postgres {
+                run(Command::new("chown").arg("postgres").arg(&cert).arg(&key))
+                    .context("cannot give the certificate to the postgres user")?;
+            }
+            server.options = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            );
+        }
         let mut initdb = server.server_command(&server.bin.initdb);
         initdb
             .arg("-D")
@@ -112,9 +150,10 @@ impl PgServer {
             "PostgreSQL is running already: stop() it first"
         );
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200{}",
             self.port,
-            self.socket_dir.display()
+            self.socket_dir.display(),
+            self.options
         );
         let mut start = self.server_command(&self.bin.pg_ctl);
         start

@@ -52,6 +52,8 @@ pub struct RabbitServer {
     pub port: u16,
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
     pub url: String,
+    /// `amqps://guest:guest@127.0.0.1:<tls port>/%2f` when started with TLS.
+    pub tls_url: Option<String>,
     /// The server's output (its own logs are under `log/`).
     pub log: PathBuf,
     // Removed after the node has stopped (fields drop after `Drop::drop`).
@@ -66,6 +68,20 @@ impl RabbitServer {
     ///
     /// When rabbitmq-server is not installed or does not become ready.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// As [`RabbitServer::start`], with a TLS listener as well
+    /// ([`RabbitServer::tls_url`]) using `certs`' server certificate.
+    ///
+    /// # Errors
+    ///
+    /// As [`RabbitServer::start`].
+    pub fn start_tls(certs: &crate::tls::Certificates) -> Result<Self> {
+        Self::start_with(Some(certs))
+    }
+
+    fn start_with(certs: Option<&crate::tls::Certificates>) -> Result<Self> {
         let binary = PathBuf::from("/usr/sbin/rabbitmq-server");
         crate::require(
             binary.clone(),
@@ -77,6 +93,25 @@ impl RabbitServer {
         std::fs::create_dir_all(root.join("mnesia"))?;
         std::fs::create_dir_all(root.join("log"))?;
         std::fs::write(root.join("plugins"), "[].\n")?;
+        let mut tls_url = None;
+        if let Some(certs) = certs {
+            let tls_port = free_port()?;
+            std::fs::write(
+                root.join("rabbitmq.conf"),
+                format!(
+                    "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
+                     ssl_options.cacertfile = {}\n\
+                     ssl_options.certfile = {}\n\
+                     ssl_options.keyfile = {}\n\
+                     ssl_options.verify = verify_none\n\
+                     ssl_options.fail_if_no_peer_cert = false\n",
+                    certs.ca.display(),
+                    certs.cert.display(),
+                    certs.key.display()
+                ),
+            )?;
+            tls_url = Some(format!("amqps://guest:guest@127.0.0.1:{tls_port}/%2f"));
+        }
         let status = Command::new("chown")
             .args(["-R", "rabbitmq:rabbitmq"])
             .arg(&root)
@@ -120,6 +155,7 @@ impl RabbitServer {
             node,
             port,
             url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            tls_url,
             log,
             _dir: dir,
         };
@@ -268,7 +304,20 @@ impl RabbitBroker {
     ///
     /// When either is missing or the server does not become ready.
     pub fn start() -> Result<Self> {
-        let server = RabbitServer::start()?;
+        Self::with_server(RabbitServer::start()?)
+    }
+
+    /// A server with a TLS listener too ([`RabbitServer::start_tls`]); the
+    /// client uses the plaintext one.
+    ///
+    /// # Errors
+    ///
+    /// As [`RabbitBroker::start`].
+    pub fn start_tls(certs: &crate::tls::Certificates) -> Result<Self> {
+        Self::with_server(RabbitServer::start_tls(certs)?)
+    }
+
+    fn with_server(server: RabbitServer) -> Result<Self> {
         let client = ClientScript::new("rabbitmq_tool.py", "--url", &server.url)?;
         Ok(Self { server, client })
     }

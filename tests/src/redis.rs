@@ -31,6 +31,8 @@ pub struct RedisServer {
     child: Child,
     /// `redis://127.0.0.1:<port>`.
     pub url: String,
+    /// `rediss://127.0.0.1:<tls port>` when started with TLS.
+    pub tls_url: Option<String>,
     /// The server's log.
     pub log: PathBuf,
     // Dropped after `child` is killed.
@@ -65,11 +67,41 @@ impl RedisServer {
     ///
     /// When redis-server is missing or does not become ready in time.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// As [`RedisServer::start`], also accepting TLS on a second port
+    /// ([`RedisServer::tls_url`]) with `certs`' server certificate; clients
+    /// need no certificate of their own.
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisServer::start`].
+    pub fn start_tls(certs: &crate::tls::Certificates) -> Result<Self> {
+        Self::start_with(Some(certs))
+    }
+
+    fn start_with(certs: Option<&crate::tls::Certificates>) -> Result<Self> {
         let binary = redis_server_binary()?;
         let dir = scratch_dir("weir-redis-")?;
         let port = free_port()?;
         let log = dir.path().join("redis-server.log");
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        let mut tls_url = None;
+        if let Some(certs) = certs {
+            let tls_port = free_port()?;
+            command
+                .args(["--tls-port", &tls_port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&certs.cert)
+                .arg("--tls-key-file")
+                .arg(&certs.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&certs.ca)
+                .args(["--tls-auth-clients", "no"]);
+            tls_url = Some(format!("rediss://127.0.0.1:{tls_port}"));
+        }
+        let child = command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
@@ -84,6 +116,7 @@ impl RedisServer {
         let server = Self {
             child,
             url: format!("redis://127.0.0.1:{port}"),
+            tls_url,
             log,
             _dir: dir,
         };
@@ -94,6 +127,41 @@ impl RedisServer {
             || format!("log: {}", server.log.display()),
         )?;
         Ok(server)
+    }
+}
+
+impl RedisServer {
+    /// The plaintext port.
+    pub fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_default()
+    }
+
+    /// Sends one command (RESP, without authentication) and returns the
+    /// first line of the reply; an error reply is an error.
+    ///
+    /// # Errors
+    ///
+    /// When the server cannot be reached or answers with an error.
+    pub fn command(&self, words: &[&str]) -> Result<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut request = format!("*{}\r\n", words.len());
+        for word in words {
+            request.push_str(&format!("${}\r\n{word}\r\n", word.len()));
+        }
+        stream.write_all(request.as_bytes())?;
+        let mut reply = Vec::new();
+        let mut byte = [0u8; 1];
+        while stream.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+            reply.push(byte[0]);
+        }
+        let reply = String::from_utf8_lossy(&reply).trim_end().to_string();
+        anyhow::ensure!(!reply.starts_with('-'), "redis {words:?}: {reply}");
+        Ok(reply)
     }
 }
 
@@ -129,7 +197,20 @@ impl RedisBroker {
     ///
     /// When either is missing or the server does not become ready.
     pub fn start() -> Result<Self> {
-        let server = RedisServer::start()?;
+        Self::with_server(RedisServer::start()?)
+    }
+
+    /// A server that also speaks TLS ([`RedisServer::start_tls`]); the
+    /// client uses its plaintext port.
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisBroker::start`].
+    pub fn start_tls(certs: &crate::tls::Certificates) -> Result<Self> {
+        Self::with_server(RedisServer::start_tls(certs)?)
+    }
+
+    fn with_server(server: RedisServer) -> Result<Self> {
         let client = ClientScript::new("redis_tool.py", "--url", &server.url)?;
         Ok(Self { server, client })
     }

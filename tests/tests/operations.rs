@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use weir_tests::admin::{get, post, scrape};
+use weir_tests::admin::{get, post_json, scrape};
 use weir_tests::{BrokerKind, Record, TestBroker, broker_test, free_port, poll_until, stop};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -457,9 +457,11 @@ fn a_replay_rebuilds_the_projection(kind: BrokerKind) -> Result<()> {
     );
     // Through the running weir's admin API: the state is rebuilt, each
     // event counted once more in this process and once in the state.
-    let (code, body) = post(
+    let (code, body) = post_json(
         port,
-        "/handlers/counter/replay?from=earliest&reset_state=true",
+        "/handlers/counter/replay",
+        &deployment.admin_token()?,
+        &serde_json::json!({"from": "earliest", "reset_state": true}),
         WAIT,
     )?;
     ensure!(
@@ -618,4 +620,185 @@ fn kafka_breaker_pauses_while_the_dependency_is_down() -> Result<()> {
 #[test]
 fn nats_breaker_pauses_while_the_dependency_is_down() -> Result<()> {
     breaker_pauses_while_the_dependency_is_down(BrokerKind::Nats)
+}
+
+/// The admin server acts only for its operator: a cross-site form POST
+/// (what a web page the operator visits can send) and a request addressed
+/// to another name (DNS rebinding) change nothing and read nothing; the
+/// state route needs the token, bounds its limit and knows which handlers
+/// it serves; metrics and health stay open to Prometheus and probes; the
+/// CLI, which reads the generated token, and the token holder are served.
+#[test]
+fn the_admin_server_acts_only_for_its_operator() -> Result<()> {
+    use weir_tests::admin::{get_with_token, request};
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let broker = BrokerKind::Kafka.start()?;
+    let broker: &dyn TestBroker = broker.as_ref();
+    broker.create_topic("events", 1)?;
+    broker.create_output_topic("counts")?;
+    let deployment = broker.deployment()?;
+    deployment.add_handler(
+        "counter",
+        "counter",
+        "topics = [\"events\"]\n\n[config]\noutput_topic = \"counts\"\n",
+    )?;
+    let records: Vec<Record> = (0..6)
+        .map(|i| record(&format!("k{}", i % 2), &format!("ev-{i}")))
+        .collect();
+    broker.produce("events", &records)?;
+    let expected: BTreeMap<String, String> = (0..2)
+        .map(|k| (format!("count/k{k}"), "3".to_string()))
+        .collect();
+    let port = free_port()?;
+    deployment.admin_port(port)?;
+    let mut weir = deployment.start("guarded")?;
+    let log = weir.log.clone();
+    // The CLI reads the generated token and asks the running weir.
+    poll_until(
+        WAIT,
+        "the counts, read through the CLI from the running weir",
+        || {
+            Ok(counts(&deployment)
+                .ok()
+                .filter(|c| *c == expected)
+                .map(|_| ()))
+        },
+        || format!("log: {}", log.display()),
+    )?;
+    let token = deployment.admin_token()?;
+    ensure!(
+        !std::fs::read_to_string(&log)?.contains(&token),
+        "the token is in the log"
+    );
+    let wait = Duration::from_secs(30);
+    let form = "from=earliest&reset_state=true";
+    let evil_origin = ("Origin", "http://evil.example");
+    let form_type = ("Content-Type", "application/x-www-form-urlencoded");
+    let bearer = format!("Bearer {token}");
+    let json_body = br#"{"from": "earliest", "reset_state": true}"#.as_slice();
+    let json_type = ("Content-Type", "application/json");
+    let evil_host = format!("evil.example:{port}");
+    let cases: Vec<(&str, &str, Vec<(&str, &str)>, Option<&[u8]>, u16)> = vec![
+        // What the web page sent before: a form POST, no token.
+        (
+            "POST",
+            "/handlers/counter/replay?from=earliest&reset_state=true",
+            vec![evil_origin, form_type],
+            Some(form.as_bytes()),
+            403,
+        ),
+        // Even with the token, nothing from another site acts.
+        (
+            "POST",
+            "/handlers/counter/replay",
+            vec![evil_origin, json_type, ("Authorization", &bearer)],
+            Some(json_body),
+            403,
+        ),
+        (
+            "POST",
+            "/handlers/counter/replay",
+            vec![
+                ("Sec-Fetch-Site", "cross-site"),
+                json_type,
+                ("Authorization", &bearer),
+            ],
+            Some(json_body),
+            403,
+        ),
+        // The token holder's query-string form: a JSON body is required.
+        (
+            "POST",
+            "/handlers/counter/replay?from=earliest&reset_state=true",
+            vec![("Authorization", &bearer)],
+            None,
+            415,
+        ),
+        // A form body with the token: not JSON.
+        (
+            "POST",
+            "/handlers/counter/replay",
+            vec![form_type, ("Authorization", &bearer)],
+            Some(form.as_bytes()),
+            415,
+        ),
+        // A page that rebinds its name to this address reads nothing.
+        (
+            "GET",
+            "/handlers/counter/state",
+            vec![("Host", &evil_host), ("Authorization", &bearer)],
+            None,
+            421,
+        ),
+        ("GET", "/handlers", vec![("Host", &evil_host)], None, 421),
+        ("GET", "/", vec![("Host", &evil_host)], None, 421),
+        // State needs the right token.
+        ("GET", "/handlers/counter/state", vec![], None, 401),
+        (
+            "GET",
+            "/handlers/counter/state",
+            vec![("Authorization", "Bearer not-the-token")],
+            None,
+            401,
+        ),
+        // Bounded, and only for handlers served here.
+        (
+            "GET",
+            "/handlers/counter/state?limit=100000",
+            vec![("Authorization", &bearer)],
+            None,
+            400,
+        ),
+        (
+            "GET",
+            "/handlers/nobody/state",
+            vec![("Authorization", &bearer)],
+            None,
+            404,
+        ),
+        (
+            "POST",
+            "/handlers/nobody/replay",
+            vec![json_type, ("Authorization", &bearer)],
+            Some(json_body),
+            404,
+        ),
+        // Prometheus and probes address the process by any name.
+        ("GET", "/metrics", vec![("Host", &evil_host)], None, 200),
+        ("GET", "/health/live", vec![("Host", &evil_host)], None, 200),
+        // The page and the handler list, addressed to this server.
+        ("GET", "/", vec![], None, 200),
+        ("GET", "/handlers", vec![("Host", "localhost")], None, 200),
+    ];
+    for (method, path, headers, body, wanted) in &cases {
+        let (code, answer) = request(port, method, path, headers, *body, wait)?;
+        ensure!(
+            code == *wanted,
+            "{method} {path} with {headers:?}: answered {code}, not {wanted}: {answer}"
+        );
+        ensure!(
+            !answer.contains(&token),
+            "{method} {path}: the answer holds the token"
+        );
+    }
+    // Nothing above changed anything.
+    ensure!(
+        counts(&deployment)? == expected,
+        "the refused requests changed the state: {:?}",
+        counts(&deployment)
+    );
+    ensure!(
+        !std::fs::read_to_string(&log)?.contains("replay"),
+        "a refused request replayed"
+    );
+    // The token holder reads state.
+    let (code, body) = get_with_token(port, "/handlers/counter/state?prefix=count/", &token)?;
+    ensure!(
+        code == 200 && body.contains("count/k0") && body.contains("count/k1"),
+        "state with the token: {code} {body}"
+    );
+    stop(&mut weir)?;
+    Ok(())
 }

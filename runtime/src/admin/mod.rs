@@ -7,31 +7,59 @@
 //! | `GET /health/live` | 200 while the process serves requests |
 //! | `GET /health/ready` | 200 when every handler file loaded, every worker runs, every consumer joined (Kafka: its group is up; JetStream: its durable answers), every handler's dead letters can be written (its dead-letter topic exists or was created), the store's writer is alive and the outbox relay is not blocked (no topic failing for 5 s), else 503; JSON saying what is not ready and why |
 //! | `GET /handlers` | JSON: each handler's name, version, contract, group, topics, whether its consumer joined, its partitions (lag, committed position age), in flight, instances, counters and last error |
-//! | `GET /handlers/{name}/state?prefix=&limit=` | JSON: the handler's committed state entries (key order), and the outbox length; `?key=K` for one key |
-//! | `POST /handlers/{name}/replay?from=&reset_state=` | `weir replay` done by this process: the handler's consumer stops, its marks (and state) are forgotten, its position moves back to `from` (`earliest`, an RFC 3339 time, an offset), and it is served again; JSON `{"done": [...]}` |
+//! | `GET /handlers/{name}/state?prefix=&limit=` | JSON: the handler's committed state entries (key order, at most [`MAX_STATE_LIMIT`]), and the outbox length; `?key=K` for one key; 404 for a handler not served here |
+//! | `POST /handlers/{name}/replay` with `{"from": …, "reset_state": …}` | `weir replay` done by this process: the handler's consumer stops, its marks (and state) are forgotten, its position moves back to `from` (`earliest`, an RFC 3339 time, an offset), and it is served again; JSON `{"done": [...]}` |
+//!
+//! Who may use which route is [`access`]: metrics and health are open; the
+//! page and `/handlers` answer requests addressed to this server; state and
+//! replay also need the admin token ([`token`]).
 //!
 //! It listens on `[admin] listen` (default `127.0.0.1:9464`). Invariants:
 //! the `GET` routes only read (nothing they answer changes what the
 //! runtime does); the one route that acts, `POST …/replay`, only asks the
 //! runtime's main loop through a channel, which does it between reloads
-//! (see `Runtime::replay`); a port it cannot bind is reported once and the
-//! process goes on consuming without it; listening beyond loopback is
-//! said in the log.
+//! (see `Runtime::replay`); readiness and metrics read the store's figures
+//! as [`health`] last read them, never the store itself; state is read off
+//! the async threads, [`MAX_STATE_READS`] at a time; a port it cannot bind
+//! is reported once and the process goes on consuming without it;
+//! listening beyond loopback is said in the log.
+
+mod access;
+mod client;
+mod health;
+mod token;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
+
+pub use access::Access;
+pub use client::{fetch, url_escape};
+pub use token::{TOKEN_FILE, Token, for_client as client_token};
 
 use crate::metrics::Metrics;
 use crate::runtime::Status;
 use crate::store::Store;
+
+/// Most entries one state request answers.
+pub const MAX_STATE_LIMIT: usize = 1000;
+
+/// Most state requests reading the store at once (the store's pool serves
+/// the pipeline first).
+pub const MAX_STATE_READS: usize = 2;
+
+/// Largest request body accepted (a replay request is a few dozen bytes).
+const MAX_BODY: usize = 16 * 1024;
 
 /// What the runtime is asked to do through the admin server.
 #[derive(Debug)]
@@ -55,7 +83,28 @@ struct Admin {
     metrics: Metrics,
     status: Status,
     store: Store,
+    health: health::Health,
+    state_reads: Arc<Semaphore>,
     commands: Option<tokio::sync::mpsc::Sender<Command>>,
+}
+
+/// The admin server's [`Access`] as `[admin]` sets it: its token (a
+/// generated one is written to [`TOKEN_FILE`] in `data_dir`, and where is
+/// logged) and the names requests may be addressed to.
+///
+/// # Errors
+///
+/// When a token has to be generated and cannot be written.
+pub fn access(
+    section: &crate::config::AdminSection,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Access> {
+    let (token, written) = Token::resolve(section.token.as_deref(), data_dir)?;
+    if let Some(path) = written {
+        tracing::info!(file = %path.display(),
+            "admin token generated (state and replay need it; `weir state` reads it from this file; set [admin] token to choose one)");
+    }
+    Ok(Access::new(token, &section.hosts))
 }
 
 /// Serves the admin routes on `listen` until `stop` turns true. Returns the
@@ -63,6 +112,7 @@ struct Admin {
 /// (logged).
 pub async fn serve(
     listen: SocketAddr,
+    access: Access,
     metrics: Metrics,
     status: Status,
     store: Store,
@@ -82,22 +132,35 @@ pub async fn serve(
         tracing::info!(address = %bound, "admin server listening (metrics at /metrics, health at /health/ready)");
     } else {
         tracing::warn!(address = %bound,
-            "admin server listening beyond loopback: anyone who can reach this address can read metrics, handler state and versions");
+            "admin server listening beyond loopback: anyone who can reach this address can read metrics, health and handler counters (state and replay need the admin token)");
     }
-    let app = Router::new()
-        .route("/", get(page))
+    let health = health::Health::start(store.clone(), stop.clone()).await;
+    let admin = Admin {
+        metrics,
+        status,
+        store,
+        health,
+        state_reads: Arc::new(Semaphore::new(MAX_STATE_READS)),
+        commands,
+    };
+    let open = Router::new()
         .route("/metrics", get(metrics_route))
         .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
+        .route("/health/ready", get(ready));
+    let addressed = Router::new()
+        .route("/", get(page))
         .route("/handlers", get(handlers))
+        .route_layer(from_fn_with_state(access.clone(), access::addressed));
+    let operator = Router::new()
         .route("/handlers/{name}/state", get(state))
-        .route("/handlers/{name}/replay", axum::routing::post(replay))
-        .with_state(Admin {
-            metrics,
-            status,
-            store,
-            commands,
-        });
+        .route("/handlers/{name}/replay", post(replay))
+        .route_layer(from_fn_with_state(access.clone(), access::operator));
+    let app = open
+        .merge(addressed)
+        .merge(operator)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(from_fn_with_state(access, access::bounded))
+        .with_state(admin);
     tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -113,16 +176,7 @@ pub async fn serve(
 }
 
 async fn metrics_route(State(admin): State<Admin>) -> Response {
-    if let (Ok(rows), Ok(oldest)) = (
-        admin.store.outbox_len().await,
-        admin.store.outbox_oldest_ms().await,
-    ) {
-        let age = oldest.map_or(std::time::Duration::ZERO, |committed| {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            now.saturating_sub(std::time::Duration::from_millis(committed))
-        });
+    if let Some((rows, age)) = admin.health.figures().outbox {
         admin.metrics.outbox(rows, age);
     }
     (
@@ -151,7 +205,7 @@ async fn live() -> Response {
 const RELAY_BLOCKED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What keeps the process from being ready, one reason per line.
-async fn not_ready(admin: &Admin) -> Vec<Value> {
+fn not_ready(admin: &Admin) -> Vec<Value> {
     let mut problems = Vec::new();
     let handlers = admin.status.handlers();
     if handlers.is_empty() {
@@ -174,7 +228,7 @@ async fn not_ready(admin: &Admin) -> Vec<Value> {
             problems.push(json!({"check": "consumer", "handler": view.name, "reason": why}));
         }
     }
-    if let Some(why) = admin.store.probe().await {
+    if let Some(why) = admin.health.figures().problem {
         problems.push(json!({"check": "store", "database": admin.store.describe(), "reason": why}));
     }
     if let Some(relay) = admin.status.relay() {
@@ -187,17 +241,16 @@ async fn not_ready(admin: &Admin) -> Vec<Value> {
 }
 
 async fn ready(State(admin): State<Admin>) -> Response {
-    let problems = not_ready(&admin).await;
+    let problems = not_ready(&admin);
     let code = if problems.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
+    answer(
         code,
-        axum::Json(json!({"ready": problems.is_empty(), "not_ready": problems})),
+        json!({"ready": problems.is_empty(), "not_ready": problems}),
     )
-        .into_response()
 }
 
 async fn handlers(State(admin): State<Admin>) -> Response {
@@ -243,12 +296,13 @@ async fn handlers(State(admin): State<Admin>) -> Response {
             })
         })
         .collect();
-    axum::Json(json!({"handlers": list})).into_response()
+    answer(StatusCode::OK, json!({"handlers": list}))
 }
 
-/// The query of `POST /handlers/{name}/replay`.
+/// The body of `POST /handlers/{name}/replay`.
 #[derive(serde::Deserialize)]
-struct ReplayQuery {
+#[serde(deny_unknown_fields)]
+struct ReplayRequest {
     /// `earliest`, an RFC 3339 time, or an offset.
     from: String,
     /// Also forget the handler's state and pending outbox rows.
@@ -256,21 +310,54 @@ struct ReplayQuery {
     reset_state: bool,
 }
 
+/// A JSON answer, with every secret masked (see
+/// [`crate::config::secrets`]): errors and last errors quote what brokers
+/// and the store said, which may hold a URL or a property.
+fn answer(code: StatusCode, body: Value) -> Response {
+    let text = body.to_string();
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::config::secrets::redact(&text).into_owned(),
+    )
+        .into_response()
+}
+
+/// Whether `name` is a handler this process serves.
+fn served(admin: &Admin, name: &str) -> bool {
+    admin.status.handlers().iter().any(|view| view.name == name)
+}
+
+fn not_served(name: &str) -> Response {
+    answer(
+        StatusCode::NOT_FOUND,
+        json!({"error": format!("no handler {name:?} is served here")}),
+    )
+}
+
 async fn replay(
     State(admin): State<Admin>,
     Path(name): Path<String>,
-    Query(query): Query<ReplayQuery>,
+    body: Result<axum::Json<ReplayRequest>, JsonRejection>,
 ) -> Response {
-    let answer = |code: StatusCode, body: Value| (code, axum::Json(body)).into_response();
-    let from = match crate::tools::replay::parse_from(&query.from) {
+    let request = match body {
+        Ok(axum::Json(request)) => request,
+        Err(rejection) => {
+            return answer(
+                rejection.status(),
+                json!({"error": format!(
+                    "{}; send a JSON body with Content-Type: application/json, e.g. {{\"from\": \"earliest\", \"reset_state\": true}}",
+                    rejection.body_text()
+                )}),
+            );
+        }
+    };
+    let from = match crate::tools::replay::parse_from(&request.from) {
         Ok(from) => from,
         Err(why) => return answer(StatusCode::BAD_REQUEST, json!({"error": why})),
     };
-    if !admin.status.handlers().iter().any(|view| view.name == name) {
-        return answer(
-            StatusCode::NOT_FOUND,
-            json!({"error": format!("no handler {name:?} is served here")}),
-        );
+    if !served(&admin, &name) {
+        return not_served(&name);
     }
     let Some(commands) = &admin.commands else {
         return answer(
@@ -282,7 +369,7 @@ async fn replay(
     let command = Command::Replay {
         handler: name,
         from,
-        reset_state: query.reset_state,
+        reset_state: request.reset_state,
         reply,
     };
     if commands.send(command).await.is_err() {
@@ -364,68 +451,55 @@ pub async fn read_state(
 async fn state(
     State(admin): State<Admin>,
     Path(name): Path<String>,
-    Query(query): Query<StateQuery>,
+    query: Result<Query<StateQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    match read_state(
-        &admin.store,
-        &name,
-        query.key.as_deref(),
-        &query.prefix,
-        query.limit.unwrap_or(100),
-    )
-    .await
-    {
-        Ok(body) => axum::Json(body).into_response(),
-        Err(err) => (
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(rejection) => {
+            return answer(rejection.status(), json!({"error": rejection.body_text()}));
+        }
+    };
+    let limit = query.limit.unwrap_or(100);
+    if limit > MAX_STATE_LIMIT {
+        return answer(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("limit is at most {MAX_STATE_LIMIT}; page with prefix")}),
+        );
+    }
+    if !served(&admin, &name) {
+        return not_served(&name);
+    }
+    let Ok(_permit) = admin.state_reads.clone().try_acquire_owned() else {
+        let mut busy = answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": format!("{MAX_STATE_READS} state reads are running; try again")}),
+        );
+        busy.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return busy;
+    };
+    // Off the async threads: an embedded store reads synchronously.
+    let runtime = tokio::runtime::Handle::current();
+    let store = admin.store.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        runtime.block_on(read_state(
+            &store,
+            &name,
+            query.key.as_deref(),
+            &query.prefix,
+            limit,
+        ))
+    })
+    .await;
+    match read {
+        Ok(Ok(body)) => axum::Json(body).into_response(),
+        Ok(Err(err)) => answer(
             StatusCode::INTERNAL_SERVER_ERROR,
-            axum::Json(json!({"error": err.to_string()})),
-        )
-            .into_response(),
+            json!({"error": err.to_string()}),
+        ),
+        Err(_) => answer(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": "the state read stopped"}),
+        ),
     }
-}
-
-/// `GET path` from a running weir's admin server at `listen` (an unspecified
-/// address means this host): the status code and body. For `weir state`
-/// while `weir run` holds the database.
-///
-/// # Errors
-///
-/// When nothing answers there, or the answer is not HTTP.
-pub fn fetch(listen: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut addr = listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
-        .map_err(|err| anyhow::anyhow!("no admin server answers at {addr}: {err}"))?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let response = String::from_utf8_lossy(&response);
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("the admin server at {addr} sent no HTTP answer"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("the admin server at {addr} sent no HTTP status"))?;
-    Ok((code, body.to_string()))
-}
-
-/// `text` escaped for a URL's path or query.
-pub fn url_escape(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

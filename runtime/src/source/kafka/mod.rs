@@ -379,3 +379,44 @@ impl Source for KafkaConsumer {
         self.consumer.unsubscribe();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::producer::BaseProducer;
+
+    /// What managed Kafka services ask for: TLS, and SASL PLAIN or SCRAM
+    /// over it. librdkafka refuses these settings when it was built
+    /// without OpenSSL; creating a client checks them without connecting.
+    #[test]
+    fn tls_and_sasl_settings_are_accepted() {
+        for (protocol, mechanism) in [
+            ("SSL", None),
+            ("SASL_SSL", Some("PLAIN")),
+            ("SASL_SSL", Some("SCRAM-SHA-256")),
+            ("SASL_SSL", Some("SCRAM-SHA-512")),
+            ("SASL_SSL", Some("OAUTHBEARER")),
+            ("SASL_PLAINTEXT", Some("SCRAM-SHA-512")),
+        ] {
+            let mut properties =
+                BTreeMap::from([("security.protocol".to_string(), protocol.to_string())]);
+            if let Some(mechanism) = mechanism {
+                properties.insert("sasl.mechanisms".into(), mechanism.into());
+                if mechanism != "OAUTHBEARER" {
+                    properties.insert("sasl.username".into(), "weir".into());
+                    properties.insert("sasl.password".into(), "secret".into());
+                }
+            }
+            let cluster = Cluster {
+                bootstrap_servers: "127.0.0.1:1".into(),
+                properties,
+            };
+            let created: Result<BaseProducer, _> = cluster.client_config("weir-test").create();
+            assert!(
+                created.is_ok(),
+                "{protocol} {mechanism:?}: {:?}",
+                created.err()
+            );
+        }
+    }
+}

@@ -87,6 +87,57 @@ pub struct RedisSource {
     /// How long one connection attempt may take.
     #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
+    /// TLS for a `rediss://` URL: whom to trust, and a client certificate.
+    #[serde(default)]
+    pub tls: RedisTls,
+}
+
+/// `[source.redis.tls]`: used with a `rediss://` URL (without this table,
+/// a `rediss://` server's certificate must be signed by a CA the system
+/// trusts and name the host).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTls {
+    /// CA certificates (PEM) to trust instead of the system's.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for servers that ask for one
+    /// (`tls-auth-clients yes`), with `key_file`.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// Client key (PEM), with `cert_file`.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl RedisTls {
+    fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some()
+    }
+
+    /// The certificates as the driver takes them.
+    fn certificates(&self) -> Result<redis::TlsCertificates, String> {
+        let read = |key: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|err| {
+                format!(
+                    "[source.redis.tls] {key}: cannot read {}: {err}",
+                    path.display()
+                )
+            })
+        };
+        let client_tls = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("cert_file", cert)?,
+                client_key: read("key_file", key)?,
+            }),
+            _ => None,
+        };
+        let root_cert = match &self.ca_file {
+            Some(path) => Some(read("ca_file", path)?),
+            None => None,
+        };
+        Ok(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        })
+    }
 }
 
 fn default_connect_timeout() -> Duration {
@@ -101,7 +152,16 @@ impl RedisSource {
     /// A message naming the key.
     pub fn validate(&self) -> Result<(), String> {
         redis::Client::open(self.url.as_str())
-            .map_err(|err| format!("[source.redis] url {:?}: {err}", self.url))?;
+            .map_err(|err| format!("[source.redis] url {}: {err}", redacted(&self.url)))?;
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err("[source.redis.tls] cert_file, key_file: set both or neither".into());
+        }
+        if self.tls.is_set() && !self.url.starts_with("rediss://") {
+            return Err(
+                "[source.redis.tls]: TLS settings need a rediss:// url in [source.redis] url"
+                    .into(),
+            );
+        }
         if self.consumer.as_deref().is_some_and(str::is_empty) {
             return Err("[source.redis] consumer: must not be empty".into());
         }
@@ -177,8 +237,13 @@ impl RedisConnection {
     ///
     /// When the URL is unusable.
     pub async fn connect(source: &RedisSource) -> anyhow::Result<Self> {
-        let client = redis::Client::open(source.url.as_str())
-            .map_err(|err| anyhow::anyhow!("[source.redis] url {:?}: {err}", source.url))?;
+        let client = if source.tls.is_set() {
+            let certificates = source.tls.certificates().map_err(anyhow::Error::msg)?;
+            redis::Client::build_with_tls(source.url.as_str(), certificates)
+        } else {
+            redis::Client::open(source.url.as_str())
+        }
+        .map_err(|err| anyhow::anyhow!("[source.redis] url {}: {err}", redacted(&source.url)))?;
         let consumer = source.consumer.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
@@ -299,8 +364,14 @@ mod tests {
             consumer: None,
             maxlen: None,
             connect_timeout: default_connect_timeout(),
+            tls: RedisTls::default(),
         };
         assert!(source("redis://127.0.0.1:6379").validate().is_ok());
+        assert!(source("rediss://127.0.0.1:6379").validate().is_ok());
+        let err = source("redis://:hunter2hunter@x:notaport")
+            .validate()
+            .expect_err("port");
+        assert!(!err.contains("hunter2hunter"), "{err}");
         let err = source("http://x").validate().expect_err("scheme");
         assert!(err.contains("[source.redis] url"), "{err}");
         assert_eq!(

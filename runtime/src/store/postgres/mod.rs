@@ -2,7 +2,8 @@
 //! consumer group (`[store] url`).
 //!
 //! Tables and migrations: `schema.rs`. The group commit, its locks and its
-//! validation: `commit.rs`.
+//! validation: `commit.rs`. TLS (libpq's `sslmode`): [`tls`], used by every
+//! connection, the pool's and the relay lease's.
 //!
 //! # Connections
 //!
@@ -44,8 +45,8 @@
 mod commit;
 mod lookup;
 mod schema;
+mod tls;
 
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -54,7 +55,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use super::record::committed_ms;
 use super::{
@@ -97,8 +98,9 @@ impl PgSettings {
     /// A URL that does not parse, a schema name that is not a plain
     /// identifier, a pool of zero.
     pub fn validate(&self) -> Result<(), String> {
-        tokio_postgres::Config::from_str(&self.url)
+        let (_, tls) = tls::parse(&self.url)
             .map_err(|e| format!("[store] url: not a PostgreSQL connection URL: {e}"))?;
+        tls.connector().map_err(|e| format!("[store] url: {e}"))?;
         if !schema::valid_name(&self.schema) {
             return Err(format!(
                 "[store] schema: {:?} is not a plain SQL name (lower-case letters, digits and _, not starting with a digit, at most 63 characters)",
@@ -153,6 +155,8 @@ impl Sql {
 struct Shared {
     pool: Pool,
     pg: tokio_postgres::Config,
+    /// TLS as `[store] url` asks for it (see [`tls`]).
+    tls: postgres_openssl::MakeTlsConnector,
     sql: Sql,
     /// `postgres://host:port/database (schema s)`, for errors and logs.
     database: String,
@@ -191,9 +195,13 @@ fn lock_id(schema: &str, parts: &[&str]) -> i64 {
 }
 
 /// Whether `err` is the server refusing (bad credentials, no such
-/// database, a failed statement) rather than the server being unreachable.
+/// database, a failed statement) or TLS failing (a certificate that does
+/// not verify, a server without TLS under `sslmode=require`) rather than
+/// the server being unreachable: waiting would not help.
 fn refused(err: &tokio_postgres::Error) -> bool {
-    err.as_db_error().is_some()
+    // The driver's TLS errors have no kind of their own in its API; each
+    // says "TLS" (`error performing TLS handshake: …`).
+    err.as_db_error().is_some() || err.to_string().contains("TLS")
 }
 
 impl PgStore {
@@ -204,11 +212,14 @@ impl PgStore {
     /// When the server cannot be reached or refuses, or the schema is newer
     /// than this build.
     pub async fn connect(settings: &PgSettings) -> Result<Self, StoreError> {
-        let mut pg =
-            tokio_postgres::Config::from_str(&settings.url).map_err(|e| StoreError::Open {
-                database: "[store] url".into(),
-                message: e.to_string(),
-            })?;
+        let (mut pg, tls) = tls::parse(&settings.url).map_err(|message| StoreError::Open {
+            database: "[store] url".into(),
+            message,
+        })?;
+        let tls = tls.connector().map_err(|message| StoreError::Open {
+            database: "[store] url".into(),
+            message,
+        })?;
         pg.connect_timeout(settings.connect_timeout)
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(30));
@@ -222,7 +233,7 @@ impl PgStore {
         };
         let manager = Manager::from_config(
             pg.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -252,6 +263,7 @@ impl PgStore {
         let shared = Arc::new(Shared {
             pool,
             pg,
+            tls,
             sql: Sql::new(schema),
             database,
             locks: commit::LockIds::new(schema),
@@ -484,7 +496,11 @@ impl PgStore {
     /// closes its connection, which gives the lock up.
     pub async fn relay_lease(&self) -> Result<RelayLease, StoreError> {
         let shared = &self.shared;
-        let (client, mut connection) = shared.pg.connect(NoTls).await.map_err(|e| self.io(e))?;
+        let (client, mut connection) = shared
+            .pg
+            .connect(shared.tls.clone())
+            .await
+            .map_err(|e| self.io(e))?;
         let (lost, receiver) = watch::channel(false);
         let ready = shared.outbox_ready.clone();
         let database = shared.database.clone();
