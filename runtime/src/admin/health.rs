@@ -64,8 +64,15 @@ impl Health {
                     _ = tick.tick() => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                let latest = read(&store).await;
-                *shared.lock().unwrap_or_else(|p| p.into_inner()) = latest;
+                // Off the async threads: an embedded store reads
+                // synchronously.
+                let runtime = tokio::runtime::Handle::current();
+                let store = store.clone();
+                if let Ok(latest) =
+                    tokio::task::spawn_blocking(move || runtime.block_on(read(&store))).await
+                {
+                    *shared.lock().unwrap_or_else(|p| p.into_inner()) = latest;
+                }
             }
         });
         Self { figures }

@@ -469,7 +469,7 @@ async fn state(
     if !served(&admin, &name) {
         return not_served(&name);
     }
-    let Ok(_permit) = admin.state_reads.clone().try_acquire_owned() else {
+    let Ok(permit) = admin.state_reads.clone().try_acquire_owned() else {
         let mut busy = answer(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"error": format!("{MAX_STATE_READS} state reads are running; try again")}),
@@ -482,6 +482,8 @@ async fn state(
     let runtime = tokio::runtime::Handle::current();
     let store = admin.store.clone();
     let read = tokio::task::spawn_blocking(move || {
+        // Held until the read ends, even when the client has gone.
+        let _permit = permit;
         runtime.block_on(read_state(
             &store,
             &name,

@@ -49,7 +49,7 @@ impl Token {
         if let Some(token) = configured {
             return Ok((
                 Self {
-                    digest: digest(token),
+                    digest: digest(token.trim()),
                 },
                 None,
             ));
@@ -113,7 +113,7 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 /// [`TOKEN_FILE`] in `data_dir` (`None` when there is none).
 pub fn for_client(configured: Option<&str>, data_dir: &Path) -> Option<String> {
     if let Some(token) = configured {
-        return Some(token.to_string());
+        return Some(token.trim().to_string());
     }
     std::fs::read_to_string(data_dir.join(TOKEN_FILE))
         .ok()

@@ -16,13 +16,19 @@
 //!
 //! Invariant: no secret reaches a log line, an error the CLI prints or an
 //! admin answer. What counts as one is registered when the file is read:
-//! every value a reference produced, and the values written inline whose
-//! key says they are secret ([`secret_key`]: passwords, tokens, secrets,
-//! private keys, JAAS configs) or that are the password of a URL
-//! (`scheme://user:password@host`). [`redact`] replaces each of them with
-//! `***` and the password of any URL it meets; the log writer
-//! ([`crate::telemetry`]), the CLI's error output and the admin server's
-//! answers pass through it.
+//! the value of every key that says it is secret ([`secret_key`]:
+//! passwords, tokens, secrets, private keys, nkeys, JAAS and OAUTHBEARER
+//! configs), every value read from a `${file:…}` (a mounted secret), and
+//! the password of every URL (`scheme://user:password@host`, also
+//! percent-decoded). A value from `${NAME}` in any other key (a host name,
+//! say) is configuration, not a secret, so errors can still name the
+//! endpoint. [`redact`] replaces each registered value (and its JSON- and
+//! Debug-escaped forms) with `***`, and the password of any URL it meets;
+//! the log writer ([`crate::telemetry`]), the CLI's error output and the
+//! admin server's answers pass through it. Values written inline shorter
+//! than [`SHORTEST_INLINE`] (a test's `guest`) are masked inside URLs only:
+//! masking every `guest` or `test` in the log would hide more than it
+//! protects.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -31,31 +37,75 @@ use std::sync::RwLock;
 /// What replaces a secret.
 const MASK: &str = "***";
 
-/// Shorter values are not registered: masking every `a` or `ab` in the log
-/// would hide more than it protects (and such a secret protects nothing).
+/// Shorter values are never registered: masking every `a` or `ab` in the
+/// log would hide more than it protects (and such a secret protects
+/// nothing).
 const SHORTEST: usize = 4;
+
+/// Shortest value written inline in the file that is registered.
+pub const SHORTEST_INLINE: usize = 8;
 
 static SECRETS: RwLock<Vec<String>> = RwLock::new(Vec::new());
 
-/// Registers `value` as a secret: from now on [`redact`] masks it.
+/// Registers `value` as a secret: from now on [`redact`] masks it, as it
+/// is and as JSON or `Debug` output escapes it.
 pub fn register(value: &str) {
     if value.len() < SHORTEST {
         return;
     }
+    let json = serde_json::to_string(value).unwrap_or_default();
+    let debug = format!("{value:?}");
+    let forms = [
+        value,
+        json.get(1..json.len().saturating_sub(1)).unwrap_or(value),
+        debug.get(1..debug.len().saturating_sub(1)).unwrap_or(value),
+    ];
     let mut secrets = SECRETS.write().unwrap_or_else(|p| p.into_inner());
-    if !secrets.iter().any(|s| s == value) {
-        secrets.push(value.to_string());
-        // Longest first, so a secret containing another is masked whole.
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for form in forms {
+        if !secrets.iter().any(|s| s == form) {
+            secrets.push(form.to_string());
+        }
     }
+    // Longest first, so a secret containing another is masked whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+}
+
+/// Percent-decodes `text` (a URL's user info).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(byte) = text
+                .get(i + 1..i + 3)
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+        {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether a key's name says its value is secret.
 pub fn secret_key(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
-    ["password", "passwd", "secret", "token", "jaas", "private"]
-        .iter()
-        .any(|word| name.contains(word))
+    [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "jaas",
+        "private",
+        "nkey",
+        "oauthbearer.config",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
         || name == "ssl.key.pem"
 }
 
@@ -135,16 +185,31 @@ fn mask_url_passwords(text: &str) -> Option<String> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Unresolved(pub String);
 
-/// `value` with its references expanded (see the module documentation),
-/// and whether it held any. Values a reference produced are registered.
+/// What [`expand`] made of a value.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Expanded {
+    /// The value, its references replaced.
+    pub text: String,
+    /// Whether it held a reference (or a `$${`).
+    pub any: bool,
+    /// The contents of each `${file:…}` it read (secrets).
+    pub from_files: Vec<String>,
+}
+
+/// `value` with its references expanded (see the module documentation).
 ///
 /// # Errors
 ///
 /// An unset variable, an unreadable file, or a `${` without its `}`.
-pub fn expand(value: &str, base: &Path) -> Result<(String, bool), Unresolved> {
+pub fn expand(value: &str, base: &Path) -> Result<Expanded, Unresolved> {
     if !value.contains("${") {
-        return Ok((value.to_string(), false));
+        return Ok(Expanded {
+            text: value.to_string(),
+            any: false,
+            from_files: Vec::new(),
+        });
     }
+    let mut from_files = Vec::new();
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     let mut any = false;
@@ -154,6 +219,7 @@ pub fn expand(value: &str, base: &Path) -> Result<(String, bool), Unresolved> {
             out.push_str(&rest[..at - 1]);
             out.push_str("${");
             rest = &rest[at + 2..];
+            any = true;
             continue;
         }
         out.push_str(&rest[..at]);
@@ -172,10 +238,13 @@ pub fn expand(value: &str, base: &Path) -> Result<(String, bool), Unresolved> {
                     path.display()
                 ))
             })?;
-            text.strip_suffix('\n')
+            let contents = text
+                .strip_suffix('\n')
                 .map(|t| t.strip_suffix('\r').unwrap_or(t))
                 .unwrap_or(&text)
-                .to_string()
+                .to_string();
+            from_files.push(contents.clone());
+            contents
         } else {
             let valid = !reference.is_empty()
                 && reference
@@ -192,13 +261,16 @@ pub fn expand(value: &str, base: &Path) -> Result<(String, bool), Unresolved> {
                 ))
             })?
         };
-        register(&resolved);
         out.push_str(&resolved);
         any = true;
         rest = &inside[end + 1..];
     }
     out.push_str(rest);
-    Ok((out, any))
+    Ok(Expanded {
+        text: out,
+        any,
+        from_files,
+    })
 }
 
 /// Expands the references in every string of `table` (arrays included),
@@ -218,16 +290,27 @@ pub fn expand_table(table: &mut toml::Table, base: &Path) -> Result<bool, String
     ) -> Result<(), String> {
         match value {
             toml::Value::String(text) => {
-                let (expanded, found) = expand(text, base)
+                let expanded = expand(text, base)
                     .map_err(|Unresolved(why)| format!("{}: {why}", key_name(path)))?;
-                *any |= found;
-                *text = expanded;
+                *any |= expanded.any;
+                *text = expanded.text;
+                // A value from a reference is registered whatever its
+                // length; one written inline only when long enough.
+                let shortest = if expanded.any { 0 } else { SHORTEST_INLINE };
                 let name = path.last().map(String::as_str).unwrap_or_default();
-                if secret_key(name) {
+                if secret_key(name) && text.len() >= shortest {
                     register(text);
                 }
+                for contents in &expanded.from_files {
+                    register(contents);
+                }
                 if let Some(password) = url_password(text) {
-                    register(password);
+                    let decoded = percent_decoded(password);
+                    for form in [password, decoded.as_str()] {
+                        if form.len() >= shortest {
+                            register(form);
+                        }
+                    }
                 }
             }
             toml::Value::Array(items) => {
@@ -294,19 +377,20 @@ mod tests {
                 "${{{name}}}: the environment variable {name} is not set"
             )))
         );
-        let (text, any) = expand("user:${file:pw}@host $${literal}", dir.path()).expect("expand");
-        assert_eq!(text, "user:from-a-file@host ${literal}");
-        assert!(any);
-        assert_eq!(
-            redact("the password is from-a-file."),
-            "the password is ***."
-        );
+        let expanded = expand("user:${file:pw}@host $${literal}", dir.path()).expect("expand");
+        assert_eq!(expanded.text, "user:from-a-file@host ${literal}");
+        assert!(expanded.any);
+        assert_eq!(expanded.from_files, vec!["from-a-file".to_string()]);
         assert!(expand("${unclosed", dir.path()).is_err());
         assert!(expand("${no spaces}", dir.path()).is_err());
         assert!(expand("${file:missing}", dir.path()).is_err());
         assert_eq!(
             expand("plain", dir.path()),
-            Ok(("plain".to_string(), false))
+            Ok(Expanded {
+                text: "plain".to_string(),
+                any: false,
+                from_files: Vec::new()
+            })
         );
     }
 
@@ -334,14 +418,45 @@ mod tests {
             "sasl.password" = "inline-kafka-secret"
             "sasl.username" = "visible-user"
             [store]
-            url = "postgres://weir:inline-pg-secret@db/weir"
+            url = "postgres://weir:inline-pg%40secret@db/weir"
+            [source.rabbitmq]
+            url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+            [source.sqs]
+            secret_access_key = "test"
             "#,
         )
         .expect("toml");
         let any = expand_table(&mut table, Path::new(".")).expect("expand");
         assert!(!any);
-        let shown = redact("inline-kafka-secret inline-pg-secret visible-user");
-        assert_eq!(shown, "*** *** visible-user");
+        let shown = redact(
+            "inline-kafka-secret inline-pg%40secret inline-pg@secret visible-user weir::guest test",
+        );
+        assert_eq!(shown, "*** *** *** visible-user weir::guest test");
+        // Masked as JSON and Debug output escape it, too.
+        register("quote\"back\\slash");
+        assert_eq!(
+            redact(r#"{"error":"quote\"back\\slash"}"#),
+            r#"{"error":"***"}"#
+        );
+    }
+
+    #[test]
+    fn a_host_from_the_environment_is_not_a_secret_but_a_file_is() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("token"), "file-secret-2b7c\n").expect("write");
+        let mut table: toml::Table = toml::from_str(
+            r#"
+            [admin]
+            hosts = ["${file:token}"]
+            [source.kafka]
+            bootstrap_servers = "${PATH}"
+            "#,
+        )
+        .expect("toml");
+        assert!(expand_table(&mut table, dir.path()).expect("expand"));
+        assert_eq!(redact("file-secret-2b7c"), "***");
+        let path = std::env::var("PATH").expect("PATH");
+        assert_eq!(redact(&path), path);
     }
 
     #[test]

@@ -143,6 +143,12 @@ impl NatsConnection {
     /// When the options are unusable (an unreadable credentials file).
     pub async fn connect(settings: &NatsSettings) -> anyhow::Result<Self> {
         let url = settings.url.clone();
+        let tls = settings.tls_required
+            || settings.tls_ca_file.is_some()
+            || settings
+                .url
+                .split(',')
+                .any(|u| u.trim().starts_with("tls://"));
         let mut options = async_nats::ConnectOptions::new()
             .name("weir")
             .connection_timeout(settings.connect_timeout)
@@ -155,6 +161,11 @@ impl NatsConnection {
                         async_nats::Event::Disconnected => tracing::warn!(url,
                             "disconnected from NATS; reconnecting (nothing is acknowledged meanwhile)"),
                         async_nats::Event::Closed => tracing::info!(url, "NATS connection closed"),
+                        // The driver reports a failed TLS handshake (a
+                        // certificate that does not verify) as "TLS error"
+                        // or "IO error", without its cause.
+                        async_nats::Event::ClientError(err) if tls => tracing::error!(url, error = %err,
+                            "cannot reach NATS over TLS: the connection or the TLS handshake failed (is the server's certificate signed by [source.nats.tls] ca_file or a CA the system trusts, and does it name the host?); retrying with backoff (nothing is consumed or acknowledged meanwhile)"),
                         async_nats::Event::ClientError(err) => tracing::warn!(url, error = %err,
                             "cannot reach NATS; retrying with backoff (nothing is consumed or acknowledged meanwhile)"),
                         other => tracing::warn!(url, event = %other, "NATS connection event"),

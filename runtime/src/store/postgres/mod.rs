@@ -98,9 +98,10 @@ impl PgSettings {
     /// A URL that does not parse, a schema name that is not a plain
     /// identifier, a pool of zero.
     pub fn validate(&self) -> Result<(), String> {
-        let (_, tls) = tls::parse(&self.url)
+        // Certificate files are read when connecting (a configuration
+        // may be checked on another machine).
+        tls::parse(&self.url)
             .map_err(|e| format!("[store] url: not a PostgreSQL connection URL: {e}"))?;
-        tls.connector().map_err(|e| format!("[store] url: {e}"))?;
         if !schema::valid_name(&self.schema) {
             return Err(format!(
                 "[store] schema: {:?} is not a plain SQL name (lower-case letters, digits and _, not starting with a digit, at most 63 characters)",
@@ -194,6 +195,22 @@ fn lock_id(schema: &str, parts: &[&str]) -> i64 {
     i64::from_le_bytes(bytes)
 }
 
+/// `err` and every cause under it (a TLS error says why only in its
+/// source: `certificate verify failed`).
+fn chain(err: &tokio_postgres::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Whether `err` is the server refusing (bad credentials, no such
 /// database, a failed statement) or TLS failing (a certificate that does
 /// not verify, a server without TLS under `sslmode=require`) rather than
@@ -247,7 +264,11 @@ impl PgStore {
             .map_err(|e| open_error(e.to_string()))?;
         let schema = settings.schema.as_str();
         let mut client = pool.get().await.map_err(|e| match &e {
-            deadpool_postgres::PoolError::Backend(pg) if refused(pg) => open_error(e.to_string()),
+            deadpool_postgres::PoolError::Backend(pg) if refused(pg) => open_error(chain(pg)),
+            deadpool_postgres::PoolError::Backend(pg) => StoreError::Unreachable {
+                database: database.clone(),
+                message: chain(pg),
+            },
             _ => StoreError::Unreachable {
                 database: database.clone(),
                 message: e.to_string(),
