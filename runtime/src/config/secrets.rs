@@ -70,27 +70,6 @@ pub fn register(value: &str) {
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
 }
 
-/// Percent-decodes `text` (a URL's user info).
-fn percent_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(byte) = text
-                .get(i + 1..i + 3)
-                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-        {
-            out.push(byte);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Whether a key's name says its value is secret.
 pub fn secret_key(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
@@ -305,7 +284,7 @@ pub fn expand_table(table: &mut toml::Table, base: &Path) -> Result<bool, String
                     register(contents);
                 }
                 if let Some(password) = url_password(text) {
-                    let decoded = percent_decoded(password);
+                    let decoded = crate::store::percent_decoded(password);
                     for form in [password, decoded.as_str()] {
                         if form.len() >= shortest {
                             register(form);

@@ -63,7 +63,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Notify, oneshot, watch};
 
-pub use postgres::PgSettings;
+pub use postgres::{PgSettings, percent_decoded};
 pub use record::OutboxRecord;
 
 /// Errors from the store. They name the database: its file, or the

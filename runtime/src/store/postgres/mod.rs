@@ -47,6 +47,8 @@ mod lookup;
 mod schema;
 mod tls;
 
+pub use tls::percent_decoded;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};

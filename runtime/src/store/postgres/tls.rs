@@ -49,8 +49,9 @@ pub struct Tls {
     pub key: Option<PathBuf>,
 }
 
-/// Percent-decodes a URL query value.
-fn decode(text: &str) -> String {
+/// Percent-decodes a URL's user info or query value; a `%` not followed by
+/// two hex digits stays as it is.
+pub fn percent_decoded(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -114,7 +115,7 @@ pub fn parse(url: &str) -> Result<(tokio_postgres::Config, Tls), String> {
                 let mut kept = Vec::new();
                 for pair in query.split('&').filter(|p| !p.is_empty()) {
                     let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                    if !take(&decode(key), decode(value))? {
+                    if !take(&percent_decoded(key), percent_decoded(value))? {
                         kept.push(pair);
                     }
                 }
