@@ -368,6 +368,10 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Everything awaited has finished; what may still run is a handler's
+    // file read blocked in the host past its timeout (a FIFO), which must
+    // not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -417,8 +421,38 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
 
 async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
+    // From here on SIGTERM and Ctrl-C stop weir cleanly (exit 0), during
+    // start-up too: compiling a large component can take many seconds.
+    let mut stopping = stop_signals()?;
+    tracing::info!(config = %config_path.display(), version = env!("CARGO_PKG_VERSION"), "starting");
+    let started = tokio::select! {
+        _ = stopping.wait_for(|stop| *stop) => {
+            tracing::info!("stopped during start-up");
+            return Ok(());
+        }
+        started = start(&config) => started?,
+    };
+    serve(&config, started, stopping).await
+}
+
+/// What `weir run` has once it started.
+struct Started {
+    host: Host,
+    runtime: Runtime,
+    /// Kept until the end, as the runtime's broker and store are.
+    _broker: weir::runtime::Broker,
+    _store: weir::store::Store,
+    embedded: Option<weir::source::embedded::EmbeddedBroker>,
+    admin_stop: tokio::sync::watch::Sender<bool>,
+    requests: tokio::sync::mpsc::Receiver<weir::admin::Command>,
+    /// Watches the handlers directory while it lives.
+    _watcher: notify_debouncer_mini::Debouncer<notify::RecommendedWatcher>,
+    changes: tokio::sync::mpsc::Receiver<()>,
+}
+
+async fn start(config: &Config) -> anyhow::Result<Started> {
     weir::fault::init().map_err(anyhow::Error::msg)?;
-    let host = weir::runtime::host_for(&config)?;
+    let host = weir::runtime::host_for(config)?;
     let dir = &config.runtime.handlers_dir;
     let loading = std::time::Instant::now();
     let (handlers, failed) =
@@ -446,15 +480,15 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     }
     topics.sort();
     topics.dedup();
-    let (broker, embedded) = connect(&config, &topics).await?;
+    let (broker, embedded) = connect(config, &topics).await?;
     if let Some(embedded) = &embedded {
         let bootstrap = embedded.bootstrap_servers();
         tracing::info!(bootstrap = %bootstrap, "embedded broker listening");
         println!("embedded broker: {bootstrap}");
     }
-    let store = weir::runtime::open_store_waiting(&config).await?;
+    let store = weir::runtime::open_store_waiting(config).await?;
     tracing::info!(store = %store.describe(), shared = store.shared(), "store open");
-    let mut runtime = Runtime::start(handlers, &broker, &store, &config)?;
+    let mut runtime = Runtime::start(handlers, &broker, &store, config)?;
     if !failed.is_empty() {
         // Records the files that failed as rejected, so that readiness
         // names them from the start.
@@ -463,7 +497,7 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
             .await?;
     }
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
-    let (commands, mut requests) = tokio::sync::mpsc::channel(4);
+    let (commands, requests) = tokio::sync::mpsc::channel(4);
     if config.admin.enabled {
         weir::admin::serve(
             config.admin.listen,
@@ -477,21 +511,46 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
         .await;
     }
     // Hot reload: new, changed and removed files in the handlers directory.
-    let (_watcher, mut changes) = registry::watch::watch(dir)
+    let (watcher, changes) = registry::watch::watch(dir)
         .with_context(|| format!("[runtime] handlers_dir {}: cannot watch it", dir.display()))?;
     tracing::info!(dir = %dir.display(), "watching for new, changed and removed handlers");
-    let stop = wait_for_stop_signal();
-    tokio::pin!(stop);
+    Ok(Started {
+        host,
+        runtime,
+        _broker: broker,
+        _store: store,
+        embedded,
+        admin_stop,
+        requests,
+        _watcher: watcher,
+        changes,
+    })
+}
+
+async fn serve(
+    config: &Config,
+    started: Started,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let Started {
+        host,
+        mut runtime,
+        _broker,
+        _store,
+        embedded,
+        admin_stop,
+        mut requests,
+        _watcher,
+        mut changes,
+    } = started;
+    let dir = &config.runtime.handlers_dir;
     // A periodic rescan catches anything the file-system events missed.
     let mut rescan = tokio::time::interval(Duration::from_secs(30));
     rescan.tick().await;
     let mut failure = None;
     loop {
         tokio::select! {
-            result = &mut stop => {
-                result?;
-                break;
-            }
+            _ = stopping.wait_for(|stop| *stop) => break,
             why = runtime.failed() => {
                 failure = Some(why);
                 break;
@@ -529,14 +588,22 @@ async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     }
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot listen for SIGTERM")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("cannot listen for Ctrl-C")?,
-        _ = terminate.recv() => {}
-    }
-    Ok(())
+/// Listens for SIGTERM and SIGINT (Ctrl-C) from now on: the receiver turns
+/// `true` at the first. The handlers are installed before this returns, so a
+/// signal arriving at any later moment stops weir cleanly.
+fn stop_signals() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        let _ = stop.send(true);
+    });
+    Ok(stopping)
 }
 
 async fn state(config: &Config, action: StateAction) -> anyhow::Result<()> {

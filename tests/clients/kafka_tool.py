@@ -4,11 +4,15 @@ Tested with kafka-python 2.3.3 (Python 3.11-3.13) against tansu 0.6.0 and
 librdkafka's mock cluster (weir's embedded broker). 2.0.2 cannot be imported
 on Python >= 3.12; 3.x cannot bootstrap from the mock cluster.
 
+Every subcommand takes --ssl-cafile (speak TLS) and --sasl-user with
+--sasl-password (authenticate with SCRAM-SHA-512).
+
 Subcommands print one JSON document on stdout:
   create-topic --bootstrap B --topic T --partitions N
   produce      --bootstrap B --topic T     (JSON lines on stdin:
                {"partition": int|null, "key_hex": str|null, "value_hex": str,
                 "headers": [[name, value_hex], ...]})  -> [[partition, offset], ...]
+               a name "hex:<hex>" is sent as those raw bytes (not UTF-8, say)
   committed    --bootstrap B --group G --topic T -> {"<partition>": offset or null}
   consume      --bootstrap B --topic T --max N --timeout-ms MS -> [record, ...]
                every record from the beginning, at most N: the read ends once
@@ -41,11 +45,18 @@ def partitions_of(consumer, topic):
 
 
 def connection(args):
-    """The client settings for the broker: plaintext, or TLS trusting --ssl-cafile."""
+    """The client settings for the broker: plaintext, or TLS trusting
+    --ssl-cafile, with SCRAM-SHA-512 as --sasl-user (and --sasl-password)
+    when given."""
     settings = {"bootstrap_servers": args.bootstrap}
     if args.ssl_cafile:
         settings.update(security_protocol="SSL", ssl_cafile=args.ssl_cafile,
                         ssl_check_hostname=True)
+    if args.sasl_user:
+        settings.update(security_protocol="SASL_SSL" if args.ssl_cafile else "SASL_PLAINTEXT",
+                        sasl_mechanism="SCRAM-SHA-512",
+                        sasl_plain_username=args.sasl_user,
+                        sasl_plain_password=args.sasl_password)
     return settings
 
 
@@ -60,6 +71,27 @@ def create_topic(args):
     return {"topic": args.topic, "partitions": args.partitions}
 
 
+class RawName(str):
+    """A header name sent as the bytes it stands for: kafka-python encodes
+    each name with str.encode, which this returns the raw bytes from."""
+
+    def __new__(cls, raw):
+        name = super().__new__(cls, raw.decode("utf-8", "replace"))
+        name.raw = raw
+        return name
+
+    def encode(self, *args, **kwargs):
+        return self.raw
+
+
+def header_name(name):
+    """A header name as given: "hex:<hex>" is a name of those raw bytes
+    (which need not be UTF-8), any other is itself."""
+    if name.startswith("hex:"):
+        return RawName(bytes.fromhex(name[4:]))
+    return name
+
+
 def produce(args):
     # One record per batch: tansu 0.6 (in-memory storage) cannot fetch from
     # an offset inside a multi-record batch, which a consumer resuming from
@@ -72,7 +104,8 @@ def produce(args):
         if not line:
             continue
         record = json.loads(line)
-        headers = [(name, bytes.fromhex(value)) for name, value in record.get("headers") or []]
+        headers = [(header_name(name), bytes.fromhex(value))
+                   for name, value in record.get("headers") or []]
         futures.append(producer.send(
             args.topic,
             value=bytes.fromhex(record["value_hex"]),
@@ -153,6 +186,8 @@ def main():
         p = sub.add_parser(name)
         p.add_argument("--bootstrap", required=True)
         p.add_argument("--ssl-cafile", help="speak TLS, trusting this CA (PEM)")
+        p.add_argument("--sasl-user", help="authenticate with SCRAM-SHA-512 as this user")
+        p.add_argument("--sasl-password", help="the --sasl-user's password")
         p.add_argument("--topic", required=True)
         if name == "create-topic":
             p.add_argument("--partitions", type=int, required=True)

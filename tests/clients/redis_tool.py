@@ -6,7 +6,8 @@ Subcommands print one JSON document on stdout:
   xadd   --url U --stream S   (JSON lines on stdin: {"key_hex": str|null,
              "value_hex": str, "headers": [[name, value_hex], ...]})
              appends one entry per line, in order, with fields `key` (when
-             given), `payload`, then one per header  -> [entry_id, ...]
+             given), `payload`, then one per header (a name "hex:<hex>" is
+             those raw bytes, which need not be UTF-8)  -> [entry_id, ...]
   read   --url U --stream S
              every entry of the stream in order (XRANGE), [] if none
              -> [{"id", "fields": [[name_hex, value_hex], ...]}, ...]
@@ -36,7 +37,8 @@ def cmd_xadd(r, args):
             fields.append((b"key", bytes.fromhex(record["key_hex"])))
         fields.append((b"payload", bytes.fromhex(record["value_hex"])))
         for name, value_hex in record.get("headers", []):
-            fields.append((name.encode(), bytes.fromhex(value_hex)))
+            raw = bytes.fromhex(name[4:]) if name.startswith("hex:") else name.encode()
+            fields.append((raw, bytes.fromhex(value_hex)))
         # redis-py takes a dict; build the command by hand to keep the order
         # and repeated names.
         flat = []

@@ -313,14 +313,84 @@ impl Broker {
         Ok((broker, stunnel))
     }
 
+    /// tansu behind `stunnel` with `certs` that requires SASL
+    /// authentication (SCRAM-SHA-512) of the one user `user`, whose
+    /// password is `password`: clients speak `SASL_SSL` to
+    /// [`Broker::bootstrap`]. Its storage is SQLite, which keeps SCRAM
+    /// credentials (the in-memory storage keeps none): the user is created
+    /// on a first run without authentication, which is then restarted with
+    /// it.
+    ///
+    /// # Errors
+    ///
+    /// When tansu or stunnel is missing or does not become ready, or the
+    /// user cannot be created.
+    pub fn start_sasl_behind_tls(
+        certs: &tls::Certificates,
+        user: &str,
+        password: &str,
+    ) -> Result<(Self, tls::Stunnel)> {
+        let (port, tls_port) = (free_port()?, free_port()?);
+        let dir = scratch_dir("weir-broker-")?;
+        let storage = ["--storage-engine", "sqlite://tansu.db"];
+        let mut setup = Self::spawn(dir, port, tls_port, &storage, "tansu-setup.log")?;
+        let created = output_within(
+            Command::new(tansu_binary()?).args([
+                "user",
+                "create",
+                "--broker",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--mechanism",
+                "scram512",
+                user,
+                password,
+            ]),
+            COMMAND_WAIT,
+        )?;
+        ensure!(
+            created.status.success(),
+            "tansu user create: {}; see {}",
+            String::from_utf8_lossy(&created.stderr),
+            setup.log.display()
+        );
+        let _ = setup.child.kill();
+        let _ = setup.child.wait();
+        let dir = std::mem::replace(&mut setup._dir, scratch_dir("weir-broker-")?);
+        drop(setup);
+        let mut args = storage.to_vec();
+        args.push("--authentication");
+        let mut broker = Self::spawn(dir, port, tls_port, &args, "tansu.log")?;
+        let stunnel = tls::Stunnel::start(certs, tls_port, port)?;
+        broker.bootstrap = format!("127.0.0.1:{tls_port}");
+        Ok((broker, stunnel))
+    }
+
     /// tansu listening on `port` and telling clients to connect to
     /// `advertised`.
     fn start_advertising(port: u16, advertised: u16) -> Result<Self> {
-        let tansu = tansu_binary()?;
         let dir = scratch_dir("weir-broker-")?;
+        Self::spawn(
+            dir,
+            port,
+            advertised,
+            &["--storage-engine", "memory://tansu/"],
+            "tansu.log",
+        )
+    }
+
+    /// tansu with `args`, working in `dir` (its log there as `log_name`),
+    /// listening on `port` and telling clients to connect to `advertised`.
+    fn spawn(
+        dir: tempfile::TempDir,
+        port: u16,
+        advertised: u16,
+        args: &[&str],
+        log_name: &str,
+    ) -> Result<Self> {
+        let tansu = tansu_binary()?;
         let url = format!("tcp://127.0.0.1:{port}");
         let advertised = format!("tcp://127.0.0.1:{advertised}");
-        let log = dir.path().join("tansu.log");
+        let log = dir.path().join(log_name);
         let out = std::fs::File::create(&log)?;
         let child = Command::new(&tansu)
             .args([
@@ -330,7 +400,8 @@ impl Broker {
                 "--advertised-listener-url",
                 &advertised,
             ])
-            .args(["--storage-engine", "memory://tansu/"])
+            .args(args)
+            .current_dir(dir.path())
             // tansu reads these from the environment too: a developer's
             // settings must not change the broker under test.
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -480,6 +551,25 @@ impl KafkaTool {
     pub fn for_tls(bootstrap: &str, ca: &Path) -> Result<Self> {
         let mut client = ClientScript::new("kafka_tool.py", "--bootstrap", bootstrap)?;
         client.extra = vec!["--ssl-cafile".into(), ca.display().to_string()];
+        Ok(Self { client })
+    }
+
+    /// A client speaking TLS to the broker at `bootstrap`, trusting `ca`,
+    /// and authenticating as `user` with `password` (SCRAM-SHA-512).
+    ///
+    /// # Errors
+    ///
+    /// When the test venv is missing.
+    pub fn for_sasl(bootstrap: &str, ca: &Path, user: &str, password: &str) -> Result<Self> {
+        let mut client = ClientScript::new("kafka_tool.py", "--bootstrap", bootstrap)?;
+        client.extra = vec![
+            "--ssl-cafile".into(),
+            ca.display().to_string(),
+            "--sasl-user".into(),
+            user.into(),
+            "--sasl-password".into(),
+            password.into(),
+        ];
         Ok(Self { client })
     }
 
@@ -824,6 +914,16 @@ impl Deployment {
     ///
     /// When it cannot run or exits with a failure (its stderr is included).
     pub fn weir(&self, args: &[&str]) -> Result<String> {
+        self.weir_output(args).map(|(stdout, _)| stdout)
+    }
+
+    /// Runs `weir <args> --config <this deployment's config>` to completion
+    /// and returns its standard output and standard error.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot run or exits with a failure (its stderr is included).
+    pub fn weir_output(&self, args: &[&str]) -> Result<(String, String)> {
         let output = output_within(
             Command::new(weir_binary()?)
                 .args(args)
@@ -838,7 +938,10 @@ impl Deployment {
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        Ok((
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
     }
 }
 

@@ -102,6 +102,7 @@ conformance!(
     effects_of_failed_attempts_are_discarded,
     contracts_0_1_and_0_2_serve_side_by_side,
     runs_committed_together_survive_aborts,
+    hostile_input_never_stops_a_handler,
 );
 
 // ---------------------------------------------------------------------------
@@ -1328,6 +1329,295 @@ fn sqs_harness_reads_a_queue_longer_than_a_visibility_timeout_once_each() -> Res
     ensure!(
         (counts.visible, counts.not_visible) == (SQS_READ_MESSAGES as u64, 0),
         "after the read: {counts:?}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Hostile input
+
+/// What tells the hostile messages apart: the payload (the big one's
+/// first bytes; the probe logs 64).
+fn label(payload: &str) -> String {
+    if payload.starts_with("big-value") {
+        "big-value".to_string()
+    } else {
+        payload.to_string()
+    }
+}
+
+/// Every `sdk-probe` call as (label, outcome).
+fn labelled(weir: &WeirProcess) -> Vec<(String, String)> {
+    sdk_calls(weir)
+        .into_iter()
+        .map(|(payload, outcome)| (label(&payload), outcome))
+        .collect()
+}
+
+/// One `sdk-probe` call, from its log record: (payload, outcome).
+fn sdk_calls(weir: &WeirProcess) -> Vec<(String, String)> {
+    weir.guest_records("hostile", "sdk-probe")
+        .iter()
+        .map(|r| {
+            (
+                r["payload"].as_str().unwrap_or_default().to_string(),
+                r["outcome"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The value of header `name` of `stored`: its own, else from a
+/// `weir.headers` Weir packed it into (a JSON array of `[name, value]`,
+/// a value a string or `{"base64": ...}`).
+fn carried_header(stored: &weir_tests::Stored, name: &str) -> Option<Vec<u8>> {
+    if let Some((_, value)) = stored.headers.iter().find(|(n, _)| n == name) {
+        return Some(value.clone());
+    }
+    let packed = stored.headers.iter().find(|(n, _)| n == "weir.headers")?;
+    let pairs: Vec<(String, Value)> = serde_json::from_slice(&packed.1).ok()?;
+    pairs
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| match v {
+            Value::String(text) => text.into_bytes(),
+            other => other["base64"]
+                .as_str()
+                .and_then(|b| base64_decode(b))
+                .unwrap_or_default(),
+        })
+}
+
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let mut bits = 0u32;
+    let mut count = 0;
+    for b in text.bytes().filter(|b| *b != b'=') {
+        bits = (bits << 6) | ALPHABET.iter().position(|a| *a == b)? as u32;
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// Input no well-behaved producer sends, each of which once stopped or
+/// could stop a handler somewhere: header values that are not UTF-8 or
+/// hold NUL bytes and line breaks (where the broker's protocol can carry
+/// them), header names that are not UTF-8 (Kafka, Redis), NUL bytes in
+/// event ids and keys, a line break in a JSON correlation id (copied onto
+/// the emitted event's headers), an empty and a 1,000-character key, 1,000
+/// headers (SQS: the nine beside the key it takes), a payload near the broker's limit, a
+/// producer's own `weir.origin.topic`, a 100 KiB multi-line failure
+/// reason, and an emitted event whose key and headers few brokers carry as
+/// they are. Each is handled or dead-lettered once with a readable reason,
+/// every later message is handled, everything is acknowledged, the process
+/// keeps running and nothing panics; the emitted event arrives with every
+/// header, and the dead letters name Weir's origin, not the producer's.
+fn hostile_input_never_stops_a_handler(broker: &dyn TestBroker) -> Result<()> {
+    let kind = broker.kind();
+    let nats = kind == BrokerKind::Nats;
+    let sqs = kind == BrokerKind::Sqs;
+    broker.create_topic("events", 1)?;
+    broker.create_output_topic("events.dlq")?;
+    broker.create_output_topic("emitted")?;
+    let deployment = broker.deployment()?;
+    deployment.add_handler(
+        "sdk-probe",
+        "hostile",
+        "topics = [\"events\"]\n[retry]\nmax_attempts = 1\n",
+    )?;
+    let raw = |key: &[u8], payload: &str, headers: Vec<(String, Vec<u8>)>| Record {
+        partition: None,
+        key: Some(key.to_vec()),
+        value: payload.as_bytes().to_vec(),
+        headers,
+    };
+    let h = |name: &str, value: &[u8]| (name.to_string(), value.to_vec());
+    let mut sent: Vec<Record> = vec![
+        raw(b"k-nul-value", "nul-value", vec![h("nul", b"a\0b")]),
+        raw(b"k-id-nul", "id-nul", vec![h("ce_id", b"id\0with-nul")]),
+        raw(b"k\0nul", "key-nul", vec![]),
+        raw("k".repeat(1000).as_bytes(), "key-long", vec![]),
+        raw(
+            b"k-corr",
+            r#"{"metadata":{"correlation_id":"line1\nline2"},"n":1}"#,
+            vec![h("probe.emit", b"emitted")],
+        ),
+        raw(b"k-emit", "emit-hostile", vec![h("probe.emit", b"emitted")]),
+        raw(
+            b"k-fail-long",
+            "fail-long",
+            vec![h("probe.fail", b"permanent-long")],
+        ),
+        raw(
+            b"k-origin",
+            "forged-origin",
+            vec![
+                h("weir.origin.topic", b"payments"),
+                h("weir.replay-id", b"chosen-by-producer"),
+                h("probe.fail", b"permanent"),
+            ],
+        ),
+    ];
+    // SQS takes ten attributes, the key one of them.
+    if !sqs {
+        // SQS refuses an empty attribute value, the key's among them.
+        sent.push(raw(b"", "key-empty", vec![]));
+    }
+    let many = if sqs { 9 } else { 1000 };
+    sent.push(raw(
+        b"k-many",
+        "many-headers",
+        (0..many)
+            .map(|i| h(&format!("h{i}"), format!("v{i}").as_bytes()))
+            .collect(),
+    ));
+    if !nats {
+        // NATS headers are text lines: a producer cannot send these.
+        sent.push(raw(
+            b"k-bin",
+            "binary-value",
+            vec![h("bin", &[0xff, 0xfe, 0])],
+        ));
+        sent.push(raw(
+            b"k-lines",
+            "newline-value",
+            vec![h("multi", b"line1\nline2\r\nline3")],
+        ));
+    }
+    if matches!(kind, BrokerKind::Kafka | BrokerKind::Redis) {
+        // A header name that is not UTF-8 ("hex:" makes the client send
+        // the raw bytes).
+        sent.push(raw(
+            b"k-name",
+            "binary-name",
+            vec![h("hex:ff6e616d65", b"v")],
+        ));
+    }
+    // SQS: 256 KiB per batch of ten, as the test client sends them.
+    let big = if sqs { 150_000 } else { 900_000 };
+    let mut large = raw(b"k-big", "", vec![]);
+    large.value = vec![b'x'; big];
+    large.value[..9].copy_from_slice(b"big-value");
+    sent.push(large);
+    let after: Vec<Record> = (0..5)
+        .map(|i| record(&format!("after-{i}"), &format!("after-{i}"), &[]))
+        .collect();
+    let mut produced = broker.produce("events", &sent)?;
+    produced.extend(broker.produce("events", &after)?);
+
+    let mut weir = deployment.start("run")?;
+    let log = weir.log.clone();
+    let dead_payloads = ["fail-long", "forged-origin"];
+    let expected: BTreeSet<String> = sent
+        .iter()
+        .chain(&after)
+        .map(|r| label(&String::from_utf8_lossy(&r.value)))
+        .collect();
+    poll_progress(
+        WAIT,
+        "every hostile message handled or dead-lettered",
+        || {
+            let seen: BTreeSet<String> = labelled(&weir).into_iter().map(|(l, _)| l).collect();
+            Ok(expected.is_subset(&seen).then_some(()))
+        },
+        || sdk_calls(&weir).len(),
+        || format!("{} calls; log: {}", sdk_calls(&weir).len(), log.display()),
+    )?;
+    wait_caught_up(broker, "weir.hostile", "events", &produced, &weir)?;
+    let dead = wait_read(broker, "events.dlq", dead_payloads.len(), &weir)?;
+    let emitted = wait_read(broker, "emitted", 2, &weir)?;
+    ensure!(
+        weir.wait_exit(Duration::ZERO)?.is_none(),
+        "weir died; log: {}",
+        log.display()
+    );
+    stop(&mut weir)?;
+    let text = std::fs::read_to_string(&log)?;
+    ensure!(
+        !text.contains("panicked"),
+        "a panic in the log: {}",
+        log.display()
+    );
+
+    // Each handled (or refused) once.
+    let calls = labelled(&weir);
+    for payload in &expected {
+        let outcomes: Vec<&str> = calls
+            .iter()
+            .filter(|(l, _)| l == payload)
+            .map(|(_, o)| o.as_str())
+            .collect();
+        let want = if dead_payloads.contains(&payload.as_str()) {
+            "permanent"
+        } else {
+            "ok"
+        };
+        ensure!(
+            outcomes == [want],
+            "{payload:?}: outcomes {outcomes:?}, expected one {want}; log: {}",
+            log.display()
+        );
+    }
+
+    // The dead letters: a bounded reason, Weir's own origin.
+    let letter = |payload: &str| {
+        dead.iter()
+            .find(|d| d.value == payload.as_bytes())
+            .ok_or_else(|| anyhow!("no dead letter of {payload}: {dead:?}"))
+    };
+    let long = letter("fail-long")?;
+    let error = long.header("weir.error").or_else(|| {
+        carried_header(long, "weir.error").map(|v| String::from_utf8_lossy(&v).into_owned())
+    });
+    ensure!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("sdk-probe failure line 1\n")
+                && e.contains("more bytes left out")
+                && e.len() < 16 << 10),
+        "weir.error of the long failure: {:?}",
+        error.map(|e| e.len())
+    );
+    let forged = letter("forged-origin")?;
+    ensure!(
+        carried_header(forged, "weir.origin.topic").as_deref() == Some(&b"events"[..])
+            && carried_header(forged, "x-weir.origin.topic").as_deref() == Some(&b"payments"[..]),
+        "the producer's weir.origin.topic passed for Weir's: {:?}",
+        forged.headers
+    );
+
+    // The emitted events: every header there, packed where the broker
+    // needs it.
+    let from_emit = emitted
+        .iter()
+        .find(|e| e.value == b"emitted:emit-hostile")
+        .ok_or_else(|| anyhow!("no emitted event of emit-hostile: {emitted:?}"))?;
+    for (name, value) in [
+        ("with space", &b"x"[..]),
+        ("multi", b"line1\r\nline2"),
+        ("binary", &[0xff, 0]),
+        ("colon:name", b"y"),
+    ] {
+        ensure!(
+            carried_header(from_emit, name).as_deref() == Some(value),
+            "emitted header {name:?}: {:?}; headers {:?}",
+            carried_header(from_emit, name),
+            from_emit.headers
+        );
+    }
+    let from_corr = emitted
+        .iter()
+        .find(|e| e.value.starts_with(b"emitted:{"))
+        .ok_or_else(|| anyhow!("no emitted event of the correlated message: {emitted:?}"))?;
+    ensure!(
+        carried_header(from_corr, "correlation_id").as_deref() == Some(&b"line1\nline2"[..]),
+        "the correlation id did not travel: {:?}",
+        from_corr.headers
     );
     Ok(())
 }

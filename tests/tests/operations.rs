@@ -10,7 +10,8 @@
 //!   each is handled again exactly once (replaying twice included), and
 //!   purges what its filter selects, leaving the rest;
 //! - `weir replay --reset-state` rebuilds a projection from its input: the
-//!   rebuilt state equals what the first run built.
+//!   rebuilt state equals what the first run built; where the broker cannot
+//!   rewind (a queue), it fails having forgotten nothing.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -163,7 +164,12 @@ fn listed(deployment: &weir_tests::Deployment, args: &[&str]) -> Result<Value> {
     let mut all = vec!["dlq", "list"];
     all.extend(args);
     all.push("--json");
-    let out = deployment.weir(&all)?;
+    let (out, err) = deployment.weir_output(&all)?;
+    // The normal end of a partition is no error.
+    ensure!(
+        !err.contains("PartitionEOF"),
+        "weir dlq list reported the end of a partition as an error: {err}"
+    );
     serde_json::from_str(&out).with_context(|| format!("weir dlq list output: {out}"))
 }
 
@@ -595,6 +601,146 @@ fn kafka_dead_letters_are_listed_replayed_once_and_purged() -> Result<()> {
 #[test]
 fn nats_dead_letters_are_listed_replayed_once_and_purged() -> Result<()> {
     dead_letters_are_listed_replayed_once_and_purged(BrokerKind::Nats)
+}
+
+/// A replay the broker cannot do forgets nothing: a queue has no position
+/// to move back to, so `weir replay --reset-state --yes` fails, and the
+/// state, the dedup marks and the plan are as they were; a weir started
+/// again handles nothing twice.
+fn a_refused_replay_forgets_nothing(kind: BrokerKind) -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let broker = kind.start()?;
+    let broker: &dyn TestBroker = broker.as_ref();
+    broker.create_topic("events", 1)?;
+    broker.create_output_topic("counts")?;
+    let deployment = broker.deployment()?;
+    deployment.add_handler(
+        "counter",
+        "counter",
+        "topics = [\"events\"]\n\n[config]\noutput_topic = \"counts\"\n",
+    )?;
+    let records: Vec<Record> = (0..6)
+        .map(|i| record(&format!("k{}", i % 2), &format!("ev-{i}")))
+        .collect();
+    broker.produce("events", &records)?;
+    let expected: BTreeMap<String, String> = (0..2)
+        .map(|k| (format!("count/k{k}"), "3".to_string()))
+        .collect();
+    let port = free_port()?;
+    deployment.admin_port(port)?;
+    let mut weir = deployment.start("first")?;
+    let log = weir.log.clone();
+    poll_until(
+        WAIT,
+        "every event counted",
+        || {
+            Ok(counts(&deployment)
+                .ok()
+                .filter(|c| *c == expected)
+                .map(|_| ()))
+        },
+        || format!("log: {}", log.display()),
+    )?;
+    // Through the running weir's admin API: refused, and nothing forgotten.
+    let (code, body) = post_json(
+        port,
+        "/handlers/counter/replay",
+        &deployment.admin_token()?,
+        &serde_json::json!({"from": "earliest", "reset_state": true}),
+        WAIT,
+    )?;
+    ensure!(
+        code != 200 && body.contains("nothing was forgotten"),
+        "admin replay on {}: {code} {body}",
+        kind.name()
+    );
+    ensure!(
+        counts(&deployment)? == expected,
+        "the refused admin replay changed the state: {:?}",
+        counts(&deployment)
+    );
+    stop(&mut weir)?;
+    // From the command line, on a stopped weir: refused the same way.
+    let refused = deployment.weir(&[
+        "replay",
+        "counter",
+        "--from",
+        "earliest",
+        "--reset-state",
+        "--yes",
+    ]);
+    ensure!(
+        refused
+            .as_ref()
+            .is_err_and(|e| format!("{e:#}").contains("nothing was forgotten")),
+        "a replay on {}: {refused:?}",
+        kind.name()
+    );
+    ensure!(
+        counts(&deployment)? == expected,
+        "the refused replay changed the state: {:?}",
+        counts(&deployment)
+    );
+    Ok(())
+}
+
+/// SIGTERM while weir is still starting (compiling a large Python
+/// component cold takes seconds) stops it cleanly: exit 0, said in the log,
+/// not death by the signal.
+#[test]
+fn sigterm_during_start_up_is_a_clean_stop() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let broker = BrokerKind::Kafka.start()?;
+    let deployment = broker.deployment()?;
+    deployment.add_handler("noop-py", "slow", "topics = [\"events\"]\n")?;
+    let mut weir = deployment.start("start-up")?;
+    let log = weir.log.clone();
+    poll_until(
+        WAIT,
+        "weir to say it is starting",
+        || {
+            Ok(weir
+                .records()
+                .iter()
+                .any(|r| r["message"] == "starting")
+                .then_some(()))
+        },
+        || format!("log: {}", log.display()),
+    )?;
+    let status = weir.terminate(WAIT)?;
+    let records = weir.records();
+    ensure!(
+        !records.iter().any(|r| r["message"] == "handlers loaded"),
+        "start-up finished before the signal came, so this shows nothing; log: {}",
+        log.display()
+    );
+    ensure!(
+        status.success(),
+        "weir exited with {status} on SIGTERM during start-up; log: {}",
+        log.display()
+    );
+    ensure!(
+        records
+            .iter()
+            .any(|r| r["message"] == "stopped during start-up"),
+        "no word of the stop in the log: {}",
+        log.display()
+    );
+    Ok(())
+}
+
+#[test]
+fn rabbitmq_a_refused_replay_forgets_nothing() -> Result<()> {
+    a_refused_replay_forgets_nothing(BrokerKind::Rabbit)
+}
+
+#[test]
+fn sqs_a_refused_replay_forgets_nothing() -> Result<()> {
+    a_refused_replay_forgets_nothing(BrokerKind::Sqs)
 }
 
 #[test]

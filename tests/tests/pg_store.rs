@@ -363,6 +363,56 @@ async fn marks_expire_through_the_index_and_attempts_are_shared() -> Result<()> 
     Ok(())
 }
 
+/// However many marks come due, one sweep deletes them all: 10,000 marks
+/// that come due together (an hour from now: the sweeper, which sweeps
+/// what is due at the time, leaves them alone meanwhile) leave none behind
+/// after one sweep at that hour. A sweep used to delete 1,024 at most, once
+/// a second, so above that rate the table grew without bound. Prints the
+/// sweep's rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_sweep_keeps_up_with_any_rate_of_expiring_marks() -> Result<()> {
+    let Some((_guard, server, a, _b)) = two_stores("weir").await? else {
+        return Ok(());
+    };
+    const MARKS: usize = 10_000;
+    let writes: Vec<_> = (0..MARKS)
+        .map(|i| {
+            a.write(Write::Finished {
+                handler: "h".into(),
+                id: format!("due-{i}"),
+                ttl: Duration::from_secs(3600),
+                dedup: true,
+                effects: None,
+            })
+        })
+        .collect();
+    for write in futures_util::future::join_all(writes).await {
+        write?;
+    }
+    let count = || -> Result<usize> {
+        Ok(server
+            .query("SELECT count(*) FROM weir.dedup WHERE event_id LIKE 'due-%'")?
+            .trim()
+            .parse()?)
+    };
+    ensure!(count()? == MARKS, "marks missing before the sweep");
+    let later = std::time::SystemTime::now() + Duration::from_secs(3601);
+    let started = std::time::Instant::now();
+    let removed = a.sweep_expired(later).await?;
+    let took = started.elapsed();
+    let left = count()?;
+    ensure!(
+        left == 0 && removed as usize == MARKS,
+        "one sweep removed {removed} and left {left} of {MARKS} due marks"
+    );
+    eprintln!(
+        "one sweep deleted {removed} due marks in {:.0} ms ({:.0} marks/s)",
+        took.as_secs_f64() * 1000.0,
+        removed as f64 / took.as_secs_f64().max(1e-9)
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_schema_from_a_newer_weir_is_refused_and_schemas_are_apart() -> Result<()> {
     let Some((_guard, server, a, _b)) = two_stores("weir").await? else {

@@ -56,7 +56,7 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     deployment.add_handler(
         "hostile",
         "granted",
-        "topics = [\"granted\"]\n[sandbox]\nenv = { GREETING = \"hi\" }\ndirs = { \"/data\" = \"granted-data\" }\n",
+        "topics = [\"granted\"]\n[retry]\nmax_attempts = 1\n[limits]\ntimeout = \"5s\"\n[sandbox]\nenv = { GREETING = \"hi\" }\ndirs = { \"/data\" = \"granted-data\" }\n",
     )?;
     std::fs::create_dir_all(deployment.handlers().join("granted-data"))?;
     std::fs::write(
@@ -64,8 +64,14 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
         "hi from the host",
     )?;
 
+    // A granted file whose read blocks in the host until a writer comes.
+    let fifo = deployment.handlers().join("granted-data/blocked");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status()?;
+    ensure!(made.success(), "mkfifo {}: {made}", fifo.display());
+
     let requests = [
         "loop",
+        "sleep",
         "alloc-4g",
         "grow",
         "stack-overflow",
@@ -92,10 +98,15 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     let mut weir = deployment.start("sandbox")?;
     kafka.produce("hostile", &hostile)?;
     kafka.produce("metered", &hostile[..1])?;
-    let granted_requests: Vec<Record> = ["read-env", "read:/data/hello.txt", "write:/data/new.txt"]
-        .iter()
-        .map(|r| Record::request("hostile.do", r))
-        .collect();
+    let granted_requests: Vec<Record> = [
+        "read-env",
+        "read:/data/hello.txt",
+        "write:/data/new.txt",
+        "read:/data/blocked",
+    ]
+    .iter()
+    .map(|r| Record::request("hostile.do", r))
+    .collect();
     kafka.produce("granted", &granted_requests)?;
     kafka.produce("steady", &steady(10..20))?;
 
@@ -127,6 +138,8 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
         Ok(())
     };
     expect("loop", &["timeout", "2s"], "2")?;
+    // Waiting in the host is bounded by the same timeout.
+    expect("sleep", &["timeout", "2s", "host call"], "2")?;
     expect("alloc-4g", &["memory limit", "32 MiB"], "2")?;
     expect("grow", &["memory limit", "32 MiB"], "2")?;
     expect("stack-overflow", &["stack overflow"], "2")?;
@@ -146,7 +159,7 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
         "metered loop: {error:?}"
     );
 
-    let granted = dead_letters(&kafka, "granted.dlq", 3, &weir)?;
+    let granted = dead_letters(&kafka, "granted.dlq", 4, &weir)?;
     let report = |request: &str| -> String {
         granted
             .iter()
@@ -168,6 +181,11 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
         report("write:/data/new.txt").contains("write /data/new.txt denied"),
         "granted directory is read-only: {:?}",
         report("write:/data/new.txt")
+    );
+    let blocked = report("read:/data/blocked");
+    ensure!(
+        blocked.contains("timeout") && blocked.contains("5s") && blocked.contains("host call"),
+        "a read blocked in the host: {blocked:?}"
     );
     ensure!(
         !deployment.handlers().join("granted-data/new.txt").exists(),

@@ -1,5 +1,6 @@
 //! Reaching real deployments: `weir run` over TLS to the brokers and the
-//! store, each a real server (tansu behind stunnel, redis-server's TLS
+//! store (and SASL/SCRAM to Kafka), each a real server (tansu behind
+//! stunnel, with SCRAM users in SQLite storage for SASL, redis-server's TLS
 //! port, nats-server with `--tls`, RabbitMQ's TLS listener, PostgreSQL
 //! with `ssl=on`) with certificates the test makes; a
 //! wrong CA is an error naming the endpoint, never a silent plaintext
@@ -128,6 +129,71 @@ fn kafka_over_tls_consumes_and_a_wrong_ca_is_named() -> Result<()> {
     // the shutdown timeout: librdkafka's close waits on the unreachable
     // group coordinator. Killed here; stopping it is a known gap.)
     weir.kill()?;
+    Ok(())
+}
+
+/// A managed Kafka's usual setup, `SASL_SSL` with SCRAM-SHA-512 (tansu
+/// requiring authentication, behind stunnel): weir authenticates with a
+/// password from the environment and consumes; a wrong password is an
+/// authentication error in the log, without the password, and nothing is
+/// consumed.
+#[test]
+fn kafka_over_sasl_ssl_authenticates_and_a_wrong_password_is_refused() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let certs = Certificates::new()?;
+    let password = "scram-Pa55word-for-alice";
+    let (broker, _stunnel) = Broker::start_sasl_behind_tls(&certs, "alice", password)?;
+    let kafka = KafkaTool::for_sasl(&broker.bootstrap, &certs.ca, "alice", password)?;
+    kafka.create_topic("events", 2)?;
+    kafka.produce("events", &records(12))?;
+    let source = format!(
+        "[source.kafka]\nbootstrap_servers = \"{}\"\n\n[source.kafka.properties]\n\
+         \"security.protocol\" = \"SASL_SSL\"\n\"ssl.ca.location\" = \"{}\"\n\
+         \"sasl.mechanisms\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"alice\"\n\
+         \"sasl.password\" = \"${{KAFKA_PASSWORD}}\"\n",
+        broker.bootstrap,
+        certs.ca.display()
+    );
+    let deployment = Deployment::with_source(&source)?;
+    deployment.add_handler("sdk-probe", "probe", "topics = [\"events\"]\n")?;
+    let port = free_port()?;
+    deployment.admin_port(port)?;
+    let mut weir = deployment.start_with_env("sasl", &[("KAFKA_PASSWORD", password)])?;
+    handled(port, "events", 12, &weir.log)?;
+    stop(&mut weir)?;
+    let text = std::fs::read_to_string(&weir.log)?;
+    ensure!(!text.contains(password), "the password is in the log");
+
+    let wrong_password = "not-alices-password";
+    let wrong = Deployment::with_source(&source)?;
+    wrong.add_handler("sdk-probe", "probe", "topics = [\"events\"]\n")?;
+    let port = free_port()?;
+    wrong.admin_port(port)?;
+    let mut weir = wrong.start_with_env("wrong-password", &[("KAFKA_PASSWORD", wrong_password)])?;
+    let line = said(
+        &weir.log,
+        "weir to say the broker refused the credentials",
+        &["uthentication"],
+    )?;
+    ensure!(
+        !line.contains("\"level\":\"INFO\""),
+        "an authentication failure logged as information: {line}"
+    );
+    not_ready(port, &weir.log)?;
+    let (_, metrics) = get(port, "/metrics")?;
+    ensure!(
+        !metrics.contains("status=\"handled\"} 1"),
+        "something was handled without authenticating"
+    );
+    // (As with the wrong CA above: killed, not stopped.)
+    weir.kill()?;
+    let text = std::fs::read_to_string(&weir.log)?;
+    ensure!(
+        !text.contains(wrong_password),
+        "the wrong password is in the log"
+    );
     Ok(())
 }
 

@@ -152,7 +152,7 @@ impl From<v0_1::weir::handler::types::HandlerError> for Failure {
         };
         Failure {
             kind,
-            message,
+            message: bounded_reason(message),
             poisoned: false,
             category: None,
         }
@@ -239,11 +239,32 @@ impl From<v0_2::weir::handler::types::HandlerError> for Failure {
         };
         Failure {
             kind,
-            message,
+            message: bounded_reason(message),
             poisoned: false,
             category: category.as_ref().map(category_name),
         }
     }
+}
+
+/// Longest failure reason kept, in bytes: it goes into every log line of
+/// the attempt and into the dead letter's `weir.error` header, which must
+/// stay well inside every broker's message size limit.
+pub const MAX_REASON: usize = 8 << 10;
+
+/// A guest's failure reason, cut to [`MAX_REASON`] bytes (at a character
+/// boundary) with the number of bytes left out said at the end.
+fn bounded_reason(mut reason: String) -> String {
+    if reason.len() <= MAX_REASON {
+        return reason;
+    }
+    let mut cut = MAX_REASON;
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let left_out = reason.len() - cut;
+    reason.truncate(cut);
+    reason.push_str(&format!("… ({left_out} more bytes left out)"));
+    reason
 }
 
 /// Longest category name kept from `other(…)`.
@@ -299,6 +320,18 @@ fn sanitize_category(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn long_reasons_are_cut_at_a_character_boundary() {
+        let long = "é".repeat(MAX_REASON);
+        let cut = bounded_reason(long.clone());
+        assert!(cut.len() < MAX_REASON + 64, "{}", cut.len());
+        assert!(cut.ends_with(&format!(
+            "({} more bytes left out)",
+            long.len() - MAX_REASON
+        )));
+        assert_eq!(bounded_reason("short\nreason".into()), "short\nreason");
+    }
+
     use super::v0_2::weir::handler::types as wit;
     use super::*;
 

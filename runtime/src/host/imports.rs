@@ -148,7 +148,9 @@ macro_rules! serve {
                     StateFailure::ValueTooLarge(n) => Self::ValueTooLarge(n),
                     StateFailure::TooManyWrites(n) => Self::TooManyWrites(n),
                     StateFailure::TransactionTooLarge(n) => Self::TransactionTooLarge(n),
-                    StateFailure::Unavailable(m) => Self::Unavailable(m),
+                    StateFailure::Unavailable(m) | StateFailure::InvalidKey(m) => {
+                        Self::Unavailable(m)
+                    }
                 }
             }
         }

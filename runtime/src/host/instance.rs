@@ -7,7 +7,10 @@
 //! Instantiation and calls are futures run on the async runtime (see
 //! "Calls" in `host/mod.rs`): a guest yields at every epoch tick, and the
 //! tick that finds its timeout passed interrupts it (the same trap, and the
-//! same `timeout` failure, as a deadline counted in ticks).
+//! same `timeout` failure, as a deadline counted in ticks). A call waiting
+//! in the host (a sleep, a poll, a file read) runs no guest code for a tick
+//! to stop, so every call and instantiation is also raced against the same
+//! deadline on the runtime's timer.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -180,7 +183,10 @@ impl CompiledHandler {
         let stdout = GuestOutput::new(self.name.clone(), "stdout");
         let stderr = GuestOutput::new(self.name.clone(), "stderr");
         let mut wasi = WasiCtx::builder();
-        wasi.allow_blocking_current_thread(true)
+        // File operations on granted directories run on the blocking pool,
+        // never on a runtime thread, so that a read that blocks (a FIFO, a
+        // stalled network file system) is still cut off by the timeout.
+        wasi.allow_blocking_current_thread(false)
             .envs(&self.env)
             .stdout(stdout.clone())
             .stderr(stderr.clone());
@@ -228,16 +234,30 @@ impl CompiledHandler {
             let _ = store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
         }
         let outputs = [stdout, stderr];
-        let bindings = match &self.pre {
-            WorldPre::V0_1(pre) => pre.instantiate_async(&mut store).await.map(World::V0_1),
-            WorldPre::V0_2(pre) => pre.instantiate_async(&mut store).await.map(World::V0_2),
+        let deadline = tokio::time::Instant::from_std(store.data().deadline);
+        let instantiate = async {
+            match &self.pre {
+                WorldPre::V0_1(pre) => pre.instantiate_async(&mut store).await.map(World::V0_1),
+                WorldPre::V0_2(pre) => pre.instantiate_async(&mut store).await.map(World::V0_2),
+            }
         };
+        // As in `handle`: a start function waiting in the host times out too.
+        let bindings = tokio::time::timeout_at(deadline, instantiate).await;
         outputs.iter().for_each(GuestOutput::end);
-        let bindings = bindings.map_err(|err| {
-            let failure = Failure::from_trap(&err, self.limits, "instantiating");
-            log_trap(&self.name, &self.version, None, &failure, &err);
-            failure
-        })?;
+        let bindings = match bindings {
+            Ok(Ok(bindings)) => bindings,
+            Ok(Err(err)) => {
+                let failure = Failure::from_trap(&err, self.limits, "instantiating");
+                log_trap(&self.name, &self.version, None, &failure, &err);
+                return Err(failure);
+            }
+            Err(_elapsed) => {
+                let failure = Failure::host_timeout(self.limits, "instantiating");
+                tracing::warn!(handler = %self.name, version = %self.version,
+                    error = %failure.message, "handler timed out in a host call");
+                return Err(failure);
+            }
+        };
         Ok(HandlerInstance {
             metered: self.metered,
             name: self.name.clone(),
@@ -346,6 +366,22 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// A call stopped at its deadline while it waited in the host, where
+    /// the epoch interruption cannot reach it.
+    fn host_timeout(limits: Limits, during: &str) -> Self {
+        Failure {
+            kind: FailureKind::Retryable,
+            message: format!(
+                "timeout: {during} ran longer than the limit of {} (waiting in a host call: a sleep, a poll or a file read)",
+                humantime::format_duration(limits.timeout)
+            ),
+            poisoned: true,
+            category: None,
+        }
+    }
+}
+
 /// Logs a trap or limit with the handler's name and version and the guest's
 /// backtrace (function names when the component keeps its name section).
 fn log_trap(
@@ -414,24 +450,32 @@ impl HandlerInstance {
             let _ = self.store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX));
         }
         let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(self.store.data().deadline);
         // The event in the shape of the contract the component was built
         // for; its error back as a version-neutral failure.
-        let result = match &self.bindings {
-            World::V0_1(bindings) => bindings
-                .call_handle(
-                    &mut self.store,
-                    &v0_1::weir::handler::types::Event::from(event),
-                )
-                .await
-                .map(|r| r.map_err(Failure::from)),
-            World::V0_2(bindings) => bindings
-                .call_handle(
-                    &mut self.store,
-                    &v0_2::weir::handler::types::Event::from(event),
-                )
-                .await
-                .map(|r| r.map_err(Failure::from)),
+        let call = async {
+            match &self.bindings {
+                World::V0_1(bindings) => bindings
+                    .call_handle(
+                        &mut self.store,
+                        &v0_1::weir::handler::types::Event::from(event),
+                    )
+                    .await
+                    .map(|r| r.map_err(Failure::from)),
+                World::V0_2(bindings) => bindings
+                    .call_handle(
+                        &mut self.store,
+                        &v0_2::weir::handler::types::Event::from(event),
+                    )
+                    .await
+                    .map(|r| r.map_err(Failure::from)),
+            }
         };
+        // The epoch deadline stops guest code; this one stops a call that
+        // waits in the host (a sleep, a poll, a blocked file read), where
+        // no epoch tick reaches it. Dropping the call leaves the store
+        // unusable, so the instance is poisoned either way.
+        let result = tokio::time::timeout_at(deadline, call).await;
         for output in &self.outputs {
             output.end();
         }
@@ -444,11 +488,18 @@ impl HandlerInstance {
             "handle returned"
         );
         match result {
-            Ok(Ok(())) => Outcome::Handled(txn.map(Transaction::finish).unwrap_or_default()),
-            Ok(Err(failure)) => Outcome::Failed(failure),
-            Err(err) => {
+            Ok(Ok(Ok(()))) => Outcome::Handled(txn.map(Transaction::finish).unwrap_or_default()),
+            Ok(Ok(Err(failure))) => Outcome::Failed(failure),
+            Ok(Err(err)) => {
                 let failure = Failure::from_trap(&err, self.limits, "handling the event");
                 log_trap(&self.name, &self.version, origin.as_ref(), &failure, &err);
+                Outcome::Failed(failure)
+            }
+            Err(_elapsed) => {
+                let failure = Failure::host_timeout(self.limits, "handling the event");
+                tagged_event!(target: module_path!(), tracing::Level::WARN, origin.as_ref(), stream,
+                    handler = %self.name, version = %self.version, error = %failure.message,
+                    "handler timed out in a host call");
                 Outcome::Failed(failure)
             }
         }

@@ -15,9 +15,12 @@
 //! runtime like everything else: no thread hand-off per call. A guest
 //! cannot hold a runtime thread: at every epoch tick ([`EPOCH_TICK`]) it
 //! yields to other tasks, and the first tick past its timeout interrupts it
-//! (a trap, reported as a `timeout` failure). Host functions (state reads,
-//! emits, logs) are synchronous and short: they read the embedded store or
-//! buffer in memory.
+//! (a trap, reported as a `timeout` failure). A call that waits in the host
+//! instead (a WASI sleep or poll, a read of a granted file, which runs on
+//! the blocking pool) is raced against the same deadline on the runtime's
+//! timer, so the timeout bounds the whole call. Weir's own host functions
+//! (state reads, emits, logs) are synchronous and short: they read the
+//! embedded store or buffer in memory.
 
 /// Emits a tracing event at a constant `$level`, tagged with the event
 /// being handled (`$at`: an `Option<&Origin>`): `topic`, `partition` and

@@ -47,6 +47,9 @@ pub enum StateFailure {
     TransactionTooLarge(u32),
     /// The database could not be read.
     Unavailable(String),
+    /// A key no store can hold; says why (the contract has no case of its
+    /// own for it: the guest sees it as `unavailable` with this text).
+    InvalidKey(String),
 }
 
 /// Why an emit failed (mirrors the WIT's `emit-error`).
@@ -104,9 +107,18 @@ impl Transaction {
             .ok_or_else(|| StateFailure::Unavailable("no snapshot".into()))
     }
 
+    /// A key every store can hold: at most [`MAX_KEY_BYTES`], and no NUL
+    /// (PostgreSQL's `text` cannot hold one; refusing it in every store
+    /// keeps a handler's state portable between them, and keeps one key
+    /// from failing a whole group commit).
     fn check_key(key: &str) -> Result<(), StateFailure> {
         if key.len() > MAX_KEY_BYTES {
             return Err(StateFailure::KeyTooLong(MAX_KEY_BYTES as u32));
+        }
+        if key.contains('\0') {
+            return Err(StateFailure::InvalidKey(
+                "a state key cannot contain NUL (U+0000)".into(),
+            ));
         }
         Ok(())
     }
@@ -458,6 +470,14 @@ mod tests {
     #[tokio::test]
     async fn limits_give_clear_errors() {
         let mut t = Transaction::new(None, "h".into());
+        assert!(matches!(
+            t.set("a\0b", b"v".to_vec()),
+            Err(StateFailure::InvalidKey(_))
+        ));
+        assert!(matches!(
+            t.get("\0").await,
+            Err(StateFailure::InvalidKey(_))
+        ));
         let long = "k".repeat(MAX_KEY_BYTES + 1);
         assert_eq!(
             t.set(&long, vec![]),

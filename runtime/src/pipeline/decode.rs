@@ -4,7 +4,7 @@ use sha2::{Digest, Sha256};
 
 use crate::host::Event;
 use crate::message::Message;
-use crate::registry::{IdSource, KeySource};
+use crate::registry::{DlqSettings, IdSource, KeySource};
 
 /// Longest event id kept as it is; a longer one (from a header or the
 /// payload) is replaced by `sha256:<hex>` of it, so a hostile or careless
@@ -12,20 +12,28 @@ use crate::registry::{IdSource, KeySource};
 pub const MAX_ID_LEN: usize = 256;
 
 /// The event's identity: a replayed dead letter's `weir.replay-id` (see
-/// `pipeline/dlq.rs`), else the first of `sources` that yields a non-empty
-/// id, else the broker position (`<topic>/<partition>/<offset>`,
+/// [`super::dlq::REPLAY_ID`]), else the first of `sources` that yields a
+/// non-empty id, else the broker position (`<topic>/<partition>/<offset>`,
 /// `<stream>/<sequence>`). Malformed payloads or non-UTF-8 headers simply
-/// yield nothing. Ids longer than [`MAX_ID_LEN`] bytes are digested.
-pub fn event_id(message: &Message, sources: &[IdSource]) -> String {
+/// yield nothing. Ids longer than [`MAX_ID_LEN`] bytes, or with a NUL,
+/// are digested (see [`cap`]).
+///
+/// A `weir.replay-id` counts only in the shape a replay of this topic's
+/// dead letters gives it: `<id>#replay:<dlq>/<position>`, `dlq` being where
+/// the topic's dead letters go. Any other value (a producer's own header)
+/// is ignored, so a producer cannot override the manifest's id sources with
+/// an id of its choosing (only a replay's namespace, which no other id
+/// source can reach unless it yields such ids itself).
+pub fn event_id(message: &Message, sources: &[IdSource], dlq: &DlqSettings) -> String {
     let replayed = message
         .header(super::dlq::REPLAY_ID)
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(|id| id.trim().to_string())
-        .filter(|id| !id.is_empty());
+        .filter(|id| id.contains(&format!("#replay:{}/", dlq.destination(&message.topic))));
     if let Some(id) = replayed {
         return cap(id);
     }
-    sources
+    cap(sources
         .iter()
         .find_map(|source| {
             match source {
@@ -37,12 +45,14 @@ pub fn event_id(message: &Message, sources: &[IdSource]) -> String {
             }
             .filter(|id| !id.is_empty())
         })
-        .map(cap)
-        .unwrap_or_else(|| message.position.fallback_id(&message.topic))
+        .unwrap_or_else(|| message.position.fallback_id(&message.topic)))
 }
 
+/// `id` as it is kept: as it is, unless it is longer than [`MAX_ID_LEN`]
+/// or holds a NUL (which PostgreSQL's `text` cannot store, and which would
+/// fail every lookup and commit batched with it): then `sha256:<hex>` of it.
 fn cap(id: String) -> String {
-    if id.len() <= MAX_ID_LEN {
+    if id.len() <= MAX_ID_LEN && !id.contains('\0') {
         return id;
     }
     let digest = Sha256::digest(id.as_bytes());
@@ -103,6 +113,11 @@ pub fn to_event(message: Message, id: String, attempt: u32) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dead letters of `orders` go to `orders.dlq`.
+    fn dlq() -> DlqSettings {
+        DlqSettings::default()
+    }
     use crate::message::Position;
 
     fn message(headers: Vec<(&str, &[u8])>) -> Message {
@@ -131,29 +146,49 @@ mod tests {
     fn id_prefers_ce_id_then_event_id_then_position() {
         let d = defaults();
         assert_eq!(
-            event_id(&message(vec![("event_id", b"e"), ("ce_id", b"c")]), &d),
+            event_id(
+                &message(vec![("event_id", b"e"), ("ce_id", b"c")]),
+                &d,
+                &dlq()
+            ),
             "c"
         );
-        assert_eq!(event_id(&message(vec![("event_id", b"e")]), &d), "e");
-        assert_eq!(event_id(&message(vec![]), &d), "orders/2/41");
+        assert_eq!(
+            event_id(&message(vec![("event_id", b"e")]), &d, &dlq()),
+            "e"
+        );
+        assert_eq!(event_id(&message(vec![]), &d, &dlq()), "orders/2/41");
         let mut nats = message(vec![]);
         nats.position = Position::JetStream {
             stream: "ORDERS".into(),
             sequence: 9,
             delivered: 1,
         };
-        assert_eq!(event_id(&nats, &d), "ORDERS/9");
+        assert_eq!(event_id(&nats, &d, &dlq()), "ORDERS/9");
         // A replayed dead letter's id comes first.
         assert_eq!(
             event_id(
                 &message(vec![
                     ("event_id", b"e"),
-                    ("weir.replay-id", b"e#replay:x/0@1")
+                    ("weir.replay-id", b"e#replay:orders.dlq/0@1")
                 ]),
-                &d
+                &d,
+                &dlq()
             ),
-            "e#replay:x/0@1"
+            "e#replay:orders.dlq/0@1"
         );
+        // A producer's own replay id, in any other shape, is ignored.
+        for forged in [&b"chosen-by-producer"[..], b"e#replay:other.dlq/0@1", b""] {
+            assert_eq!(
+                event_id(
+                    &message(vec![("event_id", b"e"), ("weir.replay-id", forged)]),
+                    &d,
+                    &dlq()
+                ),
+                "e",
+                "{forged:?}"
+            );
+        }
     }
 
     #[test]
@@ -162,12 +197,13 @@ mod tests {
         assert_eq!(
             event_id(
                 &message(vec![("ce_id", b"\xff\xfe"), ("event_id", b"e")]),
-                &d
+                &d,
+                &dlq()
             ),
             "e"
         );
         assert_eq!(
-            event_id(&message(vec![("ce_id", b"  ")]), &d),
+            event_id(&message(vec![("ce_id", b"  ")]), &d, &dlq()),
             "orders/2/41"
         );
     }
@@ -176,12 +212,28 @@ mod tests {
     fn overlong_ids_are_digested_consistently() {
         let d = defaults();
         let long = "x".repeat(10_000);
-        let id = event_id(&message(vec![("ce_id", long.as_bytes())]), &d);
+        let id = event_id(&message(vec![("ce_id", long.as_bytes())]), &d, &dlq());
         assert!(id.starts_with("sha256:") && id.len() == 7 + 64, "{id}");
-        assert_eq!(id, event_id(&message(vec![("ce_id", long.as_bytes())]), &d));
+        assert_eq!(
+            id,
+            event_id(&message(vec![("ce_id", long.as_bytes())]), &d, &dlq())
+        );
+        // A NUL (which PostgreSQL cannot store) is digested too, from a
+        // header as from a broker position.
+        let nul = event_id(&message(vec![("ce_id", b"a\0b")]), &d, &dlq());
+        assert!(nul.starts_with("sha256:") && !nul.contains('\0'), "{nul}");
+        let mut rabbit = message(vec![]);
+        rabbit.position = Position::Rabbit {
+            exchange: String::new(),
+            routing_key: "q".into(),
+            delivery_tag: 1,
+            redelivered: false,
+            message_id: Some("m\0".into()),
+        };
+        assert!(event_id(&rabbit, &d, &dlq()).starts_with("sha256:"));
         let edge = "y".repeat(MAX_ID_LEN);
         assert_eq!(
-            event_id(&message(vec![("ce_id", edge.as_bytes())]), &d),
+            event_id(&message(vec![("ce_id", edge.as_bytes())]), &d, &dlq()),
             edge
         );
     }
@@ -191,11 +243,11 @@ mod tests {
         let sources = vec![IdSource::JsonPointer("/meta/id".into())];
         let mut m = message(vec![]);
         m.payload = br#"{"meta": {"id": "abc"}}"#.to_vec();
-        assert_eq!(event_id(&m, &sources), "abc");
+        assert_eq!(event_id(&m, &sources, &dlq()), "abc");
         m.payload = br#"{"meta": {"id": 42}}"#.to_vec();
-        assert_eq!(event_id(&m, &sources), "42");
+        assert_eq!(event_id(&m, &sources, &dlq()), "42");
         m.payload = b"not json".to_vec();
-        assert_eq!(event_id(&m, &sources), "orders/2/41");
+        assert_eq!(event_id(&m, &sources, &dlq()), "orders/2/41");
     }
 
     #[test]

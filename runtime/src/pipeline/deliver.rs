@@ -538,6 +538,6 @@ pub(super) fn event_of(
     message: crate::message::Message,
     manifest: &crate::registry::Manifest,
 ) -> Event {
-    let id = decode::event_id(&message, &manifest.dedup.id);
+    let id = decode::event_id(&message, &manifest.dedup.id, &manifest.dlq);
     decode::to_event(message, id, 1)
 }

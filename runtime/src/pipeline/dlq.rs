@@ -6,7 +6,9 @@ use std::time::SystemTime;
 use crate::host::{Event, Failure};
 
 /// Headers a dead letter gets on top of the original message's (see
-/// [`headers`]); a replay (`weir dlq replay`) takes them off again.
+/// [`headers`]); a replay (`weir dlq replay`) takes them off again. An
+/// original header of one of these names is kept renamed (see
+/// [`kept_name`]).
 pub const ADDED: &[&str] = &[
     "weir.handler",
     "weir.error",
@@ -43,7 +45,11 @@ pub fn headers(
     attempts: u32,
 ) -> Vec<(String, Vec<u8>)> {
     let failed_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    let mut headers = event.headers.clone();
+    let mut headers: Vec<(String, Vec<u8>)> = event
+        .headers
+        .iter()
+        .map(|(name, value)| (kept_name(name), value.clone()))
+        .collect();
     for (name, value) in [
         ("weir.handler", handler.to_string()),
         ("weir.error", failure.message.clone()),
@@ -72,14 +78,49 @@ pub fn headers(
     headers
 }
 
+/// The name an original header keeps in its dead letter: its own, unless it
+/// is one Weir adds to dead letters (see [`ADDED`]; any `weir.origin.*`),
+/// which becomes `x-<name>`. A dead letter's `weir.*` headers are then always
+/// Weir's own: a producer that sets `weir.origin.topic` on its message
+/// cannot steer where `weir dlq replay` sends it.
+fn kept_name(name: &str) -> String {
+    if ADDED.contains(&name) || name.starts_with("weir.origin.") {
+        format!("x-{name}")
+    } else {
+        name.to_string()
+    }
+}
+
+/// The contract's error categories (`weir:handler` 0.2.0), as
+/// `Failure::category` names them.
+const KNOWN_CATEGORIES: &[&str] = &[
+    "timeout",
+    "service-unavailable",
+    "rate-limited",
+    "validation",
+    "schema-mismatch",
+    "not-found",
+    "conflict",
+    "unauthorized",
+    "configuration",
+    "internal",
+];
+
 /// What failed, in one word, for the `error_type` label of
-/// `dlq_messages_total`: the handler's error category where it named one,
+/// `dlq_messages_total`: the handler's error category where it named one
+/// (one of the contract's, else `other`),
 /// else what the runtime saw (`timeout`, `trap`, `memory_limit`,
 /// `fuel_limit`, `table_limit`), else the error kind (`retryable`,
 /// `retry-after`, `permanent`).
 pub fn error_type(failure: &Failure) -> &str {
     if let Some(category) = failure.category.as_deref() {
-        return category;
+        // A label value per name a handler makes up would grow the metric
+        // without bound: names outside the contract's list count as `other`.
+        return KNOWN_CATEGORIES
+            .iter()
+            .find(|known| **known == category)
+            .copied()
+            .unwrap_or("other");
     }
     runtime_failure(&failure.message).unwrap_or(failure.kind.as_str())
 }
@@ -104,6 +145,48 @@ pub fn runtime_failure(error: &str) -> Option<&'static str> {
 mod tests {
     use super::*;
     use crate::host::FailureKind;
+
+    #[test]
+    fn a_producers_weir_headers_never_pass_for_weirs_own() {
+        let event = Event {
+            id: "e1".into(),
+            topic: "orders".into(),
+            key: None,
+            payload: vec![],
+            headers: vec![
+                ("weir.origin.topic".into(), b"payments".to_vec()),
+                ("weir.origin.queue_url".into(), b"http://elsewhere".to_vec()),
+                ("weir.handler".into(), b"other".to_vec()),
+                ("weir.custom".into(), b"kept".to_vec()),
+            ],
+            position: crate::message::Position::Kafka {
+                partition: 0,
+                offset: 7,
+            },
+            timestamp_ms: None,
+            attempt: 1,
+            correlation_id: None,
+        };
+        let failure = Failure {
+            kind: FailureKind::Permanent,
+            message: "no".into(),
+            poisoned: false,
+            category: None,
+        };
+        let h = headers("probe", &event, &failure, 1);
+        let all = |n: &str| -> Vec<String> {
+            h.iter()
+                .filter(|(k, _)| k == n)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                .collect()
+        };
+        assert_eq!(all("weir.origin.topic"), ["orders"]);
+        assert_eq!(all("weir.handler"), ["probe"]);
+        assert_eq!(all("x-weir.origin.topic"), ["payments"]);
+        assert_eq!(all("x-weir.origin.queue_url"), ["http://elsewhere"]);
+        assert_eq!(all("x-weir.handler"), ["other"]);
+        assert_eq!(all("weir.custom"), ["kept"]);
+    }
 
     #[test]
     fn keeps_original_headers_and_names_the_origin() {
@@ -173,6 +256,11 @@ mod tests {
         assert_eq!(
             error_type(&failure("memory limit: …", None, Retryable)),
             "memory_limit"
+        );
+        // A category the handler made up is `other` as a label.
+        assert_eq!(
+            error_type(&failure("x", Some("my-own-thing-42"), Permanent)),
+            "other"
         );
         assert_eq!(error_type(&failure("boom", None, Retryable)), "retryable");
         assert_eq!(error_type(&failure("bad", None, Permanent)), "permanent");

@@ -597,6 +597,11 @@ impl Runtime {
         let footprint = self.store.footprint(name).await;
         let result = async {
             let footprint = footprint?;
+            // Refused before anything is forgotten (see `tools/replay.rs`).
+            self.broker
+                .rewind(&handler.manifest, &group, from, false)
+                .await
+                .map_err(|err| anyhow::anyhow!("{err:#}; nothing was forgotten"))?;
             let mut done = vec![format!(
                 "forgot {} dedup mark(s) and {} attempt count(s)",
                 footprint.marks, footprint.attempts

@@ -50,6 +50,7 @@
 pub mod embedded;
 pub mod kafka;
 pub mod nats;
+pub mod packed;
 pub mod progress;
 pub mod rabbitmq;
 pub mod redis;

@@ -537,6 +537,26 @@ impl Store {
         }
     }
 
+    /// Deletes every dedup mark due at `at`; how many. The PostgreSQL
+    /// store's sweeper does this every second by itself, with the time
+    /// then; the embedded store removes due marks within its commits, so
+    /// here it deletes nothing.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be written.
+    pub async fn sweep_expired(&self, at: std::time::SystemTime) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Redb(_) => Ok(0),
+            Backend::Postgres(store) => {
+                let ms = at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                store.sweep_expired(ms).await
+            }
+        }
+    }
+
     /// Woken whenever a commit added outbox rows (PostgreSQL: a commit of
     /// any process, while this one holds the relay lease).
     pub fn outbox_ready(&self) -> Arc<Notify> {

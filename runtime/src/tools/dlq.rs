@@ -256,7 +256,7 @@ pub async fn list<A: Archive>(
 /// When the broker does not acknowledge a replayed message.
 pub async fn replay<P: Publisher>(
     publisher: &P,
-    letters: &[DeadLetter],
+    letters: &[&DeadLetter],
     now: SystemTime,
 ) -> anyhow::Result<usize> {
     let mut sent = 0;

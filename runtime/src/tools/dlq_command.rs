@@ -1,6 +1,7 @@
 //! The `weir dlq` command: which dead-letter topics a target means, the
 //! broker to read them from, and what is printed.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -43,13 +44,8 @@ pub struct Request {
     pub json: bool,
 }
 
-/// The dead-letter topics `target` means, given the handlers in `dir`, and
-/// the handler it names (if it names one).
-///
-/// # Errors
-///
-/// When the handlers directory cannot be read, or a manifest is invalid.
-pub fn resolve(dir: &Path, target: Option<&str>) -> anyhow::Result<(Vec<String>, Option<String>)> {
+/// The handlers in `dir` (those with a manifest and a component), by name.
+fn handlers_in(dir: &Path) -> anyhow::Result<Vec<(String, Manifest)>> {
     let mut handlers: Vec<(String, Manifest)> = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|err| {
         anyhow::anyhow!(
@@ -68,6 +64,33 @@ pub fn resolve(dir: &Path, target: Option<&str>) -> anyhow::Result<(Vec<String>,
         }
     }
     handlers.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(handlers)
+}
+
+/// Where Weir itself would write a dead letter: (dead-letter topic, handler,
+/// origin topic) for every topic of every handler in `dir`. A replay goes
+/// only along these routes, so a message shaped like a dead letter (a
+/// producer can write one into a dead-letter topic, or set `weir.*` headers
+/// of its own) can never make `weir dlq replay` publish to a topic of its
+/// choosing.
+fn routes(handlers: &[(String, Manifest)]) -> BTreeSet<(String, String, String)> {
+    handlers
+        .iter()
+        .flat_map(|(name, manifest)| {
+            manifest
+                .topics
+                .iter()
+                .map(|topic| (manifest.dlq.destination(topic), name.clone(), topic.clone()))
+        })
+        .collect()
+}
+
+/// The dead-letter topics `target` means, given `handlers`, and the handler
+/// it names (if it names one).
+fn resolve(
+    handlers: &[(String, Manifest)],
+    target: Option<&str>,
+) -> anyhow::Result<(Vec<String>, Option<String>)> {
     let dlqs_of = |manifest: &Manifest| -> Vec<String> {
         manifest
             .topics
@@ -109,7 +132,9 @@ pub fn resolve(dir: &Path, target: Option<&str>) -> anyhow::Result<(Vec<String>,
 /// When the broker cannot be reached or refuses, or the request is not
 /// allowed (a purge of everything without `--all`).
 pub async fn run(config: &Config, request: Request) -> anyhow::Result<String> {
-    let (dlqs, handler) = resolve(&config.runtime.handlers_dir, request.target.as_deref())?;
+    let handlers = handlers_in(&config.runtime.handlers_dir)?;
+    let routes = routes(&handlers);
+    let (dlqs, handler) = resolve(&handlers, request.target.as_deref())?;
     if dlqs.is_empty() {
         anyhow::bail!(
             "no dead-letter topic to read: no handler in {} (name a topic to read it directly)",
@@ -133,18 +158,18 @@ pub async fn run(config: &Config, request: Request) -> anyhow::Result<String> {
             let cluster = crate::runtime::kafka_cluster(source)?;
             let archive = KafkaArchive::new(cluster.clone());
             let producer = KafkaProducer::new(&cluster, "weir-dlq")?;
-            execute(&archive, &producer, &dlqs, request).await
+            execute(&archive, &producer, &dlqs, &routes, request).await
         }
         Source::Nats(source) => {
             let connection =
                 NatsConnection::connect(&crate::runtime::nats_settings(source)).await?;
             let publisher = connection.publisher();
-            execute(&connection, &publisher, &dlqs, request).await
+            execute(&connection, &publisher, &dlqs, &routes, request).await
         }
         Source::Redis(source) => {
             let connection = crate::source::redis::RedisConnection::connect(&source).await?;
             let publisher = connection.publisher();
-            execute(&connection, &publisher, &dlqs, request).await
+            execute(&connection, &publisher, &dlqs, &routes, request).await
         }
         Source::Rabbit(_) | Source::Sqs(_) => anyhow::bail!(
             "`weir dlq` reads dead letters without consuming them, which {} queues cannot do; \
@@ -170,6 +195,7 @@ async fn execute<A: crate::source::Archive, P: crate::source::Publisher>(
     archive: &A,
     publisher: &P,
     dlqs: &[String],
+    routes: &BTreeSet<(String, String, String)>,
     request: Request,
 ) -> anyhow::Result<String> {
     let now = SystemTime::now();
@@ -178,6 +204,10 @@ async fn execute<A: crate::source::Archive, P: crate::source::Publisher>(
         Some(limit) => &listing.selected[..listing.selected.len().min(limit)],
         None => &listing.selected,
     };
+    // Replay only what Weir could have written where it sits.
+    let (routed, refused): (Vec<&DeadLetter>, Vec<&DeadLetter>) = chosen.iter().partition(|l| {
+        routes.contains(&(l.dlq.clone(), l.handler.clone(), l.origin_topic.clone()))
+    });
     let letters: Vec<Value> = chosen.iter().map(|l| l.to_json(now)).collect();
     let summary: Vec<Value> = listing
         .summary
@@ -189,7 +219,7 @@ async fn execute<A: crate::source::Archive, P: crate::source::Publisher>(
     let (done, verb) = match (request.action, request.dry_run) {
         (Action::List, _) => (0, ""),
         (Action::Replay, true) | (Action::Purge, true) => (0, "would"),
-        (Action::Replay, false) => (dlq::replay(publisher, chosen, now).await?, "replayed"),
+        (Action::Replay, false) => (dlq::replay(publisher, &routed, now).await?, "replayed"),
         (Action::Purge, false) => (dlq::purge(archive, &listing, chosen).await?, "removed"),
     };
     if request.json {
@@ -199,6 +229,7 @@ async fn execute<A: crate::source::Archive, P: crate::source::Publisher>(
             Action::Replay => {
                 out["replayed"] = json!(done);
                 out["dry_run"] = json!(request.dry_run);
+                out["refused"] = json!(refused.iter().map(|l| l.address()).collect::<Vec<_>>());
             }
             Action::Purge => {
                 out["removed"] = json!(done);
@@ -226,7 +257,8 @@ async fn execute<A: crate::source::Archive, P: crate::source::Publisher>(
             }
         }
         (Action::Replay, true) => out.push_str(&format!(
-            "{verb} replay {selected} dead letter(s) to their topics (dry run: nothing sent)\n"
+            "{verb} replay {} dead letter(s) to their topics (dry run: nothing sent)\n",
+            routed.len()
         )),
         (Action::Replay, false) => out.push_str(&format!(
             "{verb} {done} dead letter(s) to their topics; each is handled again once (weir.replay-id)\n"
@@ -241,6 +273,16 @@ async fn execute<A: crate::source::Archive, P: crate::source::Publisher>(
                     "the rest sit behind dead letters the filter keeps: Kafka removes only a partition's oldest records\n",
                 );
             }
+        }
+    }
+    if request.action == Action::Replay {
+        for letter in &refused {
+            out.push_str(&format!(
+                "refused {}: handler {:?} writes no dead letters of topic {:?} there, so it is not Weir's; not replayed\n",
+                letter.address(),
+                letter.handler,
+                letter.origin_topic
+            ));
         }
     }
     Ok(out)

@@ -10,10 +10,13 @@
 //! (`POST /handlers/{name}/replay`, `Runtime::replay`), stopping the
 //! handler's consumer around it.
 //!
-//! Order, and what a stop halfway leaves: the store forgets first (one
-//! durable transaction), then the broker position moves. Stopped between
-//! the two, nothing is handled twice and nothing is lost: the handler
-//! simply continues where it was with empty marks (and state, with
+//! Order, and what a stop halfway leaves: the broker is asked first
+//! whether it can move the position (a queue broker never can; a Kafka
+//! group or JetStream durable with an active consumer cannot now), and a
+//! refusal ends the replay with nothing forgotten. Then the store forgets
+//! (one durable transaction), then the broker position moves. Stopped
+//! between the two, nothing is handled twice and nothing is lost: the
+//! handler simply continues where it was with empty marks (and state, with
 //! `--reset-state`); running the same replay again completes it.
 
 use std::fmt::Write as _;
@@ -92,6 +95,18 @@ pub async fn run(config: &Config, request: &Request) -> anyhow::Result<String> {
         manifest.topics.join(", ")
     );
     describe_store(&mut out, verb, &footprint, request.reset_state);
+    let broker = match config.source() {
+        Source::Embedded(_) => anyhow::bail!(
+            "the embedded broker keeps nothing after `weir run` stops: there is nothing to replay"
+        ),
+        _ => crate::runtime::connect(config, &[]).await?.0,
+    };
+    // Whether the broker can rewind, asked before anything is forgotten
+    // (see "Order" above): a refusal leaves the store untouched.
+    let moves = broker
+        .rewind(&manifest, &group, request.from, false)
+        .await
+        .map_err(|err| anyhow::anyhow!("{err:#}; nothing was forgotten"))?;
     if request.yes {
         // The store first (see "Order" above).
         store
@@ -100,19 +115,15 @@ pub async fn run(config: &Config, request: &Request) -> anyhow::Result<String> {
                 state: request.reset_state,
             })
             .await?;
-    }
-    drop(store);
-    let broker = match config.source() {
-        Source::Embedded(_) => anyhow::bail!(
-            "the embedded broker keeps nothing after `weir run` stops: there is nothing to replay"
-        ),
-        _ => crate::runtime::connect(config, &[]).await?.0,
-    };
-    for line in broker
-        .rewind(&manifest, &group, request.from, request.yes)
-        .await?
-    {
-        let _ = writeln!(out, "  {line}");
+        drop(store);
+        for line in broker.rewind(&manifest, &group, request.from, true).await? {
+            let _ = writeln!(out, "  {line}");
+        }
+    } else {
+        drop(store);
+        for line in moves {
+            let _ = writeln!(out, "  {line}");
+        }
     }
     if request.yes {
         out.push_str("done: start weir to handle the replayed messages\n");

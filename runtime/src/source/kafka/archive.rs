@@ -27,6 +27,21 @@ const IDLE: Duration = Duration::from_millis(1500);
 /// How long a metadata request or a deletion may take.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The reader's client context: the end of a partition, which the reader
+/// asks to be told of (`enable.partition.eof`), is how a read ends, not an
+/// error to log; other client errors are logged as warnings.
+struct ReaderContext;
+
+impl rdkafka::ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(error = %error, reason, "Kafka client error while reading a topic");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
+
 /// A cluster's topics, read and trimmed.
 pub struct KafkaArchive {
     cluster: Cluster,
@@ -40,7 +55,7 @@ impl KafkaArchive {
 
     /// A consumer that joins no group and commits nothing, telling when it
     /// reached a partition's end.
-    fn reader(&self) -> anyhow::Result<BaseConsumer> {
+    fn reader(&self) -> anyhow::Result<BaseConsumer<ReaderContext>> {
         let mut config = self.cluster.client_config("weir-dlq");
         config
             .set("group.id", "weir-dlq-reader")
@@ -49,7 +64,7 @@ impl KafkaArchive {
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest");
         config
-            .create()
+            .create_with_context(ReaderContext)
             .map_err(|err| anyhow::anyhow!("cannot create a reader: {err}"))
     }
 
@@ -91,7 +106,7 @@ impl KafkaArchive {
                         topic: record.topic().to_string(),
                         key: record.key().map(<[u8]>::to_vec),
                         payload: record.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                        headers: super::headers_of(&record),
+                        headers: super::decode::headers_of(&record),
                         timestamp_ms: record.timestamp().to_millis(),
                         position: Position::Kafka {
                             partition: record.partition(),

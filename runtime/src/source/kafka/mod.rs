@@ -24,6 +24,7 @@
 //! held are redelivered (and deduplicated) by their next owner.
 
 mod archive;
+mod decode;
 pub mod ledger;
 mod producer;
 pub mod rewind;
@@ -40,7 +41,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::progress::Progress;
@@ -195,23 +196,6 @@ impl ConsumerContext for WeirContext {
     }
 }
 
-/// A record's headers, in order (a header without a value as empty).
-pub(super) fn headers_of<M: rdkafka::message::Message>(record: &M) -> Vec<(String, Vec<u8>)> {
-    record
-        .headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| {
-                    (
-                        h.key.to_string(),
-                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn describe(tpl: &TopicPartitionList) -> String {
     let parts: Vec<String> = tpl
         .elements()
@@ -307,7 +291,7 @@ impl Source for KafkaConsumer {
                     "record of a partition no longer owned; dropped");
                 continue;
             };
-            let headers = headers_of(&borrowed);
+            let headers = decode::headers_of(&borrowed);
             let message = Message {
                 topic: topic.to_string(),
                 key: borrowed.key().map(<[u8]>::to_vec),

@@ -2,7 +2,9 @@
 //!
 //! The offsets are committed from outside the group (no member joins), so
 //! the broker accepts them only while the group has no active member: a
-//! running consumer makes the commit fail instead of racing it.
+//! running consumer makes the commit fail instead of racing it. The group's
+//! members are asked first, dry run or not, so that a replay can find out
+//! that the rewind would be refused before it forgets anything.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -52,6 +54,22 @@ pub async fn rewind(
         let consumer: BaseConsumer = config
             .create()
             .map_err(|err| anyhow::anyhow!("cannot create a client: {err}"))?;
+        // Asked before anything is moved or forgotten, with or without
+        // `apply`: a dry run says whether the rewind can happen.
+        let groups = consumer
+            .fetch_group_list(Some(&group), TIMEOUT)
+            .map_err(|err| anyhow::anyhow!("cannot ask the cluster about group {group:?}: {err}"))?;
+        let members: usize = groups
+            .groups()
+            .iter()
+            .filter(|g| g.name() == group)
+            .map(|g| g.members().len())
+            .sum();
+        if members > 0 {
+            anyhow::bail!(
+                "group {group:?} has {members} active member(s): the cluster moves a group's offsets only while nobody consumes in it; stop the weir processes serving it first"
+            );
+        }
         let mut moves = Vec::new();
         for topic in &topics {
             let metadata = consumer

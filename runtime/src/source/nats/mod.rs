@@ -39,6 +39,14 @@
 //! it. Messages published by Weir carry their key in `ce-partitionkey` and
 //! their deterministic id as `Nats-Msg-Id`, so JetStream's duplicate window
 //! drops a republished copy.
+//!
+//! # Headers
+//!
+//! A header NATS cannot carry as it is (a name that is not visible ASCII
+//! or holds `:`, a value with a line break or that is not UTF-8: a Python
+//! traceback in `weir.error`, a producer's binary header) is packed into
+//! `weir.headers` ([`super::packed`]) when published and unpacked when
+//! consumed, so a dead letter keeps every header of its message.
 
 mod archive;
 pub mod rewind;
@@ -59,6 +67,7 @@ use futures_util::StreamExt;
 use futures_util::stream::SelectAll;
 use tokio::sync::mpsc;
 
+use super::packed::{PACKED, pack, unpack};
 use super::progress::Progress;
 use super::{Message, Position, Publisher, Receipt, Settled, Source};
 use crate::registry::StartFrom;
@@ -450,6 +459,7 @@ impl NatsConsumer {
             }
             headers.sort_by(|a, b| a.0.cmp(&b.0));
         }
+        unpack_headers(&mut headers);
         let topic = message.subject.to_string();
         let key = headers
             .iter()
@@ -696,6 +706,72 @@ async fn keep_alive(
     }
 }
 
+/// Whether NATS carries a header of this name and value as it is:
+/// `async-nats` asserts that a name is visible ASCII without `:` and that a
+/// value has no CR or LF, and its values are text.
+fn carried<'a>(name: &str, value: &'a [u8]) -> Option<&'a str> {
+    let name_ok = !name.is_empty()
+        && name != PACKED
+        && name.chars().all(|c| c.is_ascii_graphic() && c != ':');
+    let value = std::str::from_utf8(value).ok()?;
+    (name_ok && !value.contains(['\r', '\n'])).then_some(value)
+}
+
+/// The headers of a message to publish, with `key` as [`KEY_HEADER`] (when
+/// the headers have none) and `id` as `Nats-Msg-Id`.
+///
+/// Invariant: nothing here can panic, whatever the bytes: headers NATS
+/// cannot carry as they are (see [`carried`]) are packed into
+/// [`PACKED`] (see [`crate::source::packed`]) and unpacked again by
+/// [`unpack_headers`] on receive; an id with a line break is
+/// percent-encoded (`%0A`, `%0D`, `%25`), which keeps distinct ids
+/// distinct.
+fn header_map(headers: &[(String, Vec<u8>)], key: Option<&[u8]>, id: Option<&str>) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    let mut packed: Vec<(&str, &[u8])> = Vec::new();
+    for (name, value) in headers {
+        match carried(name, value) {
+            Some(text) => map.append(name.as_str(), text),
+            None => packed.push((name.as_str(), value.as_slice())),
+        }
+    }
+    if let Some(key) = key
+        && !headers.iter().any(|(name, _)| name == KEY_HEADER)
+    {
+        match carried(KEY_HEADER, key) {
+            Some(text) => map.insert(KEY_HEADER, text),
+            None => packed.push((KEY_HEADER, key)),
+        }
+    }
+    if !packed.is_empty() {
+        map.insert(PACKED, pack(&packed).as_str());
+    }
+    if let Some(id) = id {
+        if id.contains(['\r', '\n']) {
+            let encoded = id
+                .replace('%', "%25")
+                .replace('\r', "%0D")
+                .replace('\n', "%0A");
+            map.insert("Nats-Msg-Id", encoded.as_str());
+        } else {
+            map.insert("Nats-Msg-Id", id);
+        }
+    }
+    map
+}
+
+/// Replaces a [`PACKED`] header Weir wrote with the headers it holds, after
+/// the others; one that is not Weir's packing stays as it came.
+fn unpack_headers(headers: &mut Vec<(String, Vec<u8>)>) {
+    let Some(at) = headers.iter().position(|(name, _)| name == PACKED) else {
+        return;
+    };
+    if let Some(pairs) = unpack(&headers[at].1) {
+        headers.remove(at);
+        headers.extend(pairs);
+    }
+}
+
 /// Publishes dead letters and emitted events to JetStream subjects.
 #[derive(Clone)]
 pub struct NatsPublisher {
@@ -711,23 +787,7 @@ impl Publisher for NatsPublisher {
         headers: &[(String, Vec<u8>)],
         id: Option<&str>,
     ) -> anyhow::Result<Receipt> {
-        let mut map = HeaderMap::new();
-        for (name, value) in headers {
-            match std::str::from_utf8(value) {
-                Ok(text) => map.append(name.as_str(), text),
-                Err(_) => {
-                    anyhow::bail!("header {name:?} is not UTF-8, which NATS headers cannot carry")
-                }
-            }
-        }
-        if let Some(key) = key.and_then(|k| std::str::from_utf8(k).ok())
-            && map.get(KEY_HEADER).is_none()
-        {
-            map.insert(KEY_HEADER, key);
-        }
-        if let Some(id) = id {
-            map.insert("Nats-Msg-Id", id);
-        }
+        let map = header_map(headers, key, id);
         let payload = bytes::Bytes::copy_from_slice(payload);
         let covered = lock(&self.connection.covered).contains(topic);
         if !covered {
@@ -755,5 +815,64 @@ impl Publisher for NatsPublisher {
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owned(pairs: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>)> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_vec()))
+            .collect()
+    }
+
+    /// Every value `async-nats` would assert on is packed instead, and
+    /// reading the map back gives every header again.
+    #[test]
+    fn headers_nats_cannot_carry_are_packed_not_asserted_on() {
+        let sent = owned(&[
+            ("fine", b"v"),
+            ("weir.error", b"Traceback:\n  line 1\r\nValueError"),
+            ("with space", b"x"),
+            ("colon:name", b"x"),
+            ("binary", &[0xff, 0]),
+            ("", b"empty name"),
+        ]);
+        let map = header_map(&sent, Some(b"key\nwith break"), Some("id\n1%"));
+        assert_eq!(map.get("fine").map(|v| v.as_str()), Some("v"));
+        assert_eq!(
+            map.get("Nats-Msg-Id").map(|v| v.as_str()),
+            Some("id%0A1%25")
+        );
+        let mut back: Vec<(String, Vec<u8>)> = Vec::new();
+        for (name, values) in map.iter() {
+            for value in values {
+                back.push((name.to_string(), value.as_str().as_bytes().to_vec()));
+            }
+        }
+        back.retain(|(name, _)| name != "Nats-Msg-Id");
+        unpack_headers(&mut back);
+        let mut want = sent.clone();
+        want.push((KEY_HEADER.into(), b"key\nwith break".to_vec()));
+        want.sort();
+        back.sort();
+        assert_eq!(back, want);
+    }
+
+    /// A producer's own `weir.headers` that is not Weir's packing is kept.
+    #[test]
+    fn a_foreign_packed_header_is_kept_as_it_came() {
+        let mut headers = owned(&[(PACKED, b"not json"), ("a", b"b")]);
+        unpack_headers(&mut headers);
+        assert_eq!(headers, owned(&[(PACKED, b"not json"), ("a", b"b")]));
+        let carried_key = header_map(&[], Some(b"plain"), None);
+        assert_eq!(
+            carried_key.get(KEY_HEADER).map(|v| v.as_str()),
+            Some("plain")
+        );
+        assert!(carried_key.get(PACKED).is_none());
     }
 }

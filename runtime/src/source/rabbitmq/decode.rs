@@ -7,6 +7,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 
 use super::KEY_HEADER;
 use crate::message::{Message, Position};
+use crate::source::packed::{PACKED, pack, unpack};
 
 /// The header a `correlation_id` property is exposed as.
 pub(super) const CORRELATION_HEADER: &str = "correlation_id";
@@ -29,6 +30,12 @@ pub(super) fn message(queue: &str, scope: u64, delivery: &Delivery) -> Message {
                 .collect()
         })
         .unwrap_or_default();
+    if let Some(at) = headers.iter().position(|(name, _)| name == PACKED)
+        && let Some(pairs) = unpack(&headers[at].1)
+    {
+        headers.remove(at);
+        headers.extend(pairs);
+    }
     if let Some(correlation) = properties.correlation_id()
         && !headers.iter().any(|(n, _)| n == CORRELATION_HEADER)
     {
@@ -120,20 +127,27 @@ fn json(value: &AMQPValue) -> serde_json::Value {
 }
 
 /// The properties of a published record: persistent, its headers (UTF-8
-/// values as long strings, others as byte arrays; the first of a repeated
-/// name), its key in `ce-partitionkey` unless a header says otherwise, its
-/// `id` as `message_id` and the time now.
+/// values as long strings, others as byte arrays), its key in
+/// `ce-partitionkey` unless a header says otherwise, its `id` as
+/// `message_id` and the time now. A header a field table cannot hold (a
+/// name longer than 255 bytes, a name repeated) is packed into
+/// `weir.headers` ([`crate::source::packed`]), which [`message`] unpacks.
 pub(super) fn properties(
     key: Option<&[u8]>,
     headers: &[(String, Vec<u8>)],
     id: Option<&str>,
 ) -> BasicProperties {
     let mut table = FieldTable::default();
+    let mut packed: Vec<(&str, &[u8])> = Vec::new();
     for (name, value) in headers {
-        if name.len() > 255 || table.contains_key(name) {
-            continue;
+        if name.len() > 255 || name == PACKED || table.contains_key(name) {
+            packed.push((name.as_str(), value.as_slice()));
+        } else {
+            table.insert(name.as_str().into(), value_of(value));
         }
-        table.insert(name.as_str().into(), value_of(value));
+    }
+    if !packed.is_empty() {
+        table.insert(PACKED.into(), value_of(pack(&packed).as_bytes()));
     }
     if let Some(key) = key
         && !table.contains_key(KEY_HEADER)
@@ -208,6 +222,11 @@ mod tests {
         };
         let get = |n: &str| table.inner().get(n).map(bytes);
         assert_eq!(get("a"), Some(b"x".to_vec()));
+        // The repeat travels packed.
+        assert_eq!(
+            get(PACKED).and_then(|v| unpack(&v)),
+            Some(vec![("a".to_string(), b"second".to_vec())])
+        );
         assert_eq!(get("bin"), Some(vec![0xff]));
         assert_eq!(get(KEY_HEADER), Some(b"k1".to_vec()));
         assert!(matches!(

@@ -66,7 +66,9 @@
 //! seconds is taken as milliseconds) becomes the event's time. Header
 //! table values become bytes: strings and byte arrays as they are,
 //! numbers, booleans and timestamps as text, nested arrays and tables as
-//! JSON.
+//! JSON. A published header a table cannot hold (a name over 255 bytes, a
+//! repeated name) travels packed in `weir.headers`
+//! ([`super::packed`]) and is unpacked on receive.
 //!
 //! # Publishing
 //!

@@ -179,7 +179,8 @@ impl RedisConnection {
                         .unwrap_or_default();
                     // This process's own consumer is stopped by whoever
                     // asks (the admin API's replay stops the worker first).
-                    if apply && idle < ACTIVE_MS && name != self.consumer {
+                    // Asked in a dry run too: a replay checks first.
+                    if idle < ACTIVE_MS && name != self.consumer {
                         anyhow::bail!(
                             "consumer {name:?} of group {group} on stream {stream} was active {idle} ms ago: stop weir (every process) before moving the group"
                         );

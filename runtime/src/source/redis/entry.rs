@@ -1,8 +1,11 @@
 //! Stream entries as Redis returns them, and as Weir's messages (see the
 //! field mapping in `mod.rs`).
 
+use std::borrow::Cow;
+
 use redis::Value;
 
+use super::super::packed::{PACKED, pack, unpack};
 use super::super::{Message, Position};
 
 /// The field holding the payload.
@@ -125,6 +128,12 @@ pub(super) fn to_message(stream: &str, scope: u64, entry: Entry) -> Message {
             _ => headers.push((String::from_utf8_lossy(name).into_owned(), value.clone())),
         }
     }
+    if let Some(at) = headers.iter().position(|(name, _)| name == PACKED)
+        && let Some(pairs) = unpack(&headers[at].1)
+    {
+        headers.remove(at);
+        headers.extend(pairs);
+    }
     let payload = payload.unwrap_or_else(|| {
         // Not written for Weir: every field, as a JSON object.
         let object: serde_json::Map<String, serde_json::Value> = entry
@@ -161,22 +170,30 @@ pub(super) fn to_message(stream: &str, scope: u64, entry: Entry) -> Message {
     }
 }
 
-/// The fields of an entry Weir writes: `key`, `payload`, then the headers
-/// (but any called `key` or `payload`).
+/// The fields of an entry Weir writes: `key`, `payload`, then the headers.
+/// A header that would collide with those fields (one called `key`,
+/// `payload` or `weir.headers`) is packed into `weir.headers`
+/// ([`crate::source::packed`]), which [`to_message`] unpacks.
 pub(super) fn fields<'a>(
     key: Option<&'a [u8]>,
     payload: &'a [u8],
     headers: &'a [(String, Vec<u8>)],
-) -> Vec<(&'a [u8], &'a [u8])> {
+) -> Vec<(&'a [u8], Cow<'a, [u8]>)> {
     let mut fields = Vec::with_capacity(headers.len() + 2);
     if let Some(key) = key {
-        fields.push((KEY.as_bytes(), key));
+        fields.push((KEY.as_bytes(), Cow::Borrowed(key)));
     }
-    fields.push((PAYLOAD.as_bytes(), payload));
+    fields.push((PAYLOAD.as_bytes(), Cow::Borrowed(payload)));
+    let mut packed: Vec<(&str, &[u8])> = Vec::new();
     for (name, value) in headers {
-        if name != KEY && name != PAYLOAD {
-            fields.push((name.as_bytes(), value.as_slice()));
+        if name == KEY || name == PAYLOAD || name == PACKED {
+            packed.push((name.as_str(), value.as_slice()));
+        } else {
+            fields.push((name.as_bytes(), Cow::Borrowed(value.as_slice())));
         }
+    }
+    if !packed.is_empty() {
+        fields.push((PACKED.as_bytes(), Cow::Owned(pack(&packed).into_bytes())));
     }
     fields
 }
@@ -232,19 +249,35 @@ mod tests {
     }
 
     #[test]
-    fn written_fields_leave_out_headers_that_would_collide() {
+    fn headers_that_would_collide_with_fields_travel_packed() -> Result<(), String> {
         let headers = vec![
             ("payload".to_string(), b"x".to_vec()),
             ("h".to_string(), b"v".to_vec()),
         ];
         let written = fields(Some(b"k"), b"p", &headers);
+        let packed = pack(&[("payload", b"x")]).into_bytes();
         assert_eq!(
             written,
             vec![
-                (&b"key"[..], &b"k"[..]),
-                (&b"payload"[..], &b"p"[..]),
-                (&b"h"[..], &b"v"[..])
+                (&b"key"[..], Cow::Borrowed(&b"k"[..])),
+                (&b"payload"[..], Cow::Borrowed(&b"p"[..])),
+                (&b"h"[..], Cow::Borrowed(&b"v"[..])),
+                (PACKED.as_bytes(), Cow::Owned(packed)),
             ]
         );
+        let entry = Entry {
+            id: "1-0".into(),
+            fields: written
+                .into_iter()
+                .map(|(n, v)| (n.to_vec(), v.into_owned()))
+                .collect(),
+        };
+        let message = to_message("s", 0, entry);
+        assert_eq!(message.payload, b"p");
+        assert_eq!(
+            message.headers,
+            headers.into_iter().rev().collect::<Vec<_>>()
+        );
+        Ok(())
     }
 }

@@ -11,7 +11,8 @@
 //! values as text. The key is the `key` field, else the `ce-partitionkey`
 //! field, else the stream's name; a manifest's `key` overrides it. Weir
 //! writes entries the same way: `key`, `payload`, then one field per header
-//! (a header called `key` or `payload` cannot be carried and is left out).
+//! (a header called `key`, `payload` or `weir.headers` travels packed in
+//! `weir.headers`, see [`super::packed`], and is unpacked on receive).
 //!
 //! # Acknowledgements
 //!

@@ -57,7 +57,7 @@ impl Publisher for RedisPublisher {
         }
         add.arg("*");
         for (name, value) in entry::fields(key, payload, headers) {
-            add.arg(name).arg(value);
+            add.arg(name).arg(value.as_ref());
         }
         let mut shared = self.connection.shared().await?;
         let id: String = add

@@ -12,9 +12,8 @@
 //! `Amazon.` prefix) and no empty values, while a dead letter carries more
 //! headers than that. When a message's headers do not all fit, the first 9
 //! that can be attributes are, and the rest are packed into one `String`
-//! attribute, [`PACKED`] (`weir.headers`): a JSON array of `[name, value]`
-//! pairs, in order, where a value is a string, or `{"base64": "…"}` when it
-//! is not UTF-8. Weir unpacks it on receive, after the attributes.
+//! attribute, [`PACKED`] (`weir.headers`, see [`crate::source::packed`]).
+//! Weir unpacks it on receive, after the attributes.
 //!
 //! # Bodies
 //!
@@ -26,11 +25,9 @@ use std::collections::HashMap;
 
 use aws_sdk_sqs::primitives::Blob;
 use aws_sdk_sqs::types::MessageAttributeValue;
-use serde_json::Value;
 
-/// The attribute holding the headers that do not fit in attributes of
-/// their own.
-pub const PACKED: &str = "weir.headers";
+pub use crate::source::packed::PACKED;
+use crate::source::packed::{base64, pack, unpack};
 
 /// The attribute saying the body is base64 of the payload.
 pub const BODY_ENCODING: &str = "weir.body-encoding";
@@ -134,16 +131,11 @@ pub fn encode(payload: &[u8], headers: &[(String, Vec<u8>)]) -> Encoded {
             attributes.insert(name.clone(), attribute(value));
             direct += 1;
         } else {
-            let value = match std::str::from_utf8(value) {
-                Ok(text) => Value::String(text.to_string()),
-                Err(_) => serde_json::json!({ "base64": base64::encode(value) }),
-            };
-            packed.push(Value::Array(vec![Value::String(name.clone()), value]));
+            packed.push((name.as_str(), value.as_slice()));
         }
     }
     if !packed.is_empty() {
-        let json = Value::Array(packed).to_string();
-        attributes.insert(PACKED.to_string(), attribute(json.as_bytes()));
+        attributes.insert(PACKED.to_string(), attribute(pack(&packed).as_bytes()));
     }
     Encoded { body, attributes }
 }
@@ -192,77 +184,6 @@ pub fn value_bytes(value: &MessageAttributeValue) -> Vec<u8> {
     }
 }
 
-fn unpack(json: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
-    let Value::Array(pairs) = serde_json::from_slice::<Value>(json).ok()? else {
-        return None;
-    };
-    pairs
-        .iter()
-        .map(|pair| {
-            let [Value::String(name), value] = pair.as_array()?.as_slice() else {
-                return None;
-            };
-            let bytes = match value {
-                Value::String(text) => text.as_bytes().to_vec(),
-                Value::Object(map) => base64::decode(map.get("base64")?.as_str()?)?,
-                _ => return None,
-            };
-            Some((name.clone(), bytes))
-        })
-        .collect()
-}
-
-/// Standard base64 with padding.
-pub mod base64 {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    /// `bytes` in base64.
-    pub fn encode(bytes: &[u8]) -> String {
-        let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-        for chunk in bytes.chunks(3) {
-            let b = [
-                chunk[0],
-                chunk.get(1).copied().unwrap_or(0),
-                chunk.get(2).copied().unwrap_or(0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
-
-    /// The bytes `text` encodes, if it is base64 (padded, no whitespace).
-    pub fn decode(text: &str) -> Option<Vec<u8>> {
-        let bytes = text.as_bytes();
-        if !bytes.len().is_multiple_of(4) {
-            return None;
-        }
-        let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
-        for (index, chunk) in bytes.chunks(4).enumerate() {
-            let last = index + 1 == bytes.len() / 4;
-            let pad = chunk.iter().rev().take_while(|b| **b == b'=').count();
-            if pad > 2 || (pad > 0 && !last) {
-                return None;
-            }
-            let mut n = 0u32;
-            for &b in &chunk[..4 - pad] {
-                let v = ALPHABET.iter().position(|a| *a == b)? as u32;
-                n = (n << 6) | v;
-            }
-            n <<= 6 * pad as u32;
-            let decoded = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-            out.extend_from_slice(&decoded[..3 - pad]);
-        }
-        Some(out)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,33 +193,6 @@ mod tests {
             .iter()
             .map(|(n, v)| (n.to_string(), v.to_vec()))
             .collect()
-    }
-
-    #[test]
-    fn base64_round_trips() {
-        for input in [
-            &b""[..],
-            b"f",
-            b"fo",
-            b"foo",
-            b"foob",
-            b"fooba",
-            b"foobar",
-            &[0, 255, 128, 7],
-        ] {
-            let encoded = base64::encode(input);
-            assert_eq!(
-                base64::decode(&encoded).as_deref(),
-                Some(input),
-                "{encoded}"
-            );
-        }
-        assert_eq!(base64::encode(b"foobar"), "Zm9vYmFy");
-        assert_eq!(base64::encode(b"fo"), "Zm8=");
-        assert_eq!(base64::decode("Zm9vYg=="), Some(b"foob".to_vec()));
-        assert_eq!(base64::decode("Zm9=vYg="), None);
-        assert_eq!(base64::decode("Zm9"), None);
-        assert_eq!(base64::decode("Zm9*"), None);
     }
 
     #[test]

@@ -37,10 +37,13 @@
 //!
 //! # Expiry
 //!
-//! The writer deletes due dedup marks through the `dedup_expiry` index at
-//! most once a second, [`MAX_EXPIRED_PER_SWEEP`] at a time, skipping rows
-//! another transaction holds; marks due but not yet deleted already count
-//! as gone (`seen` and the commit compare expiry with the time).
+//! A sweeper task of its own (off the writer, so commits never wait for
+//! it) deletes due dedup marks through the `dedup_expiry` index once a
+//! second: [`MAX_EXPIRED_PER_SWEEP`] per statement, statement after
+//! statement until none are due, skipping rows another transaction holds.
+//! So the table holds at most about a second of expired marks whatever the
+//! rate. Marks due but not yet deleted already count as gone (`seen` and
+//! the commit compare expiry with the time).
 
 mod commit;
 mod lookup;
@@ -71,11 +74,11 @@ use crate::fault;
 /// (`max_locks_per_transaction` × connections); this keeps one commit well
 /// inside the default.
 const MAX_BATCH: usize = 256;
-/// Most expired marks deleted per sweep.
+/// Most expired marks deleted per statement of a sweep.
 const MAX_EXPIRED_PER_SWEEP: i64 = 1024;
 /// How long a readiness probe waits for the server.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Sweeps for expired marks at most this often.
+/// How often the sweeper deletes what is due.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// How to reach the shared store (`[store]` in the configuration).
@@ -302,6 +305,7 @@ impl PgStore {
         tokio::spawn(write_loop(shared.clone(), requests));
         let (lookups, asks) = mpsc::unbounded_channel();
         tokio::spawn(lookup::run(shared.clone(), asks));
+        tokio::spawn(sweeper(Arc::downgrade(&shared)));
         Ok(Self {
             shared,
             writer,
@@ -346,6 +350,22 @@ impl PgStore {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         failed.map(|err| format!("the last group commit failed: {err}"))
+    }
+
+    /// Deletes every dedup mark due at `at` (milliseconds since the Unix
+    /// epoch), as the sweeper does every second with the time then
+    /// ("Expiry" above); how many.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be written.
+    pub async fn sweep_expired(&self, at: i64) -> Result<u64, StoreError> {
+        sweep_due(&self.shared, at)
+            .await
+            .map_err(|message| StoreError::Io {
+                database: self.shared.database.clone(),
+                message,
+            })
     }
 
     /// Whether the writer task still runs.
@@ -617,7 +637,6 @@ fn like_escape(text: &str) -> String {
 
 /// The writer task: one transaction per batch ("Group commit" above).
 async fn write_loop(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<Request>) {
-    let mut last_sweep = Instant::now();
     while let Some(first) = requests.recv().await {
         let mut queued = first.writes().len();
         let mut batch = vec![first];
@@ -668,10 +687,6 @@ async fn write_loop(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<R
         }
         drop(writes);
         answer_all(batch, &result.map(|outcome| outcome.applied));
-        if last_sweep.elapsed() >= SWEEP_EVERY {
-            last_sweep = Instant::now();
-            sweep(&shared).await;
-        }
     }
     shared.writer_alive.store(false, Ordering::SeqCst);
 }
@@ -691,21 +706,41 @@ async fn commit_batch(
     .await
 }
 
-/// Deletes due marks ("Expiry" above); a failure waits for the next sweep.
-async fn sweep(shared: &Shared) {
-    let result = async {
-        let client = shared.pool.get().await.map_err(|e| e.to_string())?;
-        client
-            .execute(shared.sql.sweep.as_str(), &[&(now_ms() as i64)])
-            .await
-            .map_err(|e| e.to_string())
+/// The sweeper task ("Expiry" above): every [`SWEEP_EVERY`], deletes every
+/// mark then due; ends with the store.
+async fn sweeper(shared: std::sync::Weak<Shared>) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if !shared.writer_alive.load(Ordering::SeqCst) {
+            return;
+        }
+        match sweep_due(&shared, now_ms() as i64).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::trace!(removed, "expired dedup marks removed"),
+            Err(err) => {
+                tracing::debug!(error = %err, "expiring dedup marks failed; next sweep tries again")
+            }
+        }
     }
-    .await;
-    match result {
-        Ok(0) => {}
-        Ok(removed) => tracing::trace!(removed, "expired dedup marks removed"),
-        Err(err) => {
-            tracing::debug!(error = %err, "expiring dedup marks failed; next sweep tries again")
+}
+
+/// Deletes every mark due at `now` (ms), [`MAX_EXPIRED_PER_SWEEP`] per
+/// statement until one deletes fewer: however fast marks come due, a sweep
+/// leaves none behind. Returns how many it deleted.
+async fn sweep_due(shared: &Shared, now: i64) -> Result<u64, String> {
+    let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+    let mut removed = 0;
+    loop {
+        let deleted = client
+            .execute(shared.sql.sweep.as_str(), &[&now])
+            .await
+            .map_err(|e| e.to_string())?;
+        removed += deleted;
+        if deleted < MAX_EXPIRED_PER_SWEEP as u64 {
+            return Ok(removed);
         }
     }
 }

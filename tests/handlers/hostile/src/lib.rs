@@ -4,6 +4,7 @@
 //! |------------------|---------------------------------------------------------|
 //! | absent or `ok`   | returns `ok`                                            |
 //! | `loop`           | spins forever (the timeout must stop it)                |
+//! | `sleep`          | sleeps 60 s in the host (`wasi:clocks`; the timeout must stop it) |
 //! | `alloc-4g`       | grows linear memory by 4 GiB (the memory limit must stop it) |
 //! | `grow`           | grows a vector 1 MiB at a time, forever                 |
 //! | `stack-overflow` | recurses without end                                    |
@@ -11,7 +12,7 @@
 //! | `open-file`      | opens `/etc/passwd`; returns a permanent error saying what happened |
 //! | `read-env`       | reads the environment; returns a permanent error listing what it saw |
 //! | `print:TEXT`     | prints TEXT to stdout and `err: TEXT` to stderr, then `ok` |
-//! | `read:PATH`      | reads PATH; a permanent error quoting it, or saying why not |
+//! | `read:PATH`      | reads PATH; a permanent error quoting it, or saying why not (a FIFO blocks it in the host) |
 //! | `write:PATH`     | writes PATH; a permanent error saying what happened    |
 //!
 //! Any other value is a permanent error saying so.
@@ -43,6 +44,12 @@ impl Handler for Hostile {
                 loop {
                     n = black_box(n.wrapping_add(1));
                 }
+            }
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(60));
+                Err(HandlerError::permanent(
+                    "slept 60 s: the timeout did not stop a sleep in the host",
+                ))
             }
             "alloc-4g" => {
                 // 65536 pages of 64 KiB: all of a 32-bit address space.

@@ -11,6 +11,7 @@
 //! `queue`, `message_id`, `receive_count`; others: `position`, its display
 //! form),
 //! `attempt`, `key` (UTF-8, lossy; `none` without a key), `payload_len`,
+//! `payload` (its first 64 bytes, UTF-8, lossy),
 //! `outcome` (`ok`, `retryable`, `retry-after` or `permanent`) and
 //! `category` (`none` without one).
 //!
@@ -23,9 +24,17 @@
 //! | `retry-after:MS[:CATEGORY]`   | retry after MS milliseconds                    |
 //! | `permanent[:CATEGORY]`        | permanent error                                |
 //!
+//! | `permanent-long`              | permanent error whose reason is 100 KiB of numbered lines |
+//!
 //! `CATEGORY` is a category's kebab-case name (`service-unavailable`, …);
 //! any other name is sent as `other(name)`. Anything else in the header is
 //! a permanent error saying so.
+//!
+//! A `probe.emit` header (UTF-8: a topic) makes a successful call emit one
+//! event there, payload `emitted:<this event's payload>`, with a key and
+//! headers few brokers carry as they are: key `key with\nnewline`, headers
+//! `with space` = `x`, `multi` = `line1\r\nline2`, `binary` = `ff 00`,
+//! `colon:name` = `y`.
 //!
 //! With `[config] dependency = "down"` every call without a `probe.fail`
 //! header fails with a retryable `service-unavailable` error: a handler
@@ -64,6 +73,15 @@ fn plan(request: Option<&str>) -> Result<(), HandlerError> {
     let mut parts = request.split(':');
     let kind = parts.next().unwrap_or_default();
     let err = match kind {
+        "permanent-long" => {
+            let mut reason = String::new();
+            let mut line = 0;
+            while reason.len() < 100 << 10 {
+                line += 1;
+                reason.push_str(&format!("sdk-probe failure line {line}\n"));
+            }
+            return Err(HandlerError::permanent(reason));
+        }
         "retryable" => HandlerError::retryable("sdk-probe asked to retry"),
         "permanent" => HandlerError::permanent("sdk-probe asked for a permanent failure"),
         "retry-after" => match parts.next().map(str::parse::<u64>) {
@@ -158,6 +176,10 @@ fn record(event: &Event, result: &Result<(), HandlerError>) -> Vec<(&'static str
             ),
         ),
         ("payload_len", event.payload().len().to_string()),
+        (
+            "payload",
+            String::from_utf8_lossy(&event.payload()[..event.payload().len().min(64)]).into_owned(),
+        ),
         ("outcome", outcome.to_string()),
         (
             "category",
@@ -178,6 +200,22 @@ impl Handler for SdkProbe {
                 .category(Category::ServiceUnavailable))
         } else {
             plan(event.header_str(FAIL_HEADER))
+        };
+        let result = match (result, event.header_str("probe.emit")) {
+            (Ok(()), Some(topic)) => {
+                let mut payload = b"emitted:".to_vec();
+                payload.extend_from_slice(event.payload());
+                weir_sdk::emit::to(topic)
+                    .key("key with\nnewline")
+                    .payload(payload)
+                    .header("with space", "x")
+                    .header("multi", "line1\r\nline2")
+                    .header("binary", vec![0xff, 0])
+                    .header("colon:name", "y")
+                    .send()
+                    .map_err(HandlerError::from)
+            }
+            (result, _) => result,
         };
         let fields = record(&event, &result);
         let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
