@@ -1383,7 +1383,7 @@ fn carried_header(stored: &weir_tests::Stored, name: &str) -> Option<Vec<u8>> {
             Value::String(text) => text.into_bytes(),
             other => other["base64"]
                 .as_str()
-                .and_then(|b| base64_decode(b))
+                .and_then(base64_decode)
                 .unwrap_or_default(),
         })
 }

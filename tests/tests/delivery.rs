@@ -1,6 +1,7 @@
 //! Delivery guarantees against a real broker process: deduplication across
 //! restarts, per-key ordering with parallelism, attempt counts that survive
-//! SIGKILL, and two processes sharing one consumer group.
+//! SIGKILL, two processes sharing one consumer group, and records the broker
+//! refuses for good dead-lettered instead of retried forever.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -8,7 +9,8 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use serde_json::Value;
 use weir_tests::{
-    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, field, poll_until, stop,
+    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, consume_at_least, field,
+    header, poll_until, stop,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -205,5 +207,87 @@ fn two_processes_share_a_group_and_lose_nothing_when_one_stops() -> Result<()> {
     // stopped or lost a partition.
     let both = a_handled.intersection(&handled(&b)).count();
     ensure!(both <= 4, "{both} messages were handled by both processes");
+    Ok(())
+}
+
+/// What the broker refuses for good is dead-lettered, not retried forever:
+/// an emitted event between librdkafka's `message.max.bytes` (1,000,000)
+/// and Weir's own 1 MiB emit cap goes to `emitted.dlq` (without its
+/// payload, as its dead letter is as large), and the events emitted after
+/// it to the same topic are published; a dead letter that outgrows the
+/// limit (a message near it plus an 8 KiB failure reason) is sent without
+/// its payload, saying what it was, and `weir dlq replay` refuses it.
+#[test]
+fn records_the_broker_refuses_for_good_are_dead_lettered_not_retried() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let (_broker, kafka, deployment) = setup("events", 1)?;
+    kafka.create_topic("events.dlq", 1)?;
+    kafka.create_topic("emitted", 1)?;
+    kafka.create_topic("emitted.dlq", 1)?;
+    deployment.add_handler(
+        "sdk-probe",
+        "probe",
+        "topics = [\"events\"]\n[retry]\nmax_attempts = 1\n",
+    )?;
+    let emit = |key: &str, bytes: Option<&str>| {
+        let mut headers = vec![("probe.emit", "emitted")];
+        if let Some(bytes) = bytes {
+            headers.push(("probe.emit-bytes", bytes));
+        }
+        record(0, key, &headers)
+    };
+    let mut near_limit = record(0, "near-limit", &[("probe.fail", "permanent-long")]);
+    near_limit.value = vec![b'n'; 995_000];
+    kafka.produce(
+        "events",
+        &[
+            emit("too-large", Some("1040000")),
+            emit("after", None),
+            near_limit,
+            record(0, "last", &[]),
+        ],
+    )?;
+    let mut weir = deployment.start("refused")?;
+    let emitted = consume_at_least(&kafka, "emitted", 1, WAIT, &weir)?;
+    ensure!(
+        emitted.len() == 1 && header(&emitted[0], "weir.handler").as_deref() == Some("probe"),
+        "emitted: {emitted:?}"
+    );
+    let refused = consume_at_least(&kafka, "emitted.dlq", 1, WAIT, &weir)?;
+    let dropped = header(&refused[0], "weir.payload-dropped").unwrap_or_default();
+    ensure!(
+        dropped.starts_with("1040000 bytes, sha256 ")
+            && header(&refused[0], "weir.error.kind").as_deref() == Some("permanent")
+            && header(&refused[0], "weir.origin.topic").as_deref() == Some("emitted"),
+        "the refused emit's dead letter: {:?}",
+        refused[0]
+    );
+    let dead = consume_at_least(&kafka, "events.dlq", 1, WAIT, &weir)?;
+    let dropped = header(&dead[0], "weir.payload-dropped").unwrap_or_default();
+    ensure!(
+        dropped.starts_with("995000 bytes, sha256 ") && dead[0]["value_hex"] == "",
+        "the oversized dead letter: {:?}",
+        header(&dead[0], "weir.payload-dropped")
+    );
+    poll_until(
+        WAIT,
+        "the last message handled",
+        || {
+            Ok(weir
+                .guest_records("probe", "sdk-probe")
+                .iter()
+                .any(|r| r["key"] == "last" && r["outcome"] == "ok")
+                .then_some(()))
+        },
+        || format!("log: {}", weir.log.display()),
+    )?;
+    stop(&mut weir)?;
+    let replay = deployment.weir(&["dlq", "replay", "probe"])?;
+    ensure!(
+        replay.contains("replayed 0 dead letter(s)") && replay.contains("payload was left out"),
+        "a replay of a dead letter without its payload: {replay}"
+    );
     Ok(())
 }

@@ -694,7 +694,7 @@ fn sigterm_during_start_up_is_a_clean_stop() -> Result<()> {
     let Some(_serial) = broker_test() else {
         return Ok(());
     };
-    let broker = BrokerKind::Kafka.start()?;
+    let broker = BrokerKind::Nats.start()?;
     let deployment = broker.deployment()?;
     deployment.add_handler("noop-py", "slow", "topics = [\"events\"]\n")?;
     let mut weir = deployment.start("start-up")?;

@@ -470,6 +470,8 @@ async fn dead_letter<S: Source, F: HandlerFactory, D: Publisher>(
         failure,
         event.attempt.min(shared.manifest.retry.max_attempts),
     );
+    let mut headers = headers;
+    let mut payload: &[u8] = &event.payload;
     let id = format!("{name}/{}/dead-letter", event.id);
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -479,13 +481,7 @@ async fn dead_letter<S: Source, F: HandlerFactory, D: Publisher>(
         }
         match shared
             .dead_letters
-            .send(
-                &topic,
-                event.key.as_deref(),
-                &event.payload,
-                &headers,
-                Some(&id),
-            )
+            .send(&topic, event.key.as_deref(), payload, &headers, Some(&id))
             .await
         {
             Ok(receipt) => {
@@ -510,6 +506,18 @@ async fn dead_letter<S: Source, F: HandlerFactory, D: Publisher>(
                 };
             }
             Err(err) => {
+                // Refused for good with its payload (larger than the
+                // broker takes, with Weir's headers): sent again at once
+                // without it, saying what it was, rather than never.
+                if let Some(refused) = crate::source::refusal(&err)
+                    && !payload.is_empty()
+                {
+                    tracing::error!(handler = name, dlq = %topic, error = %err,
+                        "the broker refuses the dead letter with its payload; it is sent without it");
+                    headers = dlq::without_payload(payload, &headers, &refused.0);
+                    payload = &[];
+                    continue;
+                }
                 tracing::error!(handler = name, dlq = %topic, error = %err, retry_in_ms = backoff.as_millis() as u64,
                     "cannot write dead letter; the message stays unacknowledged until it can");
                 shared.stats.dead_letter_problem(Some(format!(

@@ -22,7 +22,75 @@ pub const ADDED: &[&str] = &[
     "weir.origin.sequence",
     "weir.event-id",
     "weir.failed-at",
+    PAYLOAD_DROPPED,
 ];
+
+/// On a dead letter the broker refused with its payload, sent again
+/// without it: what the payload was (its size and SHA-256) and why it is
+/// not there. Such a dead letter is never replayed.
+pub const PAYLOAD_DROPPED: &str = "weir.payload-dropped";
+
+/// `headers` of a dead letter (or emitted event) whose payload of
+/// `payload` the broker refused for `why`, for sending it again without
+/// the payload: `PAYLOAD_DROPPED` is added, saying so.
+pub fn without_payload(
+    payload: &[u8],
+    headers: &[(String, Vec<u8>)],
+    why: &str,
+) -> Vec<(String, Vec<u8>)> {
+    use sha2::{Digest, Sha256};
+    let digest: String = Sha256::digest(payload)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut headers = headers.to_vec();
+    headers.push((
+        PAYLOAD_DROPPED.to_string(),
+        format!("{} bytes, sha256 {digest}, left out: {why}", payload.len()).into_bytes(),
+    ));
+    headers
+}
+
+/// The dead letter of an emitted event the broker refused for good
+/// (`why`): to `<topic>.dlq`, with the emitting handler's headers and
+/// Weir's dead-letter headers (kind `permanent`, origin the event's own
+/// topic).
+pub fn of_refused_emit(
+    record: &crate::store::OutboxRecord,
+    why: &str,
+) -> crate::store::OutboxRecord {
+    let failed_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    let mut headers: Vec<(String, Vec<u8>)> = record
+        .headers
+        .iter()
+        .map(|(name, value)| {
+            // The emitting handler is named already (`weir.handler`).
+            let name = if name == "weir.handler" {
+                name.clone()
+            } else {
+                kept_name(name)
+            };
+            (name, value.clone())
+        })
+        .collect();
+    for (name, value) in [
+        (
+            "weir.error",
+            format!("the broker refused the emitted event: {why}"),
+        ),
+        ("weir.error.kind", "permanent".to_string()),
+        ("weir.origin.topic", record.topic.clone()),
+        ("weir.failed-at", failed_at),
+    ] {
+        headers.push((name.to_string(), value.into_bytes()));
+    }
+    crate::store::OutboxRecord {
+        topic: crate::registry::DlqSettings::default().destination(&record.topic),
+        key: record.key.clone(),
+        payload: record.payload.clone(),
+        headers,
+    }
+}
 
 /// On a replayed dead letter: where the dead letter sits
 /// (`<dlq>/<position>`).

@@ -53,6 +53,16 @@
 //!   after a restart (duplicates, never losses), but not again in this run:
 //!   they stay marked as acknowledged and their delete is retried, with
 //!   backoff.
+//! - **Refused for good.** When the broker refuses a row's event for good
+//!   ([`crate::source::Refused`]: larger than it takes, a topic name it does
+//!   not accept), retrying cannot help and would block the topic: the row
+//!   is sent instead, at once and in its place, as a dead letter to
+//!   `<topic>.dlq` (Weir's dead-letter headers, kind `permanent`, the
+//!   refusal as `weir.error`), and if that is refused too, as the dead
+//!   letter without its payload (`weir.payload-dropped` gives its size and
+//!   SHA-256). The row is deleted only once one of them is acknowledged, so
+//!   nothing is lost silently; a crash before that starts over from the
+//!   event. A refusal of the last form is an ordinary failure.
 //! - **Unreadable rows**, which this version cannot decode, are logged once
 //!   as the cursor passes them and left in place: never published, never
 //!   holding up the cursor.
@@ -149,6 +159,9 @@ pub struct RelayStats {
     pub published: AtomicU64,
     /// Publish attempts that failed (and will be retried).
     pub failures: AtomicU64,
+    /// Publishes the broker refused for good, each answered by sending the
+    /// row as a dead letter instead ("Refused for good").
+    pub refused: AtomicU64,
     /// Where acknowledged records are also counted, by topic.
     pub metrics: Option<crate::metrics::Metrics>,
     /// Topics whose publishes fail: since when (the first failure after a
@@ -259,6 +272,19 @@ struct Row {
     seq: u64,
     record: Arc<OutboxRecord>,
     state: RowState,
+    /// How far refusals for good have taken it ("Refused for good").
+    refused: Refusals,
+}
+
+/// What a row has become after the broker refused it for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusals {
+    /// The emitted event as it was committed.
+    None,
+    /// Its dead letter.
+    DeadLetter,
+    /// Its dead letter without the payload.
+    WithoutPayload,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,7 +303,45 @@ impl Lane {
             seq,
             record,
             state: RowState::Waiting,
+            refused: Refusals::None,
         });
+    }
+
+    /// The broker refused row `seq` for good (`why`): it becomes its dead
+    /// letter, or that dead letter without its payload, to be sent next,
+    /// without a backoff ("Refused for good"). `false` when it already was
+    /// both: the refusal is then an ordinary failure.
+    fn refused(&mut self, seq: u64, why: &str) -> bool {
+        let Ok(index) = self.rows.binary_search_by_key(&seq, |row| row.seq) else {
+            return false;
+        };
+        let row = &mut self.rows[index];
+        let (record, refused) = match row.refused {
+            Refusals::None => (
+                super::dlq::of_refused_emit(&row.record, why),
+                Refusals::DeadLetter,
+            ),
+            Refusals::DeadLetter if !row.record.payload.is_empty() => (
+                OutboxRecord {
+                    topic: row.record.topic.clone(),
+                    key: row.record.key.clone(),
+                    payload: Vec::new(),
+                    headers: super::dlq::without_payload(
+                        &row.record.payload,
+                        &row.record.headers,
+                        why,
+                    ),
+                },
+                Refusals::WithoutPayload,
+            ),
+            _ => return false,
+        };
+        row.record = Arc::new(record);
+        row.refused = refused;
+        row.state = RowState::Waiting;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.next = self.next.min(index);
+        true
     }
 
     /// The next row to hand to the publisher, marked sent, if the lane may
@@ -391,6 +455,14 @@ impl Books {
                 self.acknowledged.push(seq);
             }
             Err(err) => {
+                if let Some(refused) = crate::source::refusal(&err)
+                    && lane.refused(seq, &refused.0)
+                {
+                    tracing::error!(topic = %record.topic, seq, error = %err,
+                        "the broker refuses an emitted event for good; it goes to the dead-letter topic instead");
+                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 lane.failing = true;
                 self.stats

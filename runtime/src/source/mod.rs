@@ -183,6 +183,29 @@ pub struct Depth {
     pub oldest_ms: Option<i64>,
 }
 
+/// A publish the broker refuses for good: the record is larger than it
+/// takes, or its destination's name is not one it accepts. Sending the
+/// same record again cannot succeed, so a [`Publisher`] returns this
+/// (inside its `anyhow::Error`) for such refusals and every other error is
+/// taken as passing; callers stop retrying a refused record (see
+/// [`refusal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the broker refuses it for good: {}", self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Whether `err` is a refusal for good ([`Refused`]), and why.
+pub fn refusal(err: &anyhow::Error) -> Option<&Refused> {
+    err.chain()
+        .find_map(|cause| cause.downcast_ref::<Refused>())
+}
+
 /// Where the broker put a published record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Receipt {
@@ -209,7 +232,8 @@ pub trait Publisher: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// When the broker did not acknowledge the record in time.
+    /// When the broker did not acknowledge the record in time, or
+    /// [`Refused`] when it refuses the record for good.
     fn send(
         &self,
         topic: &str,

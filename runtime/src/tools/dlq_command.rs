@@ -85,6 +85,32 @@ fn routes(handlers: &[(String, Manifest)]) -> BTreeSet<(String, String, String)>
         .collect()
 }
 
+/// Why `letter` cannot be replayed, if it cannot: it sits where its
+/// handler writes no dead letters of its origin topic (so Weir did not
+/// write it), or it was sent without its payload.
+fn refusal(letter: &DeadLetter, routes: &BTreeSet<(String, String, String)>) -> Option<String> {
+    let route = (
+        letter.dlq.clone(),
+        letter.handler.clone(),
+        letter.origin_topic.clone(),
+    );
+    if !routes.contains(&route) {
+        return Some(format!(
+            "handler {:?} writes no dead letters of topic {:?} there, so it is not Weir's",
+            letter.handler, letter.origin_topic
+        ));
+    }
+    letter
+        .message
+        .header(crate::pipeline::dlq::PAYLOAD_DROPPED)
+        .map(|what| {
+            format!(
+                "its payload was left out ({})",
+                String::from_utf8_lossy(what)
+            )
+        })
+}
+
 /// The dead-letter topics `target` means, given `handlers`, and the handler
 /// it names (if it names one).
 fn resolve(
@@ -204,10 +230,10 @@ async fn execute<A: crate::source::Archive, P: crate::source::Publisher>(
         Some(limit) => &listing.selected[..listing.selected.len().min(limit)],
         None => &listing.selected,
     };
-    // Replay only what Weir could have written where it sits.
-    let (routed, refused): (Vec<&DeadLetter>, Vec<&DeadLetter>) = chosen.iter().partition(|l| {
-        routes.contains(&(l.dlq.clone(), l.handler.clone(), l.origin_topic.clone()))
-    });
+    // Replay only what Weir could have written where it sits, with its
+    // payload.
+    let (routed, refused): (Vec<&DeadLetter>, Vec<&DeadLetter>) =
+        chosen.iter().partition(|l| refusal(l, routes).is_none());
     let letters: Vec<Value> = chosen.iter().map(|l| l.to_json(now)).collect();
     let summary: Vec<Value> = listing
         .summary
@@ -278,10 +304,9 @@ async fn execute<A: crate::source::Archive, P: crate::source::Publisher>(
     if request.action == Action::Replay {
         for letter in &refused {
             out.push_str(&format!(
-                "refused {}: handler {:?} writes no dead letters of topic {:?} there, so it is not Weir's; not replayed\n",
+                "refused {}: {}; not replayed\n",
                 letter.address(),
-                letter.handler,
-                letter.origin_topic
+                refusal(letter, routes).unwrap_or_default()
             ));
         }
     }

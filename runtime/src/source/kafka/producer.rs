@@ -3,11 +3,12 @@
 
 use std::time::Duration;
 
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::Cluster;
-use crate::source::{Publisher, Receipt};
+use crate::source::{Publisher, Receipt, Refused};
 
 /// An idempotent producer (acks from all in-sync replicas, no duplicates
 /// from internal retries).
@@ -39,7 +40,8 @@ impl KafkaProducer {
     /// # Errors
     ///
     /// When the broker did not acknowledge the record within the delivery
-    /// timeout.
+    /// timeout; [`Refused`] for a record too large for the broker or a
+    /// topic name it does not take.
     pub async fn send(
         &self,
         topic: &str,
@@ -63,7 +65,23 @@ impl KafkaProducer {
             .producer
             .send(record, Duration::from_secs(30))
             .await
-            .map_err(|(err, _)| anyhow::anyhow!("produce to {topic:?} failed: {err}"))?;
+            .map_err(|(err, _)| {
+                let refused = matches!(
+                    err.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::MessageSizeTooLarge
+                            | RDKafkaErrorCode::InvalidMessageSize
+                            | RDKafkaErrorCode::MessageBatchTooLarge
+                            | RDKafkaErrorCode::InvalidTopic
+                            | RDKafkaErrorCode::InvalidRecord
+                    )
+                );
+                if refused {
+                    anyhow::Error::new(Refused(format!("produce to {topic:?}: {err}")))
+                } else {
+                    anyhow::anyhow!("produce to {topic:?} failed: {err}")
+                }
+            })?;
         Ok((delivery.partition, delivery.offset))
     }
 }

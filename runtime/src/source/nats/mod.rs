@@ -69,7 +69,7 @@ use tokio::sync::mpsc;
 
 use super::packed::{PACKED, pack, unpack};
 use super::progress::Progress;
-use super::{Message, Position, Publisher, Receipt, Settled, Source};
+use super::{Message, Position, Publisher, Receipt, Refused, Settled, Source};
 use crate::registry::StartFrom;
 
 /// The header carrying a message's key (CloudEvents' `partitionkey`).
@@ -798,7 +798,13 @@ impl Publisher for NatsPublisher {
             .js
             .publish_with_headers(topic.to_string(), map, payload)
             .await
-            .map_err(|err| anyhow::anyhow!("publish to {topic:?} failed: {err}"))?;
+            .map_err(|err| {
+                if err.kind() == PublishErrorKind::MaxPayloadExceeded {
+                    anyhow::Error::new(Refused(format!("publish to {topic:?}: {err}")))
+                } else {
+                    anyhow::anyhow!("publish to {topic:?} failed: {err}")
+                }
+            })?;
         match ack.await {
             Ok(ack) => Ok(Receipt {
                 partition: 0,

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::attributes::{self, Encoded};
 use super::names::{self, fifo_id, hex_sha256};
 use super::{KEY_ATTRIBUTE, Lookup, SqsConnection, describe, lock, missing_queue};
-use crate::source::{Publisher, Receipt};
+use crate::source::{Publisher, Receipt, Refused};
 
 /// Most bytes (bodies and attributes) in one `SendMessageBatch`.
 const MAX_BATCH_BYTES: usize = 256 * 1024;
@@ -153,6 +153,16 @@ async fn run_lane(
         let mut size = 0;
         while let Some(front) = waiting.front() {
             let next = front.encoded.size();
+            if next > MAX_BATCH_BYTES {
+                // Larger than SQS takes in one message: refused for good.
+                if let Some(outgoing) = waiting.pop_front() {
+                    let _ = outgoing.reply.send(Err(anyhow::Error::new(Refused(format!(
+                        "publish to {:?} (queue {name:?}): {next} bytes with its attributes, more than the {MAX_BATCH_BYTES} SQS takes",
+                        outgoing.topic
+                    )))));
+                }
+                continue;
+            }
             if batch.len() == MAX_BATCH || (!batch.is_empty() && size + next > MAX_BATCH_BYTES) {
                 break;
             }
@@ -231,13 +241,20 @@ async fn send_batch(connection: &SqsConnection, name: &str, batch: Vec<Outgoing>
         );
     }
     for failed in out.failed() {
+        let why = format!(
+            "SQS refused it: {} {}",
+            failed.code(),
+            failed.message().unwrap_or_default()
+        );
+        // A sender's fault is the message's own: sending it again cannot
+        // succeed.
         answers.insert(
             failed.id(),
-            Err(anyhow::anyhow!(
-                "SQS refused it: {} {}",
-                failed.code(),
-                failed.message().unwrap_or_default()
-            )),
+            Err(if failed.sender_fault() {
+                anyhow::Error::new(Refused(why))
+            } else {
+                anyhow::anyhow!(why)
+            }),
         );
     }
     let mut answers: HashMap<String, anyhow::Result<Receipt>> = answers
@@ -249,11 +266,8 @@ async fn send_batch(connection: &SqsConnection, name: &str, batch: Vec<Outgoing>
             .remove(&index.to_string())
             .unwrap_or_else(|| Err(anyhow::anyhow!("SQS did not answer for it")));
         let topic = outgoing.topic;
-        let _ =
-            outgoing
-                .reply
-                .send(answer.map_err(|err| {
-                    anyhow::anyhow!("publish to {topic:?} (queue {name:?}): {err}")
-                }));
+        let _ = outgoing.reply.send(
+            answer.map_err(|err| err.context(format!("publish to {topic:?} (queue {name:?})"))),
+        );
     }
 }

@@ -34,7 +34,8 @@
 //! event there, payload `emitted:<this event's payload>`, with a key and
 //! headers few brokers carry as they are: key `key with\nnewline`, headers
 //! `with space` = `x`, `multi` = `line1\r\nline2`, `binary` = `ff 00`,
-//! `colon:name` = `y`.
+//! `colon:name` = `y`. With `probe.emit-bytes` = N the payload is
+//! `emitted:` padded with `e` to N bytes.
 //!
 //! With `[config] dependency = "down"` every call without a `probe.fail`
 //! header fails with a retryable `service-unavailable` error: a handler
@@ -204,7 +205,13 @@ impl Handler for SdkProbe {
         let result = match (result, event.header_str("probe.emit")) {
             (Ok(()), Some(topic)) => {
                 let mut payload = b"emitted:".to_vec();
-                payload.extend_from_slice(event.payload());
+                match event
+                    .header_str("probe.emit-bytes")
+                    .map(str::parse::<usize>)
+                {
+                    Some(Ok(size)) => payload.resize(size, b'e'),
+                    _ => payload.extend_from_slice(event.payload()),
+                }
                 weir_sdk::emit::to(topic)
                     .key("key with\nnewline")
                     .payload(payload)
