@@ -79,6 +79,7 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
         "open-file",
         "read-env",
         "print:hello sandbox",
+        "log-flood",
     ];
     let hostile: Vec<Record> = requests
         .iter()
@@ -111,7 +112,8 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     kafka.produce("steady", &steady(10..20))?;
 
     // Every misbehaving event is dead-lettered, one each.
-    let dead = dead_letters(&kafka, "hostile.dlq", requests.len() - 1, &weir)?;
+    // All but the two well-behaved ones (print, log-flood).
+    let dead = dead_letters(&kafka, "hostile.dlq", requests.len() - 2, &weir)?;
     let by_request: BTreeMap<String, (String, String)> = dead
         .iter()
         .filter_map(|r| {
@@ -147,8 +149,8 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
     expect("open-file", &["open /etc/passwd denied"], "1")?;
     expect("read-env", &["environment has 0 variables"], "1")?;
     ensure!(
-        !by_request.contains_key("print:hello sandbox"),
-        "the well-behaved event was dead-lettered"
+        !by_request.contains_key("print:hello sandbox") && !by_request.contains_key("log-flood"),
+        "a well-behaved event was dead-lettered"
     );
 
     // A fuel budget stops a loop long before its timeout.
@@ -226,6 +228,24 @@ fn hostile_handlers_fail_alone_with_clear_errors() -> Result<()> {
         printed("stdout", "hello sandbox") && printed("stderr", "err: hello sandbox"),
         "guest output not in the log: {}",
         weir.log.display()
+    );
+    // A handler logging in a loop keeps 1,000 records of a call, 64 fields
+    // of each, and is told of once.
+    let flood: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["target"] == "weir::guest" && r["message"] == "flood")
+        .collect();
+    ensure!(flood.len() == 1000, "{} flood records kept", flood.len());
+    let fields: Value = serde_json::from_str(flood[0]["fields"].as_str().unwrap_or("{}"))?;
+    ensure!(
+        fields.as_object().map(|o| o.len()) == Some(65) && fields["fields_dropped"] == 36,
+        "flood fields: {fields}"
+    );
+    ensure!(
+        records.iter().any(|r| r["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("logged more than 1000 records"))),
+        "no word of the dropped log records"
     );
     // Failed attempts are logged with the handler's name and version.
     let trap = records

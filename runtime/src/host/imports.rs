@@ -28,14 +28,31 @@ impl StoreState {
     /// `log.log`: one record under target `weir::guest`, tagged with the
     /// handler, its version and where the event being handled sits.
     fn guest_log(&mut self, level: GuestLevel, message: String, fields: Vec<(String, String)>) {
+        // Bounded per call: a handler that logs in a loop fills no disk.
+        self.logged = self.logged.saturating_add(1);
+        if self.logged > MAX_LOG_RECORDS {
+            if self.logged == MAX_LOG_RECORDS + 1 {
+                let at = self.current.as_ref();
+                tagged_event!(target: "weir::guest", tracing::Level::WARN, at, stream,
+                    handler = &*self.handler, version = &*self.version,
+                    "the handler logged more than {MAX_LOG_RECORDS} records in this call; the rest of the call's are dropped");
+            }
+            return;
+        }
         let message = clip(message);
-        let fields = serde_json::Value::Object(
-            fields
-                .into_iter()
-                .map(|(k, v)| (clip(k), serde_json::Value::String(clip(v))))
-                .collect(),
-        )
-        .to_string();
+        let total = fields.len();
+        let mut fields: serde_json::Map<String, serde_json::Value> = fields
+            .into_iter()
+            .take(MAX_LOG_FIELDS)
+            .map(|(k, v)| (clip(k), serde_json::Value::String(clip(v))))
+            .collect();
+        if total > MAX_LOG_FIELDS {
+            fields.insert(
+                "fields_dropped".into(),
+                serde_json::Value::from(total - MAX_LOG_FIELDS),
+            );
+        }
+        let fields = serde_json::Value::Object(fields).to_string();
         let handler = &*self.handler;
         let version = &*self.version;
         let at = self.current.as_ref();
@@ -104,6 +121,12 @@ impl StoreState {
     }
 }
 
+/// Most log records one call may write; the rest are dropped, said once.
+pub const MAX_LOG_RECORDS: u32 = 1000;
+/// Most fields one log record keeps; how many more is said in
+/// `fields_dropped`.
+pub const MAX_LOG_FIELDS: usize = 64;
+
 fn clip(mut text: String) -> String {
     if text.len() > MAX_LOG_TEXT {
         let mut end = MAX_LOG_TEXT;
@@ -151,6 +174,9 @@ macro_rules! serve {
                     StateFailure::Unavailable(m) | StateFailure::InvalidKey(m) => {
                         Self::Unavailable(m)
                     }
+                    StateFailure::TooManyReads(n) => Self::Unavailable(format!(
+                        "this call reached its limit of {n} distinct keys read or listings made"
+                    )),
                 }
             }
         }

@@ -46,6 +46,9 @@ pub struct StoreState {
     pub(super) config: Arc<BTreeMap<String, String>>,
     /// When the running instantiation or call times out.
     deadline: Instant,
+    /// Log records the call in progress wrote (bounded: see
+    /// `imports::MAX_LOG_RECORDS`).
+    pub(super) logged: u32,
 }
 
 impl StoreState {
@@ -213,6 +216,7 @@ impl CompiledHandler {
             txn: None,
             config: self.config.clone(),
             deadline: Instant::now() + self.limits.timeout,
+            logged: 0,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
@@ -444,6 +448,7 @@ impl HandlerInstance {
         state.current = Some(origin);
         state.txn = Some(Transaction::new(state.store.clone(), state.handler.clone()));
         state.deadline = Instant::now() + self.limits.timeout;
+        state.logged = 0;
         self.store.set_epoch_deadline(1);
         if self.metered {
             // Each call gets the full budget. Cannot fail: the engine meters.

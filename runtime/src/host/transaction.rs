@@ -25,6 +25,10 @@ pub const MAX_VALUE_BYTES: usize = 1 << 20;
 pub const MAX_WRITES: usize = 10_000;
 /// Most entries one `list-prefix` returns.
 pub const MAX_LIST: usize = 1000;
+/// Most distinct committed keys one call may read.
+pub const MAX_READS: usize = 10_000;
+/// Most prefix listings one call may make.
+pub const MAX_SCANS: usize = 100;
 /// Largest emitted event (key, payload and headers), in bytes.
 pub const MAX_EMIT_BYTES: usize = 1 << 20;
 /// Most events emitted per call.
@@ -47,6 +51,11 @@ pub enum StateFailure {
     TransactionTooLarge(u32),
     /// The database could not be read.
     Unavailable(String),
+    /// This call already read the most distinct keys, or made the most
+    /// listings, allowed (given): each is kept until the commit validates
+    /// it, so their number bounds the host memory a call holds. The guest
+    /// sees it as `unavailable` (the contract has no case of its own).
+    TooManyReads(u32),
     /// A key no store can hold; says why (the contract has no case of its
     /// own for it: the guest sees it as `unavailable` with this text).
     InvalidKey(String),
@@ -134,6 +143,9 @@ impl Transaction {
         if let Some(written) = self.effects.writes.get(key) {
             return Ok(written.clone());
         }
+        if self.effects.reads.len() >= MAX_READS && !self.effects.reads.contains_key(key) {
+            return Err(StateFailure::TooManyReads(MAX_READS as u32));
+        }
         let handler = self.handler.clone();
         let found = self
             .view()?
@@ -207,6 +219,9 @@ impl Transaction {
         let limit = (limit as usize).min(MAX_LIST);
         if limit == 0 {
             return Ok(Vec::new());
+        }
+        if self.effects.scans.len() >= MAX_SCANS {
+            return Err(StateFailure::TooManyReads(MAX_SCANS as u32));
         }
         // This call's writes in the listed range.
         let lower = match start_after {
@@ -465,6 +480,30 @@ mod tests {
             Some(b"1".to_vec())
         );
         assert_eq!(store.outbox_len().await.expect("len"), 0);
+    }
+
+    /// Reads and listings a call keeps for validation are bounded.
+    #[tokio::test]
+    async fn reads_and_listings_per_call_are_bounded() {
+        let (_dir, store) = store();
+        let mut t = txn(&store);
+        for i in 0..MAX_READS {
+            assert_eq!(t.get(&format!("k{i}")).await, Ok(None));
+        }
+        assert!(matches!(
+            t.get("one-more").await,
+            Err(StateFailure::TooManyReads(_))
+        ));
+        // A key read already is read again.
+        assert_eq!(t.get("k7").await, Ok(None));
+        let mut t = txn(&store);
+        for _ in 0..MAX_SCANS {
+            assert!(t.list_prefix("p/", None, 10).await.is_ok());
+        }
+        assert!(matches!(
+            t.list_prefix("p/", None, 10).await,
+            Err(StateFailure::TooManyReads(_))
+        ));
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 //! |------------------|---------------------------------------------------------|
 //! | absent or `ok`   | returns `ok`                                            |
 //! | `loop`           | spins forever (the timeout must stop it)                |
+//! | `log-flood`      | writes 2,000 log records `flood` of 100 fields each, then `ok` |
 //! | `sleep`          | sleeps 60 s in the host (`wasi:clocks`; the timeout must stop it) |
 //! | `alloc-4g`       | grows linear memory by 4 GiB (the memory limit must stop it) |
 //! | `grow`           | grows a vector 1 MiB at a time, forever                 |
@@ -44,6 +45,14 @@ impl Handler for Hostile {
                 loop {
                     n = black_box(n.wrapping_add(1));
                 }
+            }
+            "log-flood" => {
+                let names: Vec<String> = (0..100).map(|i| format!("f{i}")).collect();
+                let fields: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+                for _ in 0..2000 {
+                    weir_sdk::log::info("flood", &fields);
+                }
+                Ok(())
             }
             "sleep" => {
                 std::thread::sleep(std::time::Duration::from_secs(60));
