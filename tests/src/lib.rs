@@ -274,6 +274,24 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// `N` different free loopback ports: all are held while the next is
+/// chosen, so no two are the same (separate calls of [`free_port`] can
+/// return one port twice).
+///
+/// # Errors
+///
+/// When no port can be bound.
+pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let held = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&held) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
 /// A tansu broker process with in-memory storage, in its own temporary
 /// directory (kept with `WEIR_KEEP_TEST_DIRS`). Killed on drop.
 pub struct Broker {
@@ -306,7 +324,7 @@ impl Broker {
     ///
     /// When tansu or stunnel is missing or does not become ready.
     pub fn start_behind_tls(certs: &tls::Certificates) -> Result<(Self, tls::Stunnel)> {
-        let (port, tls_port) = (free_port()?, free_port()?);
+        let [port, tls_port] = free_ports()?;
         let mut broker = Self::start_advertising(port, tls_port)?;
         let stunnel = tls::Stunnel::start(certs, tls_port, port)?;
         broker.bootstrap = format!("127.0.0.1:{tls_port}");
@@ -330,7 +348,7 @@ impl Broker {
         user: &str,
         password: &str,
     ) -> Result<(Self, tls::Stunnel)> {
-        let (port, tls_port) = (free_port()?, free_port()?);
+        let [port, tls_port] = free_ports()?;
         let dir = scratch_dir("weir-broker-")?;
         let storage = ["--storage-engine", "sqlite://tansu.db"];
         let mut setup = Self::spawn(dir, port, tls_port, &storage, "tansu-setup.log")?;
@@ -604,13 +622,13 @@ impl KafkaTool {
             ) {
                 Ok(_) => Ok(Some(())),
                 Err(err) => {
-                    last = err.to_string();
+                    last = format!("{err:#}");
                     Ok(None)
                 }
             },
             String::new,
         )
-        .with_context(|| last.clone())
+        .with_context(|| format!("the last attempt: {last}"))
     }
 
     /// Produces `records` with acks=all; returns their (partition, offset).

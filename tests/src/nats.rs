@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::client::ClientScript;
-use crate::{START_WAIT, free_port, hex, poll_until, require, scratch_dir};
+use crate::{START_WAIT, free_ports, hex, poll_until, require, scratch_dir};
 
 /// The stream Weir uses for `subject`: the subject with every character
 /// outside `[A-Za-z0-9_-]` replaced by `_` (`orders.dlq` → `orders_dlq`).
@@ -93,8 +93,7 @@ impl NatsServer {
     fn start_with(certs: Option<&crate::tls::Certificates>) -> Result<Self> {
         let binary = nats_server_binary()?;
         let dir = scratch_dir("weir-nats-")?;
-        let port = free_port()?;
-        let monitor_port = free_port()?;
+        let [port, monitor_port] = free_ports()?;
         let mut server = NatsServer {
             child: None,
             binary,

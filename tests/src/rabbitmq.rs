@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use crate::broker::{BrokerKind, Position, Stored, TestBroker};
 use crate::client::ClientScript;
 use crate::{
-    Deployment, Record, START_WAIT, free_port, hex, output_within, poll_until, scratch_dir, unhex,
+    Deployment, Record, START_WAIT, free_ports, hex, output_within, poll_until, scratch_dir, unhex,
 };
 
 /// The header that carries a message's key.
@@ -93,9 +93,9 @@ impl RabbitServer {
         std::fs::create_dir_all(root.join("mnesia"))?;
         std::fs::create_dir_all(root.join("log"))?;
         std::fs::write(root.join("plugins"), "[].\n")?;
+        let [port, dist_port, tls_port] = free_ports()?;
         let mut tls_url = None;
         if let Some(certs) = certs {
-            let tls_port = free_port()?;
             std::fs::write(
                 root.join("rabbitmq.conf"),
                 format!(
@@ -122,8 +122,6 @@ impl RabbitServer {
             "chown -R rabbitmq {} failed",
             root.display()
         );
-        let port = free_port()?;
-        let dist_port = free_port()?;
         let node = format!(
             "weirtest{}n{}@localhost",
             std::process::id(),

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use crate::broker::{BrokerKind, Position, Stored, TestBroker};
 use crate::client::ClientScript;
 use crate::{
-    Deployment, Record, START_WAIT, free_port, hex, poll_until, require, scratch_dir, unhex,
+    Deployment, Record, START_WAIT, free_ports, hex, poll_until, require, scratch_dir, unhex,
 };
 
 /// A `redis-server` on a free loopback port, keeping nothing on disk, in
@@ -84,12 +84,11 @@ impl RedisServer {
     fn start_with(certs: Option<&crate::tls::Certificates>) -> Result<Self> {
         let binary = redis_server_binary()?;
         let dir = scratch_dir("weir-redis-")?;
-        let port = free_port()?;
+        let [port, tls_port] = free_ports()?;
         let log = dir.path().join("redis-server.log");
         let mut command = Command::new(&binary);
         let mut tls_url = None;
         if let Some(certs) = certs {
-            let tls_port = free_port()?;
             command
                 .args(["--tls-port", &tls_port.to_string()])
                 .arg("--tls-cert-file")
