@@ -10,8 +10,12 @@ Subcommands print one JSON document on stdout:
   delete-stream --url U --stream S  -> {"deleted": S}
   publish    --url U [--subject S]  (JSON lines on stdin:
                {"subject": str|null, "value_hex": str,
-                "headers": [[name, value_str], ...], "msg_id": str|null};
-               a null or absent subject means --subject)
+                "headers": [[name, value_str], ...], "msg_id": str|null,
+                "header_block_hex": str|null};
+               a null or absent subject means --subject; a header block
+               replaces headers and msg_id and is sent byte for byte over
+               the raw protocol, plain TCP only, as nats-py sends none that
+               is not text lines)
                publishes through JetStream, one acknowledged publish at a
                time, in order  -> [[stream, seq], ...] from the PubAcks
   read       --url U (--stream S | --subject F) [--subject F] --max N --timeout-ms MS
@@ -174,6 +178,11 @@ async def publish(nc, args):
         subject = record.get("subject") or args.subject
         if not subject:
             raise SystemExit(f"no subject for {line} (give --subject or \"subject\")")
+        if record.get("header_block_hex") is not None:
+            acks.append(await raw_publish(args.url, subject,
+                                          bytes.fromhex(record["header_block_hex"]),
+                                          bytes.fromhex(record["value_hex"])))
+            continue
         headers = {}
         for name, value in record.get("headers") or []:
             if name in headers:
@@ -188,6 +197,42 @@ async def publish(nc, args):
             raise SystemExit(f"no stream captures subject {subject!r}: create one first (add-stream)")
         acks.append([ack.stream, ack.seq])
     return acks
+
+
+async def raw_publish(url, subject, block, payload):
+    """HPUB of `block` and `payload` to `subject` on a connection of our own;
+    waits for the JetStream PubAck -> [stream, seq]."""
+    first = url.split(",")[0].strip()
+    if not first.startswith("nats://"):
+        raise SystemExit(f"a raw header block needs a plain nats:// URL, not {first!r}")
+    host, _, port = first[len("nats://"):].rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await asyncio.wait_for(reader.readline(), 10)  # INFO
+        inbox = f"_INBOX.rawpub.{time.time_ns()}"
+        writer.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"protocol":1}\r\n')
+        writer.write(f"SUB {inbox} 1\r\n".encode())
+        writer.write(f"HPUB {subject} {inbox} {len(block)} {len(block) + len(payload)}\r\n".encode()
+                     + block + payload + b"\r\n")
+        await writer.drain()
+        while True:
+            line = await asyncio.wait_for(reader.readline(), 30)
+            if not line:
+                raise SystemExit("the server closed the raw connection")
+            if line.startswith(b"PING"):
+                writer.write(b"PONG\r\n")
+                await writer.drain()
+            elif line.startswith(b"-ERR"):
+                raise SystemExit(f"the server refused a raw publish: {line!r}")
+            elif line.startswith(b"MSG "):
+                size = int(line.split()[-1])
+                data = await asyncio.wait_for(reader.readexactly(size + 2), 30)
+                ack = json.loads(data[:size])
+                if "error" in ack:
+                    raise SystemExit(f"the raw publish was refused: {ack['error']}")
+                return [ack["stream"], ack["seq"]]
+    finally:
+        writer.close()
 
 
 async def read(nc, args):

@@ -462,29 +462,57 @@ impl NatsBroker {
     }
 
     /// The NATS message for `record`: key in `ce-partitionkey`, text
-    /// headers.
+    /// headers; a record with a header no NATS client library sends (a
+    /// value that is not UTF-8 or holds a line break or carriage return, a
+    /// `hex:` name) gets its header block written byte for byte, as a raw
+    /// protocol producer (or a Go one) can.
     fn message(record: &Record) -> Result<NatsMessage> {
         let mut headers = Vec::new();
         if let Some(key) = &record.key {
             let key = String::from_utf8(key.clone()).map_err(|_| {
                 anyhow!("NATS carries keys in a text header: key {key:02x?} is not UTF-8")
             })?;
-            headers.push((NATS_KEY_HEADER.to_string(), key));
+            headers.push((NATS_KEY_HEADER.to_string(), key.into_bytes()));
         }
         for (name, value) in &record.headers {
             if name == NATS_KEY_HEADER && record.key.is_some() {
                 bail!("record has both a key and a {NATS_KEY_HEADER} header");
             }
-            let value = String::from_utf8(value.clone()).map_err(|_| {
-                anyhow!("NATS header values are text: header {name} = {value:02x?} is not UTF-8")
-            })?;
-            headers.push((name.clone(), value));
+            headers.push((name.clone(), value.clone()));
+        }
+        let raw = headers.iter().any(|(name, value)| {
+            name.starts_with("hex:")
+                || std::str::from_utf8(value).is_err()
+                || value.contains(&b'\r')
+                || value.contains(&b'\n')
+        });
+        if raw {
+            let mut block = b"NATS/1.0\r\n".to_vec();
+            for (name, value) in &headers {
+                match name.strip_prefix("hex:") {
+                    Some(hex) => block.extend(crate::unhex(hex)?),
+                    None => block.extend_from_slice(name.as_bytes()),
+                }
+                block.extend_from_slice(b": ");
+                block.extend_from_slice(value);
+                block.extend_from_slice(b"\r\n");
+            }
+            block.extend_from_slice(b"\r\n");
+            return Ok(NatsMessage {
+                value: record.value.clone(),
+                header_block: Some(block),
+                ..NatsMessage::default()
+            });
         }
         Ok(NatsMessage {
             subject: None,
             value: record.value.clone(),
-            headers,
+            headers: headers
+                .into_iter()
+                .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
+                .collect(),
             msg_id: None,
+            header_block: None,
         })
     }
 }

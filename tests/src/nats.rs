@@ -362,6 +362,10 @@ pub struct NatsMessage {
     pub headers: Vec<(String, String)>,
     /// `Nats-Msg-Id`, for the server's duplicate window.
     pub msg_id: Option<String>,
+    /// A header block sent byte for byte instead of `headers` and
+    /// `msg_id` (over the raw protocol: no client library sends every
+    /// block a server relays).
+    pub header_block: Option<Vec<u8>>,
 }
 
 /// The independent NATS client: nats-py driven through
@@ -462,6 +466,7 @@ impl NatsTool {
                     "value_hex": hex(&m.value),
                     "headers": m.headers.iter().map(|(n, v)| [n, v]).collect::<Vec<_>>(),
                     "msg_id": m.msg_id,
+                    "header_block_hex": m.header_block.as_deref().map(hex),
                 })
                 .to_string()
             })

@@ -1406,8 +1406,9 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
 
 /// Input no well-behaved producer sends, each of which once stopped or
 /// could stop a handler somewhere: header values that are not UTF-8 or
-/// hold NUL bytes and line breaks (where the broker's protocol can carry
-/// them), header names that are not UTF-8 (Kafka, Redis), NUL bytes in
+/// hold NUL bytes and line breaks (on NATS a raw header block the client
+/// library cannot parse, with a carriage return inside a value and a name
+/// it refuses too), header names that are not UTF-8 (Kafka, Redis), NUL bytes in
 /// event ids and keys, a line break in a JSON correlation id (copied onto
 /// the emitted event's headers), an empty and a 1,000-character key, 1,000
 /// headers (SQS: the nine beside the key it takes), a payload near the broker's limit, a
@@ -1425,10 +1426,17 @@ fn hostile_input_never_stops_a_handler(broker: &dyn TestBroker) -> Result<()> {
     broker.create_output_topic("events.dlq")?;
     broker.create_output_topic("emitted")?;
     let deployment = broker.deployment()?;
+    // NATS: acknowledgements in flight when the client drops its
+    // connection on an unreadable message come back after the ack wait.
+    let nats_section = if nats {
+        "[nats]\nack_wait = \"3s\"\n"
+    } else {
+        ""
+    };
     deployment.add_handler(
         "sdk-probe",
         "hostile",
-        "topics = [\"events\"]\n[retry]\nmax_attempts = 1\n",
+        &format!("topics = [\"events\"]\n[retry]\nmax_attempts = 1\n{nats_section}"),
     )?;
     let raw = |key: &[u8], payload: &str, headers: Vec<(String, Vec<u8>)>| Record {
         partition: None,
@@ -1476,17 +1484,26 @@ fn hostile_input_never_stops_a_handler(broker: &dyn TestBroker) -> Result<()> {
             .map(|i| h(&format!("h{i}"), format!("v{i}").as_bytes()))
             .collect(),
     ));
-    if !nats {
-        // NATS headers are text lines: a producer cannot send these.
+    // NATS: sent as a raw header block (the harness writes it byte for
+    // byte), which the client library cannot parse: read another way.
+    sent.push(raw(
+        b"k-bin",
+        "binary-value",
+        vec![h("bin", &[0xff, 0xfe, 0])],
+    ));
+    sent.push(raw(
+        b"k-lines",
+        "newline-value",
+        vec![h("multi", b"line1\nline2\r\nline3")],
+    ));
+    if nats {
+        // A carriage return inside a value (the client library's connection
+        // task asserts on it) and a name it refuses, in raw header blocks.
+        sent.push(raw(b"k-cr", "cr-value", vec![h("cr", b"a\rb")]));
         sent.push(raw(
-            b"k-bin",
-            "binary-value",
-            vec![h("bin", &[0xff, 0xfe, 0])],
-        ));
-        sent.push(raw(
-            b"k-lines",
-            "newline-value",
-            vec![h("multi", b"line1\nline2\r\nline3")],
+            b"k-bad-name",
+            "bad-name",
+            vec![h("hex:626164206e616d65", b"v")],
         ));
     }
     if matches!(kind, BrokerKind::Kafka | BrokerKind::Redis) {
@@ -1620,4 +1637,67 @@ fn hostile_input_never_stops_a_handler(broker: &dyn TestBroker) -> Result<()> {
         from_corr.headers
     );
     Ok(())
+}
+
+/// NATS only: a header value with a carriage return, the first message of
+/// the stream. The client library's connection task asserts on it and
+/// stops for good (every later call of that client fails); Weir connects
+/// again with a new client and reads the message from the stream before
+/// pulling, so it is handled once, and so is every message after it.
+#[test]
+fn nats_a_header_the_client_library_panics_on_stops_nothing() -> Result<()> {
+    run(BrokerKind::Nats, |broker| {
+        broker.create_topic("events", 1)?;
+        let deployment = broker.deployment()?;
+        deployment.add_handler(
+            "sdk-probe",
+            "hostile",
+            "topics = [\"events\"]\n[nats]\nack_wait = \"3s\"\n",
+        )?;
+        let mut sent = vec![Record {
+            partition: None,
+            key: Some(b"k-cr".to_vec()),
+            value: b"cr-value".to_vec(),
+            headers: vec![("cr".to_string(), b"a\rb".to_vec())],
+        }];
+        sent.extend((0..5).map(|i| record(&format!("after-{i}"), &format!("after-{i}"), &[])));
+        let produced = broker.produce("events", &sent)?;
+        let mut weir = deployment.start("run")?;
+        let log = weir.log.clone();
+        let expected: BTreeSet<String> = sent
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+            .collect();
+        poll_progress(
+            WAIT,
+            "every message handled",
+            || {
+                let seen: BTreeSet<String> = labelled(&weir).into_iter().map(|(l, _)| l).collect();
+                Ok(expected.is_subset(&seen).then_some(()))
+            },
+            || sdk_calls(&weir).len(),
+            || format!("{} calls; log: {}", sdk_calls(&weir).len(), log.display()),
+        )?;
+        wait_caught_up(broker, "weir.hostile", "events", &produced, &weir)?;
+        ensure!(
+            weir.wait_exit(Duration::ZERO)?.is_none(),
+            "weir died; log: {}",
+            log.display()
+        );
+        stop(&mut weir)?;
+        let calls = labelled(&weir);
+        for payload in &expected {
+            let outcomes: Vec<&str> = calls
+                .iter()
+                .filter(|(l, _)| l == payload)
+                .map(|(_, o)| o.as_str())
+                .collect();
+            ensure!(
+                outcomes == ["ok"],
+                "{payload:?}: outcomes {outcomes:?}; log: {}",
+                log.display()
+            );
+        }
+        Ok(())
+    })
 }

@@ -2,65 +2,49 @@
 //! messages: the [`Archive`] the dead-letter tools use.
 //!
 //! Reading asks the stream for the next message on the subject, sequence
-//! after sequence (the message-get API): no consumer is created, so
-//! nothing on the server changes. Deleting removes each message by its
+//! after sequence (the message-get API, read by [`raw`], so a header block
+//! the client library cannot parse is read too): no consumer is created,
+//! so nothing on the server changes. Packed headers are unpacked as for a
+//! consumed message. Deleting removes each message by its
 //! stream sequence.
 
-use async_nats::jetstream::stream::RawMessageErrorKind;
-
-use super::{KEY_HEADER, NatsConnection};
+use anyhow::Context as _;
 use futures_util::TryStreamExt;
+
+use super::{KEY_HEADER, NatsConnection, raw, unpack_headers};
 
 use crate::source::{Archive, Depth, Message, Position};
 
 impl Archive for NatsConnection {
     async fn read_all(&self, topic: &str) -> anyhow::Result<Vec<Message>> {
-        let Ok(stream_name) = self.js.stream_by_subject(topic).await else {
+        let Ok(stream_name) = self.js().stream_by_subject(topic).await else {
             // No stream captures the subject: nothing was ever kept.
             return Ok(Vec::new());
         };
-        let stream = self
-            .js
-            .get_stream(&stream_name)
-            .await
-            .map_err(|err| anyhow::anyhow!("cannot open stream {stream_name:?}: {err}"))?;
+        let client = self.client();
         let mut messages = Vec::new();
         let mut next = 1u64;
-        loop {
-            let found = stream
-                .raw_message_builder()
-                .sequence(next)
-                .next_by_subject(topic.to_string())
-                .send()
-                .await;
-            let message = match found {
-                Ok(message) => message,
-                Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => break,
-                Err(err) => {
-                    anyhow::bail!("cannot read {topic:?} from stream {stream_name:?}: {err}")
-                }
-            };
-            next = message.sequence + 1;
-            let mut headers = Vec::new();
-            for (name, values) in message.headers.iter() {
-                for value in values {
-                    headers.push((name.to_string(), value.as_str().as_bytes().to_vec()));
-                }
-            }
+        while let Some(stored) = raw::get(&client, &stream_name, next, topic)
+            .await
+            .with_context(|| format!("cannot read {topic:?}"))?
+        {
+            next = stored.sequence + 1;
+            let mut headers = raw::headers(&stored.block);
             headers.sort_by(|a, b| a.0.cmp(&b.0));
+            unpack_headers(&mut headers);
             let key = headers
                 .iter()
                 .find(|(n, v)| n == KEY_HEADER && !v.is_empty())
                 .map(|(_, v)| v.clone());
             messages.push(Message {
-                topic: message.subject.to_string(),
+                topic: stored.subject,
                 key,
-                payload: message.payload.to_vec(),
+                payload: stored.payload,
                 headers,
-                timestamp_ms: i64::try_from(message.time.unix_timestamp_nanos() / 1_000_000).ok(),
+                timestamp_ms: stored.stored_ms,
                 position: Position::JetStream {
                     stream: stream_name.clone(),
-                    sequence: message.sequence,
+                    sequence: stored.sequence,
                     delivered: 1,
                 },
                 scope: 0,
@@ -84,7 +68,7 @@ impl Archive for NatsConnection {
                 continue;
             };
             let handle = self
-                .js
+                .js()
                 .get_stream(stream)
                 .await
                 .map_err(|err| anyhow::anyhow!("cannot open stream {stream:?}: {err}"))?;
@@ -100,11 +84,11 @@ impl Archive for NatsConnection {
     }
 
     async fn depth(&self, topic: &str) -> anyhow::Result<Depth> {
-        let Ok(stream_name) = self.js.stream_by_subject(topic).await else {
+        let Ok(stream_name) = self.js().stream_by_subject(topic).await else {
             return Ok(Depth::default());
         };
         let stream = self
-            .js
+            .js()
             .get_stream(&stream_name)
             .await
             .map_err(|err| anyhow::anyhow!("cannot open stream {stream_name:?}: {err}"))?;
@@ -123,17 +107,10 @@ impl Archive for NatsConnection {
         if messages == 0 {
             return Ok(Depth::default());
         }
-        let oldest = stream
-            .raw_message_builder()
-            .sequence(1)
-            .next_by_subject(topic.to_string())
-            .send()
-            .await;
-        let oldest_ms = match oldest {
-            Ok(message) => i64::try_from(message.time.unix_timestamp_nanos() / 1_000_000).ok(),
-            Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => None,
-            Err(err) => anyhow::bail!("cannot read {topic:?} from stream {stream_name:?}: {err}"),
-        };
+        let oldest = raw::get(&self.client(), &stream_name, 1, topic)
+            .await
+            .with_context(|| format!("cannot read {topic:?}"))?;
+        let oldest_ms = oldest.and_then(|stored| stored.stored_ms);
         Ok(Depth {
             messages,
             oldest_ms,

@@ -49,20 +49,22 @@
 //! consumed, so a dead letter keeps every header of its message.
 
 mod archive;
+mod raw;
+mod rescue;
 pub mod rewind;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::pull::{self, Stream as Messages};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
 use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::{AckKind, Acker};
+use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::stream::{self, StorageType};
 use async_nats::jetstream::{self, Context};
+use async_nats::{HeaderMap, Subject};
 use futures_util::StreamExt;
 use futures_util::stream::SelectAll;
 use tokio::sync::mpsc;
@@ -71,6 +73,7 @@ use super::packed::{PACKED, pack, unpack};
 use super::progress::Progress;
 use super::{Message, Position, Publisher, Receipt, Refused, Settled, Source};
 use crate::registry::StartFrom;
+use rescue::Rescuer;
 
 /// The header carrying a message's key (CloudEvents' `partitionkey`).
 pub const KEY_HEADER: &str = "ce-partitionkey";
@@ -114,14 +117,45 @@ pub struct StreamSettings {
 }
 
 /// A connection to a NATS server with JetStream.
+///
+/// The client behind it is replaced when it stops for good: `async-nats`'s
+/// connection task ends when it panics (on a header value with a carriage
+/// return, see [`raw`]), after which every call fails. A supervisor notices
+/// that within [`SUPERVISE_PERIOD`] and connects again; consumers then open
+/// their pull streams again, after a [`rescue`] sweep.
 #[derive(Clone)]
 pub struct NatsConnection {
-    client: async_nats::Client,
-    js: Context,
+    live: Arc<RwLock<Live>>,
+    events: Arc<Events>,
     streams: StreamSettings,
     /// Subjects known to be captured by a stream.
     covered: Arc<Mutex<HashSet<String>>>,
 }
+
+/// The client in use.
+struct Live {
+    client: async_nats::Client,
+    js: Context,
+    /// How many clients came before this one.
+    generation: u64,
+}
+
+/// What consumers learn of the connection: every (re)connection counts.
+#[derive(Default)]
+struct Events {
+    connects: AtomicU64,
+    wake: tokio::sync::Notify,
+}
+
+impl Events {
+    fn connected(&self) {
+        self.connects.fetch_add(1, Ordering::Relaxed);
+        self.wake.notify_waiters();
+    }
+}
+
+/// How often the supervisor checks that the client still runs.
+const SUPERVISE_PERIOD: Duration = Duration::from_secs(1);
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
@@ -142,6 +176,123 @@ pub fn name_for(subject: &str) -> String {
         .collect()
 }
 
+/// A client for `settings`; while the server is unreachable it keeps
+/// trying in the background (every failure is logged).
+async fn open_client(
+    settings: &NatsSettings,
+    events: Arc<Events>,
+) -> anyhow::Result<async_nats::Client> {
+    let url = settings.url.clone();
+    let tls = settings.tls_required
+        || settings.tls_ca_file.is_some()
+        || settings
+            .url
+            .split(',')
+            .any(|u| u.trim().starts_with("tls://"));
+    let mut options = async_nats::ConnectOptions::new()
+        .name("weir")
+        .connection_timeout(settings.connect_timeout)
+        .retry_on_initial_connect()
+        .event_callback(move |event| {
+            let url = url.clone();
+            let events = events.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!(url, "connected to NATS");
+                        events.connected();
+                    }
+                    async_nats::Event::Disconnected => tracing::warn!(url,
+                        "disconnected from NATS; reconnecting (nothing is acknowledged meanwhile)"),
+                    async_nats::Event::Closed => tracing::info!(url, "NATS connection closed"),
+                    // The driver reports a failed TLS handshake (a
+                    // certificate that does not verify) as "TLS error"
+                    // or "IO error", without its cause.
+                    async_nats::Event::ClientError(err) if tls => tracing::error!(url, error = %err,
+                        "cannot reach NATS over TLS: the connection or the TLS handshake failed (is the server's certificate signed by [source.nats.tls] ca_file or a CA the system trusts, and does it name the host?); retrying with backoff (nothing is consumed or acknowledged meanwhile)"),
+                    async_nats::Event::ClientError(err) => tracing::warn!(url, error = %err,
+                        "cannot reach NATS; retrying with backoff (nothing is consumed or acknowledged meanwhile)"),
+                    other => tracing::warn!(url, event = %other, "NATS connection event"),
+                }
+            }
+        });
+    if let Some((user, password)) = &settings.user {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &settings.token {
+        options = options.token(token.clone());
+    }
+    if let Some(seed) = &settings.nkey {
+        options = options.nkey(seed.clone());
+    }
+    if let Some(path) = &settings.creds_file {
+        options = options.credentials_file(path).await.map_err(|err| {
+            anyhow::anyhow!(
+                "[source.nats] creds_file {}: cannot read it: {err}",
+                path.display()
+            )
+        })?;
+    }
+    if settings.tls_required {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &settings.tls_ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &settings.tls_client {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    options.connect(settings.url.as_str()).await.map_err(|err| {
+        anyhow::anyhow!(
+            "[source.nats] url {:?}: cannot connect: {err}",
+            settings.url
+        )
+    })
+}
+
+/// Replaces the client of `live` when its connection task has ended (its
+/// command channel is closed: a call fails at once, where a client that
+/// is only disconnected queues it). Ends when the connection is dropped.
+async fn supervise(live: Weak<RwLock<Live>>, events: Arc<Events>, settings: NatsSettings) {
+    loop {
+        tokio::time::sleep(SUPERVISE_PERIOD).await;
+        let Some(cell) = live.upgrade() else {
+            return;
+        };
+        let client = read(&cell).client.clone();
+        drop(cell);
+        let stopped = matches!(
+            tokio::time::timeout(SUPERVISE_PERIOD, client.server_pool()).await,
+            Ok(Err(_))
+        );
+        if !stopped {
+            continue;
+        }
+        tracing::error!(url = %settings.url,
+            "the NATS client stopped (its connection task ended, as it does on a message it cannot read); connecting again");
+        match open_client(&settings, events.clone()).await {
+            Ok(client) => {
+                let Some(cell) = live.upgrade() else {
+                    return;
+                };
+                let mut live = cell.write().unwrap_or_else(|p| p.into_inner());
+                live.js = jetstream::new(client.clone());
+                live.client = client;
+                live.generation += 1;
+                drop(live);
+                events.connected();
+            }
+            Err(err) => {
+                tracing::error!(error = %format!("{err:#}"), "cannot connect to NATS again; trying later")
+            }
+        }
+    }
+}
+
+fn read(live: &RwLock<Live>) -> std::sync::RwLockReadGuard<'_, Live> {
+    live.read().unwrap_or_else(|p| p.into_inner())
+}
+
 impl NatsConnection {
     /// Connects; while the server is unreachable the client keeps trying in
     /// the background (every failure is logged), so Weir starts either way
@@ -151,78 +302,40 @@ impl NatsConnection {
     ///
     /// When the options are unusable (an unreadable credentials file).
     pub async fn connect(settings: &NatsSettings) -> anyhow::Result<Self> {
-        let url = settings.url.clone();
-        let tls = settings.tls_required
-            || settings.tls_ca_file.is_some()
-            || settings
-                .url
-                .split(',')
-                .any(|u| u.trim().starts_with("tls://"));
-        let mut options = async_nats::ConnectOptions::new()
-            .name("weir")
-            .connection_timeout(settings.connect_timeout)
-            .retry_on_initial_connect()
-            .event_callback(move |event| {
-                let url = url.clone();
-                async move {
-                    match event {
-                        async_nats::Event::Connected => tracing::info!(url, "connected to NATS"),
-                        async_nats::Event::Disconnected => tracing::warn!(url,
-                            "disconnected from NATS; reconnecting (nothing is acknowledged meanwhile)"),
-                        async_nats::Event::Closed => tracing::info!(url, "NATS connection closed"),
-                        // The driver reports a failed TLS handshake (a
-                        // certificate that does not verify) as "TLS error"
-                        // or "IO error", without its cause.
-                        async_nats::Event::ClientError(err) if tls => tracing::error!(url, error = %err,
-                            "cannot reach NATS over TLS: the connection or the TLS handshake failed (is the server's certificate signed by [source.nats.tls] ca_file or a CA the system trusts, and does it name the host?); retrying with backoff (nothing is consumed or acknowledged meanwhile)"),
-                        async_nats::Event::ClientError(err) => tracing::warn!(url, error = %err,
-                            "cannot reach NATS; retrying with backoff (nothing is consumed or acknowledged meanwhile)"),
-                        other => tracing::warn!(url, event = %other, "NATS connection event"),
-                    }
-                }
-            });
-        if let Some((user, password)) = &settings.user {
-            options = options.user_and_password(user.clone(), password.clone());
-        }
-        if let Some(token) = &settings.token {
-            options = options.token(token.clone());
-        }
-        if let Some(seed) = &settings.nkey {
-            options = options.nkey(seed.clone());
-        }
-        if let Some(path) = &settings.creds_file {
-            options = options.credentials_file(path).await.map_err(|err| {
-                anyhow::anyhow!(
-                    "[source.nats] creds_file {}: cannot read it: {err}",
-                    path.display()
-                )
-            })?;
-        }
-        if settings.tls_required {
-            options = options.require_tls(true);
-        }
-        if let Some(ca) = &settings.tls_ca_file {
-            options = options.add_root_certificates(ca.clone());
-        }
-        if let Some((cert, key)) = &settings.tls_client {
-            options = options.add_client_certificate(cert.clone(), key.clone());
-        }
-        let client = options
-            .connect(settings.url.as_str())
-            .await
-            .map_err(|err| {
-                anyhow::anyhow!(
-                    "[source.nats] url {:?}: cannot connect: {err}",
-                    settings.url
-                )
-            })?;
+        let events = Arc::new(Events::default());
+        let client = open_client(settings, events.clone()).await?;
         let js = jetstream::new(client.clone());
-        Ok(Self {
+        let live = Arc::new(RwLock::new(Live {
             client,
             js,
+            generation: 0,
+        }));
+        tokio::spawn(supervise(
+            Arc::downgrade(&live),
+            events.clone(),
+            settings.clone(),
+        ));
+        Ok(Self {
+            live,
+            events,
             streams: settings.streams.clone(),
             covered: Arc::default(),
         })
+    }
+
+    /// The client in use.
+    fn client(&self) -> async_nats::Client {
+        read(&self.live).client.clone()
+    }
+
+    /// JetStream on the client in use.
+    fn js(&self) -> Context {
+        read(&self.live).js.clone()
+    }
+
+    /// How many clients came before the one in use.
+    fn generation(&self) -> u64 {
+        read(&self.live).generation
     }
 
     /// The stream capturing `subject`, created when there is none.
@@ -243,7 +356,7 @@ impl NatsConnection {
         retention: Duration,
         create: bool,
     ) -> anyhow::Result<bool> {
-        if self.js.stream_by_subject(subject).await.is_ok() {
+        if self.js().stream_by_subject(subject).await.is_ok() {
             lock(&self.covered).insert(subject.to_string());
             return Ok(false);
         }
@@ -257,7 +370,7 @@ impl NatsConnection {
     }
 
     async fn stream_with(&self, subject: &str, max_age: Duration) -> anyhow::Result<String> {
-        if let Ok(name) = self.js.stream_by_subject(subject).await {
+        if let Ok(name) = self.js().stream_by_subject(subject).await {
             lock(&self.covered).insert(subject.to_string());
             return Ok(name);
         }
@@ -275,9 +388,12 @@ impl NatsConnection {
             duplicate_window: self.streams.duplicate_window,
             ..Default::default()
         };
-        self.js.get_or_create_stream(config).await.map_err(|err| {
-            anyhow::anyhow!("cannot create stream {name:?} for subject {subject:?}: {err}")
-        })?;
+        self.js()
+            .get_or_create_stream(config)
+            .await
+            .map_err(|err| {
+                anyhow::anyhow!("cannot create stream {name:?} for subject {subject:?}: {err}")
+            })?;
         tracing::info!(stream = %name, subject, "created a stream for the subject");
         lock(&self.covered).insert(subject.to_string());
         Ok(name)
@@ -286,20 +402,31 @@ impl NatsConnection {
     /// A consumer of `topics` for one handler.
     pub fn consumer(&self, spec: ConsumerSpec) -> NatsConsumer {
         let (acks, queue) = mpsc::unbounded_channel();
-        let held: Arc<Mutex<HashMap<u64, Arc<Acker>>>> = Arc::default();
+        let (rescued_tx, rescued) = mpsc::unbounded_channel();
+        let held: Arc<Mutex<HashMap<u64, Held>>> = Arc::default();
+        let rescuer = Rescuer {
+            connection: self.clone(),
+            spec: spec.clone(),
+            held: held.clone(),
+            next_delivery: Arc::default(),
+            found: rescued_tx,
+        };
         let keepalive = tokio::spawn(keep_alive(
+            self.clone(),
             held.clone(),
             spec.ack_wait,
             spec.durable.clone(),
         ));
-        let acking = tokio::spawn(send_acks(queue, spec.clone()));
-        let lag = tokio::spawn(watch_lag(self.clone(), spec.clone()));
+        let acking = tokio::spawn(send_acks(self.clone(), queue, spec.clone()));
+        let lag = tokio::spawn(watch_lag(rescuer.clone()));
         NatsConsumer {
             connection: self.clone(),
             spec,
-            messages: tokio::sync::Mutex::new(None),
-            held,
-            next_delivery: AtomicU64::new(0),
+            inbox: tokio::sync::Mutex::new(Inbox {
+                pulled: None,
+                rescued,
+            }),
+            rescuer,
             acks,
             tasks: [keepalive, acking, lag],
         }
@@ -344,22 +471,39 @@ impl ConsumerSpec {
 /// One delivered message: the handle to acknowledge it with.
 pub struct NatsDelivery {
     id: u64,
-    acker: Arc<Acker>,
+    /// Its ack subject (`$JS.ACK.…`).
+    reply: Subject,
     /// The index of its topic in the consumer's spec.
     scope: u64,
+}
+
+/// A message the pipeline holds.
+pub(super) struct Held {
+    reply: Subject,
+    /// The index of its topic in the consumer's spec.
+    scope: u64,
+    /// Its stream sequence.
+    sequence: u64,
 }
 
 /// A handler's JetStream consumers, read as one.
 pub struct NatsConsumer {
     connection: NatsConnection,
     spec: ConsumerSpec,
-    /// The pull streams of every topic's consumer (`None` until set up).
-    messages: tokio::sync::Mutex<Option<SelectAll<Tagged>>>,
-    held: Arc<Mutex<HashMap<u64, Arc<Acker>>>>,
-    next_delivery: AtomicU64,
+    inbox: tokio::sync::Mutex<Inbox>,
+    rescuer: Rescuer,
     acks: mpsc::UnboundedSender<Ack>,
-    /// The keep-alive ticker and the ack sender.
+    /// The keep-alive ticker, the ack sender and the lag watch.
     tasks: [tokio::task::JoinHandle<()>; 3],
+}
+
+/// Where [`NatsConsumer::recv`] takes messages from.
+struct Inbox {
+    /// The pull streams of every topic's consumer and the connection
+    /// generation they were opened on (`None` until set up).
+    pulled: Option<(SelectAll<Tagged>, u64)>,
+    /// Messages the client could not read, read another way ([`rescue`]).
+    rescued: mpsc::UnboundedReceiver<(Message, NatsDelivery)>,
 }
 
 /// What a pull stream yields.
@@ -372,15 +516,18 @@ type Tag = Box<dyn FnMut(Pulled) -> (u64, Pulled) + Send + Sync>;
 type Tagged = futures_util::stream::Map<Messages, Tag>;
 
 impl NatsConsumer {
-    /// Creates (or finds) the streams and durable consumers and opens
-    /// their pull streams.
+    /// Creates (or finds) the streams and durable consumers, sweeps each for
+    /// messages the client cannot read ([`Rescuer::sweep`], before anything
+    /// is pulled: so one left by a stopped client is read another way
+    /// before the server hands it to this client again), and opens their
+    /// pull streams.
     async fn open(&self) -> anyhow::Result<SelectAll<Tagged>> {
         let mut all = SelectAll::new();
         for (index, topic) in self.spec.topics.iter().enumerate() {
             let stream_name = self.connection.stream_for(topic).await?;
             let stream = self
                 .connection
-                .js
+                .js()
                 .get_stream(&stream_name)
                 .await
                 .map_err(|err| anyhow::anyhow!("cannot open stream {stream_name:?}: {err}"))?;
@@ -401,7 +548,7 @@ impl NatsConsumer {
             // Creates the durable, or updates it to this manifest's ack wait
             // and max_ack_pending. A change the server refuses (the deliver
             // policy of an existing durable) keeps the durable as it is.
-            let consumer: jetstream::consumer::PullConsumer = match stream
+            let mut consumer: jetstream::consumer::PullConsumer = match stream
                 .create_consumer(config)
                 .await
             {
@@ -417,6 +564,11 @@ impl NatsConsumer {
                     existing
                 }
             };
+            match consumer.info().await {
+                Ok(info) => self.rescuer.sweep(index as u64, topic, info).await,
+                Err(err) => tracing::warn!(durable = %durable, error = %err,
+                    "cannot read the durable consumer's state; messages the client cannot read are looked for later"),
+            }
             let messages = consumer
                 .stream()
                 .max_messages_per_batch(self.spec.max_ack_pending.clamp(1, 256))
@@ -449,7 +601,11 @@ impl NatsConsumer {
                 i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).ok(),
             )
         };
-        let (message, acker) = message.split();
+        let reply = message
+            .reply
+            .clone()
+            .ok_or_else(|| "a JetStream message without an ack subject".to_string())?;
+        let (message, _) = message.split();
         let mut headers = Vec::new();
         if let Some(map) = &message.headers {
             for (name, values) in map.iter() {
@@ -461,14 +617,16 @@ impl NatsConsumer {
         }
         unpack_headers(&mut headers);
         let topic = message.subject.to_string();
-        let key = headers
-            .iter()
-            .find(|(n, v)| n == KEY_HEADER && !v.is_empty())
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| topic.as_bytes().to_vec());
-        let id = self.next_delivery.fetch_add(1, Ordering::Relaxed);
-        let acker = Arc::new(acker);
-        lock(&self.held).insert(id, acker.clone());
+        let key = key_of(&headers, &topic);
+        let id = self.rescuer.next_delivery.fetch_add(1, Ordering::Relaxed);
+        lock(&self.rescuer.held).insert(
+            id,
+            Held {
+                reply: reply.clone(),
+                scope,
+                sequence,
+            },
+        );
         Ok((
             Message {
                 topic,
@@ -483,24 +641,44 @@ impl NatsConsumer {
                 },
                 scope,
             },
-            NatsDelivery { id, acker, scope },
+            NatsDelivery { id, reply, scope },
         ))
     }
+}
+
+/// A message's key: its [`KEY_HEADER`], else its subject.
+fn key_of(headers: &[(String, Vec<u8>)], topic: &str) -> Vec<u8> {
+    headers
+        .iter()
+        .find(|(n, v)| n == KEY_HEADER && !v.is_empty())
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| topic.as_bytes().to_vec())
 }
 
 impl Source for NatsConsumer {
     type Delivery = NatsDelivery;
 
-    /// The next message of any of the handler's subjects. Until the server
-    /// answers (and the streams and consumers exist) this waits, logging
-    /// why, and tries again.
+    /// The next message of any of the handler's subjects, pulled or
+    /// rescued. Until the server answers (and the streams and consumers
+    /// exist) this waits, logging why, and tries again; when the client
+    /// was replaced ([`NatsConnection`]) the pull streams are opened again
+    /// on the new one.
     async fn recv(&self) -> Result<(Message, NatsDelivery), String> {
-        let mut messages = self.messages.lock().await;
+        let mut inbox = self.inbox.lock().await;
+        let Inbox { pulled, rescued } = &mut *inbox;
         let mut backoff = Duration::from_millis(250);
         loop {
-            let Some(open) = messages.as_mut() else {
+            if let Ok(found) = rescued.try_recv() {
+                return Ok(found);
+            }
+            let generation = self.connection.generation();
+            if pulled.as_ref().is_some_and(|(_, at)| *at != generation) {
+                tracing::warn!(durable = %self.spec.durable, "pulling again on the new NATS client");
+                *pulled = None;
+            }
+            let Some((open, _)) = pulled.as_mut() else {
                 match self.open().await {
-                    Ok(open) => *messages = Some(open),
+                    Ok(open) => *pulled = Some((open, generation)),
                     Err(err) => {
                         tracing::warn!(durable = %self.spec.durable, error = %format!("{err:#}"),
                             retry_in_ms = backoff.as_millis() as u64,
@@ -511,29 +689,38 @@ impl Source for NatsConsumer {
                 }
                 continue;
             };
-            match open.next().await {
-                Some((scope, Ok(message))) => return self.decode(scope, message),
-                Some((_, Err(err))) => {
-                    return Err(format!("JetStream consumer {}: {err}", self.spec.durable));
-                }
-                None => {
-                    // Every pull stream ended (their consumer was deleted):
-                    // set them up again.
-                    tracing::warn!(durable = %self.spec.durable, "the JetStream consumer went away; setting it up again");
-                    *messages = None;
-                }
+            tokio::select! {
+                biased;
+                Some(found) = rescued.recv() => return Ok(found),
+                next = open.next() => match next {
+                    Some((scope, Ok(message))) => return self.decode(scope, message),
+                    Some((_, Err(err))) => {
+                        if self.connection.generation() != generation {
+                            continue;
+                        }
+                        return Err(format!("JetStream consumer {}: {err}", self.spec.durable));
+                    }
+                    None => {
+                        // Every pull stream ended (their consumer was
+                        // deleted): set them up again.
+                        tracing::warn!(durable = %self.spec.durable, "the JetStream consumer went away; setting it up again");
+                        *pulled = None;
+                    }
+                },
+                // A client replaced meanwhile: pull on the new one.
+                () = self.connection.events.wake.notified() => {}
             }
         }
     }
 
     fn owns(&self, delivery: &NatsDelivery) -> bool {
-        lock(&self.held).contains_key(&delivery.id)
+        lock(&self.rescuer.held).contains_key(&delivery.id)
     }
 
     /// Invariant: `+ACK` only for settled outcomes, which the pipeline
     /// reports only once they are durable.
     fn settle(&self, delivery: &NatsDelivery, outcome: Settled) {
-        if lock(&self.held).remove(&delivery.id).is_none() {
+        if lock(&self.rescuer.held).remove(&delivery.id).is_none() {
             return;
         }
         let kind = match outcome {
@@ -541,7 +728,7 @@ impl Source for NatsConsumer {
             Settled::Released => AckKind::Nak(Some(Duration::from_secs(1))),
         };
         let _ = self.acks.send(Ack {
-            acker: delivery.acker.clone(),
+            reply: delivery.reply.clone(),
             kind,
             scope: delivery.scope,
         });
@@ -550,8 +737,8 @@ impl Source for NatsConsumer {
     /// Stops pulling, sends the acknowledgements still queued, and flushes
     /// them to the server.
     async fn close(self) {
-        drop(self.messages.into_inner());
-        lock(&self.held).clear();
+        drop(self.inbox.into_inner());
+        lock(&self.rescuer.held).clear();
         let Self {
             connection,
             acks,
@@ -573,7 +760,7 @@ impl Source for NatsConsumer {
         {
             tracing::warn!(durable = %spec.durable, "acknowledgements still queued after 5 s; those messages are redelivered");
         }
-        if let Err(err) = connection.client.flush().await {
+        if let Err(err) = connection.client().flush().await {
             tracing::warn!(error = %err, "cannot flush the last acknowledgements; those messages are redelivered");
         }
     }
@@ -581,19 +768,27 @@ impl Source for NatsConsumer {
 
 /// One settled message's acknowledgement, for [`send_acks`].
 struct Ack {
-    acker: Arc<Acker>,
+    reply: Subject,
     kind: AckKind,
     /// The index of its topic in the consumer's spec.
     scope: u64,
 }
 
-/// Sends acknowledgements in the order they were settled. An `Ack` sent
-/// advances its durable's ack floor (its committed position): recorded in
-/// `spec.progress`.
-async fn send_acks(mut queue: mpsc::UnboundedReceiver<Ack>, spec: ConsumerSpec) {
+/// Sends acknowledgements in the order they were settled, on the client in
+/// use. An `Ack` sent advances its durable's ack floor (its committed
+/// position): recorded in `spec.progress`.
+async fn send_acks(
+    connection: NatsConnection,
+    mut queue: mpsc::UnboundedReceiver<Ack>,
+    spec: ConsumerSpec,
+) {
     while let Some(ack) = queue.recv().await {
         let acked = matches!(ack.kind, AckKind::Ack);
-        match ack.acker.ack_with(ack.kind).await {
+        match connection
+            .client()
+            .publish(ack.reply, ack.kind.into())
+            .await
+        {
             Ok(()) => {
                 if acked
                     && let Some(topic) = usize::try_from(ack.scope)
@@ -618,17 +813,28 @@ const JOIN_PERIOD: Duration = Duration::from_millis(500);
 /// Keeps `spec.progress` current from each subject's durable consumer info:
 /// joined while every durable exists and the server answers for it; the
 /// lag is what the durable has not yet had acknowledged (pending plus
-/// delivered and unacknowledged). Ends when aborted.
-async fn watch_lag(connection: NatsConnection, spec: ConsumerSpec) {
+/// delivered and unacknowledged). After every (re)connection it also
+/// sweeps each durable for messages the client cannot read
+/// ([`Rescuer::sweep`]): the client drops its connection on one, so a
+/// reconnection is when one may be pending. Ends when aborted.
+async fn watch_lag(rescuer: Rescuer) {
+    let Rescuer {
+        connection, spec, ..
+    } = &rescuer;
+    let mut swept = 0;
     loop {
+        let connects = connection.events.connects.load(Ordering::Relaxed);
         let mut missing = None;
-        for topic in &spec.topics {
+        for (index, topic) in spec.topics.iter().enumerate() {
             let durable = spec.durable_for(topic);
-            match durable_info(&connection, topic, &durable).await {
+            match durable_info(connection, topic, &durable).await {
                 Ok(info) => {
                     let behind = info.num_pending + info.num_ack_pending as u64;
                     spec.progress
                         .set_lag(topic, 0, i64::try_from(behind).unwrap_or(i64::MAX));
+                    if connects != swept {
+                        rescuer.sweep(index as u64, topic, &info).await;
+                    }
                 }
                 Err(why) => {
                     missing.get_or_insert(format!(
@@ -639,6 +845,7 @@ async fn watch_lag(connection: NatsConnection, spec: ConsumerSpec) {
         }
         let period = match missing {
             None => {
+                swept = connects;
                 spec.progress.joined();
                 LAG_PERIOD
             }
@@ -647,7 +854,10 @@ async fn watch_lag(connection: NatsConnection, spec: ConsumerSpec) {
                 JOIN_PERIOD
             }
         };
-        tokio::time::sleep(period).await;
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            () = connection.events.wake.notified() => {}
+        }
     }
 }
 
@@ -657,16 +867,15 @@ async fn durable_info(
     topic: &str,
     durable: &str,
 ) -> Result<jetstream::consumer::Info, String> {
-    if connection.client.connection_state() != async_nats::connection::State::Connected {
+    let js = connection.js();
+    if connection.client().connection_state() != async_nats::connection::State::Connected {
         return Err("not connected to the server".to_string());
     }
-    let stream_name = connection
-        .js
+    let stream_name = js
         .stream_by_subject(topic)
         .await
         .map_err(|err| format!("no stream: {err}"))?;
-    let stream = connection
-        .js
+    let stream = js
         .get_stream(&stream_name)
         .await
         .map_err(|err| format!("stream {stream_name:?}: {err}"))?;
@@ -682,9 +891,10 @@ async fn durable_info(
 }
 
 /// Keeps every held message from being redelivered: a progress
-/// acknowledgement each third of the ack wait.
+/// acknowledgement each third of the ack wait, on the client in use.
 async fn keep_alive(
-    held: Arc<Mutex<HashMap<u64, Arc<Acker>>>>,
+    connection: NatsConnection,
+    held: Arc<Mutex<HashMap<u64, Held>>>,
     ack_wait: Duration,
     durable: String,
 ) {
@@ -697,9 +907,10 @@ async fn keep_alive(
         if Arc::strong_count(&held) == 1 {
             return;
         }
-        let ackers: Vec<Arc<Acker>> = lock(&held).values().cloned().collect();
-        for acker in ackers {
-            if let Err(err) = acker.ack_with(AckKind::Progress).await {
+        let replies: Vec<Subject> = lock(&held).values().map(|h| h.reply.clone()).collect();
+        let client = connection.client();
+        for reply in replies {
+            if let Err(err) = client.publish(reply, AckKind::Progress.into()).await {
                 tracing::warn!(durable = %durable, error = %err, "cannot extend a held message's ack wait");
             }
         }
@@ -795,7 +1006,7 @@ impl Publisher for NatsPublisher {
         }
         let ack = self
             .connection
-            .js
+            .js()
             .publish_with_headers(topic.to_string(), map, payload)
             .await
             .map_err(|err| {

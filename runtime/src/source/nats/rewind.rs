@@ -61,12 +61,12 @@ impl NatsConnection {
         let mut streams = Vec::new();
         for topic in &spec.topics {
             let stream_name = self
-                .js
+                .js()
                 .stream_by_subject(topic.as_str())
                 .await
                 .map_err(|err| anyhow::anyhow!("no stream captures {topic:?}: {err}"))?;
             let stream = self
-                .js
+                .js()
                 .get_stream(&stream_name)
                 .await
                 .map_err(|err| anyhow::anyhow!("cannot open stream {stream_name:?}: {err}"))?;
