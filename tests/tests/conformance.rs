@@ -1367,6 +1367,50 @@ fn sdk_calls(weir: &WeirProcess) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Waits until the probe was called with every label in `expected`.
+fn wait_called(weir: &WeirProcess, expected: &BTreeSet<String>, what: &str) -> Result<()> {
+    poll_progress(
+        WAIT,
+        what,
+        || {
+            let seen: BTreeSet<String> = labelled(weir).into_iter().map(|(l, _)| l).collect();
+            Ok(expected.is_subset(&seen).then_some(()))
+        },
+        || sdk_calls(weir).len(),
+        || {
+            format!(
+                "{} calls; log: {}",
+                sdk_calls(weir).len(),
+                weir.log.display()
+            )
+        },
+    )
+}
+
+/// Checks that each label in `expected` had exactly one call: a
+/// `permanent` one for those in `dead`, an `ok` one for the others.
+fn called_once(weir: &WeirProcess, expected: &BTreeSet<String>, dead: &[&str]) -> Result<()> {
+    let calls = labelled(weir);
+    for payload in expected {
+        let outcomes: Vec<&str> = calls
+            .iter()
+            .filter(|(l, _)| l == payload)
+            .map(|(_, o)| o.as_str())
+            .collect();
+        let want = if dead.contains(&payload.as_str()) {
+            "permanent"
+        } else {
+            "ok"
+        };
+        ensure!(
+            outcomes == [want],
+            "{payload:?}: outcomes {outcomes:?}, expected one {want}; log: {}",
+            weir.log.display()
+        );
+    }
+    Ok(())
+}
+
 /// The value of header `name` of `stored`: its own, else from a
 /// `weir.headers` Weir packed it into (a JSON array of `[name, value]`,
 /// a value a string or `{"base64": ...}`).
@@ -1535,15 +1579,10 @@ fn hostile_input_never_stops_a_handler(broker: &dyn TestBroker) -> Result<()> {
         .chain(&after)
         .map(|r| label(&String::from_utf8_lossy(&r.value)))
         .collect();
-    poll_progress(
-        WAIT,
+    wait_called(
+        &weir,
+        &expected,
         "every hostile message handled or dead-lettered",
-        || {
-            let seen: BTreeSet<String> = labelled(&weir).into_iter().map(|(l, _)| l).collect();
-            Ok(expected.is_subset(&seen).then_some(()))
-        },
-        || sdk_calls(&weir).len(),
-        || format!("{} calls; log: {}", sdk_calls(&weir).len(), log.display()),
     )?;
     wait_caught_up(broker, "weir.hostile", "events", &produced, &weir)?;
     let dead = wait_read(broker, "events.dlq", dead_payloads.len(), &weir)?;
@@ -1562,24 +1601,7 @@ fn hostile_input_never_stops_a_handler(broker: &dyn TestBroker) -> Result<()> {
     );
 
     // Each handled (or refused) once.
-    let calls = labelled(&weir);
-    for payload in &expected {
-        let outcomes: Vec<&str> = calls
-            .iter()
-            .filter(|(l, _)| l == payload)
-            .map(|(_, o)| o.as_str())
-            .collect();
-        let want = if dead_payloads.contains(&payload.as_str()) {
-            "permanent"
-        } else {
-            "ok"
-        };
-        ensure!(
-            outcomes == [want],
-            "{payload:?}: outcomes {outcomes:?}, expected one {want}; log: {}",
-            log.display()
-        );
-    }
+    called_once(&weir, &expected, &dead_payloads)?;
 
     // The dead letters: a bounded reason, Weir's own origin.
     let letter = |payload: &str| {
@@ -1668,16 +1690,7 @@ fn nats_a_header_the_client_library_panics_on_stops_nothing() -> Result<()> {
             .iter()
             .map(|r| String::from_utf8_lossy(&r.value).into_owned())
             .collect();
-        poll_progress(
-            WAIT,
-            "every message handled",
-            || {
-                let seen: BTreeSet<String> = labelled(&weir).into_iter().map(|(l, _)| l).collect();
-                Ok(expected.is_subset(&seen).then_some(()))
-            },
-            || sdk_calls(&weir).len(),
-            || format!("{} calls; log: {}", sdk_calls(&weir).len(), log.display()),
-        )?;
+        wait_called(&weir, &expected, "every message handled")?;
         wait_caught_up(broker, "weir.hostile", "events", &produced, &weir)?;
         ensure!(
             weir.wait_exit(Duration::ZERO)?.is_none(),
@@ -1685,19 +1698,6 @@ fn nats_a_header_the_client_library_panics_on_stops_nothing() -> Result<()> {
             log.display()
         );
         stop(&mut weir)?;
-        let calls = labelled(&weir);
-        for payload in &expected {
-            let outcomes: Vec<&str> = calls
-                .iter()
-                .filter(|(l, _)| l == payload)
-                .map(|(_, o)| o.as_str())
-                .collect();
-            ensure!(
-                outcomes == ["ok"],
-                "{payload:?}: outcomes {outcomes:?}; log: {}",
-                log.display()
-            );
-        }
-        Ok(())
+        called_once(&weir, &expected, &[])
     })
 }
