@@ -27,7 +27,7 @@
 //!   rescued again by a later sweep, with the same position and so the
 //!   same event id: a duplicate the dedup mark drops.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -50,7 +50,7 @@ const SWEEP_MAX: u64 = 10_000;
 pub(super) struct Rescuer {
     pub connection: NatsConnection,
     pub spec: ConsumerSpec,
-    pub held: Arc<Mutex<std::collections::HashMap<u64, Held>>>,
+    pub held: Arc<Mutex<HashMap<u64, Held>>>,
     pub next_delivery: Arc<AtomicU64>,
     pub found: mpsc::UnboundedSender<(Message, NatsDelivery)>,
 }
@@ -93,12 +93,10 @@ impl Rescuer {
         let id = self.next_delivery.fetch_add(1, Ordering::Relaxed);
         {
             let mut held = lock(&self.held);
-            let holding: HashSet<u64> = held
+            if held
                 .values()
-                .filter(|h| h.scope == scope)
-                .map(|h| h.sequence)
-                .collect();
-            if holding.contains(&stored.sequence) {
+                .any(|h| h.scope == scope && h.sequence == stored.sequence)
+            {
                 return;
             }
             held.insert(
