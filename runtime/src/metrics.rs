@@ -26,9 +26,18 @@
 //! atomic add, or a short lock on first use of a label set); metrics never
 //! decide anything — the pipeline's behaviour is the same with or without
 //! them.
+//!
+//! **Bounded series.** Every label value comes from configuration or from
+//! a short fixed list, except `topic`, which comes from the wire (a NATS
+//! wildcard subscription matches a subject per order id, a handler may
+//! emit to as many). The process keeps at most [`MAX_TOPICS`] distinct
+//! `topic` values; the messages, dead letters and records of any further
+//! topic count under `topic="(other)"` ([`OTHER_TOPICS`]), said once in
+//! the log. So the memory of the metrics and the size of a scrape stay
+//! bounded whatever the producers send.
 
-use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -104,6 +113,44 @@ struct Reload {
     result: &'static str,
 }
 
+/// Most distinct `topic` label values kept ("Bounded series").
+pub const MAX_TOPICS: usize = 1000;
+/// The `topic` label of every topic beyond the first [`MAX_TOPICS`]. Not a
+/// valid Kafka topic name, and not one anybody gives a NATS subject or a
+/// queue.
+pub const OTHER_TOPICS: &str = "(other)";
+
+/// The `topic` label values in use ("Bounded series").
+#[derive(Default)]
+struct TopicLabels {
+    seen: Mutex<HashSet<String>>,
+    /// The log has said that the bound was reached.
+    said: AtomicBool,
+}
+
+impl TopicLabels {
+    /// `topic` itself while it is one of the first [`MAX_TOPICS`] seen,
+    /// else [`OTHER_TOPICS`].
+    fn label<'a>(&self, topic: &'a str) -> &'a str {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(topic) {
+            return topic;
+        }
+        if seen.len() < MAX_TOPICS {
+            seen.insert(topic.to_string());
+            return topic;
+        }
+        drop(seen);
+        if !self.said.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                topic = %topic.escape_debug(),
+                "metrics keep {MAX_TOPICS} topics; this one and any further ones are counted as topic=\"{OTHER_TOPICS}\""
+            );
+        }
+        OTHER_TOPICS
+    }
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new([0.001, 0.01, 0.1, 1.0, 10.0])
 }
@@ -142,6 +189,7 @@ pub struct Metrics {
     outbox_oldest_age: Gauge<f64, AtomicU64>,
     commit_writes: Histogram,
     commit_seconds: Histogram,
+    topics: Arc<TopicLabels>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -291,6 +339,7 @@ impl Metrics {
             outbox_oldest_age,
             commit_writes,
             commit_seconds,
+            topics: Arc::default(),
         }
     }
 
@@ -374,7 +423,7 @@ impl Metrics {
     pub fn produced(&self, topic: &str, partition: i32) {
         self.produced
             .get_or_create(&TopicPartition {
-                topic: topic.to_string(),
+                topic: self.topics.label(topic).to_string(),
                 partition: partition.to_string(),
             })
             .inc();
@@ -446,7 +495,8 @@ pub struct HandlerMetrics {
     /// Busy and idle instances.
     instances: [Gauge; 2],
     conflicts: Counter,
-    /// This handler's series per topic, looked up without allocating.
+    /// This handler's series per topic label, looked up without
+    /// allocating (at most [`MAX_TOPICS`] + 1 of them).
     topics: Arc<std::sync::RwLock<HashMap<String, TopicSeries>>>,
 }
 
@@ -471,15 +521,21 @@ impl std::fmt::Debug for HandlerMetrics {
 }
 
 impl HandlerMetrics {
-    /// This handler's series for `topic`.
+    /// This handler's series for `topic` ("Bounded series").
     fn series(&self, topic: &str) -> TopicSeries {
-        if let Some(series) = self
-            .topics
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(topic)
-        {
-            return series.clone();
+        let cached = |label: &str| {
+            self.topics
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(label)
+                .cloned()
+        };
+        if let Some(series) = cached(topic) {
+            return series;
+        }
+        let topic = self.metrics.topics.label(topic);
+        if let Some(series) = cached(topic) {
+            return series;
         }
         let consumed = |status: &'static str| {
             self.metrics
@@ -538,7 +594,7 @@ impl HandlerMetrics {
         self.metrics
             .dead_letters
             .get_or_create(&DeadLetters {
-                topic: topic.to_string(),
+                topic: self.metrics.topics.label(topic).to_string(),
                 error_type: error_type.to_string(),
             })
             .inc();
@@ -618,5 +674,61 @@ mod tests {
             !text.contains(r#"version="abc""#),
             "old version kept:\n{text}"
         );
+    }
+
+    /// "Bounded series": a subject per message (a NATS wildcard) makes at
+    /// most `MAX_TOPICS` series per family, then one `(other)`.
+    #[test]
+    fn topics_from_the_wire_make_a_bounded_number_of_series() {
+        let metrics = Metrics::new();
+        let orders = metrics.handler("orders", "weir.orders");
+        let total = MAX_TOPICS + 500;
+        for n in 0..total {
+            let subject = format!("orders.{n}");
+            orders.consumed(&subject, "handled");
+            orders.call(&subject, 0.002);
+            orders.dead_letter(&subject, "validation");
+        }
+        for n in 0..total {
+            metrics.produced(&format!("audit.{n}"), 0);
+        }
+        let text = metrics.encode();
+        let series = |prefix: &str| text.lines().filter(|l| l.starts_with(prefix)).count();
+        let handled = text
+            .lines()
+            .filter(|l| l.starts_with("messages_consumed_total{") && l.contains("handled"))
+            .count();
+        // The first MAX_TOPICS labels went to consumed topics and their
+        // dead letters (the same names); every audit topic is beyond it.
+        assert_eq!(
+            handled,
+            MAX_TOPICS + 1,
+            "one handled series per kept topic, plus (other)"
+        );
+        assert_eq!(series("dlq_messages_total{"), MAX_TOPICS + 1);
+        assert_eq!(series("messages_produced_total{"), 1);
+        let other = |family: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with(family)
+                        && l.contains(r#"topic="(other)""#)
+                        && (!l.contains("status=") || l.contains("handled"))
+                })
+                .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
+        };
+        assert_eq!(
+            other("messages_consumed_total{").as_deref(),
+            Some("500"),
+            "{text}"
+        );
+        assert_eq!(
+            other("messages_produced_total{").as_deref(),
+            Some(total.to_string().as_str())
+        );
+        assert_eq!(
+            other("message_processing_duration_seconds_count{").as_deref(),
+            Some("500")
+        );
+        assert!(orders.topics.read().map(|m| m.len()).unwrap_or(0) <= MAX_TOPICS + 1);
     }
 }

@@ -68,7 +68,18 @@ impl RabbitServer {
     ///
     /// When rabbitmq-server is not installed or does not become ready.
     pub fn start() -> Result<Self> {
-        Self::start_with(None)
+        Self::start_with(None, "")
+    }
+
+    /// As [`RabbitServer::start`], refusing messages larger than `bytes`
+    /// (`max_message_size`: the broker closes the channel of a publish
+    /// over it with `PRECONDITION_FAILED`).
+    ///
+    /// # Errors
+    ///
+    /// As [`RabbitServer::start`].
+    pub fn start_with_max_message_size(bytes: usize) -> Result<Self> {
+        Self::start_with(None, &format!("max_message_size = {bytes}\n"))
     }
 
     /// As [`RabbitServer::start`], with a TLS listener as well
@@ -78,10 +89,12 @@ impl RabbitServer {
     ///
     /// As [`RabbitServer::start`].
     pub fn start_tls(certs: &crate::tls::Certificates) -> Result<Self> {
-        Self::start_with(Some(certs))
+        Self::start_with(Some(certs), "")
     }
 
-    fn start_with(certs: Option<&crate::tls::Certificates>) -> Result<Self> {
+    /// A node with a TLS listener when `certs` are given, and `conf` (lines
+    /// of `rabbitmq.conf`).
+    fn start_with(certs: Option<&crate::tls::Certificates>, conf: &str) -> Result<Self> {
         let binary = PathBuf::from("/usr/sbin/rabbitmq-server");
         crate::require(
             binary.clone(),
@@ -95,22 +108,23 @@ impl RabbitServer {
         std::fs::write(root.join("plugins"), "[].\n")?;
         let [port, dist_port, tls_port] = free_ports()?;
         let mut tls_url = None;
+        let mut conf = conf.to_string();
         if let Some(certs) = certs {
-            std::fs::write(
-                root.join("rabbitmq.conf"),
-                format!(
-                    "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
+            conf.push_str(&format!(
+                "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
                      ssl_options.cacertfile = {}\n\
                      ssl_options.certfile = {}\n\
                      ssl_options.keyfile = {}\n\
                      ssl_options.verify = verify_none\n\
                      ssl_options.fail_if_no_peer_cert = false\n",
-                    certs.ca.display(),
-                    certs.cert.display(),
-                    certs.key.display()
-                ),
-            )?;
+                certs.ca.display(),
+                certs.cert.display(),
+                certs.key.display()
+            ));
             tls_url = Some(format!("amqps://guest:guest@127.0.0.1:{tls_port}/%2f"));
+        }
+        if !conf.is_empty() {
+            std::fs::write(root.join("rabbitmq.conf"), conf)?;
         }
         let status = Command::new("chown")
             .args(["-R", "rabbitmq:rabbitmq"])
@@ -313,6 +327,16 @@ impl RabbitBroker {
     /// As [`RabbitBroker::start`].
     pub fn start_tls(certs: &crate::tls::Certificates) -> Result<Self> {
         Self::with_server(RabbitServer::start_tls(certs)?)
+    }
+
+    /// A server refusing messages larger than `bytes`
+    /// ([`RabbitServer::start_with_max_message_size`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`RabbitBroker::start`].
+    pub fn start_with_max_message_size(bytes: usize) -> Result<Self> {
+        Self::with_server(RabbitServer::start_with_max_message_size(bytes)?)
     }
 
     fn with_server(server: RabbitServer) -> Result<Self> {

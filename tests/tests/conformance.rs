@@ -1661,6 +1661,123 @@ fn hostile_input_never_stops_a_handler(broker: &dyn TestBroker) -> Result<()> {
     Ok(())
 }
 
+/// NATS only: a message on a subject that is not UTF-8 (the server takes
+/// any bytes but spaces; the client library drops its connection on such a
+/// message, at every redelivery) is read from the stream instead and
+/// handled once, and so is every message after it.
+#[test]
+fn nats_a_subject_that_is_not_utf8_stops_nothing() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let broker = NatsBroker::start()?;
+    broker.create_topic("events.>", 1)?;
+    let deployment = broker.deployment()?;
+    deployment.add_handler(
+        "sdk-probe",
+        "hostile",
+        "topics = [\"events.>\"]\n[nats]\nack_wait = \"3s\"\n[dlq]\ntopic = \"dead.events\"\n",
+    )?;
+    publish_raw_subject(broker.server.port, b"events.\xff\xfe", b"bad-subject")?;
+    let sent: Vec<Record> = (0..3)
+        .map(|i| record(&format!("after-{i}"), &format!("after-{i}"), &[]))
+        .collect();
+    broker.produce("events.after", &sent)?;
+    let mut weir = deployment.start("run")?;
+    let mut expected: BTreeSet<String> = sent
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect();
+    expected.insert("bad-subject".to_string());
+    wait_called(&weir, &expected, "every message handled")?;
+    stop(&mut weir)?;
+    called_once(&weir, &expected, &[])
+}
+
+/// Publishes `payload` to the raw bytes `subject` over the NATS protocol
+/// (no client library publishes to a subject that is not UTF-8) and waits
+/// for JetStream's acknowledgement.
+fn publish_raw_subject(port: u16, subject: &[u8], payload: &[u8]) -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut out = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    out.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(out.try_clone()?);
+    let mut line = Vec::new();
+    reader.read_until(b'\n', &mut line)?;
+    let mut request =
+        b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nSUB _INBOX.raw 1\r\nPUB ".to_vec();
+    request.extend_from_slice(subject);
+    request.extend_from_slice(format!(" _INBOX.raw {}\r\n", payload.len()).as_bytes());
+    request.extend_from_slice(payload);
+    request.extend_from_slice(b"\r\n");
+    out.write_all(&request)?;
+    loop {
+        line.clear();
+        reader.read_until(b'\n', &mut line)?;
+        let text = String::from_utf8_lossy(&line).into_owned();
+        if text.is_empty() || text.starts_with("-ERR") {
+            anyhow::bail!("the server refused the publish: {text:?}");
+        }
+        if text.starts_with("PING") {
+            out.write_all(b"PONG\r\n")?;
+        }
+        if text.starts_with("MSG _INBOX.raw") {
+            line.clear();
+            reader.read_until(b'\n', &mut line)?;
+            let ack = String::from_utf8_lossy(&line);
+            ensure!(!ack.contains("error"), "JetStream refused it: {ack}");
+            return Ok(());
+        }
+    }
+}
+
+/// NATS only: a producer's instruction to the server on its own message
+/// (`Nats-Expected-Stream`, satisfied when it published) is not repeated on
+/// the dead letter, which the server would refuse (another stream captures
+/// it) for as long as Weir tried: the dead letter arrives, carrying the
+/// header packed, and the message after it is handled.
+#[test]
+fn nats_a_producers_server_instruction_does_not_reach_its_dead_letter() -> Result<()> {
+    run(BrokerKind::Nats, |broker| {
+        broker.create_topic("events", 1)?;
+        let deployment = broker.deployment()?;
+        deployment.add_handler("sdk-probe", "hostile", "topics = [\"events\"]\n")?;
+        let stream = weir_tests::stream_name("events");
+        let sent = [
+            record(
+                "k",
+                "refused",
+                &[
+                    ("probe.fail", "permanent"),
+                    ("Nats-Expected-Stream", &stream),
+                ],
+            ),
+            record("k", "after", &[]),
+        ];
+        broker.produce("events", &sent)?;
+        let mut weir = deployment.start("run")?;
+        let log = weir.log.clone();
+        let dead = poll_until(
+            WAIT,
+            "the dead letter",
+            || {
+                let dead = broker.read("events.dlq")?;
+                Ok((!dead.is_empty()).then_some(dead))
+            },
+            || format!("log: {}", log.display()),
+        )?;
+        ensure!(
+            dead.len() == 1
+                && carried_header(&dead[0], "Nats-Expected-Stream") == Some(stream.into_bytes()),
+            "dead letters: {dead:?}"
+        );
+        let expected: BTreeSet<String> = ["refused", "after"].map(String::from).into();
+        wait_called(&weir, &expected, "both messages handled")?;
+        stop(&mut weir)?;
+        called_once(&weir, &expected, &["refused"])
+    })
+}
+
 /// NATS only: a header value with a carriage return, the first message of
 /// the stream. The client library's connection task asserts on it and
 /// stops for good (every later call of that client fails); Weir connects

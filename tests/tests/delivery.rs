@@ -1,7 +1,8 @@
 //! Delivery guarantees against a real broker process: deduplication across
 //! restarts, per-key ordering with parallelism, attempt counts that survive
 //! SIGKILL, two processes sharing one consumer group, and records the broker
-//! refuses for good dead-lettered instead of retried forever.
+//! refuses for good dead-lettered instead of retried forever (Kafka,
+//! RabbitMQ, Redis).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -9,8 +10,8 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use serde_json::Value;
 use weir_tests::{
-    Broker, Deployment, KafkaTool, Record, WeirProcess, broker_test, consume_at_least, field,
-    header, poll_until, stop,
+    Broker, Deployment, KafkaTool, RabbitBroker, Record, RedisBroker, Stored, TestBroker,
+    WeirProcess, broker_test, consume_at_least, field, header, poll_until, stop,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -290,4 +291,142 @@ fn records_the_broker_refuses_for_good_are_dead_lettered_not_retried() -> Result
         "a replay of a dead letter without its payload: {replay}"
     );
     Ok(())
+}
+
+/// What a queue broker refuses for good, as `emitted` refuses it: the
+/// emitted event goes to `emitted.dlq` with the refusal as its reason, an
+/// event emitted after it to another topic is published, and every later
+/// message is handled. With `near_limit`, an input of that many bytes
+/// whose failure reason pushes its dead letter over the broker's limit is
+/// dead-lettered without its payload.
+fn refused_emits_are_dead_lettered(
+    broker: &dyn TestBroker,
+    emit_bytes: Option<&str>,
+    near_limit: Option<usize>,
+) -> Result<()> {
+    broker.create_topic("events", 1)?;
+    for topic in ["emitted.dlq", "other"] {
+        broker.create_output_topic(topic)?;
+    }
+    let deployment = broker.deployment()?;
+    deployment.add_handler(
+        "sdk-probe",
+        "probe",
+        "topics = [\"events\"]\n[retry]\nmax_attempts = 1\n",
+    )?;
+    let mut refused = vec![("probe.emit", "emitted")];
+    if let Some(bytes) = emit_bytes {
+        refused.push(("probe.emit-bytes", bytes));
+    }
+    let mut records = vec![
+        record(0, "refused", &refused),
+        record(0, "after", &[("probe.emit", "other")]),
+    ];
+    if let Some(bytes) = near_limit {
+        let mut near = record(0, "near-limit", &[("probe.fail", "permanent-long")]);
+        near.value = vec![b'n'; bytes];
+        records.push(near);
+    }
+    records.push(record(0, "last", &[]));
+    for record in &mut records {
+        record.partition = None;
+    }
+    broker.produce("events", &records)?;
+    let mut weir = deployment.start("refused")?;
+    let log = weir.log.clone();
+    let read = |topic: &str| -> Result<Option<Vec<Stored>>> {
+        let stored = broker.read(topic)?;
+        Ok((!stored.is_empty()).then_some(stored))
+    };
+    let other = poll_until(
+        WAIT,
+        "the event emitted after the refused one",
+        || read("other"),
+        || format!("log: {}", log.display()),
+    )?;
+    ensure!(
+        other.len() == 1 && other[0].header("weir.handler").as_deref() == Some("probe"),
+        "other: {other:?}"
+    );
+    let dead = poll_until(
+        WAIT,
+        "the refused emit's dead letter",
+        || read("emitted.dlq"),
+        || format!("log: {}", log.display()),
+    )?;
+    let reason = dead[0].header("weir.error").unwrap_or_default();
+    ensure!(
+        dead.len() == 1
+            && reason.contains("refuses it for good")
+            && dead[0].header("weir.error.kind").as_deref() == Some("permanent")
+            && dead[0].header("weir.origin.topic").as_deref() == Some("emitted"),
+        "the refused emit's dead letters: {dead:?}"
+    );
+    if let Some(bytes) = emit_bytes {
+        let dropped = dead[0].header("weir.payload-dropped").unwrap_or_default();
+        ensure!(
+            dropped.starts_with(&format!("{bytes} bytes, sha256 ")) && dead[0].value.is_empty(),
+            "the dead letter of a refused emit as large: {:?}",
+            dead[0].header("weir.payload-dropped")
+        );
+    } else {
+        ensure!(
+            dead[0].value == b"emitted:value of refused",
+            "the refused emit's payload: {:?}",
+            String::from_utf8_lossy(&dead[0].value)
+        );
+    }
+    if let Some(bytes) = near_limit {
+        let dead = poll_until(
+            WAIT,
+            "the oversized dead letter",
+            || read("events.dlq"),
+            || format!("log: {}", log.display()),
+        )?;
+        let dropped = dead[0].header("weir.payload-dropped").unwrap_or_default();
+        ensure!(
+            dropped.starts_with(&format!("{bytes} bytes, sha256 ")) && dead[0].value.is_empty(),
+            "the oversized dead letter: {:?}",
+            dead[0].header("weir.payload-dropped")
+        );
+    }
+    poll_until(
+        WAIT,
+        "the last message handled",
+        || {
+            Ok(weir
+                .guest_records("probe", "sdk-probe")
+                .iter()
+                .any(|r| r["key"] == "last" && r["outcome"] == "ok")
+                .then_some(()))
+        },
+        || format!("log: {}", weir.log.display()),
+    )?;
+    stop(&mut weir)?;
+    Ok(())
+}
+
+/// RabbitMQ closes the channel of a publish over its `max_message_size`
+/// (`PRECONDITION_FAILED`): an emit over it, and a dead letter that
+/// outgrows it, are sent without their payload instead of retried forever.
+#[test]
+fn rabbitmq_records_over_max_message_size_are_dead_lettered_not_retried() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let broker = RabbitBroker::start_with_max_message_size(256 * 1024)?;
+    refused_emits_are_dead_lettered(&broker, Some("300000"), Some(258_000))
+}
+
+/// A Redis key that holds something other than a stream refuses every
+/// `XADD` (`WRONGTYPE`): an emit to it is dead-lettered, not retried
+/// forever.
+#[test]
+fn redis_an_emit_to_a_key_that_is_no_stream_is_dead_lettered_not_retried() -> Result<()> {
+    let Some(_serial) = broker_test() else {
+        return Ok(());
+    };
+    let broker = RedisBroker::start()?;
+    broker.server.command(&["SET", "emitted", "not-a-stream"])?;
+    refused_emits_are_dead_lettered(&broker, None, None)
 }

@@ -29,7 +29,8 @@ pub const MAX_LIST: usize = 1000;
 pub const MAX_READS: usize = 10_000;
 /// Most prefix listings one call may make.
 pub const MAX_SCANS: usize = 100;
-/// Largest emitted event (key, payload and headers), in bytes.
+/// Largest emitted event (key, payload and headers, each header counted
+/// with a fixed overhead), in bytes.
 pub const MAX_EMIT_BYTES: usize = 1 << 20;
 /// Most events emitted per call.
 pub const MAX_EMITS: usize = 1000;
@@ -37,6 +38,10 @@ pub const MAX_EMITS: usize = 1000;
 pub const MAX_TRANSACTION_BYTES: usize = 32 << 20;
 /// Longest topic name Kafka accepts.
 const MAX_TOPIC_CHARS: usize = 249;
+/// What each header of an emitted event counts beyond its name and value
+/// (about what it costs the host to hold): so that headers with nothing in
+/// them are not free, and a million of them are over the limit.
+const HEADER_OVERHEAD: usize = 32;
 
 /// Why a state operation failed (mirrors the WIT's `state-error`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,7 +287,7 @@ impl Transaction {
             + payload.len()
             + headers
                 .iter()
-                .map(|(n, v)| n.len() + v.len())
+                .map(|(n, v)| n.len() + v.len() + HEADER_OVERHEAD)
                 .sum::<usize>();
         if size > MAX_EMIT_BYTES {
             return Err(EmitFailure::TooLarge(MAX_EMIT_BYTES as u32));
@@ -541,6 +546,13 @@ mod tests {
         }
         assert_eq!(
             t.emit("t".into(), None, vec![0; MAX_EMIT_BYTES + 1], vec![]),
+            Err(EmitFailure::TooLarge(MAX_EMIT_BYTES as u32))
+        );
+        // Empty headers are not free: as many as would fit in memory are
+        // over the limit.
+        let empty = vec![(String::new(), Vec::new()); MAX_EMIT_BYTES / HEADER_OVERHEAD + 1];
+        assert_eq!(
+            t.emit("t".into(), None, vec![], empty),
             Err(EmitFailure::TooLarge(MAX_EMIT_BYTES as u32))
         );
         for i in 0..MAX_EMITS {

@@ -196,9 +196,11 @@ impl RelayStats {
     }
 }
 
-/// The broker's answer for one row: its sequence number, its record, and
-/// whether the broker acknowledged it.
-type Answer = (u64, Arc<OutboxRecord>, anyhow::Result<Receipt>);
+/// The broker's answer for one row: the topic of its lane (the emitted
+/// event's, whatever the row has become since: "Refused for good"), its
+/// sequence number, the record sent, and whether the broker acknowledged
+/// it.
+type Answer = (Arc<str>, u64, Arc<OutboxRecord>, anyhow::Result<Receipt>);
 /// A publish in flight.
 type Sending = Pin<Box<dyn Future<Output = Answer> + Send>>;
 /// A delete in flight, with the rows it deletes.
@@ -217,7 +219,7 @@ pub struct Relay<P: Publisher> {
     /// After a failed read: when to read again.
     read_retry_at: Option<Instant>,
     /// One queue per topic; a topic without rows or publishes has none.
-    lanes: HashMap<String, Lane>,
+    lanes: HashMap<Arc<str>, Lane>,
     /// The publishes in flight, of all lanes. Unordered: each answer goes
     /// to its own lane as soon as it comes, whatever the others do.
     sending: FuturesUnordered<Sending>,
@@ -433,7 +435,7 @@ impl Lane {
 
 impl Books {
     /// Applies the broker's answer for a row of `lane`.
-    fn settle(&mut self, lane: &mut Lane, (seq, record, result): Answer) {
+    fn settle(&mut self, lane: &mut Lane, (topic, seq, record, result): Answer) {
         let now = Instant::now();
         match result {
             Ok(receipt) => {
@@ -443,7 +445,7 @@ impl Books {
                 }
                 if lane.failing {
                     lane.failing = false;
-                    self.stats.failing().remove(&record.topic);
+                    self.stats.failing().remove(&*topic);
                 }
                 tracing::debug!(event = "message_produced", topic = %record.topic, seq,
                     causation_id = text_header(&record.headers, super::correlation::CAUSATION_HEADER),
@@ -467,7 +469,7 @@ impl Books {
                 lane.failing = true;
                 self.stats
                     .failing()
-                    .entry(record.topic.clone())
+                    .entry(topic.to_string())
                     .or_insert_with(|| (now, String::new()))
                     .1 = format!("{err:#}");
                 let gave_up_before = lane.given_up;
@@ -489,8 +491,13 @@ impl Books {
     }
 }
 
-/// Starts publishing `record`.
-fn publish<P: Publisher>(publisher: Arc<P>, seq: u64, record: Arc<OutboxRecord>) -> Sending {
+/// Starts publishing `record`, row `seq` of the lane of `topic`.
+fn publish<P: Publisher>(
+    publisher: Arc<P>,
+    topic: Arc<str>,
+    seq: u64,
+    record: Arc<OutboxRecord>,
+) -> Sending {
     Box::pin(async move {
         let id = record
             .headers
@@ -506,7 +513,7 @@ fn publish<P: Publisher>(publisher: Arc<P>, seq: u64, record: Arc<OutboxRecord>)
                 id,
             )
             .await;
-        (seq, record, result)
+        (topic, seq, record, result)
     })
 }
 
@@ -678,13 +685,15 @@ impl<P: Publisher> Relay<P> {
         }
     }
 
-    /// Applies an answer that came after its first poll.
+    /// Applies an answer that came after its first poll, to the lane it
+    /// came from (a dead letter sent for a refused row answers to the
+    /// emitted event's lane, not to one of its own topic).
     fn answer(&mut self, answer: Answer) {
-        let record = answer.1.clone();
-        if let Some(lane) = self.lanes.get_mut(&record.topic) {
+        let topic = answer.0.clone();
+        if let Some(lane) = self.lanes.get_mut(&*topic) {
             self.books.settle(lane, answer);
             if lane.is_idle() {
-                self.lanes.remove(&record.topic);
+                self.lanes.remove(&*topic);
             }
         }
     }
@@ -729,7 +738,7 @@ impl<P: Publisher> Relay<P> {
                     Ok(record) => {
                         let record = Arc::new(record);
                         self.lanes
-                            .entry(record.topic.clone())
+                            .entry(Arc::from(record.topic.as_str()))
                             .or_default()
                             .push(seq, record);
                         self.books.held += 1;
@@ -760,9 +769,9 @@ impl<P: Publisher> Relay<P> {
             books,
             ..
         } = self;
-        for lane in lanes.values_mut() {
+        for (topic, lane) in lanes.iter_mut() {
             while let Some((seq, record)) = lane.next_to_send(now, books.finishing) {
-                let mut send = publish(publisher.clone(), seq, record);
+                let mut send = publish(publisher.clone(), topic.clone(), seq, record);
                 match first_poll(&mut send).await {
                     // Answered at once: a failure stops this lane's loop
                     // here, before anything later is handed out.
@@ -1052,6 +1061,38 @@ mod tests {
         assert_eq!(published(&publisher, "slow"), names("slow", 0..3));
         assert_eq!(stats.published.load(Ordering::Relaxed), 8);
         assert_eq!(stats.failures.load(Ordering::Relaxed), 0);
+    }
+
+    /// "Refused for good": the dead letter sent for a refused row answers
+    /// to the emitted event's lane, however late it answers. (When its
+    /// answer was looked up by the dead letter's own topic, it was lost:
+    /// the row stayed in the outbox, sent, forever, and its lane with it.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_row_is_deleted_once_its_late_dead_letter_is_acknowledged() {
+        let (_dir, store) = open();
+        let publisher = MemoryPublisher::default();
+        publisher.refuse_once("big", b"big0");
+        publisher.stall("big.dlq");
+        let relay = start(&store, &publisher);
+        commit(&store, "e1", &rows("big", 0..2)).await;
+        wait_for("the row after the refused one published", async || {
+            published(&publisher, "big") == names("big", 1..2)
+        })
+        .await;
+        publisher.release("big.dlq");
+        wait_for("an empty outbox", async || {
+            store.outbox_len().await.ok() == Some(0)
+        })
+        .await;
+        commit(&store, "e2", &rows("big", 2..3)).await;
+        wait_for("a later row published and deleted", async || {
+            store.outbox_len().await.ok() == Some(0) && published(&publisher, "big").len() == 2
+        })
+        .await;
+        let stats = relay.stop().await;
+        assert_eq!(published(&publisher, "big.dlq"), names("big", 0..1));
+        assert_eq!(stats.refused.load(Ordering::Relaxed), 1);
+        assert!(stats.blocked(Duration::ZERO).is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -231,6 +231,9 @@ struct TopicSwitch {
     failing: bool,
     /// Payloads whose next send fails.
     fail_once: HashSet<Vec<u8>>,
+    /// Payloads whose next send is refused for good
+    /// ([`crate::source::Refused`]).
+    refuse_once: HashSet<Vec<u8>>,
     /// Sends waiting while stalled, in the order they were made, with
     /// where to answer them.
     parked: VecDeque<(Published, oneshot::Sender<anyhow::Result<()>>)>,
@@ -291,6 +294,16 @@ impl MemoryPublisher {
             .insert(payload.to_vec());
     }
 
+    /// The next send of `payload` to `topic` is refused for good, as a
+    /// broker refuses a record larger than it takes.
+    pub fn refuse_once(&self, topic: &str, payload: &[u8]) {
+        self.switches()
+            .entry(topic.to_string())
+            .or_default()
+            .refuse_once
+            .insert(payload.to_vec());
+    }
+
     /// Records `record` as published, unless a switch says this send fails.
     fn deliver(&self, switch: Option<&mut TopicSwitch>, record: Published) -> anyhow::Result<()> {
         if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
@@ -302,6 +315,12 @@ impl MemoryPublisher {
             }
             if switch.fail_once.remove(&record.payload) {
                 anyhow::bail!("publish to {:?} failed once (simulated)", record.topic);
+            }
+            if switch.refuse_once.remove(&record.payload) {
+                return Err(anyhow::Error::new(crate::source::Refused(format!(
+                    "publish to {:?}: too large (simulated)",
+                    record.topic
+                ))));
             }
         }
         self.written

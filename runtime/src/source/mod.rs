@@ -184,7 +184,11 @@ pub struct Depth {
 }
 
 /// A publish the broker refuses for good: the record is larger than it
-/// takes, or its destination's name is not one it accepts. Sending the
+/// takes (Kafka's `message.max.bytes`, RabbitMQ's `max_message_size`,
+/// NATS's `max_payload`, SQS's 256 KiB), its destination's name is not
+/// one it accepts (an invalid Kafka topic, an AMQP name over 255 bytes),
+/// or its destination is not something it publishes to (a Redis key that
+/// holds no stream). Sending the
 /// same record again cannot succeed, so a [`Publisher`] returns this
 /// (inside its `anyhow::Error`) for such refusals and every other error is
 /// taken as passing; callers stop retrying a refused record (see

@@ -118,7 +118,9 @@ pub async fn rewind(
                     .map_err(|err| anyhow::anyhow!("cannot read the offsets of {topic:?}: {err}"))?;
                 let to = match from {
                     Rewind::Earliest => low,
-                    Rewind::Offset(offset) => offset.clamp(low, high),
+                    // Not `clamp`, which panics on a broker that answers
+                    // low > high.
+                    Rewind::Offset(offset) => offset.min(high).max(low),
                     Rewind::Time(_) => match times
                         .as_ref()
                         .and_then(|t| t.find_partition(topic, partition))

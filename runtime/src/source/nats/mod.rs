@@ -919,10 +919,18 @@ async fn keep_alive(
 
 /// Whether NATS carries a header of this name and value as it is:
 /// `async-nats` asserts that a name is visible ASCII without `:` and that a
-/// value has no CR or LF, and its values are text.
+/// value has no CR or LF, and its values are text. A `Nats-*` header is
+/// an instruction to the server (`Nats-Expected-Stream`, `Nats-Rollup`,
+/// `Nats-TTL`, …) or its note on a stored message (`Nats-Sequence`), never
+/// Weir's to give: one copied from a consumed message onto its dead letter
+/// would make the server refuse or alter that publish, so it travels
+/// packed like the others. (Weir's own `Nats-Msg-Id` is set after.)
 fn carried<'a>(name: &str, value: &'a [u8]) -> Option<&'a str> {
     let name_ok = !name.is_empty()
         && name != PACKED
+        && !name
+            .get(..5)
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case("nats-"))
         && name.chars().all(|c| c.is_ascii_graphic() && c != ':');
     let value = std::str::from_utf8(value).ok()?;
     (name_ok && !value.contains(['\r', '\n'])).then_some(value)
@@ -941,6 +949,10 @@ fn header_map(headers: &[(String, Vec<u8>)], key: Option<&[u8]>, id: Option<&str
     let mut map = HeaderMap::new();
     let mut packed: Vec<(&str, &[u8])> = Vec::new();
     for (name, value) in headers {
+        // Replaced by the id given, as the insert below always did.
+        if id.is_some() && name == "Nats-Msg-Id" {
+            continue;
+        }
         match carried(name, value) {
             Some(text) => map.append(name.as_str(), text),
             None => packed.push((name.as_str(), value.as_slice())),
@@ -1057,9 +1069,14 @@ mod tests {
             ("colon:name", b"x"),
             ("binary", &[0xff, 0]),
             ("", b"empty name"),
+            ("Nats-Expected-Stream", b"orders"),
+            ("nats-rollup", b"sub"),
         ]);
         let map = header_map(&sent, Some(b"key\nwith break"), Some("id\n1%"));
         assert_eq!(map.get("fine").map(|v| v.as_str()), Some("v"));
+        // A producer's instructions to the server never reach it.
+        assert!(map.get("Nats-Expected-Stream").is_none());
+        assert!(map.get("nats-rollup").is_none());
         assert_eq!(
             map.get("Nats-Msg-Id").map(|v| v.as_str()),
             Some("id%0A1%25")

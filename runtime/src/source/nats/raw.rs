@@ -93,6 +93,16 @@ pub async fn get(
     }))
 }
 
+/// Whether a subject [`get`] returned was not UTF-8 when published: the
+/// server's JSON answer replaces each byte that is not with U+FFFD (which
+/// a producer could also send as it is: such a message is then rescued
+/// although the client could read it, a duplicate delivery at worst,
+/// which the dedup mark drops). `async-nats` drops its connection on a
+/// message whose subject is not UTF-8.
+pub fn subject_unreadable(subject: &str) -> bool {
+    subject.contains('\u{FFFD}')
+}
+
 /// Whether `async-nats` yields a message with header block `block` (empty:
 /// no headers) as a message: its parser accepts the block, no value holds
 /// a carriage return it would assert on, and the version line has no

@@ -8,8 +8,9 @@
 //! pending messages (from the ack floor up to the last delivered stream
 //! sequence, on its filter subject) that the pipeline does not hold are
 //! fetched through the message-get API, and one whose block
-//! [`super::raw::readable`] refuses is handed to the pipeline like any
-//! message: headers read by [`super::raw::headers`], key and position as
+//! [`super::raw::readable`] refuses, or whose subject was not UTF-8
+//! ([`super::raw::subject_unreadable`]: the client drops its connection on
+//! one), is handed to the pipeline like any message: headers read by [`super::raw::headers`], key and position as
 //! for a pulled message.
 //!
 //! Invariants:
@@ -80,7 +81,7 @@ impl Rescuer {
             };
             budget -= 1;
             from = stored.sequence + 1;
-            if raw::readable(&stored.block) {
+            if raw::readable(&stored.block) && !raw::subject_unreadable(&stored.subject) {
                 continue;
             }
             self.hand_over(scope, durable, stream, stored);
@@ -109,7 +110,8 @@ impl Rescuer {
             );
         }
         tracing::warn!(durable = %durable, stream = %stream, sequence = stored.sequence,
-            "a message whose headers the NATS client cannot read (not UTF-8, a line without ':', a carriage return in a value, or a status line) is handled as read from the stream");
+            subject = %stored.subject.escape_debug(),
+            "a message the NATS client cannot read (a subject or headers not UTF-8, a header line without ':', a carriage return in a value, or a status line) is handled as read from the stream");
         let mut headers = raw::headers(&stored.block);
         headers.sort_by(|a, b| a.0.cmp(&b.0));
         unpack_headers(&mut headers);

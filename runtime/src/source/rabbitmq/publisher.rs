@@ -18,7 +18,15 @@ use lapin::publisher_confirm::Confirmation;
 
 use super::link::Link;
 use super::{decode, route};
-use crate::source::{Publisher, Receipt};
+use crate::source::{Publisher, Receipt, Refused};
+
+/// Whether the broker closed the channel because the message is larger
+/// than its `max_message_size` (`PRECONDITION_FAILED - message size … is
+/// larger than configured max size …`): sending it again cannot succeed.
+fn too_large(err: &lapin::Error) -> bool {
+    matches!(err.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if amqp.get_id() == 406 && amqp.get_message().as_str().contains("message size"))
+}
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
@@ -99,6 +107,14 @@ impl Publisher for RabbitPublisher {
         id: Option<&str>,
     ) -> anyhow::Result<Receipt> {
         let (exchange, routing_key) = route(topic);
+        // AMQP carries both names as short strings: a longer one would
+        // corrupt the frame (the client writes the length as one byte)
+        // and cost the connection.
+        if exchange.len() > 255 || routing_key.len() > 255 {
+            return Err(anyhow::Error::new(Refused(format!(
+                "publish to {topic:?}: an exchange name or routing key longer than 255 bytes, the most AMQP carries"
+            ))));
+        }
         let properties = decode::properties(key, headers, id);
         let channel = self.channel().await?;
         let publish = async {
@@ -118,6 +134,11 @@ impl Publisher for RabbitPublisher {
         };
         let confirmation = match tokio::time::timeout(self.inner.timeout, publish).await {
             Ok(Ok(confirmation)) => confirmation,
+            Ok(Err(err)) if too_large(&err) => {
+                return Err(anyhow::Error::new(Refused(format!(
+                    "publish to {topic:?}: {err}"
+                ))));
+            }
             Ok(Err(err)) => anyhow::bail!("publish to {topic:?} failed: {err}"),
             Err(_) => anyhow::bail!(
                 "publish to {topic:?} not confirmed within {:?}",

@@ -11,7 +11,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{RedisConnection, entry, lock};
-use crate::source::{Publisher, Receipt};
+use crate::source::{Publisher, Receipt, Refused};
 
 /// Publishes entries to streams.
 #[derive(Clone)]
@@ -60,10 +60,17 @@ impl Publisher for RedisPublisher {
             add.arg(name).arg(value.as_ref());
         }
         let mut shared = self.connection.shared().await?;
-        let id: String = add
-            .query_async(&mut shared)
-            .await
-            .map_err(|err| anyhow::anyhow!("XADD to {topic:?} failed: {err}"))?;
+        let id: String = add.query_async(&mut shared).await.map_err(|err| {
+            // The key holds a string, list, …: no XADD to it can
+            // succeed until someone removes it.
+            if err.code() == Some("WRONGTYPE") {
+                anyhow::Error::new(Refused(format!(
+                    "XADD to {topic:?}: the key holds something other than a stream ({err})"
+                )))
+            } else {
+                anyhow::anyhow!("XADD to {topic:?} failed: {err}")
+            }
+        })?;
         Ok(Receipt {
             partition: 0,
             offset: entry::millis(&id).unwrap_or(0),
