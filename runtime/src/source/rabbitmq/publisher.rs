@@ -20,12 +20,24 @@ use super::link::Link;
 use super::{decode, route};
 use crate::source::{Publisher, Receipt, Refused};
 
-/// Whether the broker closed the channel because the message is larger
-/// than its `max_message_size` (`PRECONDITION_FAILED - message size … is
-/// larger than configured max size …`): sending it again cannot succeed.
-fn too_large(err: &lapin::Error) -> bool {
-    matches!(err.kind(), lapin::ErrorKind::ProtocolError(amqp)
-        if amqp.get_id() == 406 && amqp.get_message().as_str().contains("message size"))
+/// Whether the broker closed the channel because a message of `size`
+/// bytes is larger than its `max_message_size` (`PRECONDITION_FAILED -
+/// message size … is larger than configured max size <max>`): sending it
+/// again cannot succeed. Every publish in flight on the channel gets the
+/// same error, so it counts for this one only if this one is over `<max>`;
+/// the others are ordinary failures, tried again on a new channel.
+fn too_large(err: &lapin::Error, size: usize) -> bool {
+    let lapin::ErrorKind::ProtocolError(amqp) = err.kind() else {
+        return false;
+    };
+    let text = amqp.get_message().as_str();
+    amqp.get_id() == 406
+        && text.contains("message size")
+        && text
+            .rsplit(' ')
+            .next()
+            .and_then(|max| max.parse::<usize>().ok())
+            .is_some_and(|max| size > max)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -134,7 +146,7 @@ impl Publisher for RabbitPublisher {
         };
         let confirmation = match tokio::time::timeout(self.inner.timeout, publish).await {
             Ok(Ok(confirmation)) => confirmation,
-            Ok(Err(err)) if too_large(&err) => {
+            Ok(Err(err)) if too_large(&err, payload.len()) => {
                 return Err(anyhow::Error::new(Refused(format!(
                     "publish to {topic:?}: {err}"
                 ))));
@@ -173,5 +185,34 @@ impl Publisher for RabbitPublisher {
                 anyhow::bail!("publish to {topic:?} was not confirmed (no confirm mode)")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
+
+    fn closed(text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(AMQPError::new(
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+            text.into(),
+        ))
+        .into()
+    }
+
+    /// The channel's close reaches every publish in flight on it: only the
+    /// one over the broker's limit is refused for good.
+    #[test]
+    fn only_the_message_over_the_limit_is_too_large() {
+        let err = closed(
+            "PRECONDITION_FAILED - message size 300000 is larger than configured max size 262144",
+        );
+        assert!(too_large(&err, 300_000));
+        assert!(!too_large(&err, 100));
+        assert!(!too_large(
+            &closed("PRECONDITION_FAILED - inequivalent arg 'durable'"),
+            300_000
+        ));
     }
 }
