@@ -4,7 +4,6 @@
 //! embedded default. Unknown keys are rejected, and every error names the file
 //! and the key so an operator knows what to fix.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,58 +11,8 @@ use serde::Deserialize;
 
 pub mod secrets;
 
-/// Errors from reading a configuration or manifest file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML or does not match the expected shape.
-    #[error("{path}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong, naming the key (and line) involved.
-        message: String,
-    },
-}
-
-/// Parses a TOML document into `T`, turning errors into messages that name
-/// the file, the key and the line.
-pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
-    path: &Path,
-    text: &str,
-) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|err| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        message: describe_toml_error(text, &err),
-    })
-}
-
-fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
-    let message = err.message().trim_end().to_string();
-    match err.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("line {line}: {message}")
-        }
-        None => message,
-    }
-}
-
-/// Reads and parses a TOML file into `T`.
-pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    parse_toml(path, &text)
-}
+pub use crate::parse::ConfigError;
+use crate::parse::{byte_size, duration, parse_toml};
 
 /// `text` as a [`Config`], its secret references expanded and its secrets
 /// registered (see [`secrets`]). Errors name the key, and the line when the
@@ -273,9 +222,9 @@ impl Default for RuntimeSection {
 #[serde(deny_unknown_fields)]
 pub struct SourceSection {
     /// A real Kafka cluster.
-    pub kafka: Option<KafkaSource>,
+    pub kafka: Option<crate::source::kafka::KafkaSource>,
     /// A NATS server (or cluster) with JetStream.
-    pub nats: Option<NatsSource>,
+    pub nats: Option<crate::source::nats::NatsSource>,
     /// A RabbitMQ broker (AMQP 0-9-1).
     pub rabbitmq: Option<crate::source::rabbitmq::RabbitSource>,
     /// A Redis server: streams and consumer groups.
@@ -283,126 +232,17 @@ pub struct SourceSection {
     /// Amazon SQS (or a server speaking its API).
     pub sqs: Option<crate::source::sqs::SqsSource>,
     /// The in-process Kafka-protocol broker (the default).
-    pub embedded: Option<EmbeddedSource>,
-}
-
-/// `[source.nats]`: NATS JetStream.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NatsSource {
-    /// `nats://host:port[,nats://host:port…]`.
-    pub url: String,
-    /// User name (with `password`).
-    pub user: Option<String>,
-    /// Password (with `user`).
-    pub password: Option<String>,
-    /// Authentication token.
-    pub token: Option<String>,
-    /// A `.creds` file (JWT + NKey seed), as issued by the operator.
-    pub creds_file: Option<PathBuf>,
-    /// An NKey seed (`SU…`).
-    pub nkey: Option<String>,
-    /// TLS settings.
-    #[serde(default)]
-    pub tls: NatsTls,
-    /// How long one connection attempt may take.
-    #[serde(default = "default_connect_timeout", with = "duration")]
-    pub connect_timeout: Duration,
-    /// Streams Weir creates for subjects no stream captures.
-    #[serde(default)]
-    pub streams: NatsStreams,
-}
-
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-
-/// `[source.nats.tls]`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NatsTls {
-    /// Refuse a connection without TLS.
-    #[serde(default)]
-    pub required: bool,
-    /// CA certificate (PEM) to trust, besides the system's.
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate (PEM), for mutual TLS (with `key_file`).
-    pub cert_file: Option<PathBuf>,
-    /// Client key (PEM), for mutual TLS (with `cert_file`).
-    pub key_file: Option<PathBuf>,
-}
-
-/// `[source.nats.streams]`: how the streams Weir creates are configured.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NatsStreams {
-    /// `file` or `memory`.
-    pub storage: String,
-    /// Oldest message kept (`"7d"`); `"0s"` keeps messages until other
-    /// limits apply.
-    #[serde(with = "duration")]
-    pub max_age: Duration,
-    /// Replicas (1 on a single server, up to 5 in a cluster).
-    pub replicas: usize,
-    /// How long JetStream remembers message ids to drop republished
-    /// duplicates.
-    #[serde(with = "duration")]
-    pub duplicate_window: Duration,
-}
-
-impl Default for NatsStreams {
-    fn default() -> Self {
-        Self {
-            storage: "file".into(),
-            max_age: Duration::ZERO,
-            replicas: 1,
-            duplicate_window: Duration::from_secs(120),
-        }
-    }
-}
-
-/// `[source.kafka]`: a Kafka (or Kafka-protocol) cluster.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaSource {
-    /// `host:port[,host:port…]` of the cluster's brokers.
-    pub bootstrap_servers: String,
-    /// librdkafka properties passed through to every client as they are
-    /// (security settings, timeouts, …). Weir's own delivery settings
-    /// (offset storage, commits) cannot be overridden here.
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-}
-
-/// `[source.embedded]`: the in-process broker.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EmbeddedSource {
-    /// Partitions for each topic the handlers subscribe to.
-    #[serde(default = "default_embedded_partitions")]
-    pub partitions: i32,
-}
-
-fn default_embedded_partitions() -> i32 {
-    3
-}
-
-impl Default for EmbeddedSource {
-    fn default() -> Self {
-        Self {
-            partitions: default_embedded_partitions(),
-        }
-    }
+    pub embedded: Option<crate::source::embedded::EmbeddedSource>,
 }
 
 /// Which broker the runtime talks to, once the configuration is resolved.
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)] // made once per process
-pub enum Source {
+pub enum BrokerSection {
     /// A real cluster.
-    Kafka(KafkaSource),
+    Kafka(crate::source::kafka::KafkaSource),
     /// NATS JetStream.
-    Nats(NatsSource),
+    Nats(crate::source::nats::NatsSource),
     /// RabbitMQ.
     Rabbit(crate::source::rabbitmq::RabbitSource),
     /// Redis Streams.
@@ -410,7 +250,7 @@ pub enum Source {
     /// Amazon SQS.
     Sqs(crate::source::sqs::SqsSource),
     /// The in-process broker.
-    Embedded(EmbeddedSource),
+    Embedded(crate::source::embedded::EmbeddedSource),
 }
 
 /// `[limits]`: defaults for every handler; a manifest's `[limits]` overrides
@@ -590,21 +430,27 @@ impl Config {
 
     /// The broker to use: the one `[source.*]` table that is set (checked
     /// by `validate`), else the embedded one.
-    pub fn source(&self) -> Source {
+    pub fn broker_section(&self) -> BrokerSection {
         let s = &self.source;
         if let Some(kafka) = &s.kafka {
-            Source::Kafka(kafka.clone())
+            BrokerSection::Kafka(kafka.clone())
         } else if let Some(nats) = &s.nats {
-            Source::Nats(nats.clone())
+            BrokerSection::Nats(nats.clone())
         } else if let Some(rabbit) = &s.rabbitmq {
-            Source::Rabbit(rabbit.clone())
+            BrokerSection::Rabbit(rabbit.clone())
         } else if let Some(redis) = &s.redis {
-            Source::Redis(redis.clone())
+            BrokerSection::Redis(redis.clone())
         } else if let Some(sqs) = &s.sqs {
-            Source::Sqs(sqs.clone())
+            BrokerSection::Sqs(sqs.clone())
         } else {
-            Source::Embedded(s.embedded.clone().unwrap_or_default())
+            BrokerSection::Embedded(s.embedded.clone().unwrap_or_default())
         }
+    }
+
+    /// Whether the broker is the embedded one (no `[source.*]` but
+    /// `[source.embedded]` is set), which keeps nothing after `weir run`.
+    pub fn is_embedded(&self) -> bool {
+        matches!(self.broker_section(), BrokerSection::Embedded(_))
     }
 
     /// The `[source.*]` tables that are set.
@@ -624,67 +470,15 @@ impl Config {
     }
 
     /// Which kind of broker handlers' manifests are checked against.
-    pub fn broker_kind(&self) -> crate::registry::BrokerKind {
-        use crate::registry::BrokerKind;
-        match self.source() {
-            Source::Nats(_) => BrokerKind::Nats,
-            Source::Rabbit(_) => BrokerKind::Rabbit,
-            Source::Redis(_) => BrokerKind::Redis,
-            Source::Sqs(_) => BrokerKind::Sqs,
-            Source::Kafka(_) | Source::Embedded(_) => BrokerKind::Kafka,
+    pub fn broker_kind(&self) -> crate::source::BrokerKind {
+        use crate::source::BrokerKind;
+        match self.broker_section() {
+            BrokerSection::Nats(_) => BrokerKind::Nats,
+            BrokerSection::Rabbit(_) => BrokerKind::Rabbit,
+            BrokerSection::Redis(_) => BrokerKind::Redis,
+            BrokerSection::Sqs(_) => BrokerKind::Sqs,
+            BrokerSection::Kafka(_) | BrokerSection::Embedded(_) => BrokerKind::Kafka,
         }
-    }
-}
-
-/// Serde helpers for durations written like `"250ms"`, `"5s"` or `"1m 30s"`.
-pub(crate) mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|err| {
-            serde::de::Error::custom(format!(
-                "invalid duration {text:?} ({err}); write it like \"250ms\", \"5s\" or \"2m\""
-            ))
-        })
-    }
-}
-
-/// Serde helpers for sizes written like `"64MiB"`, `"512KiB"` or `"1GiB"`.
-pub(crate) mod byte_size {
-    use serde::{Deserialize, Deserializer};
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        let text = String::deserialize(d)?;
-        parse(&text).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "invalid size {text:?}; write it like \"64MiB\", \"512KiB\" or \"1GiB\""
-            ))
-        })
-    }
-
-    /// Parses `<number><unit>` with units B, KiB, MiB, GiB (and KB/MB/GB as
-    /// powers of 1000).
-    pub(crate) fn parse(text: &str) -> Option<u64> {
-        let text = text.trim();
-        let split = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        let number: u64 = number.parse().ok()?;
-        let scale: u64 = match unit.trim() {
-            "" | "B" => 1,
-            "KiB" => 1 << 10,
-            "MiB" => 1 << 20,
-            "GiB" => 1 << 30,
-            "KB" => 1_000,
-            "MB" => 1_000_000,
-            "GB" => 1_000_000_000,
-            _ => return None,
-        };
-        number.checked_mul(scale)
     }
 }
 
@@ -730,7 +524,7 @@ mod tests {
     #[test]
     fn empty_file_means_embedded_defaults() {
         let config = parse("").expect("empty config is valid");
-        assert!(matches!(config.source(), Source::Embedded(e) if e.partitions == 3));
+        assert!(matches!(config.broker_section(), BrokerSection::Embedded(e) if e.partitions == 3));
         assert_eq!(config.limits.timeout, Duration::from_secs(5));
         assert_eq!(config.limits.memory, 64 << 20);
     }
@@ -768,7 +562,7 @@ mod tests {
             "[source.kafka]\nbootstrap_servers = \"127.0.0.1:9092\"\n[source.kafka.properties]\n\"socket.timeout.ms\" = \"1000\"\n",
         )
         .expect("valid kafka config");
-        let Source::Kafka(kafka) = config.source() else {
+        let BrokerSection::Kafka(kafka) = config.broker_section() else {
             panic!("expected kafka source");
         };
         assert_eq!(kafka.properties["socket.timeout.ms"], "1000");
@@ -777,8 +571,10 @@ mod tests {
     #[test]
     fn nats_source_and_its_checks() {
         let config = parse("[source.nats]\nurl = \"nats://127.0.0.1:4222\"\n").expect("valid");
-        assert!(matches!(config.source(), Source::Nats(n) if n.streams.storage == "file"));
-        assert_eq!(config.broker_kind(), crate::registry::BrokerKind::Nats);
+        assert!(
+            matches!(config.broker_section(), BrokerSection::Nats(n) if n.streams.storage == "file")
+        );
+        assert_eq!(config.broker_kind(), crate::source::BrokerKind::Nats);
         for (text, key) in [
             ("[source.nats]\nurl = \"\"\n", "url"),
             (
@@ -807,5 +603,23 @@ mod tests {
         assert_eq!(byte_size::parse("12"), Some(12));
         assert_eq!(byte_size::parse("12 apples"), None);
         assert_eq!(byte_size::parse("MiB"), None);
+    }
+
+    #[test]
+    fn the_sqs_example_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/sqs.toml");
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let Some(sqs) = &config.source.sqs else {
+            panic!("config/sqs.toml has no [source.sqs]");
+        };
+        assert_eq!(sqs.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(sqs.wait_time, std::time::Duration::from_secs(20));
+    }
+
+    #[test]
+    fn the_rabbitmq_example_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/rabbitmq.toml");
+        let loaded = Config::load(&path);
+        assert!(loaded.is_ok(), "{loaded:?}");
     }
 }

@@ -36,13 +36,8 @@ pub async fn run(
     // `weir run` after it, does not compile the components again.
     let host = crate::runtime::host_for(config)?;
     let dir = &config.runtime.handlers_dir;
-    let (handlers, failed) = load_handlers(
-        &host,
-        dir,
-        &config.limits,
-        crate::registry::BrokerKind::Kafka,
-    )
-    .await?;
+    let (handlers, failed) =
+        load_handlers(&host, dir, &config.limits, crate::source::BrokerKind::Kafka).await?;
     for err in &failed {
         println!("skipped  {err}");
     }
@@ -51,8 +46,8 @@ pub async fn run(
         "no handler could be loaded from {}; build the examples first with `bash .ci/build-handlers`",
         dir.display()
     );
-    let partitions = match config.source() {
-        crate::config::Source::Embedded(e) => e.partitions,
+    let partitions = match config.broker_section() {
+        crate::config::BrokerSection::Embedded(e) => e.partitions,
         _ => 3,
     };
     let broker = EmbeddedBroker::start(partitions)?;
@@ -65,7 +60,9 @@ pub async fn run(
     for handler in &handlers {
         for topic in &handler.manifest.topics {
             broker.create_topic(topic)?;
-            broker.create_topic(&handler.manifest.dlq.destination(topic))?;
+        }
+        for dlq in handler.manifest.dead_letter_topics() {
+            broker.create_topic(&dlq)?;
         }
     }
     let cluster = Cluster {
@@ -88,10 +85,7 @@ pub async fn run(
     // The demo keeps nothing: a fresh database each run.
     let data = tempfile_dir()?;
     let store = Store::open(&data.join("weir.redb"))?;
-    let broker = crate::runtime::Broker::Kafka {
-        cluster: cluster.clone(),
-        producer: crate::source::kafka::KafkaProducer::new(&cluster, "weir-producer")?,
-    };
+    let broker = crate::source::kafka::KafkaConnection::to(cluster.clone())?;
     let runtime = Runtime::start(handlers, &broker, &store, config)?;
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
     if config.admin.enabled

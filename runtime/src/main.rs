@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use weir::config::Config;
 use weir::host::{Host, HostSettings};
 use weir::registry::{self, content_version};
-use weir::runtime::{Runtime, connect, load_handlers, open_store};
+use weir::runtime::{load_handlers, open_store};
 use weir::telemetry::{self, LogFormat};
 
 /// Weir runs event handlers written as WebAssembly components.
@@ -181,7 +181,7 @@ enum Command {
         /// (2026-11-26T10:00:00Z), or an offset (Kafka, every partition) /
         /// stream sequence (NATS JetStream). Redis Streams take earliest or
         /// a time; RabbitMQ and SQS queues cannot be replayed.
-        #[arg(long, value_parser = weir::tools::replay::parse_from)]
+        #[arg(long, value_parser = weir::source::Rewind::parse)]
         from: weir::source::Rewind,
         /// Also delete the handler's state and its emitted events not yet
         /// published, so the replay rebuilds them.
@@ -421,189 +421,8 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
 
 async fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
-    // From here on SIGTERM and Ctrl-C stop weir cleanly (exit 0), during
-    // start-up too: compiling a large component can take many seconds.
-    let mut stopping = stop_signals()?;
     tracing::info!(config = %config_path.display(), version = env!("CARGO_PKG_VERSION"), "starting");
-    let started = tokio::select! {
-        _ = stopping.wait_for(|stop| *stop) => {
-            tracing::info!("stopped during start-up");
-            return Ok(());
-        }
-        started = start(&config) => started?,
-    };
-    serve(&config, started, stopping).await
-}
-
-/// What `weir run` has once it started.
-struct Started {
-    host: Host,
-    runtime: Runtime,
-    /// Kept until the end, as the runtime's broker and store are.
-    _broker: weir::runtime::Broker,
-    _store: weir::store::Store,
-    embedded: Option<weir::source::embedded::EmbeddedBroker>,
-    admin_stop: tokio::sync::watch::Sender<bool>,
-    requests: tokio::sync::mpsc::Receiver<weir::admin::Command>,
-    /// Watches the handlers directory while it lives.
-    _watcher: notify_debouncer_mini::Debouncer<notify::RecommendedWatcher>,
-    changes: tokio::sync::mpsc::Receiver<()>,
-}
-
-async fn start(config: &Config) -> anyhow::Result<Started> {
-    weir::fault::init().map_err(anyhow::Error::msg)?;
-    let host = weir::runtime::host_for(config)?;
-    let dir = &config.runtime.handlers_dir;
-    let loading = std::time::Instant::now();
-    let (handlers, failed) =
-        load_handlers(&host, dir, &config.limits, config.broker_kind()).await?;
-    tracing::info!(
-        handlers = handlers.len(),
-        failed = failed.len(),
-        elapsed_ms = loading.elapsed().as_millis() as u64,
-        "handlers loaded"
-    );
-    for err in &failed {
-        tracing::error!(file = %err.file().display(), error = %err, "handler failed to load");
-    }
-    if handlers.is_empty() {
-        // Deploying is copying files: wait for them (not ready meanwhile).
-        tracing::warn!(dir = %dir.display(), failed = failed.len(),
-            "no handler to serve yet; waiting for <name>.wasm and <name>.toml to appear there");
-    }
-    let mut topics: Vec<String> = Vec::new();
-    for handler in &handlers {
-        for topic in &handler.manifest.topics {
-            topics.push(topic.clone());
-            topics.push(handler.manifest.dlq.destination(topic));
-        }
-    }
-    topics.sort();
-    topics.dedup();
-    let (broker, embedded) = connect(config, &topics).await?;
-    if let Some(embedded) = &embedded {
-        let bootstrap = embedded.bootstrap_servers();
-        tracing::info!(bootstrap = %bootstrap, "embedded broker listening");
-        println!("embedded broker: {bootstrap}");
-    }
-    let store = weir::runtime::open_store_waiting(config).await?;
-    tracing::info!(store = %store.describe(), shared = store.shared(), "store open");
-    let mut runtime = Runtime::start(handlers, &broker, &store, config)?;
-    if !failed.is_empty() {
-        // Records the files that failed as rejected, so that readiness
-        // names them from the start.
-        runtime
-            .reload(&host, dir, &config.limits, config.runtime.shutdown_timeout)
-            .await?;
-    }
-    let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
-    let (commands, requests) = tokio::sync::mpsc::channel(4);
-    if config.admin.enabled {
-        weir::admin::serve(
-            config.admin.listen,
-            weir::admin::access(&config.admin, &config.runtime.data_dir)?,
-            runtime.metrics(),
-            runtime.status(),
-            store.clone(),
-            Some(commands),
-            admin_stopped,
-        )
-        .await;
-    }
-    // Hot reload: new, changed and removed files in the handlers directory.
-    let (watcher, changes) = registry::watch::watch(dir)
-        .with_context(|| format!("[runtime] handlers_dir {}: cannot watch it", dir.display()))?;
-    tracing::info!(dir = %dir.display(), "watching for new, changed and removed handlers");
-    Ok(Started {
-        host,
-        runtime,
-        _broker: broker,
-        _store: store,
-        embedded,
-        admin_stop,
-        requests,
-        _watcher: watcher,
-        changes,
-    })
-}
-
-async fn serve(
-    config: &Config,
-    started: Started,
-    mut stopping: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let Started {
-        host,
-        mut runtime,
-        _broker,
-        _store,
-        embedded,
-        admin_stop,
-        mut requests,
-        _watcher,
-        mut changes,
-    } = started;
-    let dir = &config.runtime.handlers_dir;
-    // A periodic rescan catches anything the file-system events missed.
-    let mut rescan = tokio::time::interval(Duration::from_secs(30));
-    rescan.tick().await;
-    let mut failure = None;
-    loop {
-        tokio::select! {
-            _ = stopping.wait_for(|stop| *stop) => break,
-            why = runtime.failed() => {
-                failure = Some(why);
-                break;
-            }
-            Some(()) = changes.recv() => {}
-            _ = rescan.tick() => {}
-            Some(command) = requests.recv() => {
-                match command {
-                    weir::admin::Command::Replay { handler, from, reset_state, reply } => {
-                        let done = runtime
-                            .replay(&handler, from, reset_state, config.runtime.shutdown_timeout)
-                            .await
-                            .map_err(|err| format!("{err:#}"));
-                        let _ = reply.send(done);
-                    }
-                }
-                continue;
-            }
-        }
-        if let Err(err) = runtime
-            .reload(&host, dir, &config.limits, config.runtime.shutdown_timeout)
-            .await
-        {
-            tracing::error!(error = %err, "reloading handlers failed; the running ones keep serving");
-        }
-    }
-    tracing::info!("stopping: finishing in-flight messages and committing offsets");
-    runtime.stop(config.runtime.shutdown_timeout).await;
-    let _ = admin_stop.send(true);
-    drop(embedded);
-    tracing::info!("stopped");
-    match failure {
-        Some(why) => Err(anyhow::anyhow!(why)),
-        None => Ok(()),
-    }
-}
-
-/// Listens for SIGTERM and SIGINT (Ctrl-C) from now on: the receiver turns
-/// `true` at the first. The handlers are installed before this returns, so a
-/// signal arriving at any later moment stops weir cleanly.
-fn stop_signals() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
-    let (stop, stopping) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
-        }
-        let _ = stop.send(true);
-    });
-    Ok(stopping)
+    weir::runtime::supervise(&config).await
 }
 
 async fn state(config: &Config, action: StateAction) -> anyhow::Result<()> {

@@ -48,6 +48,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::lock::{Unpoisoned, UnpoisonedRw};
 use crate::source::progress::{PartitionView, Progress};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -132,7 +133,7 @@ impl TopicLabels {
     /// `topic` itself while it is one of the first [`MAX_TOPICS`] seen,
     /// else [`OTHER_TOPICS`].
     fn label<'a>(&self, topic: &'a str) -> &'a str {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = self.seen.locked();
         if seen.contains(topic) {
             return topic;
         }
@@ -347,7 +348,7 @@ impl Metrics {
     /// current (the same board for every consumer of the group in this
     /// process).
     pub fn progress(&self, consumer_group: &str) -> Progress {
-        let mut boards = self.boards.lock().unwrap_or_else(|p| p.into_inner());
+        let mut boards = self.boards.locked();
         if let Some((_, progress)) = boards.iter().find(|(g, _)| g == consumer_group) {
             return progress.clone();
         }
@@ -359,8 +360,7 @@ impl Metrics {
     /// Every consumer group's partitions: (group, partition view).
     pub fn partitions(&self) -> Vec<(String, PartitionView)> {
         self.boards
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .iter()
             .flat_map(|(group, board)| {
                 board
@@ -458,7 +458,7 @@ impl Metrics {
 
     /// Handler `handler` now serves `version` (`None`: it was removed).
     pub fn serving(&self, handler: &str, consumer_group: &str, version: Option<&str>) {
-        let mut serving = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+        let mut serving = self.serving.locked();
         // The version it served before leaves the info family.
         if let Some(old) = serving.remove(handler) {
             self.info.remove(&old);
@@ -523,13 +523,7 @@ impl std::fmt::Debug for HandlerMetrics {
 impl HandlerMetrics {
     /// This handler's series for `topic` ("Bounded series").
     fn series(&self, topic: &str) -> TopicSeries {
-        let cached = |label: &str| {
-            self.topics
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(label)
-                .cloned()
-        };
+        let cached = |label: &str| self.topics.read_locked().get(label).cloned();
         if let Some(series) = cached(topic) {
             return series;
         }
@@ -563,8 +557,7 @@ impl HandlerMetrics {
                 .clone(),
         };
         self.topics
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+            .write_locked()
             .insert(topic.to_string(), series.clone());
         series
     }

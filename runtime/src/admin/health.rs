@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::lock::Unpoisoned;
 use crate::store::Store;
 
 /// How often the store is probed and its outbox measured.
@@ -71,7 +72,7 @@ impl Health {
                 if let Ok(latest) =
                     tokio::task::spawn_blocking(move || runtime.block_on(read(&store))).await
                 {
-                    *shared.lock().unwrap_or_else(|p| p.into_inner()) = latest;
+                    *shared.locked() = latest;
                 }
             }
         });
@@ -80,9 +81,6 @@ impl Health {
 
     /// The latest figures.
     pub fn figures(&self) -> Figures {
-        self.figures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.figures.locked().clone()
     }
 }

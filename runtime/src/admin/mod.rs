@@ -48,8 +48,10 @@ pub use client::{fetch, url_escape};
 pub use token::{TOKEN_FILE, Token, for_client as client_token};
 
 use crate::metrics::Metrics;
-use crate::runtime::Status;
+mod status;
+
 use crate::store::Store;
+pub use status::{HandlerView, Status};
 
 /// Most entries one state request answers.
 pub const MAX_STATE_LIMIT: usize = 1000;
@@ -352,7 +354,7 @@ async fn replay(
             );
         }
     };
-    let from = match crate::tools::replay::parse_from(&request.from) {
+    let from = match crate::source::Rewind::parse(&request.from) {
         Ok(from) => from,
         Err(why) => return answer(StatusCode::BAD_REQUEST, json!({"error": why})),
     };

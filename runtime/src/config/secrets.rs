@@ -30,6 +30,7 @@
 //! masking every `guest` or `test` in the log would hide more than it
 //! protects.
 
+use crate::lock::UnpoisonedRw;
 use std::borrow::Cow;
 use std::path::Path;
 use std::sync::RwLock;
@@ -60,7 +61,7 @@ pub fn register(value: &str) {
         json.get(1..json.len().saturating_sub(1)).unwrap_or(value),
         debug.get(1..debug.len().saturating_sub(1)).unwrap_or(value),
     ];
-    let mut secrets = SECRETS.write().unwrap_or_else(|p| p.into_inner());
+    let mut secrets = SECRETS.write_locked();
     for form in forms {
         if !secrets.iter().any(|s| s == form) {
             secrets.push(form.to_string());
@@ -92,7 +93,7 @@ pub fn secret_key(name: &str) -> bool {
 pub fn redact(text: &str) -> Cow<'_, str> {
     let mut out = Cow::Borrowed(text);
     {
-        let secrets = SECRETS.read().unwrap_or_else(|p| p.into_inner());
+        let secrets = SECRETS.read_locked();
         for secret in secrets.iter() {
             if out.contains(secret.as_str()) {
                 out = Cow::Owned(out.replace(secret.as_str(), MASK));

@@ -20,12 +20,12 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
+use super::Limits;
 use super::bindings::{Contract, v0_1, v0_2};
 use super::check::WorldPre;
 use super::event::{Event, Origin};
 use super::output::GuestOutput;
 use super::transaction::Transaction;
-use crate::registry::Limits;
 use crate::store::{Effects, Store as StateStore};
 
 /// Per-instance host state.

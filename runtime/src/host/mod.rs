@@ -71,6 +71,7 @@ mod check;
 mod event;
 mod imports;
 mod instance;
+mod limits;
 mod output;
 pub mod transaction;
 
@@ -86,7 +87,7 @@ pub use check::CheckError;
 pub use event::Event;
 pub use instance::{CompiledHandler, Failure, FailureKind, HandlerInstance, Outcome};
 
-use crate::registry::Limits;
+pub use limits::Limits;
 
 /// How often the engine's epoch advances; the granularity of timeouts.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);

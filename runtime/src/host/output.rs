@@ -19,6 +19,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 
 use super::event::Origin;
+use crate::lock::Unpoisoned;
 
 /// Longest line logged as one record.
 pub const MAX_LINE: usize = 4096;
@@ -106,7 +107,7 @@ impl GuestOutput {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Capture> {
-        self.capture.lock().unwrap_or_else(|p| p.into_inner())
+        self.capture.locked()
     }
 
     /// A call for this event begins: tag lines with it and reset the

@@ -33,6 +33,7 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use super::HandlerStats;
+use crate::lock::Unpoisoned;
 use crate::registry::BreakerSettings;
 
 /// Where the breaker stands.
@@ -126,7 +127,7 @@ impl Breaker {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.locked()
     }
 
     /// The state now.

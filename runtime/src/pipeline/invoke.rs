@@ -13,13 +13,14 @@
 //! - **A swap never mixes versions within a call**, and instances of a
 //!   replaced version are dropped, not pooled.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
 use super::{HandlerCall, HandlerFactory, HandlerStats};
 use crate::host::{Event, Failure, FailureKind, Outcome};
+use crate::lock::Unpoisoned;
 
 /// The version of a handler being served, with its idle instances.
 struct Served<F: HandlerFactory> {
@@ -47,14 +48,10 @@ pub struct HandlerSwap<F: HandlerFactory> {
     served: Arc<Mutex<Served<F>>>,
 }
 
-fn lock<F: HandlerFactory>(served: &Mutex<Served<F>>) -> MutexGuard<'_, Served<F>> {
-    served.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl<F: HandlerFactory> HandlerSwap<F> {
     /// Serves `factory` from now on.
     pub fn swap(&self, factory: F) {
-        let mut served = lock(&self.served);
+        let mut served = self.served.locked();
         served.factory = Arc::new(factory);
         served.idle.clear();
         served.generation += 1;
@@ -62,7 +59,7 @@ impl<F: HandlerFactory> HandlerSwap<F> {
 
     /// The version being served.
     pub fn version(&self) -> String {
-        lock(&self.served).factory.version().to_string()
+        self.served.locked().factory.version().to_string()
     }
 }
 
@@ -98,7 +95,7 @@ impl<F: HandlerFactory> Invoker<F> {
 
     /// The version being served.
     pub(super) fn version(&self) -> String {
-        lock(&self.served).factory.version().to_string()
+        self.served.locked().factory.version().to_string()
     }
 
     /// Calls the handler with an idle instance (or a new one), once a call
@@ -118,7 +115,7 @@ impl<F: HandlerFactory> Invoker<F> {
             };
             let started = Instant::now();
             let (factory, idle, generation) = {
-                let mut served = lock(&self.served);
+                let mut served = self.served.locked();
                 (served.factory.clone(), served.idle.pop(), served.generation)
             };
             let mut instance = match idle {
@@ -141,14 +138,14 @@ impl<F: HandlerFactory> Invoker<F> {
                 },
             };
             {
-                let mut served = lock(&self.served);
+                let mut served = self.served.locked();
                 served.busy += 1;
                 stats.instances(served.busy, served.idle.len());
             }
             let outcome = instance.handle(&event).await;
             let poisoned = matches!(&outcome, Outcome::Failed(f) if f.poisoned);
             {
-                let mut served = lock(&self.served);
+                let mut served = self.served.locked();
                 served.busy = served.busy.saturating_sub(1);
                 // An instance of a replaced version finishes its call and
                 // is dropped; the next call uses the new version.

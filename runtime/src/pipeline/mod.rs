@@ -46,6 +46,7 @@ pub mod worker;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
 use crate::host::{CompiledHandler, Event, Failure, HandlerInstance, Outcome};
+use crate::lock::Unpoisoned;
 use crate::metrics::HandlerMetrics;
 
 pub use invoke::HandlerSwap;
@@ -168,16 +169,13 @@ impl HandlerStats {
             "attempt": event.attempt,
             "at_ms": at_ms,
         });
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(last);
+        *self.last_error.locked() = Some(last);
     }
 
     /// The last failed attempt, if any: `{"error", "kind", "category",
     /// "event_id", "topic", "attempt", "at_ms"}`.
     pub fn last_error(&self) -> Option<serde_json::Value> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.last_error.locked().clone()
     }
 
     pub(crate) fn dead_lettered(&self, topic: &str, error_type: &str, dlq: &str, partition: i32) {
@@ -216,29 +214,23 @@ impl HandlerStats {
     /// dead-letter topic is missing, or the broker refuses them); `None`
     /// while they can.
     pub fn dead_letters_blocked(&self) -> Option<String> {
-        self.dead_letters_blocked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.dead_letters_blocked.locked().clone()
     }
 
     /// Dead letters cannot be written because of `problem`, or (`None`)
     /// they can again.
     pub fn dead_letter_problem(&self, problem: Option<String>) {
-        *self
-            .dead_letters_blocked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = problem;
+        *self.dead_letters_blocked.locked() = problem;
     }
 
     /// The state of the handler's circuit breaker (`closed`, `open`,
     /// `half_open`); `None` without one.
     pub fn breaker_state(&self) -> Option<&'static str> {
-        *self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+        *self.breaker.locked()
     }
 
     pub(crate) fn breaker(&self, state: &'static str) {
-        *self.breaker.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+        *self.breaker.locked() = Some(state);
         if let Some(recorder) = &self.recorder {
             recorder.breaker(state);
         }

@@ -92,6 +92,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::fault;
+use crate::lock::Unpoisoned;
 use crate::source::{Publisher, Receipt};
 use crate::store::{Applied, OutboxRecord, Store, StoreError, Write};
 
@@ -179,7 +180,7 @@ impl RelayStats {
     }
 
     fn failing(&self) -> MutexGuard<'_, BTreeMap<String, (Instant, String)>> {
-        self.failing.lock().unwrap_or_else(|p| p.into_inner())
+        self.failing.locked()
     }
 
     /// Topics whose publishes have failed for at least `longer_than`, with

@@ -8,6 +8,7 @@ use tokio::sync::{Notify, oneshot};
 
 use super::{HandlerCall, HandlerFactory};
 use crate::host::{Event, Failure, Outcome};
+use crate::lock::Unpoisoned;
 use crate::message::{Message, Position};
 use crate::source::{Publisher, Receipt, Settled, Source};
 
@@ -51,7 +52,7 @@ impl SyntheticSource {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.locked()
     }
 
     /// Appends messages (in order per partition); their position must be
@@ -242,14 +243,11 @@ struct TopicSwitch {
 impl MemoryPublisher {
     /// A copy of what was published.
     pub fn records(&self) -> Vec<Published> {
-        self.written
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.written.locked().clone()
     }
 
     fn switches(&self) -> std::sync::MutexGuard<'_, HashMap<String, TopicSwitch>> {
-        self.topics.lock().unwrap_or_else(|p| p.into_inner())
+        self.topics.locked()
     }
 
     /// From now on, sends to `topic` wait and are not answered (a broker
@@ -323,10 +321,7 @@ impl MemoryPublisher {
                 ))));
             }
         }
-        self.written
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(record);
+        self.written.locked().push(record);
         Ok(())
     }
 }

@@ -27,7 +27,7 @@ struct Harness {
 
 fn manifest(extra: &str) -> Manifest {
     let text = format!("topics = [\"t\"]\n{extra}");
-    crate::config::parse_toml(std::path::Path::new("test.toml"), &text).expect("valid manifest")
+    crate::parse::parse_toml(std::path::Path::new("test.toml"), &text).expect("valid manifest")
 }
 
 fn start<F>(manifest: Manifest, handler: F) -> Harness

@@ -36,6 +36,7 @@ use super::deliver::{MAX_RUN, deliver_run, event_of, pause};
 use super::invoke::{HandlerSwap, Invoker};
 use super::{HandlerFactory, HandlerStats, decode};
 use crate::host::Event;
+use crate::lock::Unpoisoned;
 use crate::message::{Message, Position};
 use crate::registry::{Manifest, Ordering};
 use crate::source::{Publisher, Settled, Source};
@@ -62,7 +63,7 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Shared<S, F, D> {
     /// Something broke that retrying cannot mend: the worker stops and
     /// reports `why`.
     pub(super) fn fail(&self, why: String) {
-        let mut fatal = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fatal = self.fatal.locked();
         if fatal.is_none() {
             tracing::error!(handler = %self.name, error = %why, "handler stopping");
             *fatal = Some(why);
@@ -296,11 +297,7 @@ impl<S: Source, F: HandlerFactory, D: Publisher> Worker<S, F, D> {
             tracing::info!(handler = %shared.name, released,
                 "messages received but not started are left to the broker to deliver again");
         }
-        let fatal = shared
-            .fatal
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let fatal = shared.fatal.locked().take();
         match Arc::try_unwrap(shared) {
             Ok(shared) => {
                 let name = shared.name.clone();

@@ -54,7 +54,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{ConfigError, LimitsSection, byte_size, duration, read_toml};
+use crate::config::LimitsSection;
+use crate::host::Limits;
+use crate::parse::{ConfigError, byte_size, duration, read_toml};
+use crate::source::{BrokerKind, StartFrom};
 
 /// A handler's manifest, as written by its author.
 #[derive(Debug, Clone, Deserialize)]
@@ -104,78 +107,13 @@ pub struct Manifest {
     #[serde(default)]
     pub sandbox: SandboxGrants,
     /// NATS JetStream settings (only with `[source.nats]`).
-    pub nats: Option<NatsSettings>,
+    pub nats: Option<crate::source::nats::NatsSettings>,
     /// RabbitMQ settings (only with `[source.rabbitmq]`).
     pub rabbitmq: Option<crate::source::rabbitmq::RabbitSettings>,
     /// Redis Streams settings (only with `[source.redis]`).
     pub redis: Option<crate::source::redis::RedisSettings>,
     /// Amazon SQS settings (only with `[source.sqs]`).
     pub sqs: Option<crate::source::sqs::SqsSettings>,
-}
-
-/// `[nats]`: how this handler's JetStream consumers behave.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NatsSettings {
-    /// Durable consumer name; default: `group` with characters NATS does
-    /// not allow in names replaced by `_` (`weir.orders` → `weir_orders`).
-    pub durable: Option<String>,
-    /// How long the server waits for an acknowledgement before redelivering.
-    /// Messages Weir holds (running, waiting for a retry) are kept alive
-    /// with progress acknowledgements, so this only bounds how soon a
-    /// message held by a crashed process is redelivered.
-    #[serde(with = "duration")]
-    pub ack_wait: Duration,
-}
-
-impl Default for NatsSettings {
-    fn default() -> Self {
-        Self {
-            durable: None,
-            ack_wait: Duration::from_secs(30),
-        }
-    }
-}
-
-/// The broker a runtime consumes from, for checking a manifest against it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BrokerKind {
-    /// Kafka, or the embedded Kafka-protocol broker.
-    Kafka,
-    /// NATS JetStream.
-    Nats,
-    /// RabbitMQ.
-    Rabbit,
-    /// Redis Streams.
-    Redis,
-    /// Amazon SQS.
-    Sqs,
-}
-
-impl BrokerKind {
-    /// As written in the configuration: `kafka`, `nats`, `rabbitmq`,
-    /// `redis`, `sqs`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BrokerKind::Kafka => "kafka",
-            BrokerKind::Nats => "nats",
-            BrokerKind::Rabbit => "rabbitmq",
-            BrokerKind::Redis => "redis",
-            BrokerKind::Sqs => "sqs",
-        }
-    }
-
-    /// As people call it: `Kafka`, `NATS JetStream`, `RabbitMQ`, `Redis`,
-    /// `Amazon SQS`.
-    pub fn name(self) -> &'static str {
-        match self {
-            BrokerKind::Kafka => "Kafka",
-            BrokerKind::Nats => "NATS JetStream",
-            BrokerKind::Rabbit => "RabbitMQ",
-            BrokerKind::Redis => "Redis",
-            BrokerKind::Sqs => "Amazon SQS",
-        }
-    }
 }
 
 /// Where a message's key comes from.
@@ -297,28 +235,6 @@ impl Default for DedupSettings {
                 IdSource::Header("Nats-Msg-Id".into()),
             ],
             ttl: Duration::from_secs(7 * 24 * 3600),
-        }
-    }
-}
-
-/// Where a new consumer group starts reading.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StartFrom {
-    /// The oldest retained message: nothing produced before the handler was
-    /// deployed is skipped.
-    #[default]
-    Earliest,
-    /// Only messages produced after the group first joins.
-    Latest,
-}
-
-impl StartFrom {
-    /// The librdkafka `auto.offset.reset` value.
-    pub fn as_offset_reset(self) -> &'static str {
-        match self {
-            StartFrom::Earliest => "earliest",
-            StartFrom::Latest => "latest",
         }
     }
 }
@@ -456,21 +372,6 @@ fn optional_byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u
 
 fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration::deserialize(d).map(Some)
-}
-
-/// Limits in force for one handler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Linear-memory cap in bytes.
-    pub memory: u64,
-    /// Wall-clock limit for one call.
-    pub timeout: Duration,
-    /// Fuel per call, when metered.
-    pub fuel: Option<u64>,
-    /// Most elements in any one table.
-    pub table_elements: u32,
-    /// Most core instances.
-    pub instances: u32,
 }
 
 impl ManifestLimits {
@@ -680,39 +581,15 @@ impl Manifest {
                 broker.name()
             ));
         }
-        let check_name: fn(&str) -> Result<(), String> = match broker {
-            BrokerKind::Kafka => |topic| {
-                if valid_topic(topic) {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{topic:?} is not a valid Kafka topic name (1-249 of [a-zA-Z0-9._-])"
-                    ))
-                }
-            },
-            BrokerKind::Nats => |topic| {
-                if valid_subject(topic, true) {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{topic:?} is not a valid NATS subject (tokens separated by '.', no spaces; '*' and '>' only as whole tokens, '>' last)"
-                    ))
-                }
-            },
-            BrokerKind::Rabbit => crate::source::rabbitmq::check_queue_name,
-            BrokerKind::Redis => crate::source::redis::check_stream_name,
-            BrokerKind::Sqs => crate::source::sqs::check_queue_name,
-        };
         for topic in &self.topics {
-            check_name(topic).map_err(|why| format!("topics: {why}"))?;
+            broker
+                .check_name(topic)
+                .map_err(|why| format!("topics: {why}"))?;
         }
         if let Some(topic) = self.dlq.topic.as_deref() {
-            if broker == BrokerKind::Nats && !valid_subject(topic, false) {
-                return Err(format!(
-                    "dlq.topic: {topic:?} is not a valid NATS subject (no wildcards)"
-                ));
-            }
-            check_name(topic).map_err(|why| format!("dlq.topic: {why}"))?;
+            broker
+                .check_dead_letter_name(topic)
+                .map_err(|why| format!("dlq.topic: {why}"))?;
         }
         if broker == BrokerKind::Nats
             && self.dlq.topic.is_none()
@@ -726,39 +603,48 @@ impl Manifest {
         Ok(())
     }
 
+    /// This manifest's table for the broker whose table is a `T` (`[nats]`
+    /// for [`NatsSettings`](crate::source::nats::NatsSettings), …), its
+    /// defaults when the table is absent or the broker has none (`()`).
+    pub fn broker_settings<T: Clone + Default + 'static>(&self) -> T {
+        use std::any::Any;
+        let tables: [Option<&dyn Any>; 4] = [
+            self.nats.as_ref().map(|t| t as &dyn Any),
+            self.rabbitmq.as_ref().map(|t| t as &dyn Any),
+            self.redis.as_ref().map(|t| t as &dyn Any),
+            self.sqs.as_ref().map(|t| t as &dyn Any),
+        ];
+        tables
+            .into_iter()
+            .flatten()
+            .find_map(|table| table.downcast_ref::<T>())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Where this handler's dead letters go: the destination of each topic
+    /// it consumes ([`DlqSettings::destination`]), sorted, each once.
+    pub fn dead_letter_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self
+            .topics
+            .iter()
+            .map(|topic| self.dlq.destination(topic))
+            .collect();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+
     /// The consumer group for a handler called `name`.
     pub fn group_for(&self, name: &str) -> String {
         self.group.clone().unwrap_or_else(|| format!("weir.{name}"))
     }
 }
 
-/// A NATS subject: `.`-separated non-empty tokens without whitespace;
-/// with `wildcards`, `*` may stand for a token and `>` for the rest.
-fn valid_subject(subject: &str, wildcards: bool) -> bool {
-    let tokens: Vec<&str> = subject.split('.').collect();
-    subject.len() <= 1024
-        && tokens.iter().enumerate().all(|(i, token)| {
-            !token.is_empty()
-                && !token.chars().any(char::is_whitespace)
-                && match *token {
-                    "*" => wildcards,
-                    ">" => wildcards && i == tokens.len() - 1,
-                    other => !other.contains(['*', '>']),
-                }
-        })
-}
-
-fn valid_topic(topic: &str) -> bool {
-    (1..=249).contains(&topic.len())
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_toml;
+    use crate::parse::parse_toml;
 
     fn parse(text: &str) -> Result<Manifest, String> {
         let manifest: Manifest =

@@ -10,12 +10,14 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 pub use manifest::{
-    BreakerSettings, BrokerKind, DedupSettings, DlqSettings, IdSource, KeySource, Limits, Manifest,
-    ManifestLimits, NatsSettings, Ordering, RetryPolicy, StartFrom,
+    BreakerSettings, DedupSettings, DlqSettings, IdSource, KeySource, Manifest, ManifestLimits,
+    Ordering, RetryPolicy,
 };
 
-use crate::config::{ConfigError, LimitsSection};
+use crate::config::LimitsSection;
 use crate::host::{CheckError, CompiledHandler, Host};
+use crate::parse::ConfigError;
+use crate::source::BrokerKind;
 
 /// A handler that is ready to serve.
 #[derive(Clone)]

@@ -6,14 +6,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Broker, Status};
+use crate::admin::Status;
 use crate::metrics::Metrics;
 use crate::pipeline::HandlerStats;
 use crate::registry::Manifest;
+use crate::source::Broker;
 
 /// Logs each consumer group's lag per topic (`event = "consumer_lag"`, at
 /// info) every `every`: the sum over its partitions, the partitions known,
-/// and the oldest committed position's age (see `source/progress.rs`).
+/// and the oldest committed position's age (see
+/// [`Progress`](crate::source::progress::Progress)).
 pub(super) async fn log_lag(metrics: Metrics, every: Duration) {
     let mut ticker = tokio::time::interval(every);
     ticker.tick().await;
@@ -36,8 +38,8 @@ pub(super) async fn log_lag(metrics: Metrics, every: Duration) {
 /// Measures every served handler's dead-letter topics every `every`, for
 /// `weir_dlq_depth` and `weir_dlq_oldest_age_seconds` (a topic that cannot
 /// be measured keeps its last values; why is logged at debug).
-pub(super) async fn measure_dead_letters(
-    broker: Broker,
+pub(super) async fn measure_dead_letters<B: Broker>(
+    broker: B,
     status: Status,
     metrics: Metrics,
     every: Duration,
@@ -77,8 +79,8 @@ pub(super) async fn measure_dead_letters(
 /// created) or cannot be created is logged once and keeps the handler from
 /// being ready (`HandlerStats::dead_letters_blocked`) until a dead letter
 /// is written after all.
-pub(super) async fn ensure_dead_letter_topics(
-    broker: Broker,
+pub(super) async fn ensure_dead_letter_topics<B: Broker>(
+    broker: B,
     handler: String,
     manifest: Manifest,
     stats: Arc<HandlerStats>,

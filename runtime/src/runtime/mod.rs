@@ -2,20 +2,19 @@
 //! own consumer (group or durable) and worker on the configured broker, and
 //! stop them all gracefully.
 //!
-//! This is the one place that names brokers: it picks the source and
-//! publisher for the configured one and hands them to the broker-neutral
-//! pipeline.
+//! The runtime is written once against [`Broker`]: [`connect`] is the one
+//! place that names brokers, connecting to the configured one and handing
+//! it to the broker-neutral code here and in the pipeline.
 //!
 //! | file | holds |
 //! | --- | --- |
 //! | `mod.rs` | the running set of workers: start, serve, reload, replay, stop |
-//! | `broker.rs` | the broker it is connected to: connecting, consumer settings, moving a consumer back |
-//! | `status.rs` | what the admin server reads of it |
+//! | `connect.rs` | the one dispatch over brokers: connecting to the configured one |
 //! | `background.rs` | its periodic and one-off tasks: the lag log, dead-letter measurements, dead-letter topics |
 
 mod background;
-mod broker;
-mod status;
+mod connect;
+mod supervise;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -26,18 +25,19 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::admin::{HandlerView, Status};
 use crate::config::{Config, LimitsSection};
 use crate::host::{CompiledHandler, Host};
 use crate::metrics::Metrics;
 use crate::pipeline::outbox::{Relay, RelayStats, relay_with_lease};
 use crate::pipeline::{HandlerStats, HandlerSwap, Worker};
-use crate::registry::{self, BrokerKind, LoadError, LoadedHandler, Manifest};
-use crate::source::kafka::KafkaConsumer;
-use crate::source::{Publisher, Source};
+use crate::registry::{self, LoadError, LoadedHandler, Manifest};
+use crate::source::progress::Progress;
+use crate::source::{Broker, BrokerKind, Publisher, Source};
 use crate::store::Store;
 
-pub use broker::{Broker, connect, kafka_cluster, nats_consumer_spec, nats_settings, subscription};
-pub use status::{HandlerView, Status};
+pub use connect::{Connected, WithBroker, connect, subscription};
+pub use supervise::supervise;
 
 use background::{ensure_dead_letter_topics, log_lag, measure_dead_letters};
 
@@ -69,12 +69,12 @@ fn fingerprint(wasm: &Path) -> std::io::Result<Fingerprint> {
     })
 }
 
-/// The running set of workers.
-pub struct Runtime {
+/// The running set of workers, consuming from broker `B`.
+pub struct Runtime<B: Broker> {
     metrics: Metrics,
     status: Status,
     running: BTreeMap<String, RunningHandler>,
-    broker: Broker,
+    broker: B,
     store: Store,
     concurrency: usize,
     fatal: mpsc::UnboundedSender<String>,
@@ -150,7 +150,7 @@ pub fn default_concurrency() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()) * 4
 }
 
-impl Runtime {
+impl<B: Broker> Runtime<B> {
     /// Starts one worker per handler against `broker`, recording outcomes
     /// in `store`, with at most `concurrency` calls of a handler at once
     /// unless its manifest says otherwise.
@@ -160,7 +160,7 @@ impl Runtime {
     /// When a consumer cannot be created.
     pub fn start(
         handlers: Vec<LoadedHandler>,
-        broker: &Broker,
+        broker: &B,
         store: &Store,
         config: &Config,
     ) -> anyhow::Result<Self> {
@@ -169,36 +169,13 @@ impl Runtime {
         let relay_stats = Arc::new(RelayStats::recording(metrics.clone()));
         let (relay_stop, relay_watch) = watch::channel(false);
         // "Relay lease" (`store/postgres/mod.rs`): one process relays.
-        let relay = match broker {
-            Broker::Kafka { producer, .. } => {
-                let (store, producer, stats) =
-                    (store.clone(), producer.clone(), relay_stats.clone());
-                tokio::spawn(relay_with_lease(
-                    store.clone(),
-                    move || Relay::new(store.clone(), producer.clone(), stats.clone()),
-                    relay_watch,
-                ))
-            }
-            Broker::Nats(connection) => {
-                spawn_relay(store, connection.clone(), &relay_stats, relay_watch, |c| {
-                    c.publisher()
-                })
-            }
-            Broker::Rabbit(connection) => {
-                spawn_relay(store, connection.clone(), &relay_stats, relay_watch, |c| {
-                    c.publisher()
-                })
-            }
-            Broker::Redis(connection) => {
-                spawn_relay(store, connection.clone(), &relay_stats, relay_watch, |c| {
-                    c.publisher()
-                })
-            }
-            Broker::Sqs(connection) => {
-                spawn_relay(store, connection.clone(), &relay_stats, relay_watch, |c| {
-                    c.publisher()
-                })
-            }
+        let relay = {
+            let (store, broker, stats) = (store.clone(), broker.clone(), relay_stats.clone());
+            tokio::spawn(relay_with_lease(
+                store.clone(),
+                move || Relay::new(store.clone(), broker.publisher(), stats.clone()),
+                relay_watch,
+            ))
         };
         let (fatal, fatal_rx) = mpsc::unbounded_channel();
         let status = Status::default();
@@ -268,74 +245,14 @@ impl Runtime {
             stats.clone(),
         ));
         let (stop, stopped) = watch::channel(false);
-        let (swap, task) = match &self.broker {
-            Broker::Kafka { cluster, producer } => {
-                let consumer = KafkaConsumer::new(
-                    cluster,
-                    &format!("weir-{}", handler.name),
-                    &group,
-                    &handler.manifest.topics,
-                    handler.manifest.start,
-                    self.metrics.progress(&group),
-                )?;
-                self.spawn(
-                    &handler,
-                    consumer,
-                    producer.clone(),
-                    &stats,
-                    &alive,
-                    stopped,
-                )
-            }
-            Broker::Nats(connection) => {
-                let consumer = connection.consumer(nats_consumer_spec(
-                    &handler.manifest,
-                    &group,
-                    self.metrics.progress(&group),
-                ));
-                self.spawn(
-                    &handler,
-                    consumer,
-                    connection.publisher(),
-                    &stats,
-                    &alive,
-                    stopped,
-                )
-            }
-            Broker::Rabbit(connection) => {
-                let consumer = connection.consumer(subscription(
-                    &handler.name,
-                    &handler.manifest,
-                    &group,
-                    self.metrics.progress(&group),
-                    handler.manifest.rabbitmq.as_ref(),
-                ));
-                let publisher = connection.publisher();
-                self.spawn(&handler, consumer, publisher, &stats, &alive, stopped)
-            }
-            Broker::Redis(connection) => {
-                let consumer = connection.consumer(subscription(
-                    &handler.name,
-                    &handler.manifest,
-                    &group,
-                    self.metrics.progress(&group),
-                    handler.manifest.redis.as_ref(),
-                ));
-                let publisher = connection.publisher();
-                self.spawn(&handler, consumer, publisher, &stats, &alive, stopped)
-            }
-            Broker::Sqs(connection) => {
-                let consumer = connection.consumer(subscription(
-                    &handler.name,
-                    &handler.manifest,
-                    &group,
-                    self.metrics.progress(&group),
-                    handler.manifest.sqs.as_ref(),
-                ));
-                let publisher = connection.publisher();
-                self.spawn(&handler, consumer, publisher, &stats, &alive, stopped)
-            }
-        };
+        let consumer = self.broker.consumer(subscription::<B>(
+            &handler.name,
+            &handler.manifest,
+            &group,
+            self.metrics.progress(&group),
+        ))?;
+        let publisher = self.broker.publisher();
+        let (swap, task) = self.spawn(&handler, consumer, publisher, &stats, &alive, stopped);
         self.metrics
             .serving(&handler.name, &group, Some(handler.compiled.version()));
         self.status.write().handlers.insert(
@@ -346,17 +263,7 @@ impl Runtime {
                 contract: handler.compiled.contract().version().to_string(),
                 group: group.clone(),
                 topics: handler.manifest.topics.clone(),
-                dead_letter_topics: {
-                    let mut dlqs: Vec<String> = handler
-                        .manifest
-                        .topics
-                        .iter()
-                        .map(|topic| handler.manifest.dlq.destination(topic))
-                        .collect();
-                    dlqs.sort();
-                    dlqs.dedup();
-                    dlqs
-                },
+                dead_letter_topics: handler.manifest.dead_letter_topics(),
                 stats: stats.clone(),
                 alive,
                 progress: self.metrics.progress(&group),
@@ -591,6 +498,7 @@ impl Runtime {
         };
         let handler = running.handler.clone();
         let group = handler.group();
+        let consumer = subscription::<B>(name, &handler.manifest, &group, Progress::default());
         tracing::info!(handler = %name, from = ?from, reset_state, "replay: stopping the handler's consumer");
         self.status.write().handlers.remove(name);
         retire(running, drain).await;
@@ -599,7 +507,7 @@ impl Runtime {
             let footprint = footprint?;
             // Refused before anything is forgotten (see `tools/replay.rs`).
             self.broker
-                .rewind(&handler.manifest, &group, from, false)
+                .rewind(&consumer, from, false)
                 .await
                 .map_err(|err| anyhow::anyhow!("{err:#}; nothing was forgotten"))?;
             let mut done = vec![format!(
@@ -618,11 +526,7 @@ impl Runtime {
                     state: reset_state,
                 })
                 .await?;
-            done.extend(
-                self.broker
-                    .rewind(&handler.manifest, &group, from, true)
-                    .await?,
-            );
+            done.extend(self.broker.rewind(&consumer, from, true).await?);
             anyhow::Ok(done)
         }
         .await;
@@ -718,27 +622,6 @@ async fn retire(running: RunningHandler, drain: Duration) {
         tracing::warn!(handler = %running.handler.name, "worker did not drain in time; abandoned");
         task.abort();
     }
-}
-
-/// Starts the outbox relay of `store` (see [`relay_with_lease`]), with a
-/// publisher made from `connection` each time it takes the lease.
-fn spawn_relay<C, P>(
-    store: &Store,
-    connection: C,
-    stats: &Arc<RelayStats>,
-    stop: watch::Receiver<bool>,
-    publisher: fn(&C) -> P,
-) -> tokio::task::JoinHandle<()>
-where
-    C: Send + Sync + 'static,
-    P: crate::source::Publisher,
-{
-    let (store, stats) = (store.clone(), stats.clone());
-    tokio::spawn(relay_with_lease(
-        store.clone(),
-        move || Relay::new(store.clone(), publisher(&connection), stats.clone()),
-        stop,
-    ))
 }
 
 /// Opens the runtime's store: the embedded database under

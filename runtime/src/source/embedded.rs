@@ -7,6 +7,27 @@
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
+/// `[source.embedded]`: the in-process broker.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedSource {
+    /// Partitions for each topic the handlers subscribe to.
+    #[serde(default = "default_embedded_partitions")]
+    pub partitions: i32,
+}
+
+fn default_embedded_partitions() -> i32 {
+    3
+}
+
+impl Default for EmbeddedSource {
+    fn default() -> Self {
+        Self {
+            partitions: default_embedded_partitions(),
+        }
+    }
+}
+
 /// A running in-process broker. Stops when dropped.
 pub struct EmbeddedBroker {
     cluster: MockCluster<'static, DefaultProducerContext>,

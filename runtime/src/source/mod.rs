@@ -47,8 +47,10 @@
 //! JetStream subject, a RabbitMQ exchange and routing key, a Redis stream,
 //! an SQS queue.
 
+mod broker;
 pub mod embedded;
 pub mod kafka;
+mod kind;
 pub mod nats;
 pub mod packed;
 pub mod progress;
@@ -59,6 +61,31 @@ pub mod sqs;
 use std::future::Future;
 
 pub use crate::message::{Message, Position};
+pub use broker::{Broker, NoArchive};
+pub(crate) use broker::{no_archive, no_rewind};
+pub use kind::BrokerKind;
+
+/// Where a new consumer group starts reading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    /// The oldest retained message: nothing produced before the handler was
+    /// deployed is skipped.
+    #[default]
+    Earliest,
+    /// Only messages produced after the group first joins.
+    Latest,
+}
+
+impl StartFrom {
+    /// The librdkafka `auto.offset.reset` value.
+    pub fn as_offset_reset(self) -> &'static str {
+        match self {
+            StartFrom::Earliest => "earliest",
+            StartFrom::Latest => "latest",
+        }
+    }
+}
 
 /// What one handler's consumer consumes, for the brokers whose consumer
 /// takes no more than this and its own manifest table (`S`).
@@ -71,7 +98,7 @@ pub struct Subscription<S> {
     /// Topics (queues, streams) it consumes.
     pub topics: Vec<String>,
     /// Where a new consumer group starts (where the broker has positions).
-    pub start: crate::registry::StartFrom,
+    pub start: StartFrom,
     /// Most messages held at once: the bound on what the source fetches
     /// ahead.
     pub max_in_flight: usize,
@@ -174,6 +201,33 @@ pub enum Rewind {
     Offset(i64),
 }
 
+impl Rewind {
+    /// Parses `--from`: `earliest`, an RFC 3339 time, or an offset (Kafka) /
+    /// stream sequence (JetStream).
+    ///
+    /// # Errors
+    ///
+    /// When it is none of these.
+    pub fn parse(text: &str) -> Result<Rewind, String> {
+        if text == "earliest" {
+            return Ok(Rewind::Earliest);
+        }
+        if let Ok(offset) = text.parse::<i64>() {
+            if offset < 0 {
+                return Err(format!("--from {text}: an offset is 0 or more"));
+            }
+            return Ok(Rewind::Offset(offset));
+        }
+        humantime::parse_rfc3339_weak(text)
+            .map(Rewind::Time)
+            .map_err(|_| {
+                format!(
+                    "--from {text:?}: write `earliest`, a time like 2026-11-26T10:00:00Z, or an offset"
+                )
+            })
+    }
+}
+
 /// The size of a topic, as [`Archive::depth`] reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Depth {
@@ -246,4 +300,21 @@ pub trait Publisher: Send + Sync + 'static {
         headers: &[(String, Vec<u8>)],
         id: Option<&str>,
     ) -> impl Future<Output = anyhow::Result<Receipt>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rewind_is_earliest_a_time_or_an_offset() {
+        assert_eq!(Rewind::parse("earliest"), Ok(Rewind::Earliest));
+        assert_eq!(Rewind::parse("42"), Ok(Rewind::Offset(42)));
+        assert!(matches!(
+            Rewind::parse("2026-11-26T10:00:00Z"),
+            Ok(Rewind::Time(_))
+        ));
+        assert!(Rewind::parse("-1").is_err());
+        assert!(Rewind::parse("yesterday").is_err());
+    }
 }

@@ -15,6 +15,7 @@
 //!   keeps growing is stuck: a message retried for long, a store that
 //!   refuses writes, a dead-letter topic that cannot be written.
 
+use crate::lock::Unpoisoned;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -68,7 +69,7 @@ pub struct Progress {
 
 impl Progress {
     fn lock(&self) -> MutexGuard<'_, Board> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.locked()
     }
 
     /// The consumer has joined (its group, or its durable on the server).

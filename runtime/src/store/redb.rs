@@ -51,6 +51,7 @@ use super::{
     StateEntry, StoreError, Write, answer_all, now_ms,
 };
 use crate::fault;
+use crate::lock::UnpoisonedRw;
 
 const DEDUP: TableDefinition<(&str, &str), u64> = TableDefinition::new("dedup");
 const DEDUP_EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("dedup_expiry");
@@ -236,11 +237,7 @@ impl RedbStore {
     ///
     /// When the database cannot be read.
     pub fn seen(&self, handler: &str, id: &str) -> Result<Seen, StoreError> {
-        let latest = self
-            .latest
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let latest = self.latest.read_locked().clone();
         let snapshot = match latest {
             Some(snapshot) => snapshot,
             None => Arc::new(Snapshot::take(&self.db).map_err(|e| self.io(e))?),
@@ -521,7 +518,7 @@ impl WriterState {
                 None
             }
         };
-        *self.latest.write().unwrap_or_else(|p| p.into_inner()) = snapshot;
+        *self.latest.write_locked() = snapshot;
     }
 }
 

@@ -8,10 +8,10 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 
 use super::dlq::{self, DeadLetter, Filter};
-use crate::config::{Config, Source};
-use crate::registry::Manifest;
-use crate::source::kafka::{KafkaArchive, KafkaProducer};
-use crate::source::nats::NatsConnection;
+use crate::config::Config;
+use crate::registry::{self, Manifest};
+use crate::runtime::WithBroker;
+use crate::source::Broker;
 
 /// What `weir dlq` does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,26 +44,26 @@ pub struct Request {
     pub json: bool,
 }
 
-/// The handlers in `dir` (those with a manifest and a component), by name.
+/// The handlers in `dir` (those with a manifest and a component), by name,
+/// found as `weir run` finds them ([`registry::discover`]).
 fn handlers_in(dir: &Path) -> anyhow::Result<Vec<(String, Manifest)>> {
-    let mut handlers: Vec<(String, Manifest)> = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|err| {
+    let files = registry::discover(dir).map_err(|err| {
         anyhow::anyhow!(
             "cannot read the handlers directory {}: {err}",
             dir.display()
         )
     })?;
-    for entry in entries {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "toml") && path.with_extension("wasm").exists() {
-            let name = path
+    let mut handlers = Vec::new();
+    for wasm in files {
+        let manifest = wasm.with_extension("toml");
+        if manifest.exists() {
+            let name = wasm
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            handlers.push((name, Manifest::load(&path)?));
+            handlers.push((name, Manifest::load(&manifest)?));
         }
     }
-    handlers.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(handlers)
 }
 
@@ -117,21 +117,14 @@ fn resolve(
     handlers: &[(String, Manifest)],
     target: Option<&str>,
 ) -> anyhow::Result<(Vec<String>, Option<String>)> {
-    let dlqs_of = |manifest: &Manifest| -> Vec<String> {
-        manifest
-            .topics
-            .iter()
-            .map(|topic| manifest.dlq.destination(topic))
-            .collect()
-    };
     let mut dlqs: Vec<String> = match target {
-        None => handlers.iter().flat_map(|(_, m)| dlqs_of(m)).collect(),
+        None => handlers
+            .iter()
+            .flat_map(|(_, m)| m.dead_letter_topics())
+            .collect(),
         Some(target) => {
             if let Some((name, manifest)) = handlers.iter().find(|(name, _)| name == target) {
-                let mut dlqs = dlqs_of(manifest);
-                dlqs.sort();
-                dlqs.dedup();
-                return Ok((dlqs, Some(name.clone())));
+                return Ok((manifest.dead_letter_topics(), Some(name.clone())));
             }
             let consumed: Vec<String> = handlers
                 .iter()
@@ -179,33 +172,42 @@ pub async fn run(config: &Config, request: Request) -> anyhow::Result<String> {
             dlqs.join(", ")
         );
     }
-    match config.source() {
-        Source::Kafka(source) => {
-            let cluster = crate::runtime::kafka_cluster(source)?;
-            let archive = KafkaArchive::new(cluster.clone());
-            let producer = KafkaProducer::new(&cluster, "weir-dlq")?;
-            execute(&archive, &producer, &dlqs, &routes, request).await
-        }
-        Source::Nats(source) => {
-            let connection =
-                NatsConnection::connect(&crate::runtime::nats_settings(source)).await?;
-            let publisher = connection.publisher();
-            execute(&connection, &publisher, &dlqs, &routes, request).await
-        }
-        Source::Redis(source) => {
-            let connection = crate::source::redis::RedisConnection::connect(&source).await?;
-            let publisher = connection.publisher();
-            execute(&connection, &publisher, &dlqs, &routes, request).await
-        }
-        Source::Rabbit(_) | Source::Sqs(_) => anyhow::bail!(
-            "`weir dlq` reads dead letters without consuming them, which {} queues cannot do; \
-             the broker's own tools show them (the dead letters keep their origin in weir.origin.* headers)",
-            config.broker_kind().name()
-        ),
-        Source::Embedded(_) => anyhow::bail!(
+    if config.is_embedded() {
+        anyhow::bail!(
             "the embedded broker lives inside `weir run` and keeps nothing after it; \
              to read its dead letters, point [source.kafka] bootstrap_servers at the address it printed"
-        ),
+        );
+    }
+    let connected = crate::runtime::connect(config, &[]).await?;
+    connected
+        .run(Executing {
+            dlqs: &dlqs,
+            routes: &routes,
+            request,
+        })
+        .await
+}
+
+/// What `weir dlq` does once connected.
+struct Executing<'a> {
+    dlqs: &'a [String],
+    routes: &'a BTreeSet<(String, String, String)>,
+    request: Request,
+}
+
+impl WithBroker for Executing<'_> {
+    type Output = String;
+
+    async fn run<B: Broker>(self, broker: B) -> anyhow::Result<String> {
+        let archive = broker.archive()?;
+        execute(
+            &archive,
+            &broker.publisher(),
+            self.dlqs,
+            self.routes,
+            self.request,
+        )
+        .await
     }
 }
 

@@ -21,9 +21,11 @@
 
 use std::fmt::Write as _;
 
-use crate::config::{Config, Source};
+use crate::config::Config;
 use crate::registry::Manifest;
-use crate::source::Rewind;
+use crate::runtime::{WithBroker, subscription};
+use crate::source::progress::Progress;
+use crate::source::{Broker, Rewind};
 use crate::store::{Footprint, Write};
 
 /// The command as given.
@@ -37,31 +39,6 @@ pub struct Request {
     pub reset_state: bool,
     /// Do it (otherwise only say what would be done).
     pub yes: bool,
-}
-
-/// Parses `--from`: `earliest`, an RFC 3339 time, or an offset (Kafka) /
-/// stream sequence (JetStream).
-///
-/// # Errors
-///
-/// When it is none of these.
-pub fn parse_from(text: &str) -> Result<Rewind, String> {
-    if text == "earliest" {
-        return Ok(Rewind::Earliest);
-    }
-    if let Ok(offset) = text.parse::<i64>() {
-        if offset < 0 {
-            return Err(format!("--from {text}: an offset is 0 or more"));
-        }
-        return Ok(Rewind::Offset(offset));
-    }
-    humantime::parse_rfc3339_weak(text)
-        .map(Rewind::Time)
-        .map_err(|_| {
-            format!(
-                "--from {text:?}: write `earliest`, a time like 2026-11-26T10:00:00Z, or an offset"
-            )
-        })
 }
 
 /// Runs `request`; returns what to print.
@@ -95,42 +72,80 @@ pub async fn run(config: &Config, request: &Request) -> anyhow::Result<String> {
         manifest.topics.join(", ")
     );
     describe_store(&mut out, verb, &footprint, request.reset_state);
-    let broker = match config.source() {
-        Source::Embedded(_) => anyhow::bail!(
+    if config.is_embedded() {
+        anyhow::bail!(
             "the embedded broker keeps nothing after `weir run` stops: there is nothing to replay"
-        ),
-        _ => crate::runtime::connect(config, &[]).await?.0,
-    };
-    // Whether the broker can rewind, asked before anything is forgotten
-    // (see "Order" above): a refusal leaves the store untouched.
-    let moves = broker
-        .rewind(&manifest, &group, request.from, false)
-        .await
-        .map_err(|err| anyhow::anyhow!("{err:#}; nothing was forgotten"))?;
-    if request.yes {
-        // The store first (see "Order" above).
-        store
-            .write(Write::Forget {
-                handler: request.handler.clone(),
-                state: request.reset_state,
-            })
-            .await?;
-        drop(store);
-        for line in broker.rewind(&manifest, &group, request.from, true).await? {
-            let _ = writeln!(out, "  {line}");
-        }
-    } else {
-        drop(store);
-        for line in moves {
-            let _ = writeln!(out, "  {line}");
-        }
+        );
     }
+    let connected = crate::runtime::connect(config, &[]).await?;
+    let mut out = connected
+        .run(Rewinding {
+            handler: &request.handler,
+            manifest,
+            group,
+            request,
+            store,
+            out,
+        })
+        .await?;
     if request.yes {
         out.push_str("done: start weir to handle the replayed messages\n");
     } else {
         out.push_str("nothing done: run again with --yes to do it\n");
     }
     Ok(out)
+}
+
+/// The broker's part of a replay, after the store's was described.
+struct Rewinding<'a> {
+    handler: &'a str,
+    manifest: Manifest,
+    group: String,
+    request: &'a Request,
+    store: crate::store::Store,
+    out: String,
+}
+
+impl WithBroker for Rewinding<'_> {
+    type Output = String;
+
+    async fn run<B: Broker>(self, broker: B) -> anyhow::Result<String> {
+        let Rewinding {
+            handler,
+            manifest,
+            group,
+            request,
+            store,
+            mut out,
+        } = self;
+        let consumer = subscription::<B>(handler, &manifest, &group, Progress::default());
+        // Whether the broker can rewind, asked before anything is
+        // forgotten (see "Order" above): a refusal leaves the store
+        // untouched.
+        let moves = broker
+            .rewind(&consumer, request.from, false)
+            .await
+            .map_err(|err| anyhow::anyhow!("{err:#}; nothing was forgotten"))?;
+        if request.yes {
+            // The store first (see "Order" above).
+            store
+                .write(Write::Forget {
+                    handler: handler.to_string(),
+                    state: request.reset_state,
+                })
+                .await?;
+            drop(store);
+            for line in broker.rewind(&consumer, request.from, true).await? {
+                let _ = writeln!(out, "  {line}");
+            }
+        } else {
+            drop(store);
+            for line in moves {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn describe_store(out: &mut String, verb: &str, footprint: &Footprint, reset: bool) {
@@ -151,22 +166,5 @@ fn describe_store(out: &mut String, verb: &str, footprint: &Footprint, reset: bo
             "  keep its {} state key(s) (--reset-state to rebuild them from the input)",
             footprint.state_keys
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn from_is_earliest_a_time_or_an_offset() {
-        assert_eq!(parse_from("earliest"), Ok(Rewind::Earliest));
-        assert_eq!(parse_from("42"), Ok(Rewind::Offset(42)));
-        assert!(matches!(
-            parse_from("2026-11-26T10:00:00Z"),
-            Ok(Rewind::Time(_))
-        ));
-        assert!(parse_from("-1").is_err());
-        assert!(parse_from("yesterday").is_err());
     }
 }

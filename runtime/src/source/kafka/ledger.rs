@@ -19,6 +19,7 @@
 //! lock, together with its final watermark, so a completion racing a revoke
 //! either lands before the final commit or not at all.
 
+use crate::lock::Unpoisoned;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -62,7 +63,7 @@ pub struct Slot {
 
 impl Slot {
     fn marks(&self) -> MutexGuard<'_, Marks> {
-        self.marks.lock().unwrap_or_else(|p| p.into_inner())
+        self.marks.locked()
     }
 
     /// Whether the partition is still owned under this assignment.
@@ -93,7 +94,7 @@ pub struct Ledger {
 
 impl Ledger {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, HashMap<i32, Arc<Slot>>>> {
-        self.partitions.lock().unwrap_or_else(|p| p.into_inner())
+        self.partitions.locked()
     }
 
     /// The partition is now owned; returns its generation.

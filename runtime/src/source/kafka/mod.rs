@@ -45,8 +45,10 @@ use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::progress::Progress;
-use super::{Message, Position, Settled, Source};
-use crate::registry::StartFrom;
+use super::{
+    Archive, Broker, BrokerKind, Depth, Message, Position, Rewind, Settled, Source, Subscription,
+};
+use crate::source::StartFrom;
 use ledger::{Ledger, Slot};
 
 /// Properties Weir sets itself because its delivery guarantees depend on
@@ -59,6 +61,38 @@ const RESERVED: &[&str] = &[
     "enable.idempotence",
     "acks",
 ];
+
+/// Whether `topic` is a Kafka topic name: 1-249 of `[a-zA-Z0-9._-]`.
+///
+/// # Errors
+///
+/// Saying what a topic name may hold.
+pub fn check_topic_name(topic: &str) -> Result<(), String> {
+    let valid = (1..=249).contains(&topic.len())
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{topic:?} is not a valid Kafka topic name (1-249 of [a-zA-Z0-9._-])"
+        ))
+    }
+}
+
+/// `[source.kafka]`: a Kafka (or Kafka-protocol) cluster.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSource {
+    /// `host:port[,host:port…]` of the cluster's brokers.
+    pub bootstrap_servers: String,
+    /// librdkafka properties passed through to every client as they are
+    /// (security settings, timeouts, …). Weir's own delivery settings
+    /// (offset storage, commits) cannot be overridden here.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
 
 /// Connection settings shared by every client of one cluster.
 #[derive(Debug, Clone)]
@@ -361,6 +395,121 @@ impl Source for KafkaConsumer {
             }
         }
         self.consumer.unsubscribe();
+    }
+}
+
+/// A connection to a Kafka cluster: its settings, for the consumers each
+/// handler gets, and the one producer dead letters and emitted events share.
+#[derive(Clone)]
+pub struct KafkaConnection {
+    cluster: Cluster,
+    producer: KafkaProducer,
+}
+
+impl KafkaConnection {
+    /// The connection `source` describes.
+    ///
+    /// # Errors
+    ///
+    /// When a pass-through property overrides one Weir sets (naming it), or
+    /// librdkafka rejects the configuration.
+    pub fn connect(source: &KafkaSource) -> anyhow::Result<Self> {
+        let cluster = Cluster {
+            bootstrap_servers: source.bootstrap_servers.clone(),
+            properties: source.properties.clone(),
+        };
+        cluster.validate()?;
+        Self::to(cluster)
+    }
+
+    /// A connection to `cluster`, whose properties are already checked.
+    ///
+    /// # Errors
+    ///
+    /// When librdkafka rejects the configuration.
+    pub fn to(cluster: Cluster) -> anyhow::Result<Self> {
+        let producer = KafkaProducer::new(&cluster, "weir-producer")?;
+        Ok(Self { cluster, producer })
+    }
+}
+
+impl Broker for KafkaConnection {
+    type Settings = ();
+    type Consumer = KafkaConsumer;
+    type Publisher = KafkaProducer;
+    type Archive = KafkaArchive;
+
+    fn kind(&self) -> BrokerKind {
+        BrokerKind::Kafka
+    }
+
+    fn consumer(&self, subscription: Subscription<()>) -> anyhow::Result<KafkaConsumer> {
+        KafkaConsumer::new(
+            &self.cluster,
+            &format!("weir-{}", subscription.handler),
+            &subscription.group,
+            &subscription.topics,
+            subscription.start,
+            subscription.progress,
+        )
+    }
+
+    fn publisher(&self) -> KafkaProducer {
+        self.producer.clone()
+    }
+
+    async fn ensure_dead_letters(
+        &self,
+        dlq: &str,
+        origin: &str,
+        retention: std::time::Duration,
+        create: bool,
+    ) -> anyhow::Result<Option<i32>> {
+        use topics::{Ensured, ensure_topic};
+        Ok(
+            match ensure_topic(&self.cluster, dlq, origin, retention, create).await? {
+                Ensured::Existing => None,
+                Ensured::Created(partitions) => Some(partitions),
+            },
+        )
+    }
+
+    async fn depth(&self, topic: &str) -> anyhow::Result<Depth> {
+        KafkaArchive::new(self.cluster.clone()).depth(topic).await
+    }
+
+    async fn rewind(
+        &self,
+        subscription: &Subscription<()>,
+        from: Rewind,
+        apply: bool,
+    ) -> anyhow::Result<Vec<String>> {
+        let verb = if apply { "" } else { "would " };
+        let moves = rewind::rewind(
+            &self.cluster,
+            &subscription.group,
+            &subscription.topics,
+            from,
+            apply,
+        )
+        .await?;
+        Ok(moves
+            .into_iter()
+            .map(|m| {
+                let now = m.committed.map_or_else(
+                    || "nothing committed".to_string(),
+                    |o| format!("offset {o}"),
+                );
+                format!(
+                    "{verb}move {}/{} from {now} to offset {}",
+                    m.topic, m.partition, m.to
+                )
+            })
+            .collect())
+    }
+
+    fn archive(&self) -> anyhow::Result<KafkaArchive> {
+        Ok(KafkaArchive::new(self.cluster.clone()))
     }
 }
 

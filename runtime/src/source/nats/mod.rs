@@ -54,8 +54,9 @@ mod rescue;
 pub mod rewind;
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::{self, Stream as Messages};
@@ -67,20 +68,124 @@ use async_nats::jetstream::{self, Context};
 use async_nats::{HeaderMap, Subject};
 use futures_util::StreamExt;
 use futures_util::stream::SelectAll;
+use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::packed::{PACKED, pack, unpack};
 use super::progress::Progress;
-use super::{Message, Position, Publisher, Receipt, Refused, Settled, Source};
-use crate::registry::StartFrom;
+use super::{
+    Broker, BrokerKind, Message, Position, Publisher, Receipt, Refused, Rewind, Settled, Source,
+    Subscription,
+};
+use crate::lock::{Unpoisoned, UnpoisonedRw};
+use crate::source::StartFrom;
 use rescue::Rescuer;
 
 /// The header carrying a message's key (CloudEvents' `partitionkey`).
 pub const KEY_HEADER: &str = "ce-partitionkey";
 
-/// `[source.nats]` settings, resolved.
-#[derive(Debug, Clone)]
+/// `[source.nats]`: NATS JetStream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSource {
+    /// `nats://host:port[,nats://host:port…]`.
+    pub url: String,
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`).
+    pub password: Option<String>,
+    /// Authentication token.
+    pub token: Option<String>,
+    /// A `.creds` file (JWT + NKey seed), as issued by the operator.
+    pub creds_file: Option<PathBuf>,
+    /// An NKey seed (`SU…`).
+    pub nkey: Option<String>,
+    /// TLS settings.
+    #[serde(default)]
+    pub tls: NatsTls,
+    /// How long one connection attempt may take.
+    #[serde(default = "default_connect_timeout", with = "crate::parse::duration")]
+    pub connect_timeout: Duration,
+    /// Streams Weir creates for subjects no stream captures.
+    #[serde(default)]
+    pub streams: NatsStreams,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// `[source.nats.tls]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTls {
+    /// Refuse a connection without TLS.
+    #[serde(default)]
+    pub required: bool,
+    /// CA certificate (PEM) to trust, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for mutual TLS (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM), for mutual TLS (with `cert_file`).
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[source.nats.streams]`: how the streams Weir creates are configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsStreams {
+    /// `file` or `memory`.
+    pub storage: String,
+    /// Oldest message kept (`"7d"`); `"0s"` keeps messages until other
+    /// limits apply.
+    #[serde(with = "crate::parse::duration")]
+    pub max_age: Duration,
+    /// Replicas (1 on a single server, up to 5 in a cluster).
+    pub replicas: usize,
+    /// How long JetStream remembers message ids to drop republished
+    /// duplicates.
+    #[serde(with = "crate::parse::duration")]
+    pub duplicate_window: Duration,
+}
+
+impl Default for NatsStreams {
+    fn default() -> Self {
+        Self {
+            storage: "file".into(),
+            max_age: Duration::ZERO,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// `[nats]` in a handler's manifest: how its JetStream consumers behave.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct NatsSettings {
+    /// Durable consumer name; default: `group` with characters NATS does
+    /// not allow in names replaced by `_` (`weir.orders` → `weir_orders`).
+    pub durable: Option<String>,
+    /// How long the server waits for an acknowledgement before redelivering.
+    /// Messages Weir holds (running, waiting for a retry) are kept alive
+    /// with progress acknowledgements, so this only bounds how soon a
+    /// message held by a crashed process is redelivered.
+    #[serde(with = "crate::parse::duration")]
+    pub ack_wait: Duration,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            durable: None,
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[source.nats]`, resolved for the client.
+#[derive(Debug, Clone)]
+struct Resolved {
     /// Server URLs, comma-separated.
     pub url: String,
     /// User name and password.
@@ -101,6 +206,29 @@ pub struct NatsSettings {
     pub connect_timeout: Duration,
     /// Streams Weir creates.
     pub streams: StreamSettings,
+}
+
+impl From<&NatsSource> for Resolved {
+    fn from(source: &NatsSource) -> Self {
+        let source = source.clone();
+        Resolved {
+            url: source.url,
+            user: source.user.zip(source.password),
+            token: source.token,
+            creds_file: source.creds_file,
+            nkey: source.nkey,
+            tls_required: source.tls.required,
+            tls_ca_file: source.tls.ca_file,
+            tls_client: source.tls.cert_file.zip(source.tls.key_file),
+            connect_timeout: source.connect_timeout,
+            streams: StreamSettings {
+                memory: source.streams.storage == "memory",
+                max_age: source.streams.max_age,
+                replicas: source.streams.replicas,
+                duplicate_window: source.streams.duplicate_window,
+            },
+        }
+    }
 }
 
 /// How the streams Weir creates are configured.
@@ -157,8 +285,34 @@ impl Events {
 /// How often the supervisor checks that the client still runs.
 const SUPERVISE_PERIOD: Duration = Duration::from_secs(1);
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
+/// Whether `subject` is a NATS subject: `.`-separated non-empty tokens
+/// without whitespace; with `wildcards`, `*` may stand for a token and `>`
+/// for the rest. Why not, in words.
+///
+/// # Errors
+///
+/// Saying what a subject may hold.
+pub fn check_subject(subject: &str, wildcards: bool) -> Result<(), String> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let valid = subject.len() <= 1024
+        && tokens.iter().enumerate().all(|(i, token)| {
+            !token.is_empty()
+                && !token.chars().any(char::is_whitespace)
+                && match *token {
+                    "*" => wildcards,
+                    ">" => wildcards && i == tokens.len() - 1,
+                    other => !other.contains(['*', '>']),
+                }
+        });
+    match (valid, wildcards) {
+        (true, _) => Ok(()),
+        (false, true) => Err(format!(
+            "{subject:?} is not a valid NATS subject (tokens separated by '.', no spaces; '*' and '>' only as whole tokens, '>' last)"
+        )),
+        (false, false) => Err(format!(
+            "{subject:?} is not a valid NATS subject (no wildcards)"
+        )),
+    }
 }
 
 /// A stream or consumer name for `subject`: characters NATS does not allow
@@ -179,7 +333,7 @@ pub fn name_for(subject: &str) -> String {
 /// A client for `settings`; while the server is unreachable it keeps
 /// trying in the background (every failure is logged).
 async fn open_client(
-    settings: &NatsSettings,
+    settings: &Resolved,
     events: Arc<Events>,
 ) -> anyhow::Result<async_nats::Client> {
     let url = settings.url.clone();
@@ -253,13 +407,13 @@ async fn open_client(
 /// Replaces the client of `live` when its connection task has ended (its
 /// command channel is closed: a call fails at once, where a client that
 /// is only disconnected queues it). Ends when the connection is dropped.
-async fn supervise(live: Weak<RwLock<Live>>, events: Arc<Events>, settings: NatsSettings) {
+async fn supervise(live: Weak<RwLock<Live>>, events: Arc<Events>, settings: Resolved) {
     loop {
         tokio::time::sleep(SUPERVISE_PERIOD).await;
         let Some(cell) = live.upgrade() else {
             return;
         };
-        let client = read(&cell).client.clone();
+        let client = cell.read_locked().client.clone();
         drop(cell);
         let stopped = matches!(
             tokio::time::timeout(SUPERVISE_PERIOD, client.server_pool()).await,
@@ -275,7 +429,7 @@ async fn supervise(live: Weak<RwLock<Live>>, events: Arc<Events>, settings: Nats
                 let Some(cell) = live.upgrade() else {
                     return;
                 };
-                let mut live = cell.write().unwrap_or_else(|p| p.into_inner());
+                let mut live = cell.write_locked();
                 live.js = jetstream::new(client.clone());
                 live.client = client;
                 live.generation += 1;
@@ -289,10 +443,6 @@ async fn supervise(live: Weak<RwLock<Live>>, events: Arc<Events>, settings: Nats
     }
 }
 
-fn read(live: &RwLock<Live>) -> std::sync::RwLockReadGuard<'_, Live> {
-    live.read().unwrap_or_else(|p| p.into_inner())
-}
-
 impl NatsConnection {
     /// Connects; while the server is unreachable the client keeps trying in
     /// the background (every failure is logged), so Weir starts either way
@@ -301,7 +451,8 @@ impl NatsConnection {
     /// # Errors
     ///
     /// When the options are unusable (an unreadable credentials file).
-    pub async fn connect(settings: &NatsSettings) -> anyhow::Result<Self> {
+    pub async fn connect(source: &NatsSource) -> anyhow::Result<Self> {
+        let settings = &Resolved::from(source);
         let events = Arc::new(Events::default());
         let client = open_client(settings, events.clone()).await?;
         let js = jetstream::new(client.clone());
@@ -325,17 +476,17 @@ impl NatsConnection {
 
     /// The client in use.
     fn client(&self) -> async_nats::Client {
-        read(&self.live).client.clone()
+        self.live.read_locked().client.clone()
     }
 
     /// JetStream on the client in use.
     fn js(&self) -> Context {
-        read(&self.live).js.clone()
+        self.live.read_locked().js.clone()
     }
 
     /// How many clients came before the one in use.
     fn generation(&self) -> u64 {
-        read(&self.live).generation
+        self.live.read_locked().generation
     }
 
     /// The stream capturing `subject`, created when there is none.
@@ -350,14 +501,14 @@ impl NatsConnection {
     /// # Errors
     ///
     /// When none exists and may not be created, or the server refuses.
-    pub async fn ensure_dead_letters(
+    async fn ensure_dead_letter_stream(
         &self,
         subject: &str,
         retention: Duration,
         create: bool,
     ) -> anyhow::Result<bool> {
         if self.js().stream_by_subject(subject).await.is_ok() {
-            lock(&self.covered).insert(subject.to_string());
+            self.covered.locked().insert(subject.to_string());
             return Ok(false);
         }
         if !create {
@@ -371,7 +522,7 @@ impl NatsConnection {
 
     async fn stream_with(&self, subject: &str, max_age: Duration) -> anyhow::Result<String> {
         if let Ok(name) = self.js().stream_by_subject(subject).await {
-            lock(&self.covered).insert(subject.to_string());
+            self.covered.locked().insert(subject.to_string());
             return Ok(name);
         }
         let name = name_for(subject);
@@ -395,12 +546,12 @@ impl NatsConnection {
                 anyhow::anyhow!("cannot create stream {name:?} for subject {subject:?}: {err}")
             })?;
         tracing::info!(stream = %name, subject, "created a stream for the subject");
-        lock(&self.covered).insert(subject.to_string());
+        self.covered.locked().insert(subject.to_string());
         Ok(name)
     }
 
-    /// A consumer of `topics` for one handler.
-    pub fn consumer(&self, spec: ConsumerSpec) -> NatsConsumer {
+    /// A consumer of `spec`'s subjects for one handler.
+    fn consume(&self, spec: ConsumerSpec) -> NatsConsumer {
         let (acks, queue) = mpsc::unbounded_channel();
         let (rescued_tx, rescued) = mpsc::unbounded_channel();
         let held: Arc<Mutex<HashMap<u64, Held>>> = Arc::default();
@@ -429,13 +580,6 @@ impl NatsConnection {
             rescuer,
             acks,
             tasks: [keepalive, acking, lag],
-        }
-    }
-
-    /// A publisher on this connection.
-    pub fn publisher(&self) -> NatsPublisher {
-        NatsPublisher {
-            connection: self.clone(),
         }
     }
 }
@@ -619,7 +763,7 @@ impl NatsConsumer {
         let topic = message.subject.to_string();
         let key = key_of(&headers, &topic);
         let id = self.rescuer.next_delivery.fetch_add(1, Ordering::Relaxed);
-        lock(&self.rescuer.held).insert(
+        self.rescuer.held.locked().insert(
             id,
             Held {
                 reply: reply.clone(),
@@ -714,13 +858,13 @@ impl Source for NatsConsumer {
     }
 
     fn owns(&self, delivery: &NatsDelivery) -> bool {
-        lock(&self.rescuer.held).contains_key(&delivery.id)
+        self.rescuer.held.locked().contains_key(&delivery.id)
     }
 
     /// Invariant: `+ACK` only for settled outcomes, which the pipeline
     /// reports only once they are durable.
     fn settle(&self, delivery: &NatsDelivery, outcome: Settled) {
-        if lock(&self.rescuer.held).remove(&delivery.id).is_none() {
+        if self.rescuer.held.locked().remove(&delivery.id).is_none() {
             return;
         }
         let kind = match outcome {
@@ -738,7 +882,7 @@ impl Source for NatsConsumer {
     /// them to the server.
     async fn close(self) {
         drop(self.inbox.into_inner());
-        lock(&self.rescuer.held).clear();
+        self.rescuer.held.locked().clear();
         let Self {
             connection,
             acks,
@@ -907,7 +1051,7 @@ async fn keep_alive(
         if Arc::strong_count(&held) == 1 {
             return;
         }
-        let replies: Vec<Subject> = lock(&held).values().map(|h| h.reply.clone()).collect();
+        let replies: Vec<Subject> = held.locked().values().map(|h| h.reply.clone()).collect();
         let client = connection.client();
         for reply in replies {
             if let Err(err) = client.publish(reply, AckKind::Progress.into()).await {
@@ -1012,7 +1156,7 @@ impl Publisher for NatsPublisher {
     ) -> anyhow::Result<Receipt> {
         let map = header_map(headers, key, id);
         let payload = bytes::Bytes::copy_from_slice(payload);
-        let covered = lock(&self.connection.covered).contains(topic);
+        let covered = self.connection.covered.locked().contains(topic);
         if !covered {
             self.connection.stream_for(topic).await?;
         }
@@ -1037,13 +1181,99 @@ impl Publisher for NatsPublisher {
                 if err.kind() == PublishErrorKind::StreamNotFound {
                     // The stream went away since: the caller's next try
                     // makes it again.
-                    lock(&self.connection.covered).remove(topic);
+                    self.connection.covered.locked().remove(topic);
                 }
                 Err(anyhow::anyhow!(
                     "publish to {topic:?} not acknowledged: {err}"
                 ))
             }
         }
+    }
+}
+
+impl ConsumerSpec {
+    /// The durables of `subscription`: named by the manifest's `[nats]
+    /// durable`, else after the group.
+    pub fn of(subscription: &Subscription<NatsSettings>) -> Self {
+        let settings = &subscription.settings;
+        ConsumerSpec {
+            durable: settings
+                .durable
+                .clone()
+                .unwrap_or_else(|| name_for(&subscription.group)),
+            topics: subscription.topics.clone(),
+            start: subscription.start,
+            ack_wait: settings.ack_wait,
+            max_ack_pending: subscription.max_in_flight,
+            progress: subscription.progress.clone(),
+        }
+    }
+}
+
+impl Broker for NatsConnection {
+    type Settings = NatsSettings;
+    type Consumer = NatsConsumer;
+    type Publisher = NatsPublisher;
+    type Archive = NatsConnection;
+
+    fn kind(&self) -> BrokerKind {
+        BrokerKind::Nats
+    }
+
+    fn consumer(&self, subscription: Subscription<NatsSettings>) -> anyhow::Result<NatsConsumer> {
+        Ok(self.consume(ConsumerSpec::of(&subscription)))
+    }
+
+    fn publisher(&self) -> NatsPublisher {
+        NatsPublisher {
+            connection: self.clone(),
+        }
+    }
+
+    async fn ensure_dead_letters(
+        &self,
+        dlq: &str,
+        _origin: &str,
+        retention: Duration,
+        create: bool,
+    ) -> anyhow::Result<Option<i32>> {
+        let created = self
+            .ensure_dead_letter_stream(dlq, retention, create)
+            .await?;
+        Ok(created.then_some(1))
+    }
+
+    async fn depth(&self, topic: &str) -> anyhow::Result<super::Depth> {
+        <Self as super::Archive>::depth(self, topic).await
+    }
+
+    async fn rewind(
+        &self,
+        subscription: &Subscription<NatsSettings>,
+        from: Rewind,
+        apply: bool,
+    ) -> anyhow::Result<Vec<String>> {
+        let verb = if apply { "" } else { "would " };
+        let moves = self
+            .rewind_durables(&ConsumerSpec::of(subscription), from, apply)
+            .await?;
+        Ok(moves
+            .into_iter()
+            .map(|m| {
+                let now = m.acked.map_or_else(
+                    || "no consumer yet".to_string(),
+                    |s| format!("acknowledged up to stream sequence {s}"),
+                );
+                format!(
+                    "{verb}restart consumer {} of {} ({now}) from {}",
+                    m.durable, m.topic, m.to
+                )
+            })
+            .collect())
+    }
+
+    fn archive(&self) -> anyhow::Result<Self> {
+        Ok(self.clone())
     }
 }
 

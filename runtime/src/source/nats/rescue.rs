@@ -35,7 +35,8 @@ use std::sync::{Arc, Mutex};
 use async_nats::jetstream;
 use tokio::sync::mpsc;
 
-use super::{ConsumerSpec, Held, NatsConnection, NatsDelivery, key_of, lock, raw, unpack_headers};
+use super::{ConsumerSpec, Held, NatsConnection, NatsDelivery, key_of, raw, unpack_headers};
+use crate::lock::Unpoisoned;
 use crate::source::{Message, Position};
 
 /// Most stored messages one sweep of one durable reads beyond its
@@ -93,7 +94,7 @@ impl Rescuer {
         let reply = format!("$JS.ACK.{stream}.{durable}.1.{}.0.0.0", stored.sequence);
         let id = self.next_delivery.fetch_add(1, Ordering::Relaxed);
         {
-            let mut held = lock(&self.held);
+            let mut held = self.held.locked();
             if held
                 .values()
                 .any(|h| h.scope == scope && h.sequence == stored.sequence)
@@ -136,7 +137,7 @@ impl Rescuer {
             scope,
         };
         if self.found.send((message, delivery)).is_err() {
-            lock(&self.held).remove(&id);
+            self.held.locked().remove(&id);
         }
     }
 }

@@ -30,7 +30,7 @@ impl NatsConnection {
     ///
     /// When the server cannot be asked or refuses, or a client is pulling
     /// from a durable (a weir serving it still runs).
-    pub async fn rewind(
+    pub async fn rewind_durables(
         &self,
         spec: &ConsumerSpec,
         from: Rewind,

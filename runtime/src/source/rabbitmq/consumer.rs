@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -23,13 +23,10 @@ use tokio::task::JoinHandle;
 
 use super::link::Link;
 use super::{RabbitSettings, decode, topology};
+use crate::lock::Unpoisoned;
 use crate::message::Message;
 use crate::source::progress::Progress;
 use crate::source::{Settled, Source, Subscription};
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// What a handler consumes, shared with the consumer's tasks.
 struct Spec {
@@ -122,7 +119,7 @@ impl RabbitConsumer {
             .map_or("", String::as_str);
         let message = decode::message(queue, scope, &delivery);
         let id = self.next_delivery.fetch_add(1, Ordering::Relaxed);
-        lock(&self.held).insert(id, delivery.acker.clone());
+        self.held.locked().insert(id, delivery.acker.clone());
         (
             message,
             RabbitDelivery {
@@ -273,7 +270,7 @@ impl Source for RabbitConsumer {
     }
 
     fn owns(&self, delivery: &RabbitDelivery) -> bool {
-        !delivery.acker.poisoned() && lock(&self.held).contains_key(&delivery.id)
+        !delivery.acker.poisoned() && self.held.locked().contains_key(&delivery.id)
     }
 
     /// Invariant (acknowledge only what was settled): `basic.ack` only for
@@ -281,7 +278,7 @@ impl Source for RabbitConsumer {
     /// `Released` is a `basic.nack` with requeue. A delivery whose channel
     /// closed is acknowledged no more (the broker has requeued it).
     fn settle(&self, delivery: &RabbitDelivery, outcome: Settled) {
-        if lock(&self.held).remove(&delivery.id).is_none() || delivery.acker.poisoned() {
+        if self.held.locked().remove(&delivery.id).is_none() || delivery.acker.poisoned() {
             return;
         }
         let _ = self.acks.send(Ack {
@@ -323,7 +320,7 @@ impl Source for RabbitConsumer {
                 .await;
             }
         }
-        lock(&held).clear();
+        held.locked().clear();
         drop(acks);
         let [acking, lag] = tasks;
         lag.abort();

@@ -107,6 +107,7 @@ use serde::Deserialize;
 pub use consumer::{RabbitConsumer, RabbitDelivery};
 pub use publisher::RabbitPublisher;
 
+use super::{Broker, BrokerKind, NoArchive, Rewind, no_archive, no_rewind};
 use super::{Depth, Subscription};
 use link::Link;
 
@@ -127,14 +128,14 @@ pub struct RabbitSource {
     pub connection_name: String,
     /// Heartbeat interval asked of the broker; `"0s"` turns heartbeats
     /// off. A `heartbeat` in the URL's query takes precedence.
-    #[serde(default = "default_heartbeat", with = "crate::config::duration")]
+    #[serde(default = "default_heartbeat", with = "crate::parse::duration")]
     pub heartbeat: Duration,
     /// How long one connection attempt may take.
-    #[serde(default = "default_connect_timeout", with = "crate::config::duration")]
+    #[serde(default = "default_connect_timeout", with = "crate::parse::duration")]
     pub connect_timeout: Duration,
     /// How long a publish (dead letter, emitted event) may wait for the
     /// broker's confirm before it counts as failed (and is tried again).
-    #[serde(default = "default_publish_timeout", with = "crate::config::duration")]
+    #[serde(default = "default_publish_timeout", with = "crate::parse::duration")]
     pub publish_timeout: Duration,
     /// A CA certificate (PEM) to trust for `amqps://`, besides the
     /// system's.
@@ -268,14 +269,28 @@ impl RabbitConnection {
             publisher: RabbitPublisher::new(publish, source.publish_timeout),
         })
     }
+}
+
+impl Broker for RabbitConnection {
+    type Settings = RabbitSettings;
+    type Consumer = RabbitConsumer;
+    type Publisher = RabbitPublisher;
+    type Archive = NoArchive;
+
+    fn kind(&self) -> BrokerKind {
+        BrokerKind::Rabbit
+    }
 
     /// A consumer for one handler.
-    pub fn consumer(&self, subscription: Subscription<RabbitSettings>) -> RabbitConsumer {
-        RabbitConsumer::new(self.consume.clone(), subscription)
+    fn consumer(
+        &self,
+        subscription: Subscription<RabbitSettings>,
+    ) -> anyhow::Result<RabbitConsumer> {
+        Ok(RabbitConsumer::new(self.consume.clone(), subscription))
     }
 
     /// The publisher (one confirm channel, shared by every clone).
-    pub fn publisher(&self) -> RabbitPublisher {
+    fn publisher(&self) -> RabbitPublisher {
         self.publisher.clone()
     }
 
@@ -288,14 +303,16 @@ impl RabbitConnection {
     /// # Errors
     ///
     /// When it is missing and may not be created, or the broker refuses.
-    pub async fn ensure_dead_letters(
+    async fn ensure_dead_letters(
         &self,
         dlq: &str,
         origin: &str,
         retention: Duration,
         create: bool,
-    ) -> anyhow::Result<bool> {
-        topology::ensure_dead_letters(&self.consume, dlq, origin, retention, create).await
+    ) -> anyhow::Result<Option<i32>> {
+        topology::ensure_dead_letters(&self.consume, dlq, origin, retention, create)
+            .await
+            .map(|created| created.then_some(1))
     }
 
     /// How many messages queue `topic` holds ready for consumers (when the
@@ -305,7 +322,7 @@ impl RabbitConnection {
     /// # Errors
     ///
     /// When the broker cannot be asked, or `topic` names an exchange.
-    pub async fn depth(&self, topic: &str) -> anyhow::Result<Depth> {
+    async fn depth(&self, topic: &str) -> anyhow::Result<Depth> {
         let (exchange, queue) = route(topic);
         if !exchange.is_empty() {
             anyhow::bail!(
@@ -317,6 +334,19 @@ impl RabbitConnection {
             messages: found.map_or(0, |q| u64::from(q.message_count())),
             oldest_ms: None,
         })
+    }
+
+    async fn rewind(
+        &self,
+        _: &Subscription<Self::Settings>,
+        _: Rewind,
+        _: bool,
+    ) -> anyhow::Result<Vec<String>> {
+        Err(no_rewind(BrokerKind::Rabbit))
+    }
+
+    fn archive(&self) -> anyhow::Result<NoArchive> {
+        Err(no_archive(BrokerKind::Rabbit))
     }
 }
 
@@ -363,13 +393,6 @@ mod tests {
             }]
         );
         assert!(toml::from_str::<RabbitSettings>("prefetch = 1").is_err());
-    }
-
-    #[test]
-    fn the_example_configuration_loads() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/rabbitmq.toml");
-        let loaded = crate::config::Config::load(&path);
-        assert!(loaded.is_ok(), "{loaded:?}");
     }
 
     #[test]

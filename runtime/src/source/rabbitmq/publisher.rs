@@ -9,7 +9,7 @@
 //! dead letter is durable before its original is acknowledged, and an
 //! outbox row is deleted only after its event is.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::Channel;
@@ -18,6 +18,7 @@ use lapin::publisher_confirm::Confirmation;
 
 use super::link::Link;
 use super::{decode, route};
+use crate::lock::Unpoisoned;
 use crate::source::{Publisher, Receipt, Refused};
 
 /// Whether the broker closed the channel because a message of `size`
@@ -38,10 +39,6 @@ fn too_large(err: &lapin::Error, size: usize) -> bool {
             .next()
             .and_then(|max| max.parse::<usize>().ok())
             .is_some_and(|max| size > max)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 struct Inner {
@@ -88,12 +85,12 @@ impl RabbitPublisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|err| anyhow::anyhow!("cannot turn on publisher confirms: {err}"))?;
-        *lock(&self.inner.channel) = Some(channel.clone());
+        *self.inner.channel.locked() = Some(channel.clone());
         Ok(channel)
     }
 
     fn current(&self) -> Option<Channel> {
-        let mut slot = lock(&self.inner.channel);
+        let mut slot = self.inner.channel.locked();
         match slot.as_ref() {
             Some(channel) if channel.status().connected() => Some(channel.clone()),
             Some(_) => {
@@ -181,7 +178,7 @@ impl Publisher for RabbitPublisher {
             }
             Confirmation::NotRequested => {
                 // The channel lost its confirm mode: open a new one.
-                lock(&self.inner.channel).take();
+                self.inner.channel.locked().take();
                 anyhow::bail!("publish to {topic:?} was not confirmed (no confirm mode)")
             }
         }

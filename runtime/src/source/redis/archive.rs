@@ -95,7 +95,7 @@ impl Archive for RedisConnection {
 }
 
 impl RedisConnection {
-    /// Moves `group` back on each of `manifest`'s streams (`XGROUP SETID`,
+    /// Moves `group` back on each of `streams` (`XGROUP SETID`,
     /// with `apply`; otherwise only says where it would go): one line per
     /// stream. Applying is refused while a consumer of the group (other
     /// than this process's own, which the caller has stopped) was active in
@@ -105,9 +105,9 @@ impl RedisConnection {
     ///
     /// When Redis cannot be asked, a consumer is active, or `from` is an
     /// offset (Redis entries have IDs).
-    pub async fn rewind(
+    pub async fn rewind_group(
         &self,
-        manifest: &crate::registry::Manifest,
+        streams: &[String],
         group: &str,
         from: Rewind,
         apply: bool,
@@ -131,7 +131,7 @@ impl RedisConnection {
         };
         let mut shared = self.shared().await?;
         let mut lines = Vec::new();
-        for stream in &manifest.topics {
+        for stream in streams {
             let groups: redis::Value = redis::cmd("XINFO")
                 .arg("GROUPS")
                 .arg(stream)

@@ -11,8 +11,9 @@ use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
 use super::entry::{self, Entry};
-use super::{RedisConnection, RedisSettings, lock};
-use crate::registry::StartFrom;
+use super::{RedisConnection, RedisSettings};
+use crate::lock::Unpoisoned;
+use crate::source::StartFrom;
 use crate::source::{Message, Settled, Source, Subscription};
 
 /// The longest one blocking read waits before looking around (claims,
@@ -112,7 +113,7 @@ impl RedisConsumer {
             .cloned()
             .unwrap_or_default();
         let id = self.next_delivery.fetch_add(1, Ordering::Relaxed);
-        lock(&self.held).insert(
+        self.held.locked().insert(
             id,
             Held {
                 scope,
@@ -336,13 +337,13 @@ impl Source for RedisConsumer {
     }
 
     fn owns(&self, delivery: &RedisDelivery) -> bool {
-        lock(&self.held).contains_key(&delivery.id)
+        self.held.locked().contains_key(&delivery.id)
     }
 
     /// Invariant: `XACK` only for settled outcomes, which the pipeline
     /// reports only once they are durable; a released entry stays pending.
     fn settle(&self, delivery: &RedisDelivery, outcome: Settled) {
-        if lock(&self.held).remove(&delivery.id).is_none() {
+        if self.held.locked().remove(&delivery.id).is_none() {
             return;
         }
         if matches!(outcome, Settled::Done | Settled::DeadLettered) {
@@ -353,7 +354,7 @@ impl Source for RedisConsumer {
     /// Stops reading and sends the acknowledgements still queued. Entries
     /// read but not handed over stay pending and are claimed again.
     async fn close(self) {
-        lock(&self.held).clear();
+        self.held.locked().clear();
         let Self {
             connection,
             acks,
@@ -498,7 +499,8 @@ async fn keep_alive(
         for (scope, stream) in (0u64..).zip(&spec.topics) {
             // Taken before the pending list is read: an entry delivered
             // after this is not judged by a list that predates it.
-            let mine: Vec<(u64, String)> = lock(&held)
+            let mine: Vec<(u64, String)> = held
+                .locked()
                 .iter()
                 .filter(|(_, h)| h.scope == scope)
                 .map(|(id, h)| (*id, h.entry.clone()))
@@ -520,7 +522,7 @@ async fn keep_alive(
                 }
             };
             for (delivery, entry) in mine {
-                if !pending.contains(&entry) && lock(&held).remove(&delivery).is_some() {
+                if !pending.contains(&entry) && held.locked().remove(&delivery).is_some() {
                     tracing::warn!(stream = %stream, entry = %entry, group = %spec.group,
                         "a held entry was claimed by another consumer (this one stalled longer than claim_idle); it is no longer worked on here");
                 }

@@ -57,14 +57,16 @@ mod entry;
 mod publisher;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
 
+use super::{Broker, BrokerKind, Rewind};
 use super::{Depth, Subscription};
-use crate::config::duration;
+use crate::lock::Unpoisoned;
+use crate::parse::duration;
 
 pub use consumer::{RedisConsumer, RedisDelivery};
 pub use publisher::RedisPublisher;
@@ -211,10 +213,6 @@ pub fn check_stream_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A connection to a Redis server: the shared, auto-reconnecting
 /// connection for acknowledgements, publications and questions, made on
 /// first use (so Weir starts while Redis is down, and consumes once it
@@ -287,14 +285,25 @@ impl RedisConnection {
         *shared = Some(connection.clone());
         Ok(connection)
     }
+}
+
+impl Broker for RedisConnection {
+    type Settings = RedisSettings;
+    type Consumer = RedisConsumer;
+    type Publisher = RedisPublisher;
+    type Archive = RedisConnection;
+
+    fn kind(&self) -> BrokerKind {
+        BrokerKind::Redis
+    }
 
     /// A consumer of `subscription`'s streams for one handler.
-    pub fn consumer(&self, subscription: Subscription<RedisSettings>) -> RedisConsumer {
-        RedisConsumer::new(self.clone(), subscription)
+    fn consumer(&self, subscription: Subscription<RedisSettings>) -> anyhow::Result<RedisConsumer> {
+        Ok(RedisConsumer::new(self.clone(), subscription))
     }
 
     /// A publisher on this connection.
-    pub fn publisher(&self) -> RedisPublisher {
+    fn publisher(&self) -> RedisPublisher {
         RedisPublisher::new(self.clone())
     }
 
@@ -308,13 +317,13 @@ impl RedisConnection {
     ///
     /// When `create` is off and the stream does not exist, or Redis cannot
     /// be asked.
-    pub async fn ensure_dead_letters(
+    async fn ensure_dead_letters(
         &self,
         dlq: &str,
         _origin: &str,
         retention: Duration,
         create: bool,
-    ) -> anyhow::Result<bool> {
+    ) -> anyhow::Result<Option<i32>> {
         if !create {
             let mut connection = self.shared().await?;
             let exists: i64 = redis::cmd("EXISTS")
@@ -329,9 +338,9 @@ impl RedisConnection {
             }
         }
         if !retention.is_zero() {
-            lock(&self.retention).insert(dlq.to_string(), retention);
+            self.retention.locked().insert(dlq.to_string(), retention);
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// How many entries `topic` holds and when the oldest was written.
@@ -339,8 +348,22 @@ impl RedisConnection {
     /// # Errors
     ///
     /// When Redis cannot be asked.
-    pub async fn depth(&self, topic: &str) -> anyhow::Result<Depth> {
+    async fn depth(&self, topic: &str) -> anyhow::Result<Depth> {
         <Self as super::Archive>::depth(self, topic).await
+    }
+
+    async fn rewind(
+        &self,
+        subscription: &Subscription<Self::Settings>,
+        from: Rewind,
+        apply: bool,
+    ) -> anyhow::Result<Vec<String>> {
+        self.rewind_group(&subscription.topics, &subscription.group, from, apply)
+            .await
+    }
+
+    fn archive(&self) -> anyhow::Result<Self> {
+        Ok(self.clone())
     }
 }
 

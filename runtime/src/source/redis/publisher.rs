@@ -10,7 +10,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{RedisConnection, entry, lock};
+use super::{RedisConnection, entry};
+use crate::lock::Unpoisoned;
 use crate::source::{Publisher, Receipt, Refused};
 
 /// Publishes entries to streams.
@@ -27,7 +28,7 @@ impl RedisPublisher {
     /// The trimming for `topic`: `MINID ~` for a dead-letter stream with a
     /// retention, else `MAXLEN ~` when a length is configured.
     fn trim(&self, topic: &str) -> Option<(&'static str, String)> {
-        let retention: Option<Duration> = lock(&self.connection.retention).get(topic).copied();
+        let retention: Option<Duration> = self.connection.retention.locked().get(topic).copied();
         if let Some(retention) = retention {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)

@@ -36,8 +36,9 @@ use tokio::task::JoinHandle;
 
 use super::names::{self, queue_name};
 use super::{
-    KEY_ATTRIBUTE, Lookup, SqsConnection, SqsSettings, attributes, describe, lock, missing_queue,
+    KEY_ATTRIBUTE, Lookup, SqsConnection, SqsSettings, attributes, describe, missing_queue,
 };
+use crate::lock::Unpoisoned;
 use crate::source::progress::Progress;
 use crate::source::{Message, Position, Settled, Source, Subscription};
 
@@ -108,7 +109,7 @@ impl Shared {
     /// Takes delivery `id` out of `held` (giving its slot back), if it is
     /// still this consumer's.
     fn take(&self, id: u64) -> Option<Held> {
-        let mut held = lock(&self.held);
+        let mut held = self.held.locked();
         let entry = held.remove(&id)?;
         self.slots.add_permits(1);
         if Instant::now() + self.margin < entry.deadline {
@@ -128,7 +129,7 @@ impl Shared {
     /// Records how queue `scope`'s last receive went, and the consumer's
     /// readiness with it.
     fn receive_went(&self, scope: usize, problem: Option<String>) {
-        let mut joining = lock(&self.joining);
+        let mut joining = self.joining.locked();
         let was = joining[scope].is_none();
         joining[scope] = problem.clone();
         match problem {
@@ -139,7 +140,7 @@ impl Shared {
             None => {}
         }
         drop(joining);
-        if !was && lock(&self.joining)[scope].is_none() {
+        if !was && self.joining.locked()[scope].is_none() {
             tracing::info!(handler = %self.handler, queue = %self.queues[scope].name, "receiving from the queue");
         }
     }
@@ -249,7 +250,7 @@ impl Source for SqsConsumer {
     }
 
     fn owns(&self, delivery: &SqsDelivery) -> bool {
-        let mut held = lock(&self.shared.held);
+        let mut held = self.shared.held.locked();
         let Some(entry) = held.get(&delivery.id) else {
             return false;
         };
@@ -306,7 +307,7 @@ impl Source for SqsConsumer {
                 });
             }
         }
-        let rest: Vec<u64> = lock(&shared.held).keys().copied().collect();
+        let rest: Vec<u64> = shared.held.locked().keys().copied().collect();
         for id in rest {
             if let Some(held) = shared.take(id) {
                 released += 1;
@@ -567,7 +568,7 @@ fn decode(
             .unwrap_or_else(|| queue.name.as_bytes().to_vec()),
     };
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    lock(&shared.held).insert(
+    shared.held.locked().insert(
         id,
         Held {
             scope,
@@ -623,7 +624,7 @@ async fn keep_alive(shared: Weak<Shared>) {
         let mut lapsed = Vec::new();
         let mut by_queue: HashMap<String, Vec<(u64, String)>> = HashMap::new();
         {
-            let mut held = lock(&shared.held);
+            let mut held = shared.held.locked();
             held.retain(|id, entry| {
                 if entry.deadline <= now + shared.margin {
                     lapsed.push(entry.clone());
@@ -675,7 +676,7 @@ async fn extend(shared: &Shared, url: &str, entries: &[(u64, String)]) {
     match answer {
         Ok(out) => {
             let deadline = asked + shared.visibility;
-            let mut held = lock(&shared.held);
+            let mut held = shared.held.locked();
             for ok in out.successful() {
                 if let Some(entry) = ok.id().parse().ok().and_then(|id: u64| held.get_mut(&id)) {
                     entry.deadline = entry.deadline.max(deadline);

@@ -68,7 +68,7 @@ pub mod names;
 mod publisher;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
@@ -78,8 +78,10 @@ use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::QueueAttributeName;
 use serde::{Deserialize, Deserializer};
 
+use super::{Broker, BrokerKind, NoArchive, Rewind, no_archive, no_rewind};
 use super::{Depth, Subscription};
-use crate::config::duration;
+use crate::lock::Unpoisoned;
+use crate::parse::duration;
 
 pub use consumer::{SqsConsumer, SqsDelivery};
 pub use names::check_queue_name;
@@ -246,10 +248,6 @@ fn wait_setting<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
     Ok(Some(wait))
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Whether `err` says the queue does not exist.
 fn missing_queue<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool {
     matches!(
@@ -359,7 +357,7 @@ impl SqsConnection {
     /// The URL of queue `name` (mapped already), from the cache or
     /// `GetQueueUrl`.
     async fn queue_url(&self, name: &str) -> Result<String, Lookup> {
-        if let Some(url) = lock(&self.inner.urls).get(name) {
+        if let Some(url) = self.inner.urls.locked().get(name) {
             return Ok(url.clone());
         }
         let mut request = self.client().get_queue_url().queue_name(name);
@@ -372,7 +370,10 @@ impl SqsConnection {
                     .queue_url()
                     .ok_or_else(|| Lookup::Failed("GetQueueUrl answered without a URL".into()))?
                     .to_string();
-                lock(&self.inner.urls).insert(name.to_string(), url.clone());
+                self.inner
+                    .urls
+                    .locked()
+                    .insert(name.to_string(), url.clone());
                 Ok(url)
             }
             Err(err) if missing_queue(&err) => Err(Lookup::Missing),
@@ -382,17 +383,59 @@ impl SqsConnection {
 
     /// Forgets the cached URL of queue `name` (it went away).
     fn forget_url(&self, name: &str) {
-        lock(&self.inner.urls).remove(name);
+        self.inner.urls.locked().remove(name);
+    }
+
+    /// The approximate message counts of queue `name`.
+    async fn counts(&self, name: &str) -> Result<Counts, Lookup> {
+        let url = self.queue_url(name).await?;
+        let out = self
+            .client()
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(|err| {
+                if missing_queue(&err) {
+                    self.forget_url(name);
+                    Lookup::Missing
+                } else {
+                    Lookup::Failed(describe(&err))
+                }
+            })?;
+        let count = |attribute: QueueAttributeName| {
+            out.attributes()
+                .and_then(|a| a.get(&attribute))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok(Counts {
+            visible: count(QueueAttributeName::ApproximateNumberOfMessages),
+            in_flight: count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        })
+    }
+}
+
+impl Broker for SqsConnection {
+    type Settings = SqsSettings;
+    type Consumer = SqsConsumer;
+    type Publisher = SqsPublisher;
+    type Archive = NoArchive;
+
+    fn kind(&self) -> BrokerKind {
+        BrokerKind::Sqs
     }
 
     /// A consumer for one handler.
-    pub fn consumer(&self, subscription: Subscription<SqsSettings>) -> SqsConsumer {
-        SqsConsumer::start(self.clone(), subscription)
+    fn consumer(&self, subscription: Subscription<SqsSettings>) -> anyhow::Result<SqsConsumer> {
+        Ok(SqsConsumer::start(self.clone(), subscription))
     }
 
     /// A publisher on this connection (all of them share its queues'
     /// publishing tasks).
-    pub fn publisher(&self) -> SqsPublisher {
+    fn publisher(&self) -> SqsPublisher {
         SqsPublisher::new(self.clone())
     }
 
@@ -404,16 +447,16 @@ impl SqsConnection {
     /// # Errors
     ///
     /// When it is missing and may not be created, or SQS refuses.
-    pub async fn ensure_dead_letters(
+    async fn ensure_dead_letters(
         &self,
         dlq: &str,
         origin: &str,
         retention: Duration,
         create: bool,
-    ) -> anyhow::Result<bool> {
+    ) -> anyhow::Result<Option<i32>> {
         let name = names::queue_name(dlq);
         match self.queue_url(&name).await {
-            Ok(_) => return Ok(false),
+            Ok(_) => return Ok(None),
             Err(Lookup::Failed(why)) => {
                 anyhow::bail!("cannot look up dead-letter queue {name:?} (topic {dlq:?}): {why}")
             }
@@ -446,10 +489,13 @@ impl SqsConnection {
             )
         })?;
         if let Some(url) = out.queue_url() {
-            lock(&self.inner.urls).insert(name.clone(), url.to_string());
+            self.inner
+                .urls
+                .locked()
+                .insert(name.clone(), url.to_string());
         }
         tracing::info!(queue = %name, topic = dlq, origin, retention_s = seconds, "created a dead-letter queue");
-        Ok(true)
+        Ok(Some(1))
     }
 
     /// How many messages the queue of `topic` holds (visible and in
@@ -459,7 +505,7 @@ impl SqsConnection {
     /// # Errors
     ///
     /// When SQS cannot be asked.
-    pub async fn depth(&self, topic: &str) -> anyhow::Result<Depth> {
+    async fn depth(&self, topic: &str) -> anyhow::Result<Depth> {
         let name = names::queue_name(topic);
         match self.counts(&name).await {
             Ok(counts) => Ok(Depth {
@@ -473,35 +519,17 @@ impl SqsConnection {
         }
     }
 
-    /// The approximate message counts of queue `name`.
-    async fn counts(&self, name: &str) -> Result<Counts, Lookup> {
-        let url = self.queue_url(name).await?;
-        let out = self
-            .client()
-            .get_queue_attributes()
-            .queue_url(&url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .map_err(|err| {
-                if missing_queue(&err) {
-                    self.forget_url(name);
-                    Lookup::Missing
-                } else {
-                    Lookup::Failed(describe(&err))
-                }
-            })?;
-        let count = |attribute: QueueAttributeName| {
-            out.attributes()
-                .and_then(|a| a.get(&attribute))
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        Ok(Counts {
-            visible: count(QueueAttributeName::ApproximateNumberOfMessages),
-            in_flight: count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-        })
+    async fn rewind(
+        &self,
+        _: &Subscription<Self::Settings>,
+        _: Rewind,
+        _: bool,
+    ) -> anyhow::Result<Vec<String>> {
+        Err(no_rewind(BrokerKind::Sqs))
+    }
+
+    fn archive(&self) -> anyhow::Result<NoArchive> {
+        Err(no_archive(BrokerKind::Sqs))
     }
 }
 
@@ -554,17 +582,6 @@ mod tests {
             source("endpoint = \"http://127.0.0.1:4566\"\nregion = \"us-east-1\"\naccess_key_id = \"a\"\nsecret_access_key = \"b\"")
                 .is_ok()
         );
-    }
-
-    #[test]
-    fn the_example_configuration_loads() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/sqs.toml");
-        let config = crate::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        let Some(sqs) = &config.source.sqs else {
-            panic!("config/sqs.toml has no [source.sqs]");
-        };
-        assert_eq!(sqs.region.as_deref(), Some("eu-west-1"));
-        assert_eq!(sqs.wait_time, Duration::from_secs(20));
     }
 
     #[test]

@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::attributes::{self, Encoded};
 use super::names::{self, fifo_id, hex_sha256};
-use super::{KEY_ATTRIBUTE, Lookup, SqsConnection, describe, lock, missing_queue};
+use super::{KEY_ATTRIBUTE, Lookup, SqsConnection, describe, missing_queue};
+use crate::lock::Unpoisoned;
 use crate::source::{Publisher, Receipt, Refused};
 
 /// Most bytes (bodies and attributes) in one `SendMessageBatch`.
@@ -96,7 +97,7 @@ impl SqsPublisher {
             dedup_id,
             reply,
         };
-        let mut lanes = lock(&self.connection.inner.lanes);
+        let mut lanes = self.connection.inner.lanes.locked();
         let lane = lanes.entry(name.clone()).or_insert_with(|| {
             let (sender, queue) = mpsc::unbounded_channel();
             tokio::spawn(run_lane(self.connection.clone(), name.clone(), queue));

@@ -68,6 +68,7 @@ use super::{
     StoreError, answer_all, now_ms,
 };
 use crate::fault;
+use crate::lock::Unpoisoned;
 
 /// Most writes applied in one transaction. Each takes up to a few advisory
 /// locks, and PostgreSQL's lock table is shared by all sessions
@@ -343,12 +344,7 @@ impl PgStore {
             Ok(Err(err)) => return Some(err.to_string()),
             Ok(Ok(_)) => {}
         }
-        let failed = self
-            .shared
-            .last_failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let failed = self.shared.last_failure.locked().clone();
         failed.map(|err| format!("the last group commit failed: {err}"))
     }
 
@@ -665,10 +661,7 @@ async fn write_loop(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<R
             database: shared.database.clone(),
             message,
         });
-        *shared
-            .last_failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = result.as_ref().err().map(ToString::to_string);
+        *shared.last_failure.locked() = result.as_ref().err().map(ToString::to_string);
         match &result {
             Err(err) => {
                 tracing::error!(error = %err, writes = writes.len(), "database write failed");

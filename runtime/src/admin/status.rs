@@ -1,10 +1,12 @@
 //! The runtime as the admin server sees it: the handlers served, the files
-//! rejected and the outbox relay, kept current by the runtime.
+//! rejected and the outbox relay, kept current by the runtime (which writes
+//! it; the admin server only reads it).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
 
+use crate::lock::UnpoisonedRw;
 use crate::pipeline::HandlerStats;
 use crate::pipeline::outbox::RelayStats;
 use crate::source::progress::Progress;
@@ -40,10 +42,10 @@ pub struct Status {
 }
 
 #[derive(Default)]
-pub(super) struct StatusInner {
-    pub(super) handlers: BTreeMap<String, HandlerView>,
-    pub(super) rejected: BTreeMap<String, String>,
-    pub(super) relay: Option<Arc<RelayStats>>,
+pub(crate) struct StatusInner {
+    pub(crate) handlers: BTreeMap<String, HandlerView>,
+    pub(crate) rejected: BTreeMap<String, String>,
+    pub(crate) relay: Option<Arc<RelayStats>>,
 }
 
 impl Status {
@@ -64,10 +66,10 @@ impl Status {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, StatusInner> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner())
+        self.inner.read_locked()
     }
 
-    pub(super) fn write(&self) -> std::sync::RwLockWriteGuard<'_, StatusInner> {
-        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn write(&self) -> std::sync::RwLockWriteGuard<'_, StatusInner> {
+        self.inner.write_locked()
     }
 }
