@@ -55,6 +55,7 @@ mod archive;
 mod consumer;
 mod entry;
 mod publisher;
+mod rewind;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
