@@ -10,10 +10,13 @@
 //! | --- | --- |
 //! | `mod.rs` | the running set of workers: start, serve, reload, replay, stop |
 //! | `connect.rs` | the one dispatch over brokers: connecting to the configured one |
+//! | `reload.rs` | what a change of the handlers directory means: start, swap, restart, retire |
+//! | `supervise.rs` | `weir run`: start, serve until stopped, reload on changes, stop |
 //! | `background.rs` | its periodic and one-off tasks: the lag log, dead-letter measurements, dead-letter topics |
 
 mod background;
 mod connect;
+mod reload;
 mod supervise;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,10 +34,11 @@ use crate::host::{CompiledHandler, Host};
 use crate::metrics::Metrics;
 use crate::pipeline::outbox::{Relay, RelayStats, relay_with_lease};
 use crate::pipeline::{HandlerStats, HandlerSwap, Worker};
-use crate::registry::{self, LoadError, LoadedHandler, Manifest};
+use crate::registry::{self, LoadError, LoadedHandler};
 use crate::source::progress::Progress;
 use crate::source::{Broker, BrokerKind, Publisher, Source};
 use crate::store::Store;
+use reload::Change;
 
 pub use connect::{Connected, WithBroker, connect, subscription};
 pub use supervise::supervise;
@@ -347,7 +351,7 @@ impl<B: Broker> Runtime<B> {
     ///
     /// - a new `<name>.wasm` (with its manifest) starts being served;
     /// - a changed component, or a manifest change confined to `[limits]`,
-    ///   `[config]` and `[sandbox]`, is swapped in: the consumer keeps its
+    ///   `[config]` and `[sandbox]` ([`reload::change`]), is swapped in: the consumer keeps its
     ///   group membership and position, running calls finish on the old
     ///   version, later calls use the new one;
     /// - any other manifest change restarts the handler's worker (it drains,
@@ -376,13 +380,7 @@ impl<B: Broker> Runtime<B> {
             .filter_map(|f| Some(f.file_stem()?.to_str()?.to_string()))
             .collect();
         // Removed handlers: drain and leave.
-        let gone: Vec<String> = self
-            .running
-            .keys()
-            .filter(|name| !present.contains(*name))
-            .cloned()
-            .collect();
-        for name in gone {
+        for name in reload::retired(self.running.keys(), &present) {
             if let Some(running) = self.running.remove(&name) {
                 tracing::info!(handler = %name, version = %running.swap.version(), "handler removed; draining");
                 self.metrics.serving(&name, "", None);
@@ -442,8 +440,12 @@ impl<B: Broker> Runtime<B> {
                 self.metrics.reload(&name, true);
             }
             let compile_ms = started.elapsed().as_millis() as u64;
-            match self.running.get_mut(&name) {
-                Some(running) if same_consumer(&running.handler.manifest, &handler.manifest) => {
+            let served = self.running.get(&name).map(|r| &r.handler.manifest);
+            match (
+                reload::change(served, &handler.manifest),
+                self.running.get_mut(&name),
+            ) {
+                (Change::Swap, Some(running)) => {
                     let old = running.swap.version();
                     running
                         .swap
@@ -459,14 +461,14 @@ impl<B: Broker> Runtime<B> {
                     running.handler = handler;
                     running.fingerprint = current;
                 }
-                Some(_) => {
+                (Change::Restart, _) => {
                     if let Some(running) = self.running.remove(&name) {
                         tracing::info!(handler = %name, "manifest changed; restarting the handler's consumer");
                         retire(running, drain).await;
                     }
                     self.serve(handler)?;
                 }
-                None => self.serve(handler)?,
+                (Change::Start | Change::Swap, _) => self.serve(handler)?,
             }
         }
         Ok(())
@@ -584,32 +586,6 @@ impl<B: Broker> Runtime<B> {
             self.relay.abort();
         }
     }
-}
-
-/// Whether two manifests ask for the same consumer and pipeline (so that a
-/// new version can be swapped in): they may differ only in `[limits]`
-/// (but `concurrency`), `[config]` and `[sandbox]`, which travel with the
-/// compiled handler.
-fn same_consumer(a: &Manifest, b: &Manifest) -> bool {
-    let key = |m: &Manifest| {
-        format!(
-            "{:?}",
-            (
-                &m.topics,
-                &m.group,
-                m.start,
-                m.ordering,
-                &m.key,
-                m.max_in_flight,
-                m.limits.concurrency,
-                (&m.nats, &m.rabbitmq, &m.redis, &m.sqs),
-                &m.dedup,
-                &m.retry,
-                &m.dlq
-            )
-        )
-    };
-    key(a) == key(b)
 }
 
 /// Stops one worker: it finishes running calls, commits and leaves its
