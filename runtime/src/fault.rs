@@ -1,7 +1,7 @@
 //! Fault points for crash-consistency tests.
 //!
 //! The code that makes outcomes durable calls [`point`] at the moments where
-//! a crash would hurt most (see `store.rs` and `pipeline/outbox.rs`). When
+//! a crash would hurt most (see [`store`](crate::store) and [`outbox`](crate::pipeline::outbox)). When
 //! the environment variable `WEIR_FAULT` names a point, the process aborts
 //! there, like a power cut: no destructors, no flush, no offset commit.
 //!

@@ -6,13 +6,23 @@
 //! messages, and commits a message's offset only once its outcome is
 //! durable.
 //!
-//! The crate is laid out along the path of a message:
+//! The crate is laid out along the path of a message (`ARCHITECTURE.md`
+//! walks one through it):
 //!
-//! - [`source`]: brokers (Kafka through librdkafka; the embedded broker).
-//! - [`pipeline`]: decode → invoke → retry / dead-letter → acknowledge.
+//! - [`source`]: the brokers, behind [`source::Broker`] — Kafka (librdkafka),
+//!   NATS JetStream, RabbitMQ, Redis Streams, Amazon SQS, and an embedded
+//!   Kafka-protocol broker.
+//! - [`pipeline`]: lanes → dedup → invoke → retry / dead-letter → commit →
+//!   settle, knowing no broker.
 //! - [`host`]: the wasmtime engine, the linker granting the world, limits.
-//! - [`registry`]: handler files, manifests, loading.
-//! - [`runtime`]: wiring the above into a running process.
+//! - [`store`]: dedup marks, attempts, state and the outbox (redb or
+//!   PostgreSQL).
+//! - [`registry`]: handler files and manifests.
+//! - [`runtime`]: wiring the above into a running process; the one place
+//!   that names the brokers ([`runtime::connect`]).
+//! - [`admin`], [`tools`]: the admin server, and the operator commands.
+//!
+//! Imports between these modules point one way (a test checks it).
 
 pub mod admin;
 pub mod config;

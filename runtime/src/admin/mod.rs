@@ -3,14 +3,14 @@
 //! | route | answer |
 //! | --- | --- |
 //! | `GET /` | a status page (`status.html`, self-contained): each handler's rate, lag, in flight, retries, dead letters and version, refreshed every 2 s |
-//! | `GET /metrics` | every metric (see `metrics.rs`), Prometheus text format |
+//! | `GET /metrics` | every metric (see [`metrics`](crate::metrics)), Prometheus text format |
 //! | `GET /health/live` | 200 while the process serves requests |
 //! | `GET /health/ready` | 200 when every handler file loaded, every worker runs, every consumer joined (Kafka: its group is up; JetStream: its durable answers), every handler's dead letters can be written (its dead-letter topic exists or was created), the store's writer is alive and the outbox relay is not blocked (no topic failing for 5 s), else 503; JSON saying what is not ready and why |
 //! | `GET /handlers` | JSON: each handler's name, version, contract, group, topics, whether its consumer joined, its partitions (lag, committed position age), in flight, instances, counters and last error |
 //! | `GET /handlers/{name}/state?prefix=&limit=` | JSON: the handler's committed state entries (key order, at most [`MAX_STATE_LIMIT`]), and the outbox length; `?key=K` for one key; 404 for a handler not served here |
 //! | `POST /handlers/{name}/replay` with `{"from": …, "reset_state": …}` | `weir replay` done by this process: the handler's consumer stops, its marks (and state) are forgotten, its position moves back to `from` (`earliest`, an RFC 3339 time, an offset), and it is served again; JSON `{"done": [...]}` |
 //!
-//! Who may use which route is [`access`]: metrics and health are open; the
+//! Who may use which route is [`access`](mod@access): metrics and health are open; the
 //! page and `/handlers` answer requests addressed to this server; state and
 //! replay also need the admin token ([`token`]).
 //!

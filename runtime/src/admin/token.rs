@@ -1,5 +1,5 @@
 //! The admin token: the bearer token the routes that reveal state or act
-//! require (see [`super::access`]).
+//! require (see [`super::access`](mod@super::access)).
 //!
 //! Where it comes from: `[admin] token` when set (usually a reference such
 //! as `"${WEIR_ADMIN_TOKEN}"` or `"${file:/run/secrets/weir-admin}"`, see

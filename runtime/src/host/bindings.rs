@@ -5,7 +5,7 @@
 //!
 //! Everything that differs between versions is here; the imported
 //! interfaces (log, state, emit, config) mean the same in every version and
-//! are implemented once, in `imports.rs`.
+//! are implemented once, in [`imports`](crate::host::imports).
 
 use std::fmt;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! with its own store, reused across calls until it traps.
 //!
 //! Instantiation and calls are futures run on the async runtime (see
-//! "Calls" in `host/mod.rs`): a guest yields at every epoch tick, and the
+//! "Calls" in [`host`](crate::host)): a guest yields at every epoch tick, and the
 //! tick that finds its timeout passed interrupts it (the same trap, and the
 //! same `timeout` failure, as a deadline counted in ticks). A call waiting
 //! in the host (a sleep, a poll, a file read) runs no guest code for a tick

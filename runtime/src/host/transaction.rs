@@ -2,7 +2,7 @@
 //!
 //! A [`Transaction`] buffers the call's writes and emitted events and records
 //! what it read, so that the pipeline can commit them atomically with the
-//! event's outcome (see `store.rs`) or drop them if the call fails. It
+//! event's outcome (see [`store`](crate::store)) or drop them if the call fails. It
 //! enforces the limits documented in the WIT.
 //!
 //! Reads come from the store's view, taken at the call's first state

@@ -15,7 +15,7 @@
 //!   open, beyond its probes) a call waits in [`Breaker::admit`] before it
 //!   starts: the message's attempt count is untouched and nothing is
 //!   dead-lettered for it. The worker also stops receiving while it is open
-//!   (`worker.rs`), so consumption pauses.
+//!   ([`worker`](crate::pipeline::worker)), so consumption pauses.
 //! - **Only the dependency's failures count.** A permanent error is the
 //!   message's fault: it neither trips nor resets the breaker. Every other
 //!   failed attempt (retryable, retry-after, timeout, trap) counts; a

@@ -12,9 +12,9 @@
 //! ```
 //!
 //! Every arrow into the store waits until the write is durable (see
-//! `store.rs`); a write that fails is retried while the message is held, so
+//! [`store`](crate::store)); a write that fails is retried while the message is held, so
 //! the message's lane never moves on without it (the pipeline invariant in
-//! `pipeline/mod.rs`). The machine leaves with `Released` only at shutdown,
+//! [`pipeline`](crate::pipeline)). The machine leaves with `Released` only at shutdown,
 //! when the delivery is no longer this consumer's, or when the store has
 //! stopped for good.
 //!

@@ -99,7 +99,7 @@ impl<F: HandlerFactory> Invoker<F> {
     }
 
     /// Calls the handler with an idle instance (or a new one), once a call
-    /// permit is free, on this task (see "Calls" in `host/mod.rs`); returns
+    /// permit is free, on this task (see "Calls" in [`host`](crate::host)); returns
     /// the instance to the idle set unless the call poisoned it.
     pub(super) async fn call(&self, event: Arc<Event>, stats: &HandlerStats) -> Outcome {
         let mut waited = Duration::from_millis(5);

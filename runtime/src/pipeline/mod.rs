@@ -12,10 +12,20 @@
 //! never takes every instance from another. A key waiting for its retry
 //! holds only its own lane.
 //!
-//! The pipeline knows messages, outcomes and handlers; no broker. It is
-//! built from three parts: [`worker`] (receiving, lanes, settling), the
-//! `deliver` state machine (one message from dedup to a final outcome) and
-//! `invoke` (instances and the per-handler call limit).
+//! The pipeline knows messages, outcomes and handlers; no broker.
+//!
+//! | file | holds |
+//! | --- | --- |
+//! | [`worker`] | receiving, lanes, runs, settling with the source |
+//! | `deliver` | one message from dedup to a final outcome (a state machine) |
+//! | `invoke` | instances, hot swap, the per-handler call limit |
+//! | [`decode`] | a message's id and key, as the manifest says |
+//! | [`retry`] | backoff, and which failures are retried |
+//! | [`breaker`] | the circuit breaker |
+//! | [`dlq`] | what a dead letter carries |
+//! | [`outbox`] | publishing emitted events after their commit |
+//! | [`correlation`] | correlation ids and trace context on emitted events |
+//! | [`synthetic`] | a source, publisher and handler in memory, for tests and benches |
 //!
 //! The invariant every path below keeps:
 //!
@@ -91,7 +101,7 @@ impl HandlerCall for HandlerInstance {
 }
 
 /// Counters for one handler, readable while it runs, and its Prometheus
-/// metrics when it has a recorder (see `metrics.rs`).
+/// metrics when it has a recorder (see [`metrics`](crate::metrics)).
 #[derive(Debug, Default)]
 pub struct HandlerStats {
     /// Messages whose handler returned `ok`.

@@ -15,7 +15,7 @@
 //!
 //! - **Emitted in the outcome's transaction.** An emitted event exists
 //!   only as an outbox row written in the same transaction as its handler's
-//!   outcome (see `store.rs`); a failed or crashed call leaves no row, so
+//!   outcome (see [`store`](crate::store)); a failed or crashed call leaves no row, so
 //!   nothing is published for it.
 //! - **Delete after acknowledgement.** A row is deleted only after the
 //!   broker acknowledged its record. A crash between the acknowledgement and

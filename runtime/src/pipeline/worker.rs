@@ -1,15 +1,15 @@
 //! The worker: receives messages, spreads them over lanes, runs one message
 //! per lane at a time, and settles each with its source.
 //!
-//! Invariants (on top of the pipeline's, in `pipeline/mod.rs`):
+//! Invariants (on top of the pipeline's, in [`pipeline`](crate::pipeline)):
 //!
 //! - **Bounded.** At most `max_in_flight` messages are held (running, waiting
 //!   for a retry, queued behind their key). At the bound the worker stops
 //!   calling `recv`; nothing is dropped or paused. It also stops while the
-//!   handler's circuit breaker is open (`breaker.rs`).
+//!   handler's circuit breaker is open ([`breaker`](crate::pipeline::breaker)).
 //! - **A lane moves on only when its run is settled.** The messages at the
 //!   front of a lane form the run its task drives, one after another, in
-//!   order (see "Runs" in `deliver.rs`); the next run starts when every
+//!   order (see "Runs" in [`deliver`](crate::pipeline::deliver)); the next run starts when every
 //!   message of this one is settled (never earlier, whatever failed). A
 //!   new lane starts with a run of one; later runs take what queued up
 //!   meanwhile.

@@ -97,7 +97,7 @@ pub struct Manifest {
     #[serde(default)]
     pub dlq: DlqSettings,
     /// A circuit breaker, when the table is there (see
-    /// `pipeline/breaker.rs`).
+    /// [`breaker`](crate::pipeline::breaker)).
     pub breaker: Option<BreakerSettings>,
     /// Values the handler can read (through the `config` import).
     #[serde(default)]

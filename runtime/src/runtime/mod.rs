@@ -2,17 +2,17 @@
 //! own consumer (group or durable) and worker on the configured broker, and
 //! stop them all gracefully.
 //!
-//! The runtime is written once against [`Broker`]: [`connect`] is the one
+//! The runtime is written once against [`Broker`]: [`connect`](fn@connect) is the one
 //! place that names brokers, connecting to the configured one and handing
 //! it to the broker-neutral code here and in the pipeline.
 //!
 //! | file | holds |
 //! | --- | --- |
-//! | `mod.rs` | the running set of workers: start, serve, reload, replay, stop |
-//! | `connect.rs` | the one dispatch over brokers: connecting to the configured one |
-//! | `reload.rs` | what a change of the handlers directory means: start, swap, restart, retire |
-//! | `supervise.rs` | `weir run`: start, serve until stopped, reload on changes, stop |
-//! | `background.rs` | its periodic and one-off tasks: the lag log, dead-letter measurements, dead-letter topics |
+//! | [`runtime`](crate::runtime) | the running set of workers: start, serve, reload, replay, stop |
+//! | [`connect`](mod@connect) | the one dispatch over brokers: connecting to the configured one |
+//! | [`reload`] | what a change of the handlers directory means: start, swap, restart, retire |
+//! | [`supervise`](mod@supervise) | `weir run`: start, serve until stopped, reload on changes, stop |
+//! | [`background`] | its periodic and one-off tasks: the lag log, dead-letter measurements, dead-letter topics |
 
 mod background;
 mod connect;
@@ -481,7 +481,7 @@ impl<B: Broker> Runtime<B> {
     /// rows), moves its consumer back to `from`, and serves it again. What
     /// was done, one line each.
     ///
-    /// The order and what a failure leaves are those of `tools/replay.rs`;
+    /// The order and what a failure leaves are those of [`replay`](crate::tools::replay);
     /// whatever happens, the handler is served again.
     ///
     /// # Errors

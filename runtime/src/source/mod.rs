@@ -102,7 +102,7 @@ pub struct Subscription<S> {
     /// Most messages held at once: the bound on what the source fetches
     /// ahead.
     pub max_in_flight: usize,
-    /// Where the consumer's progress is reported (see `progress.rs`).
+    /// Where the consumer's progress is reported (see [`progress`]).
     pub progress: progress::Progress,
     /// The manifest's table for this broker (defaults when absent).
     pub settings: S,

@@ -1,9 +1,9 @@
 //! The store: dedup marks, attempt counts, handler state and the outbox of
 //! emitted events, behind one handle ([`Store`]) with two backends:
 //!
-//! - `redb.rs`, an embedded database file under `[runtime] data_dir`: the
+//! - [`redb`], an embedded database file under `[runtime] data_dir`: the
 //!   default, for one process;
-//! - `postgres/`, PostgreSQL (`[store] url`), shared by any number of weir
+//! - [`postgres`], PostgreSQL (`[store] url`), shared by any number of weir
 //!   processes in one consumer group, so that a partition that moves finds
 //!   its dedup marks, attempts and state where it arrives.
 //!
@@ -42,7 +42,7 @@
 //! - **Outbox rows are effects.** They are inserted with the mark and
 //!   removed ([`Write::Published`]) only after the broker acknowledged them.
 //!   Sequence numbers follow commit order (the outbox relay relies on it:
-//!   see "Cursor" in `pipeline/outbox.rs`), and one relay at a time
+//!   see "Cursor" in [`outbox`](crate::pipeline::outbox)), and one relay at a time
 //!   publishes them ([`Store::relay_lease`]).
 //!
 //! # Lookups

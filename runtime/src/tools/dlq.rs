@@ -11,7 +11,7 @@
 //! with `weir.replay-of` (where the dead letter sits: `<dlq>/<position>`),
 //! `weir.replayed-at` and `weir.replay-id`: the dead letter's event id with
 //! `#replay:<dlq>/<position>` appended. Weir takes `weir.replay-id` as the
-//! event's id (`pipeline/decode.rs`), so:
+//! event's id ([`decode`](crate::pipeline::decode)), so:
 //!
 //! - the dedup mark the dead-lettered event left does not swallow the
 //!   replay (a new id), and

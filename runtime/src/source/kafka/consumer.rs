@@ -234,7 +234,7 @@ impl Source for KafkaConsumer {
     /// record is then delivered again.
     ///
     /// Invariant: a watermark is stored only when every record below it was
-    /// settled `Done` or `DeadLettered` (see [`ledger`]). If the partition
+    /// settled `Done` or `DeadLettered` (see [`ledger`](super::ledger)). If the partition
     /// was revoked meanwhile, nothing is stored: the new owner decides.
     fn settle(&self, delivery: &KafkaDelivery, outcome: Settled) {
         let slot = &delivery.slot;

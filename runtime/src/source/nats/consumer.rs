@@ -36,7 +36,7 @@ pub struct ConsumerSpec {
     pub ack_wait: Duration,
     /// Most unacknowledged messages out at once.
     pub max_ack_pending: usize,
-    /// Where the durable's progress is kept (see `source/progress.rs`).
+    /// Where the durable's progress is kept (see [`progress`](crate::source::progress)).
     pub progress: Progress,
 }
 
@@ -85,7 +85,7 @@ struct Inbox {
     /// The pull streams of every topic's consumer and the connection
     /// generation they were opened on (`None` until set up).
     pulled: Option<(SelectAll<Tagged>, u64)>,
-    /// Messages the client could not read, read another way ([`rescue`]).
+    /// Messages the client could not read, read another way ([`rescue`](super::rescue)).
     rescued: mpsc::UnboundedReceiver<(Message, NatsDelivery)>,
 }
 

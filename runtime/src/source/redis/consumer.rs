@@ -1,6 +1,6 @@
 //! One handler's consumer: reads its streams through its group, claims the
 //! entries of dead consumers, keeps what it holds, and acknowledges what the
-//! pipeline settled (invariants in `mod.rs`).
+//! pipeline settled (invariants in [`redis`](crate::source::redis)).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -478,7 +478,7 @@ async fn send_acks(
 /// every third of `claim_idle`, resets the idle time of everything in its
 /// pending list (held, or read and not yet handed over), and drops from
 /// `held` what is no longer in it (see "Pending entries of dead consumers"
-/// in `mod.rs`).
+/// in [`redis`](crate::source::redis)).
 async fn keep_alive(
     connection: RedisConnection,
     spec: Arc<Subscription<RedisSettings>>,

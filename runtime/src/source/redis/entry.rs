@@ -1,5 +1,5 @@
 //! Stream entries as Redis returns them, and as Weir's messages (see the
-//! field mapping in `mod.rs`).
+//! field mapping in [`redis`](crate::source::redis)).
 
 use std::borrow::Cow;
 

@@ -1,5 +1,5 @@
 //! Dead letters and emitted events as stream entries (`XADD`), in the
-//! field layout of `mod.rs`.
+//! field layout of [`redis`](crate::source::redis).
 //!
 //! Redis keeps no record of publications to drop a republished one: the
 //! outbox relay's republication after a crash can add an entry twice, with

@@ -291,7 +291,7 @@ struct Inner {
     /// Queue name → URL.
     urls: Mutex<HashMap<String, String>>,
     /// Destination queue name → the task publishing to it, in order (see
-    /// `publisher.rs`).
+    /// [`publisher`]).
     lanes: publisher::Lanes,
 }
 

@@ -8,7 +8,7 @@
 //! [`MAX_LOOKUPS`]), asks PostgreSQL once per kind with arrays, and answers
 //! each asker; asks arriving meanwhile form the next group.
 //!
-//! Invariant ("Lookups" in `store/mod.rs`): a lookup is queued after its
+//! Invariant ("Lookups" in [`store`](crate::store)): a lookup is queued after its
 //! caller's earlier writes returned, and the query that answers it starts
 //! after it was queued, so it sees every commit that returned before it was
 //! asked.

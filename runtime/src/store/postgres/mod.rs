@@ -1,20 +1,20 @@
 //! The shared backend: PostgreSQL, for several weir processes in one
 //! consumer group (`[store] url`).
 //!
-//! Tables and migrations: `schema.rs`. The group commit, its locks and its
-//! validation: `commit.rs`. TLS (libpq's `sslmode`): [`tls`], used by every
+//! Tables and migrations: [`schema`]. The group commit, its locks and its
+//! validation: [`commit`]. TLS (libpq's `sslmode`): [`tls`], used by every
 //! connection, the pool's and the relay lease's.
 //!
 //! # Connections
 //!
 //! A pool (`deadpool-postgres`, `[store] pool_size`) serves the lookup task
-//! (`lookup.rs`: dedup lookups and state reads, gathered into one query per
+//! ([`lookup`]: dedup lookups and state reads, gathered into one query per
 //! kind), the writer task (one connection per batch), prefix listings and
 //! the outbox relay's reads; the relay lease holds one connection of its
 //! own. A broken connection is
 //! dropped by the pool and replaced at the next use, so a PostgreSQL
 //! restart costs the calls in flight (they fail, and the pipeline holds and
-//! tries again: "Durable before answered" in `store/mod.rs`) and nothing
+//! tries again: "Durable before answered" in [`store`](crate::store)) and nothing
 //! else.
 //!
 //! # Group commit
@@ -23,7 +23,7 @@
 //! most [`MAX_BATCH`] writes, which bounds the advisory locks one
 //! transaction holds) into one PostgreSQL transaction and answers each
 //! writer only after `COMMIT` returned. Writers of other processes commit
-//! beside it; `commit.rs` says how they are kept apart.
+//! beside it; [`commit`] says how they are kept apart.
 //!
 //! # Relay lease
 //!
@@ -406,7 +406,7 @@ impl PgStore {
         self.shared.pool.get().await.map_err(|e| self.io(e))
     }
 
-    /// Asks the lookup task ("Group lookups" in `lookup.rs`).
+    /// Asks the lookup task ("Group lookups" in [`lookup`]).
     async fn ask<T>(
         &self,
         lookup: impl FnOnce(oneshot::Sender<Result<T, String>>) -> lookup::Lookup,

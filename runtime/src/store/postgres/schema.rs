@@ -13,7 +13,7 @@
 //!
 //! Sequence `state_version` gives each committing transaction its state
 //! version; function `lock_all` takes a transaction's advisory locks in
-//! the order given (see `commit.rs`).
+//! the order given (see [`commit`](crate::store::postgres::commit)).
 //!
 //! # Migrations
 //!

@@ -16,7 +16,7 @@
 //! Writes go to one writer thread, which applies everything queued in a
 //! single write transaction with `Durability::Immediate` (one fsync for the
 //! whole batch) and only then answers each writer ("Durable before
-//! answered" in `store/mod.rs`). Outcomes are validated and applied in
+//! answered" in [`store`](crate::store)). Outcomes are validated and applied in
 //! order inside that transaction; the thread is the database's only
 //! writer, which makes validation atomic, and sequence numbers are handed
 //! out inside it, so they follow commit order.
