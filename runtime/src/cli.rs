@@ -47,7 +47,7 @@ Examples:
   weir dlq list orders --since 1h        the dead letters of handler orders in the last hour
   weir dlq replay orders --error-kind timeout
                                          send them back to be handled again
-  weir replay projection --from earliest --reset-state
+  weir rewind projection --from earliest --reset-state
                                          rebuild a projection from its input (weir stopped)
 
 Logs go to stderr; filter them with WEIR_LOG (e.g. WEIR_LOG=weir=debug to see every
@@ -154,7 +154,7 @@ pub(crate) enum Command {
         #[command(subcommand)]
         action: StateAction,
     },
-    /// Handle a handler's input again: move its consumer back and forget
+    /// Handle a handler's input again: rewind its consumer and forget
     /// its dedup marks — with --reset-state also its state and pending
     /// emitted events, to rebuild a projection from scratch.
     ///
@@ -165,8 +165,10 @@ pub(crate) enum Command {
     /// token, or the generated admin.token in the data directory):
     /// `curl -X POST -H "Authorization: Bearer $(cat data/admin.token)"
     /// -H 'Content-Type: application/json' -d '{"from": "earliest",
-    /// "reset_state": true}' http://127.0.0.1:9464/handlers/NAME/replay`.
-    Replay {
+    /// "reset_state": true}' http://127.0.0.1:9464/handlers/NAME/rewind`. `weir replay` is
+    /// the same command under its first name.
+    #[command(alias = "replay")]
+    Rewind {
         /// Configuration file naming the broker, handlers and data directory.
         #[arg(long, short, default_value = "config/weir.toml", env = "WEIR_CONFIG")]
         config: PathBuf,
@@ -175,11 +177,11 @@ pub(crate) enum Command {
         /// Where to start again: `earliest`, an RFC 3339 time
         /// (2026-11-26T10:00:00Z), or an offset (Kafka, every partition) /
         /// stream sequence (NATS JetStream). Redis Streams take earliest or
-        /// a time; RabbitMQ and SQS queues cannot be replayed.
+        /// a time; RabbitMQ and SQS queues cannot be rewound.
         #[arg(long, value_parser = weir::source::Rewind::parse)]
         from: weir::source::Rewind,
         /// Also delete the handler's state and its emitted events not yet
-        /// published, so the replay rebuilds them.
+        /// published, so the rewind rebuilds them.
         #[arg(long)]
         reset_state: bool,
         /// Do it (without: only say what would be done).

@@ -37,6 +37,7 @@ pub mod pipeline;
 pub mod registry;
 pub mod runtime;
 pub mod scaffold;
+pub mod shutdown;
 pub mod source;
 pub mod store;
 pub mod telemetry;

@@ -60,14 +60,14 @@ fn main() -> ExitCode {
             Command::State { config, action } => state(&load_config(&config)?, action).await,
             Command::Handlers { config } => handlers(&load_config(&config)?).await,
             Command::Dlq { config, action } => dlq(&load_config(&config)?, action).await,
-            Command::Replay {
+            Command::Rewind {
                 config,
                 handler,
                 from,
                 reset_state,
                 yes,
             } => {
-                let request = weir::tools::replay::Request {
+                let request = weir::tools::rewind::Request {
                     handler,
                     from,
                     reset_state,
@@ -75,7 +75,7 @@ fn main() -> ExitCode {
                 };
                 print!(
                     "{}",
-                    weir::tools::replay::run(&load_config(&config)?, &request).await?
+                    weir::tools::rewind::run(&load_config(&config)?, &request).await?
                 );
                 Ok(())
             }

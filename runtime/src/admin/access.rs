@@ -5,7 +5,7 @@
 //! | --- | --- |
 //! | `GET /metrics`, `/health/live`, `/health/ready` | anyone who reaches the port: Prometheus and orchestrator probes address a process by its IP and carry no secret |
 //! | `GET /`, `GET /handlers` | requests addressed to this server ([`host_allowed`]): a page of another site that rebinds its DNS name to this address is refused |
-//! | `GET /handlers/{name}/state`, `POST /handlers/{name}/replay` | the same, with `Authorization: Bearer <token>` ([`super::token`]); a request that changes anything also comes from no other site ([`same_origin`]) and carries a JSON body (see the route) |
+//! | `GET /handlers/{name}/state`, `POST /handlers/{name}/rewind` (`…/replay`) | the same, with `Authorization: Bearer <token>` ([`super::token`]); a request that changes anything also comes from no other site ([`same_origin`]) and carries a JSON body (see the route) |
 //!
 //! Invariants: a refused request does nothing and reveals nothing beyond
 //! why it was refused; at most [`MAX_REQUESTS`] requests are served at once

@@ -8,7 +8,7 @@
 //! | `GET /health/ready` | 200 when every handler file loaded, every worker runs, every consumer joined (Kafka: its group is up; JetStream: its durable answers), every handler's dead letters can be written (its dead-letter topic exists or was created), the store's writer is alive and the outbox relay is not blocked (no topic failing for 5 s), else 503; JSON saying what is not ready and why |
 //! | `GET /handlers` | JSON: each handler's name, version, contract, group, topics, whether its consumer joined, its partitions (lag, committed position age), in flight, instances, counters and last error |
 //! | `GET /handlers/{name}/state?prefix=&limit=` | JSON: the handler's committed state entries (key order, at most [`MAX_STATE_LIMIT`]), and the outbox length; `?key=K` for one key; 404 for a handler not served here |
-//! | `POST /handlers/{name}/replay` with `{"from": …, "reset_state": …}` | `weir replay` done by this process: the handler's consumer stops, its marks (and state) are forgotten, its position moves back to `from` (`earliest`, an RFC 3339 time, an offset), and it is served again; JSON `{"done": [...]}` |
+//! | `POST /handlers/{name}/rewind` (or its first name, `…/replay`) with `{"from": …, "reset_state": …}` | `weir rewind` done by this process: the handler's consumer stops, its marks (and state) are forgotten, its position moves back to `from` (`earliest`, an RFC 3339 time, an offset), and it is served again; JSON `{"done": [...]}` |
 //!
 //! Who may use which route is [`access`](mod@access): metrics and health are open; the
 //! page and `/handlers` answer requests addressed to this server; state and
@@ -18,7 +18,7 @@
 //! the `GET` routes only read (nothing they answer changes what the
 //! runtime does); the one route that acts, `POST …/replay`, only asks the
 //! runtime's main loop through a channel, which does it between reloads
-//! (see `Runtime::replay`); readiness and metrics read the store's figures
+//! (see `Runtime::rewind`); readiness and metrics read the store's figures
 //! as [`health`] last read them, never the store itself; state is read off
 //! the async threads, [`MAX_STATE_READS`] at a time; a port it cannot bind
 //! is reported once and the process goes on consuming without it;
@@ -66,8 +66,8 @@ const MAX_BODY: usize = 16 * 1024;
 /// What the runtime is asked to do through the admin server.
 #[derive(Debug)]
 pub enum Command {
-    /// Replay a handler's input (see `Runtime::replay`).
-    Replay {
+    /// Rewind a handler's consumer (see `Runtime::rewind`).
+    Rewind {
         /// The handler.
         handler: String,
         /// Where its consumer starts again.
@@ -155,7 +155,9 @@ pub async fn serve(
         .route_layer(from_fn_with_state(access.clone(), access::addressed));
     let operator = Router::new()
         .route("/handlers/{name}/state", get(state))
-        .route("/handlers/{name}/replay", post(replay))
+        .route("/handlers/{name}/rewind", post(rewind))
+        // The route's first name, kept for scripts.
+        .route("/handlers/{name}/replay", post(rewind))
         .route_layer(from_fn_with_state(access.clone(), access::operator));
     let app = open
         .merge(addressed)
@@ -337,7 +339,7 @@ fn not_served(name: &str) -> Response {
     )
 }
 
-async fn replay(
+async fn rewind(
     State(admin): State<Admin>,
     Path(name): Path<String>,
     body: Result<axum::Json<ReplayRequest>, JsonRejection>,
@@ -368,7 +370,7 @@ async fn replay(
         );
     };
     let (reply, replied) = tokio::sync::oneshot::channel();
-    let command = Command::Replay {
+    let command = Command::Rewind {
         handler: name,
         from,
         reset_state: request.reset_state,

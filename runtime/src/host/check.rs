@@ -6,16 +6,16 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, InstancePre, Linker};
 
 use super::bindings::{Contract, v0_1, v0_2};
-use super::instance::StoreState;
+use super::instance::InstanceState;
 
 /// A component linked and checked against the world of its contract
 /// version, ready to instantiate.
 #[derive(Clone)]
 pub(super) enum WorldPre {
     /// Built for `weir:handler@0.1.0`.
-    V0_1(v0_1::HandlerPre<StoreState>),
+    V0_1(v0_1::HandlerPre<InstanceState>),
     /// Built for `weir:handler@0.2.0`.
-    V0_2(v0_2::HandlerPre<StoreState>),
+    V0_2(v0_2::HandlerPre<InstanceState>),
 }
 
 impl WorldPre {
@@ -28,7 +28,7 @@ impl WorldPre {
     }
 
     /// The linked component, whatever its version.
-    pub(super) fn instance_pre(&self) -> &InstancePre<StoreState> {
+    pub(super) fn instance_pre(&self) -> &InstancePre<InstanceState> {
         match self {
             WorldPre::V0_1(pre) => pre.instance_pre(),
             WorldPre::V0_2(pre) => pre.instance_pre(),
@@ -83,7 +83,7 @@ pub(super) fn sniff(bytes: &[u8]) -> Result<(), CheckError> {
 /// settings) is told by the type of its `handle` export, newest version
 /// first.
 pub(super) fn link(
-    linker: &Linker<StoreState>,
+    linker: &Linker<InstanceState>,
     component: &Component,
 ) -> Result<WorldPre, CheckError> {
     let engine = linker.engine();

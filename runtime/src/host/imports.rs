@@ -3,12 +3,12 @@
 //!
 //! Their meaning is the same in every released version of `weir:handler`;
 //! only the generated Rust types differ, one set per version. Each
-//! operation is written once as a method of `StoreState`; `serve!` then
+//! operation is written once as a method of `InstanceState`; `serve!` then
 //! implements a version's generated traits by converting its types and
 //! delegating, so a version is served by one line, `serve!(v0_x)`.
 
 use super::bindings::{v0_1, v0_2};
-use super::instance::StoreState;
+use super::instance::InstanceState;
 use super::transaction::{EmitFailure, StateFailure};
 
 /// Longest log message or field value a guest can write; longer ones are cut.
@@ -24,7 +24,7 @@ pub(super) enum GuestLevel {
     Error,
 }
 
-impl StoreState {
+impl InstanceState {
     /// `log.log`: one record under target `weir::guest`, tagged with the
     /// handler, its version and where the event being handled sits.
     fn guest_log(&mut self, level: GuestLevel, message: String, fields: Vec<(String, String)>) {
@@ -143,9 +143,9 @@ fn clip(mut text: String) -> String {
 /// error conversions they need) by delegating to the methods above.
 macro_rules! serve {
     ($v:ident) => {
-        impl $v::weir::handler::types::Host for StoreState {}
+        impl $v::weir::handler::types::Host for InstanceState {}
 
-        impl $v::weir::handler::log::Host for StoreState {
+        impl $v::weir::handler::log::Host for InstanceState {
             fn log(
                 &mut self,
                 level: $v::weir::handler::log::Level,
@@ -181,7 +181,7 @@ macro_rules! serve {
             }
         }
 
-        impl $v::weir::handler::state::Host for StoreState {
+        impl $v::weir::handler::state::Host for InstanceState {
             async fn get(
                 &mut self,
                 key: String,
@@ -227,7 +227,7 @@ macro_rules! serve {
             }
         }
 
-        impl $v::weir::handler::emit::Host for StoreState {
+        impl $v::weir::handler::emit::Host for InstanceState {
             fn send(
                 &mut self,
                 topic: String,
@@ -239,7 +239,7 @@ macro_rules! serve {
             }
         }
 
-        impl $v::weir::handler::config::Host for StoreState {
+        impl $v::weir::handler::config::Host for InstanceState {
             fn get(&mut self, key: String) -> Option<String> {
                 self.config_get(&key)
             }

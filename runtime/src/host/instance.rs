@@ -29,7 +29,7 @@ use super::transaction::Transaction;
 use crate::store::{Effects, Store as StateStore};
 
 /// Per-instance host state.
-pub struct StoreState {
+pub struct InstanceState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
@@ -51,7 +51,7 @@ pub struct StoreState {
     pub(super) logged: u32,
 }
 
-impl StoreState {
+impl InstanceState {
     /// The transaction of the call in progress. Outside a call (while the
     /// component starts) there is none; state is then read-only and
     /// nothing can be emitted, so a throwaway one serves.
@@ -62,7 +62,7 @@ impl StoreState {
     }
 }
 
-impl WasiView for StoreState {
+impl WasiView for InstanceState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
             ctx: &mut self.wasi,
@@ -205,7 +205,7 @@ impl CompiledHandler {
                     category: None,
                 })?;
         }
-        let state = StoreState {
+        let state = InstanceState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
             limits,
@@ -428,7 +428,7 @@ pub struct HandlerInstance {
     metered: bool,
     name: Arc<str>,
     version: Arc<str>,
-    store: Store<StoreState>,
+    store: Store<InstanceState>,
     bindings: World,
     limits: Limits,
     /// The guest's stdout and stderr.

@@ -124,7 +124,7 @@ impl Default for HostSettings {
 #[derive(Clone)]
 pub struct Host {
     engine: Engine,
-    linker: Arc<Linker<instance::StoreState>>,
+    linker: Arc<Linker<instance::InstanceState>>,
     fuel: bool,
     cache: Option<cache::ModuleCache>,
     _ticker: Arc<EpochTicker>,

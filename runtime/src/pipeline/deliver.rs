@@ -47,13 +47,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use super::breaker::{CallResult, Permit};
 use super::worker::Shared;
 use super::{HandlerFactory, correlation, decode, dlq, outbox};
 use crate::host::{Event, Failure, FailureKind, Outcome};
 use crate::pipeline::retry::Next;
+use crate::shutdown::slept;
 use crate::source::{Publisher, Settled, Source};
 use crate::store::{Applied, Effects, StoreError, Write};
 
@@ -69,7 +68,7 @@ pub(super) const MAX_RUN: usize = 64;
 
 /// Outcomes of a run waiting to be committed together (see "Runs" above).
 #[derive(Default)]
-pub(super) struct Group {
+pub(super) struct RunOutcomes {
     /// Index in the run of the message being delivered.
     current: usize,
     /// Deferred outcomes, in run order: (index, event, its `Finished`).
@@ -86,7 +85,7 @@ pub(super) async fn deliver_run<S: Source, F: HandlerFactory, D: Publisher>(
     shared: &Shared<S, F, D>,
     run: &[(Arc<Event>, Arc<S::Delivery>)],
 ) -> Vec<Settled> {
-    let mut group = Group::default();
+    let mut group = RunOutcomes::default();
     let mut settled: Vec<Option<Settled>> = Vec::with_capacity(run.len());
     for (index, (event, delivery)) in run.iter().enumerate() {
         if index > 0 && *shared.shutdown.borrow() {
@@ -120,7 +119,7 @@ pub(super) async fn deliver_run<S: Source, F: HandlerFactory, D: Publisher>(
 async fn flush<S: Source, F: HandlerFactory, D: Publisher>(
     shared: &Shared<S, F, D>,
     delivery: &S::Delivery,
-    group: &mut Group,
+    group: &mut RunOutcomes,
 ) -> bool {
     if group.pending.is_empty() {
         return true;
@@ -168,7 +167,7 @@ async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
     shared: &Shared<S, F, D>,
     mut event: Arc<Event>,
     delivery: &S::Delivery,
-    group: &mut Group,
+    group: &mut RunOutcomes,
     defer: bool,
 ) -> Option<Settled> {
     let manifest = &shared.manifest;
@@ -283,7 +282,7 @@ async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
                         // little when it keeps colliding.
                         if conflicts > 2 {
                             let delay = Duration::from_millis(fastrand::u64(1..=conflicts.min(50)));
-                            if !pause(shared.shutdown.clone(), delay).await {
+                            if !slept(&mut shared.shutdown.clone(), delay).await {
                                 return Some(Settled::Released);
                             }
                         }
@@ -338,7 +337,7 @@ async fn deliver<S: Source, F: HandlerFactory, D: Publisher>(
             attempt = event.attempt, kind = failure.kind.as_str(), category = failure.category.as_deref().unwrap_or("none"),
             error = %failure.message, retry_in_ms = delay.as_millis() as u64,
             "attempt failed; will retry");
-        if !pause(shared.shutdown.clone(), delay).await || !shared.source.owns(delivery) {
+        if !slept(&mut shared.shutdown.clone(), delay).await || !shared.source.owns(delivery) {
             return Some(Settled::Released);
         }
         Arc::make_mut(&mut event).attempt += 1;
@@ -376,7 +375,7 @@ async fn commit<S: Source, F: HandlerFactory, D: Publisher>(
     event: &Event,
     effects: Effects,
     delivery: &S::Delivery,
-    group: &mut Group,
+    group: &mut RunOutcomes,
 ) -> Option<Applied> {
     let Some(write) = finished(shared, event, effects) else {
         return Some(Applied::Done);
@@ -399,7 +398,7 @@ async fn durable<S: Source, F: HandlerFactory, D: Publisher>(
     delivery: &S::Delivery,
     write: impl Fn() -> Write,
     what: &str,
-    group: &mut Group,
+    group: &mut RunOutcomes,
 ) -> Option<Applied> {
     // Outcomes deferred earlier in the run are committed first, so that
     // effects keep the run's order; if they cannot be, neither can this.
@@ -449,7 +448,7 @@ async fn hold_on<S: Source, F: HandlerFactory, D: Publisher>(
     tracing::error!(handler = %shared.name, error = %err, failures = failures + 1,
         retry_in_ms = backoff.as_millis() as u64,
         "cannot {what}; the message and later ones of its key wait until the store accepts it");
-    pause(shared.shutdown.clone(), backoff).await && shared.source.owns(delivery)
+    slept(&mut shared.shutdown.clone(), backoff).await && shared.source.owns(delivery)
 }
 
 /// Publishes the dead letter, waits for the broker's acknowledgement
@@ -460,7 +459,7 @@ async fn dead_letter<S: Source, F: HandlerFactory, D: Publisher>(
     event: &Event,
     failure: &Failure,
     delivery: &S::Delivery,
-    group: &mut Group,
+    group: &mut RunOutcomes,
 ) -> Settled {
     let name = shared.name.as_str();
     let topic = shared.manifest.dlq.destination(&event.topic);
@@ -523,20 +522,12 @@ async fn dead_letter<S: Source, F: HandlerFactory, D: Publisher>(
                 shared.stats.dead_letter_problem(Some(format!(
                     "cannot write dead letters to {topic:?}: {err:#}"
                 )));
-                if !pause(shared.shutdown.clone(), backoff).await {
+                if !slept(&mut shared.shutdown.clone(), backoff).await {
                     return Settled::Released;
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
-    }
-}
-
-/// Waits `delay` unless shutdown comes first. Returns `false` on shutdown.
-pub(super) async fn pause(mut shutdown: watch::Receiver<bool>, delay: Duration) -> bool {
-    tokio::select! {
-        _ = shutdown.wait_for(|stop| *stop) => false,
-        _ = tokio::time::sleep(delay) => true,
     }
 }
 

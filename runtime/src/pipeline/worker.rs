@@ -32,7 +32,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::{Id, JoinSet};
 
 use super::breaker::{Breaker, BreakerState};
-use super::deliver::{MAX_RUN, deliver_run, event_of, pause};
+use super::deliver::{MAX_RUN, deliver_run, event_of};
 use super::invoke::{HandlerSwap, Invoker};
 use super::{HandlerFactory, HandlerStats, decode};
 use crate::host::Event;
@@ -375,7 +375,7 @@ async fn process<S: Source, F: HandlerFactory, D: Publisher>(
     run: Vec<(Arc<Event>, Arc<S::Delivery>)>,
     delay: Duration,
 ) -> Vec<Settled> {
-    if !delay.is_zero() && !pause(shared.shutdown.clone(), delay).await {
+    if !delay.is_zero() && !crate::shutdown::slept(&mut shared.shutdown.clone(), delay).await {
         return vec![Settled::Released];
     }
     deliver_run(&shared, &run).await

@@ -1,6 +1,6 @@
 //! The one place that names the brokers: connecting to the configured one
 //! and handing it, as a [`Broker`], to whatever runs on it (`weir run`'s
-//! supervisor, `weir replay`, `weir dlq`). Everything past this point is
+//! supervisor, `weir rewind`, `weir dlq`). Everything past this point is
 //! written once against the trait.
 
 use std::future::Future;

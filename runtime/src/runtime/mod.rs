@@ -8,7 +8,7 @@
 //!
 //! | file | holds |
 //! | --- | --- |
-//! | [`runtime`](crate::runtime) | the running set of workers: start, serve, reload, replay, stop |
+//! | [`runtime`](crate::runtime) | the running set of workers: start, serve, reload, rewind, stop |
 //! | [`connect`](mod@connect) | the one dispatch over brokers: connecting to the configured one |
 //! | [`reload`] | what a change of the handlers directory means: start, swap, restart, retire |
 //! | [`supervise`](mod@supervise) | `weir run`: start, serve until stopped, reload on changes, stop |
@@ -474,21 +474,21 @@ impl<B: Broker> Runtime<B> {
         Ok(())
     }
 
-    /// `weir replay` done by a running weir (the admin API's
-    /// `POST /handlers/{name}/replay`): stops the handler's worker (it
+    /// `weir rewind` done by a running weir (the admin API's
+    /// `POST /handlers/{name}/rewind`): stops the handler's worker (it
     /// drains, commits and leaves its group), forgets its dedup marks and
     /// attempt counts (with `reset_state` also its state and pending outbox
     /// rows), moves its consumer back to `from`, and serves it again. What
     /// was done, one line each.
     ///
-    /// The order and what a failure leaves are those of [`replay`](crate::tools::replay);
+    /// The order and what a failure leaves are those of [`replay`](crate::tools::rewind);
     /// whatever happens, the handler is served again.
     ///
     /// # Errors
     ///
     /// When no such handler is served, the store cannot be written, or the
     /// broker refuses (another process consumes in the group).
-    pub async fn replay(
+    pub async fn rewind(
         &mut self,
         name: &str,
         from: crate::source::Rewind,
@@ -501,13 +501,13 @@ impl<B: Broker> Runtime<B> {
         let handler = running.handler.clone();
         let group = handler.group();
         let consumer = subscription::<B>(name, &handler.manifest, &group, Progress::default());
-        tracing::info!(handler = %name, from = ?from, reset_state, "replay: stopping the handler's consumer");
+        tracing::info!(handler = %name, from = ?from, reset_state, "rewind: stopping the handler's consumer");
         self.status.write().handlers.remove(name);
         retire(running, drain).await;
         let footprint = self.store.footprint(name).await;
         let result = async {
             let footprint = footprint?;
-            // Refused before anything is forgotten (see `tools/replay.rs`).
+            // Refused before anything is forgotten (see [`crate::tools::rewind`]).
             self.broker
                 .rewind(&consumer, from, false)
                 .await
@@ -532,15 +532,15 @@ impl<B: Broker> Runtime<B> {
             anyhow::Ok(done)
         }
         .await;
-        // Served again whatever happened: a failed replay leaves it
+        // Served again whatever happened: a failed rewind leaves it
         // consuming where it was.
         self.serve(handler)?;
         match &result {
             Ok(done) => {
-                tracing::info!(handler = %name, done = %done.join("; "), "replay done; serving again")
+                tracing::info!(handler = %name, done = %done.join("; "), "rewind done; serving again")
             }
             Err(err) => {
-                tracing::error!(handler = %name, error = %format!("{err:#}"), "replay failed; serving again")
+                tracing::error!(handler = %name, error = %format!("{err:#}"), "rewind failed; serving again")
             }
         }
         result

@@ -211,9 +211,9 @@ async fn serve<B: Broker>(
             _ = rescan.tick() => {}
             Some(command) = requests.recv() => {
                 match command {
-                    crate::admin::Command::Replay { handler, from, reset_state, reply } => {
+                    crate::admin::Command::Rewind { handler, from, reset_state, reply } => {
                         let done = runtime
-                            .replay(&handler, from, reset_state, config.runtime.shutdown_timeout)
+                            .rewind(&handler, from, reset_state, config.runtime.shutdown_timeout)
                             .await
                             .map_err(|err| format!("{err:#}"));
                         let _ = reply.send(done);

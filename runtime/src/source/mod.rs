@@ -189,7 +189,7 @@ pub trait Archive: Send + Sync + 'static {
     fn depth(&self, topic: &str) -> impl Future<Output = anyhow::Result<Depth>> + Send;
 }
 
-/// Where a rewound consumer starts again (`weir replay --from`).
+/// Where a rewound consumer starts again (`weir rewind --from`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rewind {
     /// The oldest message each partition (subject) still holds.

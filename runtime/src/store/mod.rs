@@ -180,7 +180,7 @@ pub enum Write {
     },
     /// Forget what `handler` has handled: its dedup marks and attempt
     /// counts, and with `state` also its state and the outbox rows it
-    /// emitted and that wait to be published (a rebuild, `weir replay`).
+    /// emitted and that wait to be published (a rebuild, `weir rewind`).
     Forget {
         /// Handler name.
         handler: String,

@@ -1,6 +1,6 @@
 //! Operator commands that act on the broker (and, later, the store)
-//! outside the running pipeline: `weir dlq`, `weir replay`.
+//! outside the running pipeline: `weir dlq`, `weir rewind`.
 
 pub mod dlq;
 pub mod dlq_command;
-pub mod replay;
+pub mod rewind;

@@ -1,4 +1,4 @@
-//! Moving a consumer group's committed offsets back (`weir replay`).
+//! Moving a consumer group's committed offsets back (`weir rewind`).
 //!
 //! The offsets are committed from outside the group (no member joins), so
 //! the broker accepts them only while the group has no active member: a

@@ -1,4 +1,4 @@
-//! Moving a durable consumer back (`weir replay`): JetStream cannot move a
+//! Moving a durable consumer back (`weir rewind`): JetStream cannot move a
 //! durable's ack floor backwards, so the durable is deleted and created
 //! again, with the same settings and a start (`deliver_policy`) at the
 //! point asked for. Refused while a client is pulling from it (a running

@@ -1,4 +1,4 @@
-//! A group moved back on its streams (`weir replay`): `XGROUP SETID`.
+//! A group moved back on its streams (`weir rewind`): `XGROUP SETID`.
 
 use super::RedisConnection;
 use super::consumer::info_fields;

@@ -368,7 +368,7 @@ async fn receive(
             tracing::warn!(handler = %shared.handler, queue = %queue.name, error = %why,
                 retry_in_ms = backoff.as_millis() as u64, "cannot receive from the SQS queue; trying again");
             shared.receive_went(scope, Some(why));
-            if pause(&mut stopped, backoff).await {
+            if !crate::shutdown::slept(&mut stopped, backoff).await {
                 return;
             }
             backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -460,20 +460,12 @@ async fn receive(
                 tracing::warn!(handler = %shared.handler, queue = %queue.name, error = %why,
                     retry_in_ms = backoff.as_millis() as u64, "receiving from the SQS queue failed; trying again");
                 shared.receive_went(scope, Some(why));
-                if pause(&mut stopped, backoff).await {
+                if !crate::shutdown::slept(&mut stopped, backoff).await {
                     return;
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
-    }
-}
-
-/// Sleeps for `how_long`; `true` when stopped meanwhile.
-async fn pause(stopped: &mut watch::Receiver<bool>, how_long: Duration) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(how_long) => *stopped.borrow(),
-        _ = stopped.changed() => true,
     }
 }
 

@@ -304,7 +304,7 @@ impl Txn<'_, '_> {
         Ok(())
     }
 
-    /// Forgets `handler` (a rebuild, `weir replay`), with its handler lock
+    /// Forgets `handler` (a rebuild, `weir rewind`), with its handler lock
     /// held exclusively so that no outcome of it commits meanwhile.
     async fn forget(&mut self, handler: &str, state: bool) -> Result<(), String> {
         self.lock(BTreeMap::from([(self.locks.handler(handler), true)]))

@@ -1,4 +1,4 @@
-//! `weir replay`: rebuild what a handler computed by handling its input
+//! `weir rewind` (first named `weir replay`): rebuild what a handler computed by handling its input
 //! again — move its consumer back, forget its dedup marks (and, for a
 //! rebuild, its state and pending outbox rows).
 //!
@@ -7,17 +7,17 @@
 //! positions from outside the group (which the broker refuses while a
 //! member is running). It says exactly what it will do, and does it only
 //! with `--yes`. A running weir does the same through its admin API
-//! (`POST /handlers/{name}/replay`, `Runtime::replay`), stopping the
+//! (`POST /handlers/{name}/rewind`, `Runtime::rewind`), stopping the
 //! handler's consumer around it.
 //!
 //! Order, and what a stop halfway leaves: the broker is asked first
 //! whether it can move the position (a queue broker never can; a Kafka
 //! group or JetStream durable with an active consumer cannot now), and a
-//! refusal ends the replay with nothing forgotten. Then the store forgets
+//! refusal ends the rewind with nothing forgotten. Then the store forgets
 //! (one durable transaction), then the broker position moves. Stopped
 //! between the two, nothing is handled twice and nothing is lost: the
 //! handler simply continues where it was with empty marks (and state, with
-//! `--reset-state`); running the same replay again completes it.
+//! `--reset-state`); running the same rewind again completes it.
 
 use std::fmt::Write as _;
 
@@ -58,7 +58,7 @@ pub async fn run(config: &Config, request: &Request) -> anyhow::Result<String> {
     let store = crate::runtime::open_store(config).await.map_err(|err| {
         anyhow::anyhow!(
             "{err:#}: if a running weir holds it, stop it first, or ask it: \
-             curl -X POST 'http://<[admin] listen>/handlers/{}/replay?from=earliest&reset_state=true'",
+             curl -X POST 'http://<[admin] listen>/handlers/{}/rewind?from=earliest&reset_state=true'",
             request.handler
         )
     })?;
@@ -67,14 +67,14 @@ pub async fn run(config: &Config, request: &Request) -> anyhow::Result<String> {
     let verb = if request.yes { "" } else { "would " };
     let _ = writeln!(
         out,
-        "weir replay {} (group {group}, topics {}):",
+        "weir rewind {} (group {group}, topics {}):",
         request.handler,
         manifest.topics.join(", ")
     );
     describe_store(&mut out, verb, &footprint, request.reset_state);
     if config.is_embedded() {
         anyhow::bail!(
-            "the embedded broker keeps nothing after `weir run` stops: there is nothing to replay"
+            "the embedded broker keeps nothing after `weir run` stops: there is nothing to rewind"
         );
     }
     let connected = crate::runtime::connect(config, &[]).await?;
@@ -89,14 +89,14 @@ pub async fn run(config: &Config, request: &Request) -> anyhow::Result<String> {
         })
         .await?;
     if request.yes {
-        out.push_str("done: start weir to handle the replayed messages\n");
+        out.push_str("done: start weir to handle the rewound messages\n");
     } else {
         out.push_str("nothing done: run again with --yes to do it\n");
     }
     Ok(out)
 }
 
-/// The broker's part of a replay, after the store's was described.
+/// The broker's part of a rewind, after the store's was described.
 struct Rewinding<'a> {
     handler: &'a str,
     manifest: Manifest,
