@@ -29,6 +29,18 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// The identifier an item of a `use` group starts with, if any.
+fn push_name(found: &mut Vec<String>, item: &str) {
+    let name: String = item
+        .trim()
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    if !name.is_empty() {
+        found.push(name);
+    }
+}
+
 /// The identifiers right after `crate::` on `line`, `crate::{a, b::c}`
 /// giving `a` and `b`.
 fn crate_paths(line: &str) -> Vec<String> {
@@ -42,22 +54,16 @@ fn crate_paths(line: &str) -> Vec<String> {
             continue;
         }
         if let Some(group) = rest.strip_prefix('{') {
-            let inner = group.split('}').next().unwrap_or_default();
+            // The names at the top level of the group, up to its own `}`.
             let mut depth = 0;
             let mut item = String::new();
-            for c in inner.chars().chain(std::iter::once(',')) {
+            for c in group.chars() {
                 match c {
                     '{' => depth += 1,
+                    '}' if depth == 0 => break,
                     '}' => depth -= 1,
                     ',' if depth == 0 => {
-                        let name: String = item
-                            .trim()
-                            .chars()
-                            .take_while(|c| c.is_alphanumeric() || *c == '_')
-                            .collect();
-                        if !name.is_empty() {
-                            found.push(name);
-                        }
+                        push_name(&mut found, &item);
                         item.clear();
                         continue;
                     }
@@ -67,6 +73,7 @@ fn crate_paths(line: &str) -> Vec<String> {
                     item.push(c);
                 }
             }
+            push_name(&mut found, &item);
         } else {
             let name: String = rest
                 .chars()
@@ -176,6 +183,10 @@ fn paths_after_crate_are_read_as_modules() {
         ["metrics", "host"]
     );
     assert!(crate_paths("use weir_crate::x;").is_empty());
+    assert_eq!(
+        crate_paths("use crate::{a::{b::{C, D}, E}, f, g::H};"),
+        ["a", "f", "g"]
+    );
 }
 
 #[test]

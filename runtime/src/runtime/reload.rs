@@ -124,7 +124,7 @@ mod tests {
             BASE.to_string(),
             format!("{BASE}[limits]\nmemory = \"32MiB\"\ntimeout = \"2s\"\n"),
             format!("{BASE}[config]\ngreeting = \"hello\"\n"),
-            format!("{BASE}[sandbox]\nrandom = true\n"),
+            format!("{BASE}[sandbox.env]\nLANG = \"C\"\n"),
         ] {
             assert_eq!(change(Some(&old), &manifest(&new)), Change::Swap, "{new}");
         }
