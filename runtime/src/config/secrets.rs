@@ -30,10 +30,11 @@
 //! masking every `guest` or `test` in the log would hide more than it
 //! protects.
 
-use crate::lock::UnpoisonedRw;
 use std::borrow::Cow;
 use std::path::Path;
 use std::sync::RwLock;
+
+use crate::lock::UnpoisonedRw;
 
 /// What replaces a secret.
 const MASK: &str = "***";

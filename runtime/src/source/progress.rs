@@ -15,10 +15,11 @@
 //!   keeps growing is stuck: a message retried for long, a store that
 //!   refuses writes, a dead-letter topic that cannot be written.
 
-use crate::lock::Unpoisoned;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use crate::lock::Unpoisoned;
 
 /// One partition as its consumer last saw it.
 #[derive(Clone, Copy, Debug)]

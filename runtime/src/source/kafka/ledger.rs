@@ -19,10 +19,11 @@
 //! lock, together with its final watermark, so a completion racing a revoke
 //! either lands before the final commit or not at all.
 
-use crate::lock::Unpoisoned;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::lock::Unpoisoned;
 
 #[derive(Debug, Default)]
 struct Marks {
